@@ -1,0 +1,290 @@
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use bytesize::ByteSize;
+use figment::Figment;
+use figment::providers::{Format, Serialized, Toml};
+use serde::{Deserialize, Serialize};
+
+use crate::env::EnvProvider;
+use crate::validate::ConfigError;
+
+/// All settings of an eventjournal process (server and ops CLI).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct Settings {
+    pub server: ServerSettings,
+    pub mongodb: MongoSettings,
+    pub write_journal: WriteJournalSettings,
+    pub read_journal: ReadJournalSettings,
+}
+
+/// Values given on the command line; they win over every other source.
+#[derive(Debug, Clone, Default)]
+pub struct Overrides {
+    pub listen: Option<SocketAddr>,
+    pub mongodb_uri: Option<String>,
+    pub database: Option<String>,
+}
+
+impl Settings {
+    /// Loads and validates the settings. `env` is the process environment (or a test's map);
+    /// only `EVENTJOURNAL_<SECTION>__<KEY>` entries are read.
+    pub fn load(
+        file: Option<&Path>,
+        env: &HashMap<String, String>,
+        overrides: &Overrides,
+    ) -> Result<Settings, ConfigError> {
+        let mut figment = Figment::from(Serialized::defaults(Settings::default()));
+        if let Some(file) = file {
+            if !file.is_file() {
+                return Err(ConfigError::MissingFile(file.to_path_buf()));
+            }
+            figment = figment.merge(Toml::file_exact(file));
+        }
+        figment = figment.merge(EnvProvider::new(env));
+        let mut settings: Settings = figment
+            .extract_lossy()
+            .map_err(|error| ConfigError::Parse(Box::new(error)))?;
+        if let Some(listen) = overrides.listen {
+            settings.server.listen = listen;
+        }
+        if let Some(uri) = &overrides.mongodb_uri {
+            settings.mongodb.uri = uri.clone();
+        }
+        if let Some(database) = &overrides.database {
+            settings.mongodb.database = database.clone();
+        }
+        settings.validate()?;
+        Ok(settings)
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ServerSettings {
+    /// gRPC listen address.
+    pub listen: SocketAddr,
+    /// Largest gRPC message accepted or sent. Must exceed MongoDB's 16 MiB document limit so
+    /// an oversized event is answered with a clear rejection rather than a transport error.
+    pub max_message_size: ByteSize,
+    /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
+    #[serde(with = "humantime_serde")]
+    pub shutdown_grace_period: Duration,
+}
+
+impl Default for ServerSettings {
+    fn default() -> Self {
+        Self {
+            listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
+            max_message_size: ByteSize::mib(32),
+            shutdown_grace_period: Duration::from_secs(30),
+        }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum DatabaseMode {
+    /// MongoDB 4.4 or later (replica set or sharded cluster).
+    #[default]
+    Mongo,
+    /// Azure CosmosDB's MongoDB API, AWS DocumentDB and similar: no compound indexes over
+    /// nested fields; `ttl` fields for purging.
+    Cosmos,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct MongoSettings {
+    /// MongoDB connection string.
+    pub uri: String,
+    pub database: String,
+    pub database_mode: DatabaseMode,
+    pub bypass_document_validation: bool,
+    /// Create missing indexes when the server starts.
+    pub create_indexes: bool,
+    /// `commitQuorum` of index builds: "votingMembers", "majority" or a number of members.
+    pub index_commit_quorum: String,
+    #[serde(with = "humantime_serde")]
+    pub connect_timeout: Duration,
+    /// How long an operation waits for a usable server before failing with UNAVAILABLE.
+    #[serde(with = "humantime_serde")]
+    pub server_selection_timeout: Duration,
+    /// Read concern level of reads: "local", "majority", "linearizable" or "available".
+    pub read_concern: String,
+    pub write_concern: WriteConcernSettings,
+    pub tls: MongoTlsSettings,
+    pub retry: RetrySettings,
+    pub collections: CollectionNames,
+}
+
+impl Default for MongoSettings {
+    fn default() -> Self {
+        Self {
+            uri: "mongodb://127.0.0.1:27017".to_owned(),
+            database: "eventjournal".to_owned(),
+            database_mode: DatabaseMode::Mongo,
+            bypass_document_validation: false,
+            create_indexes: true,
+            index_commit_quorum: "votingMembers".to_owned(),
+            connect_timeout: Duration::from_secs(10),
+            server_selection_timeout: Duration::from_secs(10),
+            read_concern: "majority".to_owned(),
+            write_concern: WriteConcernSettings::default(),
+            tls: MongoTlsSettings::default(),
+            retry: RetrySettings::default(),
+            collections: CollectionNames::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct WriteConcernSettings {
+    /// "majority", a number of members, or a replica-set tag name.
+    pub w: String,
+    /// Wait for the on-disk journal before acknowledging.
+    pub journal: bool,
+    /// `wtimeout`: how long to wait for the acknowledgement. A write that times out may or may
+    /// not have been applied; clients retry it safely because writes are idempotent.
+    #[serde(with = "humantime_serde")]
+    pub timeout: Option<Duration>,
+}
+
+impl Default for WriteConcernSettings {
+    fn default() -> Self {
+        Self { w: "majority".to_owned(), journal: true, timeout: Some(Duration::from_secs(10)) }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct MongoTlsSettings {
+    pub enabled: bool,
+    /// PEM file of the certificate authorities that sign the MongoDB server certificates.
+    pub ca_file: Option<PathBuf>,
+    /// PEM file holding the client certificate followed by its private key (MongoDB's
+    /// `tlsCertificateKeyFile`).
+    pub certificate_key_file: Option<PathBuf>,
+}
+
+/// MongoDB error codes that are transient and retried by default.
+pub const DEFAULT_RETRYABLE_ERROR_CODES: &[i32] = &[
+    6,     // HostUnreachable
+    7,     // HostNotFound
+    89,    // NetworkTimeout
+    91,    // ShutdownInProgress
+    112,   // WriteConflict
+    189,   // PrimarySteppedDown
+    262,   // ExceededTimeLimit
+    9001,  // SocketException
+    10107, // NotWritablePrimary
+    11600, // InterruptedAtShutdown
+    11602, // InterruptedDueToReplStateChange
+    13435, // NotPrimaryNoSecondaryOk
+    13436, // NotPrimaryOrSecondary
+    16500, // CosmosDB: request rate is too large
+];
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct RetrySettings {
+    /// Attempts per operation, including the first.
+    pub max_attempts: u32,
+    pub retryable_error_codes: Vec<i32>,
+    /// Pause between attempts when the error carries no backoff hint of its own.
+    #[serde(with = "humantime_serde")]
+    pub delay: Duration,
+}
+
+impl Default for RetrySettings {
+    fn default() -> Self {
+        Self {
+            max_attempts: 3,
+            retryable_error_codes: DEFAULT_RETRYABLE_ERROR_CODES.to_vec(),
+            delay: Duration::from_millis(200),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct CollectionNames {
+    pub journal: String,
+    /// Per persistence id: the highest sequence number, kept when events are deleted so it
+    /// survives purging.
+    pub journal_metadata: String,
+    pub snapshots: String,
+    pub durable_state: String,
+}
+
+impl Default for CollectionNames {
+    fn default() -> Self {
+        Self {
+            journal: "journal".to_owned(),
+            journal_metadata: "journal_metadata".to_owned(),
+            snapshots: "snapshots".to_owned(),
+            durable_state: "durable_state".to_owned(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct WriteJournalSettings {
+    /// In `cosmos` mode: deleted events get a root-level `ttl` field of this many seconds.
+    #[serde(with = "humantime_serde")]
+    pub cosmos_ttl: Option<Duration>,
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ReadJournalSettings {
+    /// Feed live queries from a MongoDB change stream instead of polling.
+    pub use_change_streams: bool,
+    /// Polling reads only events written before `now - allowed-time-drift`, so events
+    /// committed late by slow or clock-skewed writers are not passed over.
+    #[serde(with = "humantime_serde")]
+    pub allowed_time_drift: Duration,
+    /// Events read per query batch.
+    pub batch_size: u32,
+    #[serde(with = "humantime_serde")]
+    pub poll_interval: Duration,
+    pub change_stream_restart: BackoffSettings,
+}
+
+impl Default for ReadJournalSettings {
+    fn default() -> Self {
+        Self {
+            use_change_streams: false,
+            allowed_time_drift: Duration::from_secs(2),
+            batch_size: 500,
+            poll_interval: Duration::from_secs(1),
+            change_stream_restart: BackoffSettings::default(),
+        }
+    }
+}
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct BackoffSettings {
+    #[serde(with = "humantime_serde")]
+    pub min_backoff: Duration,
+    #[serde(with = "humantime_serde")]
+    pub max_backoff: Duration,
+    /// Jitter: each backoff is stretched by a random fraction up to this factor (0.0..=1.0).
+    pub random_factor: f64,
+}
+
+impl Default for BackoffSettings {
+    fn default() -> Self {
+        Self {
+            min_backoff: Duration::from_secs(1),
+            max_backoff: Duration::from_secs(30),
+            random_factor: 0.2,
+        }
+    }
+}

@@ -1,0 +1,219 @@
+//! The one validation pass over loaded settings.
+
+use std::fmt;
+use std::path::PathBuf;
+use std::time::Duration;
+
+use crate::settings::Settings;
+
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("configuration file {0} does not exist")]
+    MissingFile(PathBuf),
+    /// A value of the wrong type, an unknown key or unreadable TOML; figment's message names
+    /// the key and where it came from.
+    #[error("invalid configuration: {0}")]
+    Parse(Box<figment::Error>),
+    #[error("invalid configuration:\n{}", list(.0))]
+    Invalid(Vec<InvalidSetting>),
+}
+
+fn list(problems: &[InvalidSetting]) -> String {
+    problems.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n")
+}
+
+/// One bad setting: the key, the value it had, and what is wrong with it.
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct InvalidSetting {
+    pub key: &'static str,
+    pub value: String,
+    pub reason: String,
+}
+
+impl fmt::Display for InvalidSetting {
+    fn fmt(&self, f: &mut fmt::Formatter<'_>) -> fmt::Result {
+        write!(f, "{} = {}: {}", self.key, self.value, self.reason)
+    }
+}
+
+/// Collects every problem, so one run of the server reports them all.
+#[derive(Default)]
+struct Problems(Vec<InvalidSetting>);
+
+impl Problems {
+    fn check(&mut self, ok: bool, key: &'static str, value: impl fmt::Debug, reason: &str) {
+        if !ok {
+            self.0.push(InvalidSetting {
+                key,
+                value: format!("{value:?}"),
+                reason: reason.to_owned(),
+            });
+        }
+    }
+
+    fn positive(&mut self, key: &'static str, value: Duration) {
+        self.check(!value.is_zero(), key, humantime::format_duration(value), "must be above 0");
+    }
+}
+
+const READ_CONCERNS: &[&str] = &["local", "majority", "linearizable", "available"];
+
+impl Settings {
+    /// Checks every setting; the error lists all problems, each with key and value.
+    pub fn validate(&self) -> Result<(), ConfigError> {
+        let mut problems = Problems::default();
+        let server = &self.server;
+        problems.check(
+            (1 << 20..=1 << 31).contains(&server.max_message_size.as_u64()),
+            "server.max-message-size",
+            server.max_message_size.to_string(),
+            "must be between 1 MiB and 2 GiB",
+        );
+
+        let mongodb = &self.mongodb;
+        problems.check(
+            mongodb.uri.starts_with("mongodb://") || mongodb.uri.starts_with("mongodb+srv://"),
+            "mongodb.uri",
+            redact_uri(&mongodb.uri),
+            "must start with mongodb:// or mongodb+srv://",
+        );
+        problems.check(
+            is_valid_database_name(&mongodb.database),
+            "mongodb.database",
+            &mongodb.database,
+            "must be 1 to 63 characters without / \\ . \" $ space or NUL",
+        );
+        problems.check(
+            !mongodb.index_commit_quorum.trim().is_empty(),
+            "mongodb.index-commit-quorum",
+            &mongodb.index_commit_quorum,
+            "must be \"votingMembers\", \"majority\", a number or a replica-set tag",
+        );
+        problems.check(
+            READ_CONCERNS.contains(&mongodb.read_concern.as_str()),
+            "mongodb.read-concern",
+            &mongodb.read_concern,
+            "must be one of local, majority, linearizable, available",
+        );
+        problems.positive("mongodb.connect-timeout", mongodb.connect_timeout);
+        problems.positive("mongodb.server-selection-timeout", mongodb.server_selection_timeout);
+        let w = mongodb.write_concern.w.trim();
+        problems.check(
+            !w.is_empty() && (w.parse::<u32>().is_ok() || !w.starts_with(|c: char| c.is_ascii_digit() || c == '-')),
+            "mongodb.write-concern.w",
+            &mongodb.write_concern.w,
+            "must be \"majority\", a number of members (0 or more) or a replica-set tag",
+        );
+        if let Some(timeout) = mongodb.write_concern.timeout {
+            problems.positive("mongodb.write-concern.timeout", timeout);
+        }
+
+        let tls = &mongodb.tls;
+        for (key, file) in [
+            ("mongodb.tls.ca-file", &tls.ca_file),
+            ("mongodb.tls.certificate-key-file", &tls.certificate_key_file),
+        ] {
+            if let Some(path) = file {
+                problems.check(tls.enabled, key, path, "is set but mongodb.tls.enabled is false");
+                problems.check(path.is_file(), key, path, "file does not exist");
+            }
+        }
+
+        let retry = &mongodb.retry;
+        problems.check(
+            (1..=100).contains(&retry.max_attempts),
+            "mongodb.retry.max-attempts",
+            retry.max_attempts,
+            "must be 1 to 100 (it counts the first attempt)",
+        );
+
+        let collections = &mongodb.collections;
+        let names = [
+            ("mongodb.collections.journal", &collections.journal),
+            ("mongodb.collections.journal-metadata", &collections.journal_metadata),
+            ("mongodb.collections.snapshots", &collections.snapshots),
+            ("mongodb.collections.durable-state", &collections.durable_state),
+        ];
+        for (index, (key, name)) in names.iter().enumerate() {
+            problems.check(
+                is_valid_collection_name(name),
+                key,
+                name,
+                "must be a non-empty name without $ or NUL, not starting with \"system.\"",
+            );
+            let clash = names[..index].iter().find(|(_, other)| other == name);
+            if let Some((other_key, _)) = clash {
+                problems.check(false, key, name, &format!("is also the name of {other_key}"));
+            }
+        }
+
+        if let Some(ttl) = self.write_journal.cosmos_ttl {
+            problems.check(
+                (1..=i32::MAX as u64).contains(&ttl.as_secs()),
+                "write-journal.cosmos-ttl",
+                humantime::format_duration(ttl).to_string(),
+                "must be between 1s and 2147483647s (it is written as int32 seconds)",
+            );
+        }
+
+        let read = &self.read_journal;
+        problems.check(
+            (1..=100_000).contains(&read.batch_size),
+            "read-journal.batch-size",
+            read.batch_size,
+            "must be 1 to 100000",
+        );
+        problems.positive("read-journal.poll-interval", read.poll_interval);
+        let backoff = &read.change_stream_restart;
+        problems.positive("read-journal.change-stream-restart.min-backoff", backoff.min_backoff);
+        problems.check(
+            backoff.max_backoff >= backoff.min_backoff,
+            "read-journal.change-stream-restart.max-backoff",
+            humantime::format_duration(backoff.max_backoff).to_string(),
+            "must not be below min-backoff",
+        );
+        problems.check(
+            (0.0..=1.0).contains(&backoff.random_factor),
+            "read-journal.change-stream-restart.random-factor",
+            backoff.random_factor,
+            "must be between 0.0 and 1.0",
+        );
+
+        if problems.0.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems.0)) }
+    }
+}
+
+fn is_valid_database_name(name: &str) -> bool {
+    (1..64).contains(&name.len()) && !name.contains(['/', '\\', '.', '"', '$', ' ', '\0'])
+}
+
+fn is_valid_collection_name(name: &str) -> bool {
+    !name.is_empty() && !name.contains(['$', '\0']) && !name.starts_with("system.")
+}
+
+/// The URI without its password, for error messages and logs.
+pub fn redact_uri(uri: &str) -> String {
+    let Some((scheme, rest)) = uri.split_once("://") else { return uri.to_owned() };
+    let authority_end = rest.find('/').unwrap_or(rest.len());
+    match rest[..authority_end].rfind('@') {
+        Some(at) => {
+            let user = rest[..at].split(':').next().unwrap_or_default();
+            format!("{scheme}://{user}:****@{}", &rest[at + 1..])
+        }
+        None => uri.to_owned(),
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn redacts_passwords_only() {
+        assert_eq!(
+            redact_uri("mongodb://app:s3cret@db1:27017/?tls=true"),
+            "mongodb://app:****@db1:27017/?tls=true"
+        );
+        assert_eq!(redact_uri("mongodb://db1:27017"), "mongodb://db1:27017");
+    }
+}

@@ -1,0 +1,1 @@
+//! Durable-state store over MongoDB: revisioned get, upsert and delete with optimistic concurrency.

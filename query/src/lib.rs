@@ -1,0 +1,1 @@
+//! Read journal over MongoDB: live and current queries by tag, persistence id and slice, persistence ids, and durable-state changes.
