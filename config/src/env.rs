@@ -24,12 +24,16 @@ impl EnvProvider {
         let mut names: Vec<&String> = env.keys().collect();
         names.sort();
         for name in names {
-            let Some(key) = name.strip_prefix(ENV_PREFIX) else { continue };
+            let Some(key) = name.strip_prefix(ENV_PREFIX) else {
+                continue;
+            };
             if !key.contains(SEPARATOR) {
                 continue;
             }
-            let path: Vec<String> =
-                key.split(SEPARATOR).map(|part| part.to_lowercase().replace('_', "-")).collect();
+            let path: Vec<String> = key
+                .split(SEPARATOR)
+                .map(|part| part.to_lowercase().replace('_', "-"))
+                .collect();
             insert(&mut dict, &path, parse_value(&env[name]));
         }
         Self { dict }
@@ -55,7 +59,9 @@ fn insert(dict: &mut Dict, path: &[String], value: Value) {
             dict.insert(last.clone(), value);
         }
         [first, rest @ ..] => {
-            let entry = dict.entry(first.clone()).or_insert_with(|| Value::from(Dict::new()));
+            let entry = dict
+                .entry(first.clone())
+                .or_insert_with(|| Value::from(Dict::new()));
             if let Value::Dict(_, inner) = entry {
                 insert(inner, rest, value);
             } else {

@@ -156,7 +156,11 @@ pub struct WriteConcernSettings {
 
 impl Default for WriteConcernSettings {
     fn default() -> Self {
-        Self { w: "majority".to_owned(), journal: true, timeout: Some(Duration::from_secs(10)) }
+        Self {
+            w: "majority".to_owned(),
+            journal: true,
+            timeout: Some(Duration::from_secs(10)),
+        }
     }
 }
 

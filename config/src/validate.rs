@@ -19,7 +19,11 @@ pub enum ConfigError {
 }
 
 fn list(problems: &[InvalidSetting]) -> String {
-    problems.iter().map(|problem| format!("  - {problem}")).collect::<Vec<_>>().join("\n")
+    problems
+        .iter()
+        .map(|problem| format!("  - {problem}"))
+        .collect::<Vec<_>>()
+        .join("\n")
 }
 
 /// One bad setting: the key, the value it had, and what is wrong with it.
@@ -52,7 +56,12 @@ impl Problems {
     }
 
     fn positive(&mut self, key: &'static str, value: Duration) {
-        self.check(!value.is_zero(), key, humantime::format_duration(value), "must be above 0");
+        self.check(
+            !value.is_zero(),
+            key,
+            humantime::format_duration(value),
+            "must be above 0",
+        );
     }
 }
 
@@ -96,10 +105,15 @@ impl Settings {
             "must be one of local, majority, linearizable, available",
         );
         problems.positive("mongodb.connect-timeout", mongodb.connect_timeout);
-        problems.positive("mongodb.server-selection-timeout", mongodb.server_selection_timeout);
+        problems.positive(
+            "mongodb.server-selection-timeout",
+            mongodb.server_selection_timeout,
+        );
         let w = mongodb.write_concern.w.trim();
         problems.check(
-            !w.is_empty() && (w.parse::<u32>().is_ok() || !w.starts_with(|c: char| c.is_ascii_digit() || c == '-')),
+            !w.is_empty()
+                && (w.parse::<u32>().is_ok()
+                    || !w.starts_with(|c: char| c.is_ascii_digit() || c == '-')),
             "mongodb.write-concern.w",
             &mongodb.write_concern.w,
             "must be \"majority\", a number of members (0 or more) or a replica-set tag",
@@ -111,10 +125,18 @@ impl Settings {
         let tls = &mongodb.tls;
         for (key, file) in [
             ("mongodb.tls.ca-file", &tls.ca_file),
-            ("mongodb.tls.certificate-key-file", &tls.certificate_key_file),
+            (
+                "mongodb.tls.certificate-key-file",
+                &tls.certificate_key_file,
+            ),
         ] {
             if let Some(path) = file {
-                problems.check(tls.enabled, key, path, "is set but mongodb.tls.enabled is false");
+                problems.check(
+                    tls.enabled,
+                    key,
+                    path,
+                    "is set but mongodb.tls.enabled is false",
+                );
                 problems.check(path.is_file(), key, path, "file does not exist");
             }
         }
@@ -130,9 +152,15 @@ impl Settings {
         let collections = &mongodb.collections;
         let names = [
             ("mongodb.collections.journal", &collections.journal),
-            ("mongodb.collections.journal-metadata", &collections.journal_metadata),
+            (
+                "mongodb.collections.journal-metadata",
+                &collections.journal_metadata,
+            ),
             ("mongodb.collections.snapshots", &collections.snapshots),
-            ("mongodb.collections.durable-state", &collections.durable_state),
+            (
+                "mongodb.collections.durable-state",
+                &collections.durable_state,
+            ),
         ];
         for (index, (key, name)) in names.iter().enumerate() {
             problems.check(
@@ -143,7 +171,12 @@ impl Settings {
             );
             let clash = names[..index].iter().find(|(_, other)| other == name);
             if let Some((other_key, _)) = clash {
-                problems.check(false, key, name, &format!("is also the name of {other_key}"));
+                problems.check(
+                    false,
+                    key,
+                    name,
+                    &format!("is also the name of {other_key}"),
+                );
             }
         }
 
@@ -165,7 +198,10 @@ impl Settings {
         );
         problems.positive("read-journal.poll-interval", read.poll_interval);
         let backoff = &read.change_stream_restart;
-        problems.positive("read-journal.change-stream-restart.min-backoff", backoff.min_backoff);
+        problems.positive(
+            "read-journal.change-stream-restart.min-backoff",
+            backoff.min_backoff,
+        );
         problems.check(
             backoff.max_backoff >= backoff.min_backoff,
             "read-journal.change-stream-restart.max-backoff",
@@ -179,7 +215,11 @@ impl Settings {
             "must be between 0.0 and 1.0",
         );
 
-        if problems.0.is_empty() { Ok(()) } else { Err(ConfigError::Invalid(problems.0)) }
+        if problems.0.is_empty() {
+            Ok(())
+        } else {
+            Err(ConfigError::Invalid(problems.0))
+        }
     }
 }
 
@@ -193,7 +233,9 @@ fn is_valid_collection_name(name: &str) -> bool {
 
 /// The URI without its password, for error messages and logs.
 pub fn redact_uri(uri: &str) -> String {
-    let Some((scheme, rest)) = uri.split_once("://") else { return uri.to_owned() };
+    let Some((scheme, rest)) = uri.split_once("://") else {
+        return uri.to_owned();
+    };
     let authority_end = rest.find('/').unwrap_or(rest.len());
     match rest[..authority_end].rfind('@') {
         Some(at) => {

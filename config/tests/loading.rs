@@ -12,7 +12,10 @@ fn example_file() -> PathBuf {
 }
 
 fn env(pairs: &[(&str, &str)]) -> HashMap<String, String> {
-    pairs.iter().map(|(key, value)| (key.to_string(), value.to_string())).collect()
+    pairs
+        .iter()
+        .map(|(key, value)| (key.to_string(), value.to_string()))
+        .collect()
 }
 
 fn temp_toml(contents: &str) -> tempfile_path::TempToml {
@@ -29,9 +32,14 @@ mod tempfile_path {
         pub fn new(contents: &str) -> Self {
             static COUNTER: std::sync::atomic::AtomicUsize = std::sync::atomic::AtomicUsize::new(0);
             let n = COUNTER.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
-            let path = std::env::temp_dir()
-                .join(format!("eventjournal-config-test-{}-{n}.toml", std::process::id()));
-            std::fs::File::create(&path).unwrap().write_all(contents.as_bytes()).unwrap();
+            let path = std::env::temp_dir().join(format!(
+                "eventjournal-config-test-{}-{n}.toml",
+                std::process::id()
+            ));
+            std::fs::File::create(&path)
+                .unwrap()
+                .write_all(contents.as_bytes())
+                .unwrap();
             Self(path)
         }
     }
@@ -52,8 +60,12 @@ fn invalid(result: Result<Settings, ConfigError>) -> String {
 
 #[test]
 fn example_file_lists_exactly_the_defaults() {
-    let from_file =
-        Settings::load(Some(&example_file()), &HashMap::new(), &Overrides::default()).unwrap();
+    let from_file = Settings::load(
+        Some(&example_file()),
+        &HashMap::new(),
+        &Overrides::default(),
+    )
+    .unwrap();
     assert_eq!(from_file, Settings::default());
 }
 
@@ -69,7 +81,12 @@ fn example_file_mentions_every_key() {
                 walk(value, format!("{path}{key}."), text, missing);
             }
         } else {
-            let key = path.trim_end_matches('.').rsplit('.').next().unwrap().to_owned();
+            let key = path
+                .trim_end_matches('.')
+                .rsplit('.')
+                .next()
+                .unwrap()
+                .to_owned();
             if !text.contains(&format!("{key} =")) {
                 missing.push(path);
             }
@@ -77,9 +94,15 @@ fn example_file_mentions_every_key() {
     }
     walk(&defaults, String::new(), &text, &mut missing);
     for optional in ["ca-file", "certificate-key-file", "cosmos-ttl"] {
-        assert!(text.contains(&format!("# {optional} =")), "{optional} is not documented");
+        assert!(
+            text.contains(&format!("# {optional} =")),
+            "{optional} is not documented"
+        );
     }
-    assert!(missing.is_empty(), "keys missing from the example file: {missing:?}");
+    assert!(
+        missing.is_empty(),
+        "keys missing from the example file: {missing:?}"
+    );
 }
 
 #[test]
@@ -102,7 +125,10 @@ fn sources_override_in_order_defaults_file_env_flags() {
     let environment = env(&[
         ("EVENTJOURNAL_MONGODB__DATABASE", "2024"),
         ("EVENTJOURNAL_MONGODB__RETRY__MAX_ATTEMPTS", "5"),
-        ("EVENTJOURNAL_MONGODB__RETRY__RETRYABLE_ERROR_CODES", "[91, 189]"),
+        (
+            "EVENTJOURNAL_MONGODB__RETRY__RETRYABLE_ERROR_CODES",
+            "[91, 189]",
+        ),
         ("EVENTJOURNAL_READ_JOURNAL__USE_CHANGE_STREAMS", "true"),
         // Not a setting (no section separator): ignored, not an unknown-key error.
         ("EVENTJOURNAL_TEST_MONGODB_URI", "mongodb://elsewhere"),
@@ -120,7 +146,10 @@ fn sources_override_in_order_defaults_file_env_flags() {
     assert_eq!(settings.mongodb.retry.max_attempts, 5); // env beats file
     assert_eq!(settings.mongodb.retry.retryable_error_codes, vec![91, 189]);
     assert_eq!(settings.mongodb.retry.delay, Duration::from_secs(1));
-    assert_eq!(settings.write_journal.cosmos_ttl, Some(Duration::from_secs(365 * 86_400)));
+    assert_eq!(
+        settings.write_journal.cosmos_ttl,
+        Some(Duration::from_secs(365 * 86_400))
+    );
     assert!(settings.read_journal.use_change_streams);
     assert_eq!(settings.read_journal.batch_size, 500); // default
 }
@@ -128,7 +157,11 @@ fn sources_override_in_order_defaults_file_env_flags() {
 #[test]
 fn unknown_keys_and_wrong_types_name_the_key() {
     let file = temp_toml("[mongodb]\nurl = \"mongodb://typo\"\n");
-    let message = invalid(Settings::load(Some(&file.0), &HashMap::new(), &Overrides::default()));
+    let message = invalid(Settings::load(
+        Some(&file.0),
+        &HashMap::new(),
+        &Overrides::default(),
+    ));
     assert!(message.contains("url"), "{message}");
 
     let message = invalid(Settings::load(
@@ -162,7 +195,11 @@ fn validation_lists_every_bad_key_with_its_value() {
         random-factor = 1.5
         "#,
     );
-    let message = invalid(Settings::load(Some(&file.0), &HashMap::new(), &Overrides::default()));
+    let message = invalid(Settings::load(
+        Some(&file.0),
+        &HashMap::new(),
+        &Overrides::default(),
+    ));
     for expected in [
         "mongodb.uri = \"http://localhost\": must start with mongodb://",
         "mongodb.database = \"bad.name\"",
@@ -174,7 +211,10 @@ fn validation_lists_every_bad_key_with_its_value() {
         "read-journal.change-stream-restart.max-backoff = \"1s\": must not be below min-backoff",
         "read-journal.change-stream-restart.random-factor = 1.5",
     ] {
-        assert!(message.contains(expected), "missing {expected:?} in:\n{message}");
+        assert!(
+            message.contains(expected),
+            "missing {expected:?} in:\n{message}"
+        );
     }
 }
 
@@ -185,5 +225,8 @@ fn a_missing_config_file_is_an_error() {
         &HashMap::new(),
         &Overrides::default(),
     ));
-    assert_eq!(message, "configuration file /nonexistent/eventjournal.toml does not exist");
+    assert_eq!(
+        message,
+        "configuration file /nonexistent/eventjournal.toml does not exist"
+    );
 }

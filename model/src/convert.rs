@@ -2,17 +2,27 @@
 
 use proto::v1 as pb;
 
-use crate::{AtomicWrite, Payload, PersistenceId, PersistentEvent, SequenceNr, Tag, ValidationError};
+use crate::{
+    AtomicWrite, Payload, PersistenceId, PersistentEvent, SequenceNr, Tag, ValidationError,
+};
 
 impl From<pb::Payload> for Payload {
     fn from(payload: pb::Payload) -> Self {
-        Self { data: payload.data, serializer_id: payload.serializer_id, manifest: payload.manifest }
+        Self {
+            data: payload.data,
+            serializer_id: payload.serializer_id,
+            manifest: payload.manifest,
+        }
     }
 }
 
 impl From<Payload> for pb::Payload {
     fn from(payload: Payload) -> Self {
-        Self { data: payload.data, serializer_id: payload.serializer_id, manifest: payload.manifest }
+        Self {
+            data: payload.data,
+            serializer_id: payload.serializer_id,
+            manifest: payload.manifest,
+        }
     }
 }
 
@@ -75,7 +85,8 @@ impl TryFrom<pb::AtomicWrite> for AtomicWrite {
             .into_iter()
             .enumerate()
             .map(|(index, event)| {
-                PersistentEvent::try_from(event).map_err(|error| error.within(&format!("events[{index}]")))
+                PersistentEvent::try_from(event)
+                    .map_err(|error| error.within(&format!("events[{index}]")))
             })
             .collect::<Result<Vec<_>, _>>()?;
         AtomicWrite::new(events)
@@ -91,7 +102,11 @@ mod tests {
         pb::PersistentEvent {
             persistence_id: pid.to_owned(),
             sequence_nr: seq_nr,
-            payload: Some(pb::Payload { data: vec![1, 2], serializer_id: 1, manifest: "m".into() }),
+            payload: Some(pb::Payload {
+                data: vec![1, 2],
+                serializer_id: 1,
+                manifest: "m".into(),
+            }),
             ..Default::default()
         }
     }
@@ -107,24 +122,43 @@ mod tests {
             "events: an atomic write needs at least one event"
         );
         assert_eq!(
-            reason(pb::AtomicWrite { events: vec![event("", 1)] }),
+            reason(pb::AtomicWrite {
+                events: vec![event("", 1)]
+            }),
             "events[0].persistence_id: must not be empty"
         );
         assert_eq!(
-            reason(pb::AtomicWrite { events: vec![event("a", 0)] }),
+            reason(pb::AtomicWrite {
+                events: vec![event("a", 0)]
+            }),
             "events[0].sequence_nr: must be 1 or more, got 0"
         );
-        assert!(reason(pb::AtomicWrite { events: vec![event("a", 1), event("b", 2)] })
-            .starts_with("events[1].persistence_id: is \"b\" but events[0] has \"a\""));
-        assert!(reason(pb::AtomicWrite { events: vec![event("a", 1), event("a", 3)] })
-            .starts_with("events[1].sequence_nr: is 3 but must be 1 + 1"));
+        assert!(
+            reason(pb::AtomicWrite {
+                events: vec![event("a", 1), event("b", 2)]
+            })
+            .starts_with("events[1].persistence_id: is \"b\" but events[0] has \"a\"")
+        );
+        assert!(
+            reason(pb::AtomicWrite {
+                events: vec![event("a", 1), event("a", 3)]
+            })
+            .starts_with("events[1].sequence_nr: is 3 but must be 1 + 1")
+        );
         let mut no_payload = event("a", 1);
         no_payload.payload = None;
-        assert_eq!(reason(pb::AtomicWrite { events: vec![no_payload] }), "events[0].payload: is required");
+        assert_eq!(
+            reason(pb::AtomicWrite {
+                events: vec![no_payload]
+            }),
+            "events[0].payload: is required"
+        );
         let mut empty_tag = event("a", 1);
         empty_tag.tags = vec!["ok".into(), String::new()];
         assert_eq!(
-            reason(pb::AtomicWrite { events: vec![empty_tag] }),
+            reason(pb::AtomicWrite {
+                events: vec![empty_tag]
+            }),
             "events[0].tags[1]: must not be empty"
         );
     }
@@ -133,7 +167,11 @@ mod tests {
     fn round_trips_an_event_exactly() {
         let mut original = event("pid$.{\"$gt\":1}\0", 7);
         original.tags = vec!["t1".into(), "$where".into()];
-        original.metadata = Some(pb::Payload { data: vec![9], serializer_id: -3, manifest: String::new() });
+        original.metadata = Some(pb::Payload {
+            data: vec![9],
+            serializer_id: -3,
+            manifest: String::new(),
+        });
         original.writer_uuid = "w".into();
         original.timestamp_millis = 1_700_000_000_000;
         let domain = PersistentEvent::try_from(original.clone()).unwrap();

@@ -23,7 +23,10 @@ impl Tag {
         if value.len() > MAX_TAG_BYTES {
             return Err(ValidationError::new(
                 field,
-                format!("is {} bytes long, more than the limit of {MAX_TAG_BYTES}", value.len()),
+                format!(
+                    "is {} bytes long, more than the limit of {MAX_TAG_BYTES}",
+                    value.len()
+                ),
             ));
         }
         Ok(Self(value))
@@ -97,7 +100,10 @@ pub struct AtomicWrite {
 impl AtomicWrite {
     pub fn new(events: Vec<PersistentEvent>) -> Result<Self, ValidationError> {
         let Some(first) = events.first() else {
-            return Err(ValidationError::new("events", "an atomic write needs at least one event"));
+            return Err(ValidationError::new(
+                "events",
+                "an atomic write needs at least one event",
+            ));
         };
         for (index, pair) in events.windows(2).enumerate() {
             let (previous, event) = (&pair[0], &pair[1]);

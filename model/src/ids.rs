@@ -50,9 +50,9 @@ impl fmt::Display for PersistenceId {
 
 /// Java's `String.hashCode`: `s[0]*31^(n-1) + ... + s[n-1]` over UTF-16 code units, wrapping.
 fn java_string_hash_code(value: &str) -> i32 {
-    value
-        .encode_utf16()
-        .fold(0i32, |hash, unit| hash.wrapping_mul(31).wrapping_add(i32::from(unit)))
+    value.encode_utf16().fold(0i32, |hash, unit| {
+        hash.wrapping_mul(31).wrapping_add(i32::from(unit))
+    })
 }
 
 /// A sequence number of a stored event: 1 or more.
@@ -62,7 +62,10 @@ pub struct SequenceNr(i64);
 impl SequenceNr {
     pub fn parse(field: &str, value: i64) -> Result<Self, ValidationError> {
         if value <= 0 {
-            Err(ValidationError::new(field, format!("must be 1 or more, got {value}")))
+            Err(ValidationError::new(
+                field,
+                format!("must be 1 or more, got {value}"),
+            ))
         } else {
             Ok(Self(value))
         }

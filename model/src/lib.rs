@@ -31,20 +31,32 @@ pub struct ValidationError {
 
 impl ValidationError {
     pub fn new(field: impl Into<String>, reason: impl Into<String>) -> Self {
-        Self { field: field.into(), reason: reason.into() }
+        Self {
+            field: field.into(),
+            reason: reason.into(),
+        }
     }
 
     /// The same problem, one level deeper in the request (`events[2]` + `sequence_nr`).
     pub fn within(self, parent: &str) -> Self {
-        Self { field: format!("{parent}.{}", self.field), reason: self.reason }
+        Self {
+            field: format!("{parent}.{}", self.field),
+            reason: self.reason,
+        }
     }
 }
 
 /// A bound in a range of sequence numbers, where 0 is allowed ("from the start").
 pub fn non_negative(field: &str, value: i64) -> Result<i64, ValidationError> {
     if value < 0 {
-        Err(ValidationError::new(field, format!("must not be negative, got {value}")))
+        Err(ValidationError::new(
+            field,
+            format!("must not be negative, got {value}"),
+        ))
     } else {
         Ok(value)
     }
 }
+
+mod replay;
+pub use replay::ReplayRange;

@@ -1,1 +1,13 @@
+//! MongoDB plumbing shared by the stores: a client built from the settings, the retry policy,
+//! and the classification of driver errors into what callers must tell apart.
 
+mod client;
+mod failure;
+mod retry;
+
+pub use client::{commit_quorum, connect, ping};
+pub use failure::{FailureKind, StorageError, classify, error_codes, is_duplicate_key};
+pub use retry::Retry;
+
+/// MongoDB's largest document (BSON `maxBsonObjectSize`).
+pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;

