@@ -35,7 +35,8 @@ async fn replay_follows_akka_semantics() {
     write_five(&mut client, "p").await;
 
     // (from, to, max) → expected sequence numbers; every replay ends with highest = 5.
-    let cases: &[(i64, Option<i64>, Option<i64>, &[i64])] = &[
+    type Case = (i64, Option<i64>, Option<i64>, &'static [i64]);
+    let cases: &[Case] = &[
         (1, None, None, &[1, 2, 3, 4, 5]),
         (3, None, None, &[3, 4, 5]),
         (1, Some(3), None, &[1, 2, 3]),
@@ -595,4 +596,47 @@ fn now_millis() -> i64 {
         .duration_since(std::time::UNIX_EPOCH)
         .unwrap()
         .as_millis() as i64
+}
+
+#[tokio::test]
+async fn shutdown_lets_in_flight_replays_finish() {
+    let server = TestServer::start("inflight").await;
+    let mut client = server.journal().await;
+    let writes = (1..=200)
+        .map(|n| atomic(vec![event("f", n, "in flight")]))
+        .collect();
+    assert!(write(&mut client, writes).await.iter().all(is_written));
+
+    let request = pb::ReplayEventsRequest {
+        persistence_id: "f".into(),
+        from_sequence_nr: 1,
+        to_sequence_nr: None,
+        max: None,
+    };
+    let mut stream = client.replay_events(request).await.unwrap().into_inner();
+    let first = stream.message().await.unwrap().unwrap();
+    let stopping = tokio::spawn(server.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut received = 1;
+    let mut highest = None;
+    while let Some(message) = stream
+        .message()
+        .await
+        .expect("the in-flight replay was cut off")
+    {
+        match message.item.unwrap() {
+            pb::replay_events_response::Item::Event(_) => received += 1,
+            pb::replay_events_response::Item::HighestSequenceNr(value) => highest = Some(value),
+        }
+    }
+    assert!(matches!(
+        first.item,
+        Some(pb::replay_events_response::Item::Event(_))
+    ));
+    assert_eq!(received, 200);
+    assert_eq!(highest, Some(200));
+    stopping
+        .await
+        .unwrap()
+        .expect("server stopped with an error");
 }

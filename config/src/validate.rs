@@ -59,7 +59,7 @@ impl Problems {
         self.check(
             !value.is_zero(),
             key,
-            humantime::format_duration(value),
+            humantime::format_duration(value).to_string(),
             "must be above 0",
         );
     }
