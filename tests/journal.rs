@@ -532,6 +532,20 @@ async fn indexes_are_created_on_start_up() {
         }
     }
     assert!(unique, "pid_seqNr must be unique");
+
+    let without = TestServer::start_with("noindexes", |settings| {
+        settings.mongodb.create_indexes = false
+    })
+    .await;
+    let journal = without
+        .mongodb()
+        .await
+        .collection::<mongodb::bson::Document>("journal");
+    let names = journal.list_index_names().await.unwrap_or_default();
+    assert!(
+        !names.contains(&"pid_seqNr".to_owned()),
+        "create-indexes = false created {names:?}"
+    );
 }
 
 #[tokio::test]

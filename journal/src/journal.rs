@@ -278,6 +278,7 @@ impl Journal {
                         doc! { "$max": { HIGHEST_SEQUENCE_NR: to } },
                     )
                     .upsert(true)
+                    .bypass_document_validation(self.bypass_document_validation)
             })
             .await
             .map_err(|error| JournalError::from_mongo(operation, true, &self.retry, error))?;
@@ -293,7 +294,9 @@ impl Journal {
         let update = doc! { "$set": mark };
         self.retry
             .run(operation, || {
-                self.events.update_many(filter.clone(), update.clone())
+                self.events
+                    .update_many(filter.clone(), update.clone())
+                    .bypass_document_validation(self.bypass_document_validation)
             })
             .await
             .map(|_| ())

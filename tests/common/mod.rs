@@ -3,6 +3,8 @@
 
 #![allow(dead_code)]
 
+pub mod proxy;
+
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
@@ -25,6 +27,20 @@ pub fn mongodb_uri() -> String {
              mongod for it, or start one with `cargo xtask mongod-start --instance test` and \
              export {MONGODB_URI_VARIABLE}=<the URI it prints>."
         )
+    })
+}
+
+/// `host:port` of the test mongod.
+pub fn mongodb_address() -> SocketAddr {
+    let uri = mongodb_uri();
+    let authority = uri
+        .trim_start_matches("mongodb://")
+        .split(['/', '?'])
+        .next()
+        .unwrap()
+        .to_owned();
+    authority.parse().unwrap_or_else(|_| {
+        panic!("{MONGODB_URI_VARIABLE} must name one 127.0.0.1:port host, not {uri}")
     })
 }
 

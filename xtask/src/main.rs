@@ -8,7 +8,8 @@
 
 mod mongod;
 
-use std::process::{Command, ExitCode};
+use std::io::{BufRead, BufReader};
+use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
 use anyhow::{Context, bail};
 use clap::{Parser, Subcommand};
@@ -61,6 +62,45 @@ fn main() -> ExitCode {
     }
 }
 
+#[derive(Default)]
+struct Totals {
+    passed: u64,
+    failed: u64,
+}
+
+/// Runs `cargo test --workspace`, passing its output through, and adds up its
+/// `test result: ... N passed; M failed; ...` lines.
+fn cargo_test(cargo_args: &[String], uri: &str) -> anyhow::Result<(ExitStatus, Totals)> {
+    let mut child = Command::new(env!("CARGO"))
+        .args(["test", "--workspace"])
+        .args(cargo_args)
+        .env("EVENTJOURNAL_TEST_MONGODB_URI", uri)
+        .stdout(Stdio::piped())
+        .spawn()
+        .context("running cargo test")?;
+    let mut totals = Totals::default();
+    let stdout = child.stdout.take().context("cargo test stdout")?;
+    for line in BufReader::new(stdout).lines() {
+        let line = line?;
+        println!("{line}");
+        if let Some(result) = line.strip_prefix("test result: ") {
+            for part in result.split(';') {
+                let mut words = part.split_whitespace().rev();
+                let (Some(label), Some(count)) = (words.next(), words.next()) else {
+                    continue;
+                };
+                let count: u64 = count.parse().unwrap_or(0);
+                match label {
+                    "passed" => totals.passed += count,
+                    "failed" => totals.failed += count,
+                    _ => {}
+                }
+            }
+        }
+    }
+    Ok((child.wait()?, totals))
+}
+
 fn run(task: Task) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     match task {
@@ -77,15 +117,15 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             let instance = Instance::new("test")?;
             let uri = runtime.block_on(instance.start(true))?;
             eprintln!("xtask: test mongod at {uri}");
-            let status = Command::new(env!("CARGO"))
-                .args(["test", "--workspace"])
-                .args(&cargo_args)
-                .env("EVENTJOURNAL_TEST_MONGODB_URI", &uri)
-                .status()
-                .context("running cargo test");
+            let outcome = cargo_test(&cargo_args, &uri);
             let stopped = instance.stop();
-            let status = status?;
+            let (status, totals) = outcome?;
             stopped?;
+            // cargo's last line is the last crate's doc-tests; this one counts the whole run.
+            println!(
+                "summary: {} passed, {} failed",
+                totals.passed, totals.failed
+            );
             Ok(if status.success() {
                 ExitCode::SUCCESS
             } else {
