@@ -123,21 +123,20 @@ impl Journal {
             Ok(documents) => documents,
             Err(rejection) => return Ok(rejection),
         };
-        let mut documents = Some(documents);
+        let mut first_attempt = Some(documents);
         let result = self
             .retry
             .run("write events", || {
-                // Stamped per attempt, as late as possible: the read journal orders by it.
-                let attempt = documents
-                    .take()
-                    .map_or_else(|| encode(&events, DateTime::now()), Ok);
-                async move {
-                    match attempt {
-                        Ok(documents) => self.insert_events(documents).await,
-                        // Same content as the first encoding, which fitted.
-                        Err(_) => unreachable_rejection(),
-                    }
-                }
+                // Later attempts stamp `writtenAt` anew, as late as possible: the read journal
+                // orders by it. The content is unchanged, so encoding cannot fail this time.
+                let documents = first_attempt.take().map_or_else(
+                    || {
+                        encode(&events, DateTime::now())
+                            .map_err(|_| mongodb::error::Error::custom("re-encoding events failed"))
+                    },
+                    Ok,
+                );
+                async move { self.insert_events(documents?).await }
             })
             .await;
         match result {
@@ -395,11 +394,5 @@ fn too_large(event: &PersistentEvent, size: usize, qualifier: &str) -> WriteOutc
          the limit of {MAX_DOCUMENT_BYTES} bytes (16 MiB)",
         event.sequence_nr,
         event.persistence_id.as_str()
-    ))
-}
-
-fn unreachable_rejection() -> Result<(), mongodb::error::Error> {
-    Err(mongodb::error::Error::custom(
-        "event encoding changed between attempts",
     ))
 }
