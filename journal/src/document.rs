@@ -18,7 +18,8 @@
 //! `{ _id: pid, highestSeqNr: int64 }`.
 
 use model::{Payload, PersistenceId, PersistentEvent, SequenceNr, Tag};
-use mongodb::bson::{Binary, DateTime, spec::BinarySubtype};
+use mongo::PayloadDocument;
+use mongodb::bson::DateTime;
 use serde::{Deserialize, Serialize};
 
 pub const PERSISTENCE_ID: &str = "pid";
@@ -51,37 +52,6 @@ pub struct EventDocument {
     pub deleted_at: Option<DateTime>,
     #[serde(default, skip_serializing_if = "Option::is_none")]
     pub ttl: Option<i32>,
-}
-
-#[derive(Debug, Clone, Serialize, Deserialize)]
-pub struct PayloadDocument {
-    pub data: Binary,
-    #[serde(rename = "serializerId")]
-    pub serializer_id: i32,
-    pub manifest: String,
-}
-
-impl From<&Payload> for PayloadDocument {
-    fn from(payload: &Payload) -> Self {
-        Self {
-            data: Binary {
-                subtype: BinarySubtype::Generic,
-                bytes: payload.data.clone(),
-            },
-            serializer_id: payload.serializer_id,
-            manifest: payload.manifest.clone(),
-        }
-    }
-}
-
-impl From<PayloadDocument> for Payload {
-    fn from(document: PayloadDocument) -> Self {
-        Self {
-            data: document.data.bytes,
-            serializer_id: document.serializer_id,
-            manifest: document.manifest,
-        }
-    }
 }
 
 impl EventDocument {

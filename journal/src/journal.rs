@@ -91,7 +91,7 @@ impl Journal {
             .await
             .map(|_| ())
             .map_err(|error| {
-                JournalError::from_mongo("create journal indexes", false, &self.retry, error)
+                JournalError::from(self.retry.failure("create journal indexes", false, error))
             })
     }
 
@@ -142,12 +142,11 @@ impl Journal {
         match result {
             Ok(()) => Ok(WriteOutcome::Written),
             Err(error) if is_duplicate_key(&error) => self.resolve_duplicate(&events).await,
-            Err(error) => Err(JournalError::from_mongo(
+            Err(error) => Err(JournalError::from(self.retry.failure(
                 "write events",
                 true,
-                &self.retry,
                 error,
-            )),
+            ))),
         }
     }
 
@@ -204,7 +203,7 @@ impl Journal {
             })
             .await
             .map_err(|error| {
-                JournalError::from_mongo("check stored events", false, &self.retry, error)
+                JournalError::from(self.retry.failure("check stored events", false, error))
             })?;
         let identical = stored.len() == events.len()
             && stored.into_iter().zip(events).all(|(document, event)| {
@@ -242,7 +241,7 @@ impl Journal {
                 futures::try_join!(top.into_future(), kept.into_future())
             })
             .await
-            .map_err(|error| JournalError::from_mongo(operation, false, &self.retry, error))?;
+            .map_err(|error| JournalError::from(self.retry.failure(operation, false, error)))?;
         let read = |document: Option<Document>, field: &str| -> Result<i64, JournalError> {
             match document {
                 None => Ok(0),
@@ -280,7 +279,7 @@ impl Journal {
                     .bypass_document_validation(self.bypass_document_validation)
             })
             .await
-            .map_err(|error| JournalError::from_mongo(operation, true, &self.retry, error))?;
+            .map_err(|error| JournalError::from(self.retry.failure(operation, true, error)))?;
         let mut mark = doc! { DELETED_AT: DateTime::now() };
         if let Some(ttl) = self.cosmos_ttl_seconds {
             mark.insert(TTL, ttl);
@@ -299,7 +298,7 @@ impl Journal {
             })
             .await
             .map(|_| ())
-            .map_err(|error| JournalError::from_mongo(operation, true, &self.retry, error))
+            .map_err(|error| JournalError::from(self.retry.failure(operation, true, error)))
     }
 
     /// Akka's replay: the highest sequence number first, then the live events
@@ -334,12 +333,12 @@ impl Journal {
                 }
             })
             .await
-            .map_err(|error| JournalError::from_mongo(operation, false, &self.retry, error))?;
+            .map_err(|error| JournalError::from(self.retry.failure(operation, false, error)))?;
         let retry = self.retry.clone();
         let events = cursor
             .map(move |document| match document {
                 Ok(document) => document.into_event().map_err(JournalError::Corrupt),
-                Err(error) => Err(JournalError::from_mongo(operation, false, &retry, error)),
+                Err(error) => Err(JournalError::from(retry.failure(operation, false, error))),
             })
             .boxed();
         Ok(Replay {

@@ -24,6 +24,60 @@ pub trait StorageError: std::error::Error {
     fn kind(&self) -> FailureKind;
 }
 
+/// A MongoDB operation that failed for good (retries did not help), classified. Display texts
+/// are safe to send to clients; the driver error is the `source`, for the log.
+#[derive(Debug, thiserror::Error)]
+pub enum MongoError {
+    #[error("{operation}: MongoDB is unavailable")]
+    Unavailable {
+        operation: &'static str,
+        #[source]
+        source: Error,
+    },
+    #[error(
+        "{operation}: the write may or may not have been applied (MongoDB did not confirm it); \
+         retrying the same write is safe"
+    )]
+    OutcomeUnknown {
+        operation: &'static str,
+        #[source]
+        source: Error,
+    },
+    #[error("{operation} failed")]
+    Internal {
+        operation: &'static str,
+        #[source]
+        source: Error,
+    },
+}
+
+impl MongoError {
+    /// Classifies an error that retries did not cure. A `write` that failed on the network or
+    /// on its write concern may still have been applied.
+    pub fn new(
+        operation: &'static str,
+        write: bool,
+        retryable_codes: &[i32],
+        source: Error,
+    ) -> Self {
+        match classify(&source, write, retryable_codes) {
+            FailureKind::Unavailable => Self::Unavailable { operation, source },
+            FailureKind::OutcomeUnknown => Self::OutcomeUnknown { operation, source },
+            _ => Self::Internal { operation, source },
+        }
+    }
+}
+
+impl StorageError for MongoError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            Self::Unavailable { .. } => FailureKind::Unavailable,
+            Self::OutcomeUnknown { .. } => FailureKind::OutcomeUnknown,
+            Self::Internal { .. } => FailureKind::Internal,
+        }
+    }
+}
+
 const DUPLICATE_KEY: i32 = 11000;
 const WRITE_CONCERN_FAILED: i32 = 64;
 
@@ -60,9 +114,7 @@ fn is_network(error: &Error) -> bool {
     ) || error.contains_label("NetworkError")
 }
 
-/// Classifies an error that retries did not cure. A `write` that failed on the network or on its
-/// write concern may still have been applied.
-pub fn classify(error: &Error, write: bool, retryable_codes: &[i32]) -> FailureKind {
+fn classify(error: &Error, write: bool, retryable_codes: &[i32]) -> FailureKind {
     if matches!(
         error.kind.as_ref(),
         ErrorKind::ServerSelection { .. } | ErrorKind::DnsResolve { .. }

@@ -2,11 +2,13 @@
 //! and the classification of driver errors into what callers must tell apart.
 
 mod client;
+mod document;
 mod failure;
 mod retry;
 
 pub use client::{commit_quorum, connect, ping};
-pub use failure::{FailureKind, StorageError, classify, error_codes, is_duplicate_key};
+pub use document::PayloadDocument;
+pub use failure::{FailureKind, MongoError, StorageError, error_codes, is_duplicate_key};
 pub use retry::Retry;
 
 /// MongoDB's largest document (BSON `maxBsonObjectSize`).

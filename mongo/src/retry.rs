@@ -8,7 +8,7 @@ use std::time::Duration;
 use config::RetrySettings;
 use mongodb::error::{Error, ErrorKind};
 
-use crate::failure::{error_codes, is_duplicate_key};
+use crate::failure::{MongoError, error_codes, is_duplicate_key};
 
 #[derive(Debug, Clone)]
 pub struct Retry {
@@ -26,8 +26,9 @@ impl Retry {
         }
     }
 
-    pub fn retryable_codes(&self) -> &[i32] {
-        &self.retryable_codes
+    /// The error of an operation whose retries are used up, classified.
+    pub fn failure(&self, operation: &'static str, write: bool, error: Error) -> MongoError {
+        MongoError::new(operation, write, &self.retryable_codes, error)
     }
 
     /// Transient errors: network failures, errors MongoDB labels retryable or transient, and
