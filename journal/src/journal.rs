@@ -6,8 +6,8 @@ use std::time::{SystemTime, UNIX_EPOCH};
 use config::{DatabaseMode, Settings};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
 use model::{AtomicWrite, PersistenceId, PersistentEvent, ReplayRange};
-use mongo::{MAX_DOCUMENT_BYTES, Retry, commit_quorum, is_duplicate_key};
-use mongodb::bson::{DateTime, Document, RawDocumentBuf, doc, to_raw_document_buf};
+use mongo::{Retry, commit_quorum, encode_within_limit, is_duplicate_key};
+use mongodb::bson::{DateTime, Document, RawDocumentBuf, doc};
 use mongodb::options::{
     CollectionOptions, CommitQuorum, ReadConcern, ReadPreference, SelectionCriteria,
 };
@@ -362,36 +362,20 @@ fn encode(
     events
         .iter()
         .map(|event| {
-            // The serializer refuses oversized binaries itself, with a vaguer message.
-            let content_bytes = event.payload.data.len()
+            let binary_bytes = event.payload.data.len()
                 + event
                     .metadata
                     .as_ref()
                     .map_or(0, |metadata| metadata.data.len());
-            if content_bytes > MAX_DOCUMENT_BYTES {
-                return Err(too_large(event, content_bytes, "at least "));
-            }
-            let document =
-                to_raw_document_buf(&EventDocument::new(event, written_at)).map_err(|error| {
-                    WriteOutcome::Rejected(format!(
-                        "event {} cannot be stored: {error}",
-                        event.sequence_nr
-                    ))
-                })?;
-            let size = document.as_bytes().len();
-            if size > MAX_DOCUMENT_BYTES {
-                return Err(too_large(event, size, ""));
-            }
-            Ok(document)
+            encode_within_limit(&EventDocument::new(event, written_at), binary_bytes).map_err(
+                |error| {
+                    WriteOutcome::Rejected(error.describe(&format!(
+                        "event {} of persistence id {:?}",
+                        event.sequence_nr,
+                        event.persistence_id.as_str()
+                    )))
+                },
+            )
         })
         .collect()
-}
-
-fn too_large(event: &PersistentEvent, size: usize, qualifier: &str) -> WriteOutcome {
-    WriteOutcome::Rejected(format!(
-        "event {} of persistence id {:?} is {qualifier}{size} bytes as a MongoDB document, above \
-         the limit of {MAX_DOCUMENT_BYTES} bytes (16 MiB)",
-        event.sequence_nr,
-        event.persistence_id.as_str()
-    ))
 }

@@ -59,4 +59,9 @@ pub fn non_negative(field: &str, value: i64) -> Result<i64, ValidationError> {
 }
 
 mod replay;
+mod snapshot;
+mod state;
+
 pub use replay::ReplayRange;
+pub use snapshot::{Snapshot, SnapshotMetadata, SnapshotQuery, SnapshotSelectionCriteria};
+pub use state::{DeleteObject, Revision, StoredObject, UpsertObject};

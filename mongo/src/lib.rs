@@ -7,7 +7,7 @@ mod failure;
 mod retry;
 
 pub use client::{commit_quorum, connect, ping};
-pub use document::PayloadDocument;
+pub use document::{EncodeError, PayloadDocument, encode_within_limit};
 pub use failure::{FailureKind, MongoError, StorageError, error_codes, is_duplicate_key};
 pub use retry::Retry;
 
