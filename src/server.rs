@@ -2,20 +2,22 @@
 
 use anyhow::Context;
 use config::{Settings, redact_uri};
+use durable_state::DurableStateStore;
 use journal::Journal;
 use proto::v1::durable_state_store_server::DurableStateStoreServer;
 use proto::v1::journal_server::JournalServer;
 use proto::v1::read_journal_server::ReadJournalServer;
 use proto::v1::snapshot_store_server::SnapshotStoreServer;
+use snapshot::SnapshotStore;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
 use tonic::transport::Server;
 
+use crate::grpc::durable_state::DurableStateStoreService;
 use crate::grpc::journal::JournalService;
-use crate::grpc::unimplemented::{
-    DurableStateStoreService, ReadJournalService, SnapshotStoreService,
-};
+use crate::grpc::snapshot::SnapshotStoreService;
+use crate::grpc::unimplemented::ReadJournalService;
 
 /// Serves until `shutdown` is cancelled, then stops accepting calls and lets in-flight ones
 /// finish for at most `server.shutdown-grace-period`.
@@ -37,11 +39,21 @@ pub async fn run(
     })?;
 
     let journal = Journal::new(&database, &settings);
+    let snapshots = SnapshotStore::new(&database, &settings);
+    let durable_state = DurableStateStore::new(&database, &settings);
     if mongodb.create_indexes {
         journal
             .create_indexes()
             .await
             .context("creating the journal indexes")?;
+        snapshots
+            .create_indexes()
+            .await
+            .context("creating the snapshot indexes")?;
+        durable_state
+            .create_indexes()
+            .await
+            .context("creating the durable-state indexes")?;
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
@@ -71,8 +83,16 @@ pub async fn run(
                 .max_decoding_message_size(max_message_size)
                 .max_encoding_message_size(max_message_size),
         )
-        .add_service(SnapshotStoreServer::new(SnapshotStoreService))
-        .add_service(DurableStateStoreServer::new(DurableStateStoreService))
+        .add_service(
+            SnapshotStoreServer::new(SnapshotStoreService::new(snapshots))
+                .max_decoding_message_size(max_message_size)
+                .max_encoding_message_size(max_message_size),
+        )
+        .add_service(
+            DurableStateStoreServer::new(DurableStateStoreService::new(durable_state))
+                .max_decoding_message_size(max_message_size)
+                .max_encoding_message_size(max_message_size),
+        )
         .add_service(ReadJournalServer::new(ReadJournalService));
 
     let address = listener

@@ -1,1 +1,303 @@
-//! Durable-state store over MongoDB: revisioned get, upsert and delete with optimistic concurrency.
+//! Durable-state store over MongoDB, with Akka's `DurableStateUpdateStore` semantics: one
+//! object per persistence id, changed only at exactly the stored revision + 1.
+//!
+//! One document per object:
+//!
+//! ```text
+//! { _id: pid,
+//!   revision: int64,
+//!   payload: { data, serializerId, manifest },   absent once deleted
+//!   tag: string,                                 absent when upserted without a tag
+//!   timestamp: int64,                            ms since the epoch of the last change
+//!   writtenAt: Date,                             when the server wrote the change (change-query order)
+//!   deletedAt: Date,                             only on deleted objects, for TTL purging
+//!   writeId: string }                            the change's id: tells a retried change apart from another
+//! ```
+//!
+//! A change is one conditional update, `{_id: pid, revision: r - 1}`, so among writers racing
+//! at the same revision exactly one matches; an upsert at revision 1 inserts, and the unique
+//! `_id` lets only one insert win.
+
+use config::Settings;
+use model::{DeleteObject, Payload, PersistenceId, Revision, StoredObject, UpsertObject};
+use mongo::{
+    FailureKind, MongoError, PayloadDocument, Retry, StorageError, commit_quorum,
+    encode_within_limit, is_duplicate_key,
+};
+use mongodb::bson::{DateTime, Document, doc, to_bson};
+use mongodb::options::{
+    CollectionOptions, CommitQuorum, IndexOptions, ReadConcern, ReadPreference, SelectionCriteria,
+};
+use mongodb::{Collection, Database, IndexModel};
+use serde::Deserialize;
+
+pub const REVISION: &str = "revision";
+pub const PAYLOAD: &str = "payload";
+pub const TAG: &str = "tag";
+pub const TIMESTAMP: &str = "timestamp";
+pub const WRITTEN_AT: &str = "writtenAt";
+pub const DELETED_AT: &str = "deletedAt";
+pub const WRITE_ID: &str = "writeId";
+
+#[derive(Debug, thiserror::Error)]
+pub enum DurableStateError {
+    #[error(transparent)]
+    Mongo(#[from] MongoError),
+    #[error(
+        "revision {requested} of persistence id {persistence_id:?} does not follow the stored \
+         revision {stored}: use revision {}", stored.get() + 1
+    )]
+    StaleRevision {
+        persistence_id: PersistenceId,
+        requested: Revision,
+        stored: Revision,
+    },
+    #[error("{0}")]
+    TooLarge(String),
+    #[error("corrupt durable-state data: {0}")]
+    Corrupt(String),
+}
+
+impl StorageError for DurableStateError {
+    fn kind(&self) -> FailureKind {
+        match self {
+            Self::Mongo(error) => error.kind(),
+            Self::StaleRevision { .. } => FailureKind::Conflict,
+            Self::TooLarge(_) => FailureKind::InvalidArgument,
+            Self::Corrupt(_) => FailureKind::Internal,
+        }
+    }
+}
+
+#[derive(Debug, Deserialize)]
+struct ObjectDocument {
+    revision: i64,
+    #[serde(default)]
+    payload: Option<PayloadDocument>,
+    #[serde(rename = "deletedAt", default)]
+    deleted_at: Option<DateTime>,
+    #[serde(rename = "writeId", default)]
+    write_id: Option<String>,
+}
+
+#[derive(Clone)]
+pub struct DurableStateStore {
+    objects: Collection<ObjectDocument>,
+    /// Read with `local` concern from the primary, to find out why a conditional write did not
+    /// match (the change that beat it may not be majority-committed yet).
+    objects_on_primary: Collection<ObjectDocument>,
+    retry: Retry,
+    bypass_document_validation: bool,
+    commit_quorum: CommitQuorum,
+}
+
+impl DurableStateStore {
+    pub fn new(database: &Database, settings: &Settings) -> Self {
+        let name = &settings.mongodb.collections.durable_state;
+        let primary_local = CollectionOptions::builder()
+            .read_concern(ReadConcern::local())
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+            .build();
+        Self {
+            objects: database.collection(name),
+            objects_on_primary: database.collection_with_options(name, primary_local),
+            retry: Retry::new(&settings.mongodb.retry),
+            bypass_document_validation: settings.mongodb.bypass_document_validation,
+            commit_quorum: commit_quorum(&settings.mongodb.index_commit_quorum),
+        }
+    }
+
+    /// Creates missing indexes: changes by tag, in change-query order.
+    pub async fn create_indexes(&self) -> Result<(), DurableStateError> {
+        let operation = "create durable-state indexes";
+        let index = IndexModel::builder()
+            .keys(doc! { TAG: 1, WRITTEN_AT: 1, "_id": 1 })
+            .options(
+                IndexOptions::builder()
+                    .name("tag_writtenAt".to_owned())
+                    .build(),
+            )
+            .build();
+        self.retry
+            .run(operation, || {
+                self.objects
+                    .create_index(index.clone())
+                    .commit_quorum(self.commit_quorum.clone())
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))?;
+        Ok(())
+    }
+
+    /// The object's value (none if missing or deleted) and revision (0 if missing).
+    pub async fn get(
+        &self,
+        persistence_id: &PersistenceId,
+    ) -> Result<StoredObject, DurableStateError> {
+        let operation = "get object";
+        let found = self
+            .retry
+            .run(operation, || {
+                self.objects
+                    .find_one(doc! { "_id": persistence_id.as_str() })
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))?;
+        Ok(match found {
+            None => StoredObject {
+                value: None,
+                revision: Revision::ZERO,
+            },
+            Some(document) => StoredObject {
+                revision: revision(persistence_id, document.revision)?,
+                value: match document.deleted_at {
+                    Some(_) => None,
+                    None => document.payload.map(Payload::from),
+                },
+            },
+        })
+    }
+
+    /// Stores the value at `revision`, which must be the stored revision + 1.
+    pub async fn upsert(&self, command: UpsertObject) -> Result<(), DurableStateError> {
+        let payload = PayloadDocument::from(&command.value);
+        let what = format!(
+            "the value of persistence id {:?}",
+            command.persistence_id.as_str()
+        );
+        encode_within_limit(&payload, command.value.data.len())
+            .map_err(|error| DurableStateError::TooLarge(error.describe(&what)))?;
+        let payload = to_bson(&payload).map_err(|error| {
+            DurableStateError::TooLarge(format!("{what} cannot be stored: {error}"))
+        })?;
+        let mut set = doc! { PAYLOAD: payload };
+        let mut unset = doc! { DELETED_AT: "" };
+        match &command.tag {
+            Some(tag) => set.insert(TAG, tag.as_str()),
+            None => unset.insert(TAG, ""),
+        };
+        self.change(
+            "upsert object",
+            &command.persistence_id,
+            command.revision,
+            set,
+            unset,
+        )
+        .await
+    }
+
+    /// Revision 0 removes the object completely. Otherwise it must be the stored revision + 1:
+    /// the value goes, the revision (and tag) stay, and `deletedAt` marks it for purging.
+    pub async fn delete(&self, command: DeleteObject) -> Result<(), DurableStateError> {
+        if command.revision == Revision::ZERO {
+            let operation = "delete object";
+            let filter = doc! { "_id": command.persistence_id.as_str() };
+            self.retry
+                .run(operation, || self.objects.delete_one(filter.clone()))
+                .await
+                .map_err(|error| self.retry.failure(operation, true, error))?;
+            return Ok(());
+        }
+        let set = doc! { DELETED_AT: DateTime::now() };
+        let unset = doc! { PAYLOAD: "" };
+        self.change(
+            "delete object",
+            &command.persistence_id,
+            command.revision,
+            set,
+            unset,
+        )
+        .await
+    }
+
+    /// Applies one change at `revision` (1 or more) if the stored revision is `revision - 1`.
+    async fn change(
+        &self,
+        operation: &'static str,
+        persistence_id: &PersistenceId,
+        revision: Revision,
+        mut set: Document,
+        unset: Document,
+    ) -> Result<(), DurableStateError> {
+        let Some(previous) = revision.previous() else {
+            return Err(DurableStateError::StaleRevision {
+                persistence_id: persistence_id.clone(),
+                requested: revision,
+                stored: Revision::ZERO,
+            });
+        };
+        let write_id = uuid::Uuid::new_v4().to_string();
+        let now = DateTime::now();
+        set.insert(REVISION, revision.get());
+        set.insert(TIMESTAMP, now.timestamp_millis());
+        set.insert(WRITTEN_AT, now);
+        set.insert(WRITE_ID, &write_id);
+        let update = doc! { "$set": set, "$unset": unset };
+        // A missing object has revision 0: the upsert creates it, and only one creator wins the
+        // unique `_id`.
+        let filter = doc! { "_id": persistence_id.as_str(), REVISION: previous.get() };
+        let result = self
+            .retry
+            .run(operation, || {
+                self.objects
+                    .update_one(filter.clone(), update.clone())
+                    .upsert(previous == Revision::ZERO)
+                    .bypass_document_validation(self.bypass_document_validation)
+            })
+            .await;
+        match result {
+            Ok(outcome) if outcome.matched_count == 1 || outcome.upserted_id.is_some() => Ok(()),
+            Ok(_) => {
+                self.stale_or_applied(persistence_id, revision, &write_id)
+                    .await
+            }
+            Err(error) if is_duplicate_key(&error) => {
+                self.stale_or_applied(persistence_id, revision, &write_id)
+                    .await
+            }
+            Err(error) => Err(self.retry.failure(operation, true, error).into()),
+        }
+    }
+
+    /// The conditional write did not match: either an earlier attempt of this very change was
+    /// applied (its outcome was lost to a network error and it was retried), or the revision is
+    /// stale.
+    async fn stale_or_applied(
+        &self,
+        persistence_id: &PersistenceId,
+        requested: Revision,
+        write_id: &str,
+    ) -> Result<(), DurableStateError> {
+        let operation = "read stored revision";
+        let stored = self
+            .retry
+            .run(operation, || {
+                self.objects_on_primary
+                    .find_one(doc! { "_id": persistence_id.as_str() })
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))?;
+        let (stored_revision, applied) = match stored {
+            None => (Revision::ZERO, false),
+            Some(document) => {
+                let applied = document.revision == requested.get()
+                    && document.write_id.as_deref() == Some(write_id);
+                (revision(persistence_id, document.revision)?, applied)
+            }
+        };
+        if applied {
+            return Ok(());
+        }
+        Err(DurableStateError::StaleRevision {
+            persistence_id: persistence_id.clone(),
+            requested,
+            stored: stored_revision,
+        })
+    }
+}
+
+fn revision(persistence_id: &PersistenceId, value: i64) -> Result<Revision, DurableStateError> {
+    Revision::parse(REVISION, value).map_err(|error| {
+        DurableStateError::Corrupt(format!("object {:?}: {error}", persistence_id.as_str()))
+    })
+}

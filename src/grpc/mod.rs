@@ -1,6 +1,8 @@
 //! gRPC handlers, one module per service.
 
+pub(crate) mod durable_state;
 pub(crate) mod journal;
+pub(crate) mod snapshot;
 pub(crate) mod unimplemented;
 
 /// Messages buffered per server-streaming call: a slow reader is back-pressured through gRPC

@@ -1,4 +1,4 @@
-//! Services of the contract whose stores are not built yet: every call is `UNIMPLEMENTED`,
+//! The service of the contract that is not built yet (the read journal): every call is `UNIMPLEMENTED`,
 //! naming the RPC, so clients can already be generated and wired against the full contract.
 
 use std::pin::Pin;
@@ -13,60 +13,6 @@ fn unimplemented<T>(rpc: &str) -> Result<T, Status> {
     Err(Status::unimplemented(format!(
         "{rpc} is not implemented yet"
     )))
-}
-
-pub(crate) struct SnapshotStoreService;
-
-#[tonic::async_trait]
-impl pb::snapshot_store_server::SnapshotStore for SnapshotStoreService {
-    async fn save_snapshot(
-        &self,
-        _: Request<pb::SaveSnapshotRequest>,
-    ) -> Result<Response<pb::SaveSnapshotResponse>, Status> {
-        unimplemented("SnapshotStore.SaveSnapshot")
-    }
-    async fn load_snapshot(
-        &self,
-        _: Request<pb::LoadSnapshotRequest>,
-    ) -> Result<Response<pb::LoadSnapshotResponse>, Status> {
-        unimplemented("SnapshotStore.LoadSnapshot")
-    }
-    async fn delete_snapshot(
-        &self,
-        _: Request<pb::DeleteSnapshotRequest>,
-    ) -> Result<Response<pb::DeleteSnapshotResponse>, Status> {
-        unimplemented("SnapshotStore.DeleteSnapshot")
-    }
-    async fn delete_snapshots(
-        &self,
-        _: Request<pb::DeleteSnapshotsRequest>,
-    ) -> Result<Response<pb::DeleteSnapshotsResponse>, Status> {
-        unimplemented("SnapshotStore.DeleteSnapshots")
-    }
-}
-
-pub(crate) struct DurableStateStoreService;
-
-#[tonic::async_trait]
-impl pb::durable_state_store_server::DurableStateStore for DurableStateStoreService {
-    async fn get_object(
-        &self,
-        _: Request<pb::GetObjectRequest>,
-    ) -> Result<Response<pb::GetObjectResponse>, Status> {
-        unimplemented("DurableStateStore.GetObject")
-    }
-    async fn upsert_object(
-        &self,
-        _: Request<pb::UpsertObjectRequest>,
-    ) -> Result<Response<pb::UpsertObjectResponse>, Status> {
-        unimplemented("DurableStateStore.UpsertObject")
-    }
-    async fn delete_object(
-        &self,
-        _: Request<pb::DeleteObjectRequest>,
-    ) -> Result<Response<pb::DeleteObjectResponse>, Status> {
-        unimplemented("DurableStateStore.DeleteObject")
-    }
 }
 
 pub(crate) struct ReadJournalService;
