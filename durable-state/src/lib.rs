@@ -44,8 +44,10 @@ pub enum DurableStateError {
     #[error(transparent)]
     Mongo(#[from] MongoError),
     #[error(
-        "revision {requested} of persistence id {persistence_id:?} does not follow the stored \
-         revision {stored}: use revision {}", stored.get() + 1
+        "revision {requested} of persistence id {:?} does not follow the stored revision \
+         {stored}: use revision {}",
+        persistence_id.as_str(),
+        stored.get() + 1
     )]
     StaleRevision {
         persistence_id: PersistenceId,
