@@ -155,7 +155,7 @@ impl SnapshotStore {
             .run(operation, || {
                 self.snapshots
                     .find_one(filter(query))
-                    .sort(doc! { SEQUENCE_NR: -1, TIMESTAMP: -1 })
+                    .sort(doc! { SEQUENCE_NR: -1 })
             })
             .await
             .map_err(|error| self.retry.failure(operation, false, error))?;
