@@ -8,7 +8,9 @@ use proto::v1::durable_state_store_server::DurableStateStoreServer;
 use proto::v1::journal_server::JournalServer;
 use proto::v1::read_journal_server::ReadJournalServer;
 use proto::v1::snapshot_store_server::SnapshotStoreServer;
+use query::ReadJournal;
 use snapshot::SnapshotStore;
+use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
@@ -16,8 +18,8 @@ use tonic::transport::Server;
 
 use crate::grpc::durable_state::DurableStateStoreService;
 use crate::grpc::journal::JournalService;
+use crate::grpc::read_journal::ReadJournalService;
 use crate::grpc::snapshot::SnapshotStoreService;
-use crate::grpc::unimplemented::ReadJournalService;
 
 /// Serves until `shutdown` is cancelled, then stops accepting calls and lets in-flight ones
 /// finish for at most `server.shutdown-grace-period`.
@@ -41,6 +43,8 @@ pub async fn run(
     let journal = Journal::new(&database, &settings);
     let snapshots = SnapshotStore::new(&database, &settings);
     let durable_state = DurableStateStore::new(&database, &settings);
+    // Live queries end when the server shuts down, so graceful shutdown does not wait on them.
+    let queries = Arc::new(ReadJournal::new(&database, &settings, shutdown.clone()));
     if mongodb.create_indexes {
         journal
             .create_indexes()
@@ -93,7 +97,10 @@ pub async fn run(
                 .max_decoding_message_size(max_message_size)
                 .max_encoding_message_size(max_message_size),
         )
-        .add_service(ReadJournalServer::new(ReadJournalService));
+        .add_service(
+            ReadJournalServer::new(ReadJournalService::new(queries))
+                .max_encoding_message_size(max_message_size),
+        );
 
     let address = listener
         .local_addr()

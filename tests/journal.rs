@@ -549,21 +549,6 @@ async fn indexes_are_created_on_start_up() {
 }
 
 #[tokio::test]
-async fn services_of_later_issues_answer_unimplemented() {
-    let server = TestServer::start("unimplemented").await;
-    let mut read = proto::v1::read_journal_client::ReadJournalClient::new(server.channel().await);
-    let status = read
-        .events_by_tag(pb::EventsByTagRequest::default())
-        .await
-        .unwrap_err();
-    assert_eq!(status.code(), Code::Unimplemented);
-    assert_eq!(
-        status.message(),
-        "ReadJournal.EventsByTag is not implemented yet"
-    );
-}
-
-#[tokio::test]
 async fn graceful_shutdown_returns_cleanly() {
     let server = TestServer::start("shutdown").await;
     let mut client = server.journal().await;

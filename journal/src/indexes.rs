@@ -19,6 +19,11 @@ pub(crate) fn journal_indexes() -> Vec<IndexModel> {
             .keys(doc! { TAGS: 1, WRITTEN_AT: 1, PERSISTENCE_ID: 1, SEQUENCE_NR: 1 })
             .options(named("tags_writtenAt").build())
             .build(),
+        // Read-journal order over all events: wide slice ranges and new persistence ids.
+        IndexModel::builder()
+            .keys(doc! { WRITTEN_AT: 1, PERSISTENCE_ID: 1, SEQUENCE_NR: 1 })
+            .options(named("writtenAt_pid_seqNr").build())
+            .build(),
         // Events by slice, in read-journal order.
         IndexModel::builder()
             .keys(doc! { SLICE: 1, WRITTEN_AT: 1, PERSISTENCE_ID: 1, SEQUENCE_NR: 1 })

@@ -1,1 +1,238 @@
-//! Read journal over MongoDB: live and current queries by tag, persistence id and slice, persistence ids, and durable-state changes.
+//! The read journal: live and current queries over the journal and the durable-state store.
+//!
+//! Where a live query is fed: [`live::Hubs::subscribe`] (one shared poller per tag or slice
+//! range, `live.rs`), reading through a [`feed::Feed`] (`feed.rs`), positioned by
+//! [`offset::Position`] tokens (`offset.rs`). Queries by persistence id and of persistence ids
+//! are in `by_pid.rs`. `docs/READ_JOURNAL.md` explains the guarantees.
+
+mod by_pid;
+mod error;
+pub mod feed;
+pub mod live;
+pub mod offset;
+
+use config::Settings;
+use feed::{EventFeed, EventSelector, StateChange, StateChangeFeed};
+use journal::document::{self as fields, EventDocument};
+use model::PersistentEvent;
+use mongo::Retry;
+use mongodb::bson::{DateTime, Document, doc};
+use mongodb::{Collection, Database};
+use tokio_util::sync::CancellationToken;
+
+pub use error::QueryError;
+use live::{Hubs, Polling, Sink};
+use offset::Position;
+
+/// The read journal's queries. Each method is the producer of one server-streaming call: it
+/// writes into `sink` until the query completes, the client leaves, or the server shuts down.
+pub struct ReadJournal {
+    events: Collection<EventDocument>,
+    objects: Collection<Document>,
+    retry: Retry,
+    polling: Polling,
+    event_hubs: Hubs<EventSelector, EventFeed>,
+    state_hubs: Hubs<String, StateChangeFeed>,
+    shutdown: CancellationToken,
+}
+
+impl ReadJournal {
+    pub fn new(database: &Database, settings: &Settings, shutdown: CancellationToken) -> Self {
+        let read = &settings.read_journal;
+        let polling = Polling {
+            allowed_time_drift: read.allowed_time_drift,
+            poll_interval: read.poll_interval,
+            batch_size: read.batch_size as usize,
+        };
+        let names = &settings.mongodb.collections;
+        Self {
+            events: database.collection(&names.journal),
+            objects: database.collection(&names.durable_state),
+            retry: Retry::new(&settings.mongodb.retry),
+            polling,
+            event_hubs: Hubs::new(polling, shutdown.clone()),
+            state_hubs: Hubs::new(polling, shutdown.clone()),
+            shutdown,
+        }
+    }
+
+    /// How many shared pollers run (one per tag or slice range with live subscribers).
+    pub fn running_pollers(&self) -> usize {
+        self.event_hubs.running() + self.state_hubs.running()
+    }
+
+    fn event_feed(&self, selector: EventSelector) -> EventFeed {
+        EventFeed {
+            events: self.events.clone(),
+            retry: self.retry.clone(),
+            selector,
+        }
+    }
+
+    /// Events by tag or slice range after `start`: current ones, then (if `live`) new ones.
+    pub async fn events(
+        &self,
+        selector: EventSelector,
+        start: Option<Position>,
+        live: bool,
+        sink: Sink<PersistentEvent>,
+    ) {
+        let feed = self.event_feed(selector.clone());
+        if live {
+            self.event_hubs.subscribe(selector, feed, start, sink).await;
+        } else {
+            live::current(feed, self.polling, start, sink, self.shutdown.clone()).await;
+        }
+    }
+
+    /// Events `from..=to` of one persistence id, in sequence order.
+    pub async fn events_by_persistence_id(
+        &self,
+        pid: String,
+        from: i64,
+        to: i64,
+        live: bool,
+        sink: Sink<PersistentEvent>,
+    ) {
+        by_pid::events(
+            self.events.clone(),
+            self.retry.clone(),
+            pid,
+            from,
+            to,
+            live,
+            self.polling,
+            sink,
+            self.shutdown.clone(),
+        )
+        .await;
+    }
+
+    /// Latest change per durable-state object carrying `tag`, after `start`.
+    pub async fn state_changes(
+        &self,
+        tag: String,
+        start: Option<Position>,
+        live: bool,
+        sink: Sink<StateChange>,
+    ) {
+        let feed = StateChangeFeed {
+            objects: self.objects.clone(),
+            retry: self.retry.clone(),
+            tag: tag.clone(),
+        };
+        if live {
+            self.state_hubs.subscribe(tag, feed, start, sink).await;
+        } else {
+            live::current(feed, self.polling, start, sink, self.shutdown.clone()).await;
+        }
+    }
+
+    /// Persistence ids after `after_id` in sorted order, at most `limit`.
+    pub async fn current_persistence_ids(&self, after_id: String, limit: u64, sink: Sink<String>) {
+        by_pid::persistence_ids(
+            self.events.clone_with_type(),
+            self.retry.clone(),
+            after_id,
+            limit,
+            i64::MAX,
+            sink,
+            self.shutdown.clone(),
+        )
+        .await;
+    }
+
+    /// Every persistence id, then new ones as their first event (sequence number 1) is
+    /// written; each once.
+    pub async fn persistence_ids(&self, sink: Sink<String>) {
+        // New ids are read from here on; ids the scan below delivers that were created after it
+        // are remembered (few), so they are not delivered again.
+        let start = self.polling.horizon_millis();
+        let Some(already_delivered) = by_pid::persistence_ids(
+            self.events.clone_with_type(),
+            self.retry.clone(),
+            String::new(),
+            u64::MAX,
+            start,
+            sink.clone(),
+            self.shutdown.clone(),
+        )
+        .await
+        else {
+            return;
+        };
+        let mut last = Some(Position {
+            written_at_millis: start,
+            persistence_id: String::new(),
+            sequence_nr: 0,
+        });
+        // New persistence ids: first events (seqNr 1) in position order, read as a live query
+        // reads, up to the horizon.
+        let first_events = &self.events;
+        loop {
+            let horizon = self.polling.horizon_millis();
+            let from = last
+                .as_ref()
+                .map_or(0, |position| position.written_at_millis);
+            let filter = doc! {
+                fields::SEQUENCE_NR: 1_i64,
+                fields::WRITTEN_AT: { "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(horizon) },
+            };
+            let operation = "read new persistence ids";
+            let found: Result<Vec<EventDocument>, _> = self
+                .retry
+                .run(operation, || async {
+                    use futures::TryStreamExt;
+                    first_events
+                        .find(filter.clone())
+                        .sort(doc! { fields::WRITTEN_AT: 1, fields::PERSISTENCE_ID: 1, fields::SEQUENCE_NR: 1 })
+                        .hint(mongodb::options::Hint::Name("writtenAt_pid_seqNr".to_owned()))
+                        .limit(self.polling.batch_size as i64)
+                        .await?
+                        .try_collect()
+                        .await
+                })
+                .await;
+            let found = match found {
+                Ok(found) => found,
+                Err(error) => {
+                    let _ = sink
+                        .send(Err(self.retry.failure(operation, false, error).into()))
+                        .await;
+                    return;
+                }
+            };
+            let full = found.len() == self.polling.batch_size;
+            for document in found {
+                let position = Position {
+                    written_at_millis: document.written_at.timestamp_millis(),
+                    persistence_id: document.pid.clone(),
+                    sequence_nr: document.seq_nr,
+                };
+                if last.as_ref().is_some_and(|last| &position <= last) {
+                    continue;
+                }
+                if already_delivered.contains(&document.pid) {
+                    last = Some(position);
+                    continue;
+                }
+                let sent = tokio::select! {
+                    () = self.shutdown.cancelled() => false,
+                    sent = sink.send(Ok((position.clone(), document.pid))) => sent.is_ok(),
+                };
+                if !sent {
+                    return;
+                }
+                last = Some(position);
+            }
+            if full {
+                continue;
+            }
+            tokio::select! {
+                () = self.shutdown.cancelled() => return,
+                () = sink.closed() => return,
+                () = tokio::time::sleep(self.polling.poll_interval) => {}
+            }
+        }
+    }
+}

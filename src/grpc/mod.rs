@@ -2,8 +2,8 @@
 
 pub(crate) mod durable_state;
 pub(crate) mod journal;
+pub(crate) mod read_journal;
 pub(crate) mod snapshot;
-pub(crate) mod unimplemented;
 
 /// Messages buffered per server-streaming call: a slow reader is back-pressured through gRPC
 /// flow control, and at most this many messages wait in memory for it.
