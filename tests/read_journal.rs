@@ -554,3 +554,291 @@ fn collect_unique(into: &mut BTreeMap<(String, i64), usize>, envelopes: &[pb::Ev
         assert_eq!(*count, 1, "{pid}/{sequence_nr} delivered twice");
     }
 }
+
+/// 8 writers, several persistence ids each, mixed tags, atomic writes of 1 to 3 events; the
+/// servers they write through are given by `server_of(writer)`. Returns the (pid, seqNr) of
+/// every event written with tag "t-a".
+async fn concurrent_writes(urls: Vec<String>, prefix: &str) -> BTreeSet<(String, i64)> {
+    const WRITERS: usize = 8;
+    const WRITES_PER_WRITER: i64 = 150;
+    let mut tasks = Vec::new();
+    for writer in 0..WRITERS {
+        let url = urls[writer % urls.len()].clone();
+        let prefix = prefix.to_owned();
+        tasks.push(tokio::spawn(async move {
+            let channel = Channel::from_shared(url).unwrap().connect().await.unwrap();
+            let mut journal = proto::v1::journal_client::JournalClient::new(channel);
+            let mut next = BTreeMap::new();
+            let mut tagged_a = BTreeSet::new();
+            for n in 0..WRITES_PER_WRITER {
+                let pid = format!("{prefix}-w{writer}-p{}", n % 3);
+                let size = 1 + (n % 3);
+                let first = *next.get(&pid).unwrap_or(&1);
+                let events: Vec<_> = (first..first + size)
+                    .map(|sequence_nr| {
+                        let tags: &[&str] = match sequence_nr % 4 {
+                            0 => &["t-a"],
+                            1 => &["t-a", "t-b"],
+                            2 => &["t-b"],
+                            _ => &[],
+                        };
+                        tagged(&pid, sequence_nr, tags)
+                    })
+                    .collect();
+                for event in &events {
+                    if event.tags.iter().any(|tag| tag == "t-a") {
+                        tagged_a.insert((pid.clone(), event.sequence_nr));
+                    }
+                }
+                let outcome = write(&mut journal, vec![atomic(events)]).await.remove(0);
+                assert!(is_written(&outcome), "{outcome:?}");
+                next.insert(pid, first + size);
+            }
+            tagged_a
+        }));
+    }
+    let mut expected = BTreeSet::new();
+    for task in tasks {
+        expected.extend(task.await.unwrap());
+    }
+    expected
+}
+
+/// Reads a live stream until it delivered `expected`, checking order and uniqueness.
+async fn receive_exactly(
+    stream: &mut Streaming<pb::EventEnvelope>,
+    expected: &BTreeSet<(String, i64)>,
+) {
+    let mut received = BTreeMap::new();
+    let mut last: Option<query::offset::Position> = None;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while received.len() < expected.len() {
+        let envelope = match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(envelope))) => envelope,
+            other => {
+                let missing: Vec<_> = expected
+                    .iter()
+                    .filter(|id| !received.contains_key(*id))
+                    .take(10)
+                    .collect();
+                panic!(
+                    "stream stopped at {} of {} ({other:?}); missing e.g. {missing:?}",
+                    received.len(),
+                    expected.len()
+                );
+            }
+        };
+        let position = query::offset::Position::parse_offset("offset", &envelope.offset)
+            .unwrap()
+            .unwrap();
+        assert!(
+            last.as_ref().is_none_or(|last| &position > last),
+            "offsets must increase"
+        );
+        last = Some(position);
+        collect_unique(&mut received, std::slice::from_ref(&envelope));
+        let id = ids(&[envelope]).remove(0);
+        assert!(
+            expected.contains(&id),
+            "{id:?} was not written with the tag"
+        );
+    }
+    // Nothing more arrives for the tag.
+    let extra = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
+    assert!(extra.is_err(), "unexpected extra envelope: {extra:?}");
+}
+
+#[tokio::test]
+async fn live_by_tag_misses_nothing_under_concurrent_writers() {
+    let server = start("rj_concurrent").await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let request = pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: String::new(),
+    };
+    let mut early = queries
+        .events_by_tag(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let writers = tokio::spawn(concurrent_writes(vec![server.url()], "one"));
+    // A second subscriber joins while the writers are busy.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut late = queries.events_by_tag(request).await.unwrap().into_inner();
+    let expected = writers.await.unwrap();
+    assert!(
+        expected.len() > 500,
+        "{} events with the tag",
+        expected.len()
+    );
+    receive_exactly(&mut early, &expected).await;
+    receive_exactly(&mut late, &expected).await;
+}
+
+#[tokio::test]
+async fn live_by_tag_misses_nothing_with_two_servers_writing() {
+    let first = start("rj_two").await;
+    let second = TestServer::start_on_database(first.settings.clone()).await;
+    let request = pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: String::new(),
+    };
+    let mut on_first = ReadJournalClient::new(first.channel().await)
+        .events_by_tag(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut on_second = ReadJournalClient::new(second.channel().await)
+        .events_by_tag(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let expected = concurrent_writes(vec![first.url(), second.url()], "two").await;
+    receive_exactly(&mut on_first, &expected).await;
+    receive_exactly(&mut on_second, &expected).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_resuming_from_its_last_offset_gets_every_event_once() {
+    let server = start("rj_resume").await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let writers = tokio::spawn(concurrent_writes(vec![server.url()], "resume"));
+    let request = |offset: &str| pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: offset.into(),
+    };
+    let mut stream = queries
+        .events_by_tag(request(""))
+        .await
+        .unwrap()
+        .into_inner();
+    let first_part = take(&mut stream, 200, 30).await;
+    drop(stream);
+    let expected = writers.await.unwrap();
+    let mut received = BTreeMap::new();
+    collect_unique(&mut received, &first_part);
+    let mut resumed = queries
+        .events_by_tag(request(&first_part.last().unwrap().offset))
+        .await
+        .unwrap()
+        .into_inner();
+    let rest: BTreeSet<_> = expected
+        .iter()
+        .filter(|id| !received.contains_key(*id))
+        .cloned()
+        .collect();
+    receive_exactly(&mut resumed, &rest).await;
+}
+
+#[tokio::test]
+async fn tag_queries_use_the_tag_index() {
+    let server = start("rj_index").await;
+    let mut journal = server.journal().await;
+    let writes = (1..=40)
+        .map(|n| {
+            atomic(vec![tagged(
+                "ix",
+                n,
+                if n % 10 == 0 { &["rare"] } else { &["common"] },
+            )])
+        })
+        .collect();
+    assert!(write(&mut journal, writes).await.iter().all(is_written));
+    let selector = query::feed::EventSelector::Tag("rare".into());
+    let (filter, sort, index) = query::feed::event_query(&selector, None, i64::MAX / 2);
+    let database = server.mongodb().await;
+    let explain = database
+        .run_command(mongodb::bson::doc! {
+            "explain": { "find": "journal", "filter": filter, "sort": sort, "hint": index },
+            "verbosity": "executionStats",
+        })
+        .await
+        .unwrap();
+    let plan = explain
+        .get_document("queryPlanner")
+        .unwrap()
+        .get_document("winningPlan")
+        .unwrap()
+        .to_string();
+    assert!(
+        plan.contains("IXSCAN") && plan.contains("tags_writtenAt"),
+        "{plan}"
+    );
+    assert!(!plan.contains("COLLSCAN"), "{plan}");
+    let stats = explain.get_document("executionStats").unwrap();
+    assert_eq!(stats.get_i32("nReturned").unwrap(), 4);
+    assert_eq!(
+        stats.get_i32("totalDocsExamined").unwrap(),
+        4,
+        "only the tagged events are read"
+    );
+}
+
+fn resident_bytes() -> u64 {
+    let status = std::fs::read_to_string("/proc/self/status").unwrap();
+    let line = status
+        .lines()
+        .find(|line| line.starts_with("VmRSS:"))
+        .unwrap();
+    line.split_whitespace()
+        .nth(1)
+        .unwrap()
+        .parse::<u64>()
+        .unwrap()
+        * 1024
+}
+
+#[tokio::test]
+async fn a_subscriber_that_stops_reading_does_not_make_memory_grow() {
+    let server = start("rj_slow").await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let mut stalled = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "bulk".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // Warm up allocations, then measure while 80 MiB of tagged events are written.
+    let event_bytes = 20 * 1024;
+    let bulk = |pid: &str, sequence_nr: i64| pb::PersistentEvent {
+        payload: Some(pb::Payload {
+            data: vec![(sequence_nr % 251) as u8; event_bytes],
+            serializer_id: 1,
+            manifest: String::new(),
+        }),
+        ..tagged(pid, sequence_nr, &["bulk"])
+    };
+    let batch = |from: i64| {
+        (from..from + 40)
+            .map(|n| atomic(vec![bulk("bulk", n)]))
+            .collect::<Vec<_>>()
+    };
+    assert!(write(&mut journal, batch(1)).await.iter().all(is_written));
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let before = resident_bytes();
+    let mut next = 41;
+    while next <= 4_000 {
+        assert!(
+            write(&mut journal, batch(next))
+                .await
+                .iter()
+                .all(is_written)
+        );
+        next += 40;
+    }
+    tokio::time::sleep(Duration::from_millis(800)).await;
+    let grown = resident_bytes().saturating_sub(before);
+    let written = 4_000 * event_bytes as u64;
+    eprintln!("resident memory grew by {grown} bytes while {written} bytes were written");
+    assert!(
+        grown < written / 2,
+        "resident memory grew by {grown} bytes while {written} bytes were written"
+    );
+    // The stalled subscriber then reads everything, in order, once.
+    let envelopes = take(&mut stalled, 4_000, 120).await;
+    let sequence_nrs: Vec<i64> = ids(&envelopes).into_iter().map(|(_, n)| n).collect();
+    assert_eq!(sequence_nrs, (1..=4_000).collect::<Vec<_>>());
+}

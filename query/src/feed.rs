@@ -78,7 +78,8 @@ pub fn event_query(
 }
 
 /// Reads sorted batches from `after`'s millisecond on and drops what is not strictly after
-/// `after`; widens the read when a whole batch fell within that millisecond.
+/// `after`. Returns `limit` items unless fewer exist: a short result means "caught up", so a
+/// read that lost items to that millisecond is widened until it has `limit` or is complete.
 async fn fetch_after<T, F, Fut>(
     after: Option<&Position>,
     limit: usize,
@@ -95,9 +96,10 @@ where
         let fresh: Vec<_> = batch
             .into_iter()
             .filter(|(position, _)| after.is_none_or(|after| position > after))
+            .take(limit)
             .collect();
-        if !fresh.is_empty() || complete {
-            return Ok(fresh.into_iter().take(limit).collect());
+        if fresh.len() == limit || complete {
+            return Ok(fresh);
         }
         read_limit = read_limit.saturating_mul(2);
     }
@@ -248,4 +250,28 @@ fn change_with_position(document: StateDocument) -> Result<(Position, StateChang
             timestamp_millis: document.timestamp,
         },
     ))
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn at(sequence_nr: i64) -> Position {
+        Position { written_at_millis: 5, persistence_id: "a".into(), sequence_nr }
+    }
+
+    /// Ten items in one millisecond, read as MongoDB would: from that millisecond, sorted.
+    async fn read(limit: i64) -> Result<Vec<(Position, i64)>, QueryError> {
+        Ok((1..=10).take(limit as usize).map(|n| (at(n), n)).collect())
+    }
+
+    #[tokio::test]
+    async fn a_full_batch_is_returned_even_when_the_offset_millisecond_is_crowded() {
+        let after = at(3);
+        let batch = fetch_after(Some(&after), 2, read).await.unwrap();
+        assert_eq!(batch.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [4, 5]);
+        let rest = fetch_after(Some(&at(8)), 5, read).await.unwrap();
+        assert_eq!(rest.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [9, 10], "short only when complete");
+        assert!(fetch_after(Some(&at(10)), 5, read).await.unwrap().is_empty());
+    }
 }
