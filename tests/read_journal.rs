@@ -13,7 +13,7 @@ use tonic::{Code, Streaming};
 
 /// Short drift and poll interval, so tests run fast; the logic is the same.
 fn fast(settings: &mut config::Settings) {
-    settings.read_journal.allowed_time_drift = Duration::from_millis(300);
+    settings.read_journal.allowed_time_drift = Duration::from_millis(500);
     settings.read_journal.poll_interval = Duration::from_millis(50);
     settings.read_journal.batch_size = 50;
 }
@@ -58,7 +58,7 @@ async fn current_by_tag(
 
 /// Waits until the allowed time drift has passed over everything written so far.
 async fn settle() {
-    tokio::time::sleep(Duration::from_millis(450)).await;
+    tokio::time::sleep(Duration::from_millis(700)).await;
 }
 
 fn ids(envelopes: &[pb::EventEnvelope]) -> Vec<(String, i64)> {
@@ -841,4 +841,65 @@ async fn a_subscriber_that_stops_reading_does_not_make_memory_grow() {
     let envelopes = take(&mut stalled, 4_000, 120).await;
     let sequence_nrs: Vec<i64> = ids(&envelopes).into_iter().map(|(_, n)| n).collect();
     assert_eq!(sequence_nrs, (1..=4_000).collect::<Vec<_>>());
+}
+
+#[tokio::test]
+async fn a_write_acknowledged_late_is_moved_forward_so_live_queries_do_not_pass_it_over() {
+    let proxy = common::proxy::CuttableProxy::start(mongodb_address()).await;
+    let server = TestServer::start_with("rj_late", |settings| {
+        fast(settings);
+        settings.mongodb.uri = format!("mongodb://{}/?directConnection=true", proxy.address);
+    })
+    .await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let mut live = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "late".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(is_written(
+        &write(
+            &mut journal,
+            vec![atomic(vec![tagged("quick", 1, &["late"])])]
+        )
+        .await[0]
+    ));
+
+    // Each round trip to MongoDB now takes 2 x 400 ms: the write becomes durable long after
+    // its stamp, beyond the 500 ms drift.
+    proxy.set_delay(Duration::from_millis(400));
+    assert!(is_written(
+        &write(
+            &mut journal,
+            vec![atomic(vec![tagged("slow", 1, &["late"])])]
+        )
+        .await[0]
+    ));
+    proxy.set_delay(Duration::ZERO);
+
+    let stored = server
+        .mongodb()
+        .await
+        .collection::<mongodb::bson::Document>("journal");
+    let document = stored
+        .find_one(mongodb::bson::doc! { "pid": "slow" })
+        .await
+        .unwrap()
+        .unwrap();
+    let written_at = document
+        .get_datetime("writtenAt")
+        .unwrap()
+        .timestamp_millis();
+    let received = document.get_i64("timestamp").unwrap();
+    assert!(
+        written_at - received >= 700,
+        "re-stamped after the late acknowledgement: {} ms",
+        written_at - received
+    );
+    let envelopes = take(&mut live, 2, 15).await;
+    assert_eq!(ids(&envelopes), [("quick".into(), 1), ("slow".into(), 1)]);
 }

@@ -1,7 +1,7 @@
 //! Journal operations: the path of a write (`write_batch` → `write` → `insert_events`), of a
 //! delete, of the highest sequence number, and of a replay.
 
-use std::time::{SystemTime, UNIX_EPOCH};
+use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use config::{DatabaseMode, Settings};
 use futures::stream::{self, BoxStream, StreamExt, TryStreamExt};
@@ -14,10 +14,13 @@ use mongodb::options::{
 use mongodb::{Client, Collection, Database};
 
 use crate::document::{
-    DELETED_AT, EventDocument, HIGHEST_SEQUENCE_NR, PERSISTENCE_ID, SEQUENCE_NR, TTL,
+    DELETED_AT, EventDocument, HIGHEST_SEQUENCE_NR, PERSISTENCE_ID, SEQUENCE_NR, TTL, WRITTEN_AT,
 };
 use crate::error::JournalError;
 use crate::indexes::journal_indexes;
+
+/// How often one late write is moved forward at most (see `restamp_if_late`).
+const MAX_RESTAMPS: usize = 3;
 
 /// How many atomic writes of one request are in flight at once.
 const WRITE_CONCURRENCY: usize = 8;
@@ -51,6 +54,8 @@ pub struct Journal {
     bypass_document_validation: bool,
     cosmos_ttl_seconds: Option<i32>,
     commit_quorum: CommitQuorum,
+    /// A write acknowledged this long after its `writtenAt` stamp is re-stamped.
+    late_after: Duration,
 }
 
 impl Journal {
@@ -77,6 +82,7 @@ impl Journal {
             bypass_document_validation: settings.mongodb.bypass_document_validation,
             cosmos_ttl_seconds,
             commit_quorum: commit_quorum(&settings.mongodb.index_commit_quorum),
+            late_after: settings.read_journal.allowed_time_drift / 2,
         }
     }
 
@@ -119,7 +125,8 @@ impl Journal {
                 event.timestamp_millis = now;
             }
         }
-        let documents = match encode(&events, DateTime::now()) {
+        let mut stamped = DateTime::now();
+        let documents = match encode(&events, stamped) {
             Ok(documents) => documents,
             Err(rejection) => return Ok(rejection),
         };
@@ -131,7 +138,8 @@ impl Journal {
                 // orders by it. The content is unchanged, so encoding cannot fail this time.
                 let documents = first_attempt.take().map_or_else(
                     || {
-                        encode(&events, DateTime::now())
+                        stamped = DateTime::now();
+                        encode(&events, stamped)
                             .map_err(|_| mongodb::error::Error::custom("re-encoding events failed"))
                     },
                     Ok,
@@ -140,7 +148,10 @@ impl Journal {
             })
             .await;
         match result {
-            Ok(()) => Ok(WriteOutcome::Written),
+            Ok(()) => {
+                self.restamp_if_late(&events, stamped).await?;
+                Ok(WriteOutcome::Written)
+            }
             Err(error) if is_duplicate_key(&error) => self.resolve_duplicate(&events).await,
             Err(error) => Err(JournalError::from(self.retry.failure(
                 "write events",
@@ -205,6 +216,7 @@ impl Journal {
             .map_err(|error| {
                 JournalError::from(self.retry.failure("check stored events", false, error))
             })?;
+        let stored_written_at = stored.iter().map(|document| document.written_at).min();
         let identical = stored.len() == events.len()
             && stored.into_iter().zip(events).all(|(document, event)| {
                 document.deleted_at.is_none()
@@ -213,6 +225,10 @@ impl Journal {
                         .is_ok_and(|stored| stored.same_content_as(event))
             });
         if identical {
+            // The first attempt's call may have failed before it could check for lateness.
+            if let Some(stored_at) = stored_written_at {
+                self.restamp_if_late(events, stored_at).await?;
+            }
             return Ok(WriteOutcome::Written);
         }
         let range = if first == last {
@@ -223,6 +239,68 @@ impl Journal {
         Ok(WriteOutcome::Conflict(format!(
             "sequence number(s) {range} of persistence id {pid:?} are already taken by other events"
         )))
+    }
+
+    /// Live queries read only up to `now - allowed-time-drift`, assuming an event stamped
+    /// `writtenAt = t` is visible by then. A write that became durable long after its stamp
+    /// (server selection, failover, slow replication) may have been passed over; its events are
+    /// moved forward, so subscribers that missed them get them. One that did see them gets them
+    /// twice: clients de-duplicate by (pid, seqNr). Half the drift is left for clock skew.
+    ///
+    /// While MongoDB stays slow the move itself is late, so each new stamp lies ahead of now by
+    /// the lateness just seen; after [`MAX_RESTAMPS`] the events stay where they are, logged.
+    async fn restamp_if_late(
+        &self,
+        events: &[PersistentEvent],
+        stamped: DateTime,
+    ) -> Result<(), JournalError> {
+        let pid = events[0].persistence_id.as_str();
+        let (first, last) = (
+            events[0].sequence_nr.get(),
+            events[events.len() - 1].sequence_nr.get(),
+        );
+        let operation = "re-stamp late events";
+        let mut stamped = stamped;
+        for _ in 0..MAX_RESTAMPS {
+            let now = DateTime::now();
+            if !is_late(stamped, now, self.late_after) {
+                return Ok(());
+            }
+            let lateness = now.timestamp_millis() - stamped.timestamp_millis();
+            let restamp = DateTime::from_millis(now.timestamp_millis() + lateness);
+            tracing::warn!(
+                pid,
+                first,
+                last,
+                lateness_ms = lateness,
+                "write acknowledged late; moving its events forward in read-journal order"
+            );
+            let filter = doc! {
+                PERSISTENCE_ID: pid,
+                SEQUENCE_NR: { "$gte": first, "$lte": last },
+                WRITTEN_AT: { "$lt": restamp },
+            };
+            let update = doc! { "$set": { WRITTEN_AT: restamp } };
+            self.retry
+                .run(operation, || {
+                    self.events.update_many(filter.clone(), update.clone())
+                })
+                .await
+                .map_err(|error| self.retry.failure(operation, true, error))?;
+            // Late only if it became durable after the new stamp minus the allowed lateness.
+            stamped = DateTime::from_millis(
+                restamp
+                    .timestamp_millis()
+                    .min(DateTime::now().timestamp_millis()),
+            );
+        }
+        tracing::error!(
+            pid,
+            first,
+            last,
+            "MongoDB stayed slow; live queries in polling mode may pass over these events"
+        );
+        Ok(())
     }
 
     /// The highest sequence number ever written for `pid`, 0 if none; deleted and purged events
@@ -348,6 +426,12 @@ impl Journal {
     }
 }
 
+/// Whether a write stamped at `stamped` and durable at `durable` came too late for the
+/// read journal's drift window.
+fn is_late(stamped: DateTime, durable: DateTime, late_after: Duration) -> bool {
+    durable.timestamp_millis() - stamped.timestamp_millis() > late_after.as_millis() as i64
+}
+
 fn now_millis() -> i64 {
     SystemTime::now()
         .duration_since(UNIX_EPOCH)
@@ -378,4 +462,18 @@ fn encode(
             )
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_is_late_when_it_became_durable_after_half_the_drift() {
+        let stamped = DateTime::from_millis(10_000);
+        let half_drift = Duration::from_millis(1_000);
+        assert!(!is_late(stamped, DateTime::from_millis(10_999), half_drift));
+        assert!(!is_late(stamped, DateTime::from_millis(11_000), half_drift));
+        assert!(is_late(stamped, DateTime::from_millis(11_001), half_drift));
+    }
 }

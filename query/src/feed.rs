@@ -257,7 +257,11 @@ mod tests {
     use super::*;
 
     fn at(sequence_nr: i64) -> Position {
-        Position { written_at_millis: 5, persistence_id: "a".into(), sequence_nr }
+        Position {
+            written_at_millis: 5,
+            persistence_id: "a".into(),
+            sequence_nr,
+        }
     }
 
     /// Ten items in one millisecond, read as MongoDB would: from that millisecond, sorted.
@@ -271,7 +275,16 @@ mod tests {
         let batch = fetch_after(Some(&after), 2, read).await.unwrap();
         assert_eq!(batch.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [4, 5]);
         let rest = fetch_after(Some(&at(8)), 5, read).await.unwrap();
-        assert_eq!(rest.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [9, 10], "short only when complete");
-        assert!(fetch_after(Some(&at(10)), 5, read).await.unwrap().is_empty());
+        assert_eq!(
+            rest.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+            [9, 10],
+            "short only when complete"
+        );
+        assert!(
+            fetch_after(Some(&at(10)), 5, read)
+                .await
+                .unwrap()
+                .is_empty()
+        );
     }
 }

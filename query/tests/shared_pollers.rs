@@ -13,7 +13,11 @@ fn settings() -> Settings {
     let uri = std::env::var("EVENTJOURNAL_TEST_MONGODB_URI")
         .expect("EVENTJOURNAL_TEST_MONGODB_URI is not set: run the suite with `make test`");
     let database = format!("t_shared_pollers_{}", std::process::id());
-    let overrides = Overrides { listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))), mongodb_uri: Some(uri), database: Some(database) };
+    let overrides = Overrides {
+        listen: Some(SocketAddr::from(([127, 0, 0, 1], 0))),
+        mongodb_uri: Some(uri),
+        database: Some(database),
+    };
     let mut settings = Settings::load(None, &HashMap::new(), &overrides).unwrap();
     settings.read_journal.poll_interval = Duration::from_millis(20);
     settings
@@ -23,27 +27,49 @@ fn settings() -> Settings {
 async fn a_thousand_subscribers_of_one_tag_share_one_poller() {
     let settings = settings();
     let database = mongo::connect(&settings.mongodb).await.unwrap();
-    let queries = std::sync::Arc::new(ReadJournal::new(&database, &settings, CancellationToken::new()));
+    let queries = std::sync::Arc::new(ReadJournal::new(
+        &database,
+        &settings,
+        CancellationToken::new(),
+    ));
     let mut receivers = Vec::new();
     for subscriber in 0..1_000 {
         let (sink, receiver) = tokio::sync::mpsc::channel(4);
-        let tag = if subscriber % 100 == 0 { "other" } else { "shared" };
+        let tag = if subscriber % 100 == 0 {
+            "other"
+        } else {
+            "shared"
+        };
         let queries = queries.clone();
-        tokio::spawn(async move { queries.events(EventSelector::Tag(tag.into()), None, true, sink).await });
+        tokio::spawn(async move {
+            queries
+                .events(EventSelector::Tag(tag.into()), None, true, sink)
+                .await
+        });
         receivers.push(receiver);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
     while queries.running_pollers() < 2 {
-        assert!(tokio::time::Instant::now() < deadline, "pollers did not start");
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "pollers did not start"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
-    assert_eq!(queries.running_pollers(), 2, "one poller per tag, not per subscriber");
+    assert_eq!(
+        queries.running_pollers(),
+        2,
+        "one poller per tag, not per subscriber"
+    );
 
     // Clients leaving free everything: the pollers stop with the last subscriber.
     drop(receivers);
     while queries.running_pollers() > 0 {
-        assert!(tokio::time::Instant::now() < deadline + Duration::from_secs(10), "pollers still running");
+        assert!(
+            tokio::time::Instant::now() < deadline + Duration::from_secs(10),
+            "pollers still running"
+        );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
 }
