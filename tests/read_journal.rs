@@ -903,3 +903,218 @@ async fn a_write_acknowledged_late_is_moved_forward_so_live_queries_do_not_pass_
     let envelopes = take(&mut live, 2, 15).await;
     assert_eq!(ids(&envelopes), [("quick".into(), 1), ("slow".into(), 1)]);
 }
+
+// ---- change-stream mode -------------------------------------------------------------------
+
+fn change_streams(settings: &mut config::Settings) {
+    fast(settings);
+    settings.read_journal.use_change_streams = true;
+    settings.read_journal.change_stream_restart.min_backoff = Duration::from_millis(50);
+    settings.read_journal.change_stream_restart.max_backoff = Duration::from_millis(500);
+}
+
+#[tokio::test]
+async fn change_streams_deliver_live_events_by_tag_and_slice_promptly() {
+    let server = TestServer::start_with("cs_basic", change_streams).await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    assert!(is_written(
+        &write(
+            &mut journal,
+            vec![atomic(vec![tagged("pid-1", 1, &["cs"])])]
+        )
+        .await[0]
+    ));
+    let mut by_tag = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "cs".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    let mut by_slice = queries
+        .events_by_slices(pb::EventsBySlicesRequest {
+            min_slice: 111,
+            max_slice: 111,
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(ids(&take(&mut by_tag, 1, 10).await), [("pid-1".into(), 1)]);
+    assert_eq!(
+        ids(&take(&mut by_slice, 1, 10).await),
+        [("pid-1".into(), 1)]
+    );
+    let written = std::time::Instant::now();
+    let outcomes = write(
+        &mut journal,
+        vec![
+            atomic(vec![tagged("pid-1", 2, &["cs"])]),
+            atomic(vec![tagged("other", 1, &["cs"])]),
+        ],
+    )
+    .await;
+    assert!(outcomes.iter().all(is_written));
+    // The two writes of one request run concurrently: either may commit first.
+    let mut both = ids(&take(&mut by_tag, 2, 10).await);
+    both.sort();
+    assert_eq!(both, [("other".into(), 1), ("pid-1".into(), 2)]);
+    assert_eq!(
+        ids(&take(&mut by_slice, 1, 10).await),
+        [("pid-1".into(), 2)]
+    );
+    // No polling window: well under the 500 ms allowed drift.
+    assert!(
+        written.elapsed() < Duration::from_millis(450),
+        "took {:?}",
+        written.elapsed()
+    );
+}
+
+#[tokio::test]
+async fn change_streams_miss_nothing_under_concurrent_writers() {
+    let server = TestServer::start_with("cs_concurrent", change_streams).await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let request = pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: String::new(),
+    };
+    let mut early = queries
+        .events_by_tag(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let writers = tokio::spawn(concurrent_writes(vec![server.url()], "csone"));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut late = queries.events_by_tag(request).await.unwrap().into_inner();
+    let expected = writers.await.unwrap();
+    receive_each_once(&mut early, &expected).await;
+    receive_each_once(&mut late, &expected).await;
+}
+
+#[tokio::test]
+async fn change_streams_miss_nothing_with_two_servers_writing() {
+    let first = TestServer::start_with("cs_two", change_streams).await;
+    let second = TestServer::start_on_database(first.settings.clone()).await;
+    let request = pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: String::new(),
+    };
+    let mut on_first = ReadJournalClient::new(first.channel().await)
+        .events_by_tag(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut on_second = ReadJournalClient::new(second.channel().await)
+        .events_by_tag(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let expected = concurrent_writes(vec![first.url(), second.url()], "cstwo").await;
+    receive_each_once(&mut on_first, &expected).await;
+    receive_each_once(&mut on_second, &expected).await;
+}
+
+#[tokio::test]
+async fn change_stream_subscriber_that_falls_behind_falls_back_and_loses_nothing() {
+    let server = TestServer::start_with("cs_fallback", change_streams).await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let mut stalled = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "bulk".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // More changes than the stream buffer (1024) while the subscriber does not read.
+    let mut expected = BTreeSet::new();
+    for chunk in 0..30 {
+        let writes = (1..=50)
+            .map(|n| atomic(vec![tagged("bulk", chunk * 50 + n, &["bulk"])]))
+            .collect();
+        assert!(write(&mut journal, writes).await.iter().all(is_written));
+        expected.extend((1..=50).map(|n| ("bulk".to_owned(), chunk * 50 + n)));
+    }
+    receive_each_once(&mut stalled, &expected).await;
+}
+
+#[tokio::test]
+async fn an_invalidated_change_stream_restarts_and_subscribers_catch_up() {
+    let server = TestServer::start_with("cs_invalidate", change_streams).await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let mut live = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "inv".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(is_written(
+        &write(
+            &mut journal,
+            vec![atomic(vec![tagged("before", 1, &["inv"])])]
+        )
+        .await[0]
+    ));
+    assert_eq!(ids(&take(&mut live, 1, 10).await), [("before".into(), 1)]);
+    // Renaming the collection away invalidates the stream.
+    let database = server.mongodb().await;
+    database
+        .client()
+        .database("admin")
+        .run_command(mongodb::bson::doc! {
+            "renameCollection": format!("{}.journal", server.database),
+            "to": format!("{}.journal_old", server.database),
+        })
+        .await
+        .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(is_written(
+        &write(
+            &mut journal,
+            vec![atomic(vec![tagged("after", 1, &["inv"])])]
+        )
+        .await[0]
+    ));
+    assert_eq!(ids(&take(&mut live, 1, 15).await), [("after".into(), 1)]);
+}
+
+/// Like `receive_exactly`, for change-stream mode: commit order, so offsets need not increase.
+async fn receive_each_once(
+    stream: &mut Streaming<pb::EventEnvelope>,
+    expected: &BTreeSet<(String, i64)>,
+) {
+    let mut received = BTreeMap::new();
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+    while received.len() < expected.len() {
+        let envelope = match tokio::time::timeout_at(deadline, stream.message()).await {
+            Ok(Ok(Some(envelope))) => envelope,
+            other => {
+                let missing: Vec<_> = expected
+                    .iter()
+                    .filter(|id| !received.contains_key(*id))
+                    .take(10)
+                    .collect();
+                panic!(
+                    "stream stopped at {} of {} ({other:?}); missing e.g. {missing:?}",
+                    received.len(),
+                    expected.len()
+                );
+            }
+        };
+        collect_unique(&mut received, std::slice::from_ref(&envelope));
+        let id = ids(&[envelope]).remove(0);
+        assert!(
+            expected.contains(&id),
+            "{id:?} was not written with the tag"
+        );
+    }
+    let extra = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
+    assert!(extra.is_err(), "unexpected extra envelope: {extra:?}");
+}

@@ -43,7 +43,7 @@ pub enum EventSelector {
 pub struct EventFeed {
     pub(crate) events: Collection<EventDocument>,
     pub(crate) retry: Retry,
-    pub(crate) selector: EventSelector,
+    pub selector: EventSelector,
 }
 
 /// The filter, sort and index hint of an event query: events of the selector after the start

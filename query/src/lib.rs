@@ -6,6 +6,7 @@
 //! are in `by_pid.rs`. `docs/READ_JOURNAL.md` explains the guarantees.
 
 mod by_pid;
+pub mod change_stream;
 mod error;
 pub mod feed;
 pub mod live;
@@ -32,6 +33,8 @@ pub struct ReadJournal {
     retry: Retry,
     polling: Polling,
     event_hubs: Hubs<EventSelector, EventFeed>,
+    /// `Some` in change-stream mode: feeds live queries by tag and slice range.
+    change_streams: Option<change_stream::ChangeStreams>,
     state_hubs: Hubs<String, StateChangeFeed>,
     shutdown: CancellationToken,
 }
@@ -51,6 +54,14 @@ impl ReadJournal {
             retry: Retry::new(&settings.mongodb.retry),
             polling,
             event_hubs: Hubs::new(polling, shutdown.clone()),
+            change_streams: read.use_change_streams.then(|| {
+                change_stream::ChangeStreams::new(
+                    database.collection(&names.journal),
+                    read.change_stream_restart.clone(),
+                    polling,
+                    shutdown.clone(),
+                )
+            }),
             state_hubs: Hubs::new(polling, shutdown.clone()),
             shutdown,
         }
@@ -59,6 +70,11 @@ impl ReadJournal {
     /// How many shared pollers run (one per tag or slice range with live subscribers).
     pub fn running_pollers(&self) -> usize {
         self.event_hubs.running() + self.state_hubs.running()
+    }
+
+    /// The change stream of change-stream mode (`None` when polling).
+    pub fn change_streams(&self) -> Option<&change_stream::ChangeStreams> {
+        self.change_streams.as_ref()
     }
 
     fn event_feed(&self, selector: EventSelector) -> EventFeed {
@@ -79,7 +95,10 @@ impl ReadJournal {
     ) {
         let feed = self.event_feed(selector.clone());
         if live {
-            self.event_hubs.subscribe(selector, feed, start, sink).await;
+            match &self.change_streams {
+                Some(streams) => streams.subscribe(feed, start, sink).await,
+                None => self.event_hubs.subscribe(selector, feed, start, sink).await,
+            }
         } else {
             live::current(feed, self.polling, start, sink, self.shutdown.clone()).await;
         }
