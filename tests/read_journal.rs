@@ -5,28 +5,15 @@ mod common;
 use std::collections::{BTreeMap, BTreeSet};
 use std::time::Duration;
 
+use common::read::*;
 use common::*;
 use proto::v1 as pb;
 use proto::v1::read_journal_client::ReadJournalClient;
 use tonic::transport::Channel;
 use tonic::{Code, Streaming};
 
-/// Short drift and poll interval, so tests run fast; the logic is the same.
-fn fast(settings: &mut config::Settings) {
-    settings.read_journal.allowed_time_drift = Duration::from_millis(500);
-    settings.read_journal.poll_interval = Duration::from_millis(50);
-    settings.read_journal.batch_size = 50;
-}
-
 async fn start(prefix: &str) -> TestServer {
     TestServer::start_with(prefix, fast).await
-}
-
-fn tagged(pid: &str, sequence_nr: i64, tags: &[&str]) -> pb::PersistentEvent {
-    pb::PersistentEvent {
-        tags: tags.iter().map(|tag| tag.to_string()).collect(),
-        ..event(pid, sequence_nr, &format!("{pid}-{sequence_nr}"))
-    }
 }
 
 async fn read_all(mut stream: Streaming<pb::EventEnvelope>) -> Vec<pb::EventEnvelope> {
@@ -59,41 +46,6 @@ async fn current_by_tag(
 /// Waits until the allowed time drift has passed over everything written so far.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(700)).await;
-}
-
-fn ids(envelopes: &[pb::EventEnvelope]) -> Vec<(String, i64)> {
-    envelopes
-        .iter()
-        .map(|envelope| {
-            let event = envelope.event.as_ref().unwrap();
-            (event.persistence_id.clone(), event.sequence_nr)
-        })
-        .collect()
-}
-
-/// Reads `count` envelopes from a live stream, failing after `seconds`.
-async fn take(
-    stream: &mut Streaming<pb::EventEnvelope>,
-    count: usize,
-    seconds: u64,
-) -> Vec<pb::EventEnvelope> {
-    let mut envelopes = Vec::new();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(seconds);
-    while envelopes.len() < count {
-        let next = tokio::time::timeout_at(deadline, stream.message()).await;
-        match next {
-            Ok(Ok(Some(envelope))) => envelopes.push(envelope),
-            Ok(other) => panic!(
-                "live stream ended or failed after {} envelopes: {other:?}",
-                envelopes.len()
-            ),
-            Err(_) => panic!(
-                "only {} of {count} envelopes within {seconds} s",
-                envelopes.len()
-            ),
-        }
-    }
-    envelopes
 }
 
 #[tokio::test]
@@ -774,75 +726,6 @@ async fn tag_queries_use_the_tag_index() {
     );
 }
 
-fn resident_bytes() -> u64 {
-    let status = std::fs::read_to_string("/proc/self/status").unwrap();
-    let line = status
-        .lines()
-        .find(|line| line.starts_with("VmRSS:"))
-        .unwrap();
-    line.split_whitespace()
-        .nth(1)
-        .unwrap()
-        .parse::<u64>()
-        .unwrap()
-        * 1024
-}
-
-#[tokio::test]
-async fn a_subscriber_that_stops_reading_does_not_make_memory_grow() {
-    let server = start("rj_slow").await;
-    let mut journal = server.journal().await;
-    let mut queries = ReadJournalClient::new(server.channel().await);
-    let mut stalled = queries
-        .events_by_tag(pb::EventsByTagRequest {
-            tag: "bulk".into(),
-            offset: String::new(),
-        })
-        .await
-        .unwrap()
-        .into_inner();
-    // Warm up allocations, then measure while 80 MiB of tagged events are written.
-    let event_bytes = 20 * 1024;
-    let bulk = |pid: &str, sequence_nr: i64| pb::PersistentEvent {
-        payload: Some(pb::Payload {
-            data: vec![(sequence_nr % 251) as u8; event_bytes],
-            serializer_id: 1,
-            manifest: String::new(),
-        }),
-        ..tagged(pid, sequence_nr, &["bulk"])
-    };
-    let batch = |from: i64| {
-        (from..from + 40)
-            .map(|n| atomic(vec![bulk("bulk", n)]))
-            .collect::<Vec<_>>()
-    };
-    assert!(write(&mut journal, batch(1)).await.iter().all(is_written));
-    tokio::time::sleep(Duration::from_millis(500)).await;
-    let before = resident_bytes();
-    let mut next = 41;
-    while next <= 4_000 {
-        assert!(
-            write(&mut journal, batch(next))
-                .await
-                .iter()
-                .all(is_written)
-        );
-        next += 40;
-    }
-    tokio::time::sleep(Duration::from_millis(800)).await;
-    let grown = resident_bytes().saturating_sub(before);
-    let written = 4_000 * event_bytes as u64;
-    eprintln!("resident memory grew by {grown} bytes while {written} bytes were written");
-    assert!(
-        grown < written / 2,
-        "resident memory grew by {grown} bytes while {written} bytes were written"
-    );
-    // The stalled subscriber then reads everything, in order, once.
-    let envelopes = take(&mut stalled, 4_000, 120).await;
-    let sequence_nrs: Vec<i64> = ids(&envelopes).into_iter().map(|(_, n)| n).collect();
-    assert_eq!(sequence_nrs, (1..=4_000).collect::<Vec<_>>());
-}
-
 #[tokio::test]
 async fn a_write_acknowledged_late_is_moved_forward_so_live_queries_do_not_pass_it_over() {
     let proxy = common::proxy::CuttableProxy::start(mongodb_address()).await;
@@ -905,13 +788,6 @@ async fn a_write_acknowledged_late_is_moved_forward_so_live_queries_do_not_pass_
 }
 
 // ---- change-stream mode -------------------------------------------------------------------
-
-fn change_streams(settings: &mut config::Settings) {
-    fast(settings);
-    settings.read_journal.use_change_streams = true;
-    settings.read_journal.change_stream_restart.min_backoff = Duration::from_millis(50);
-    settings.read_journal.change_stream_restart.max_backoff = Duration::from_millis(500);
-}
 
 #[tokio::test]
 async fn change_streams_deliver_live_events_by_tag_and_slice_promptly() {

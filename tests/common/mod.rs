@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod proxy;
+pub mod read;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
