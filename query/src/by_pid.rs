@@ -12,7 +12,7 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::QueryError;
 use crate::feed::event_with_position;
-use crate::live::{Polling, Sink};
+use crate::live::{Polling, Sink, deliver};
 use crate::offset::Position;
 
 /// Events `from..=to` of `pid` in sequence order. Current: completes after what is stored now,
@@ -79,7 +79,7 @@ pub async fn events(
                 waiting_on_gap = true;
                 break;
             }
-            if !send(&sink, &cancel, item).await {
+            if !deliver(&sink, &cancel, item).await {
                 return;
             }
             next = sequence_nr + 1;
@@ -95,13 +95,6 @@ pub async fn events(
             () = sink.closed() => return,
             () = tokio::time::sleep(polling.poll_interval) => {}
         }
-    }
-}
-
-async fn send<T>(sink: &Sink<T>, cancel: &CancellationToken, item: (Position, T)) -> bool {
-    tokio::select! {
-        () = cancel.cancelled() => false,
-        sent = sink.send(Ok(item)) => sent.is_ok(),
     }
 }
 
@@ -161,7 +154,7 @@ pub async fn persistence_ids(
             persistence_id: pid.clone(),
             sequence_nr: 0,
         };
-        if !send(&sink, &cancel, (position, pid.clone())).await {
+        if !deliver(&sink, &cancel, (position, pid.clone())).await {
             return None;
         }
         if written_at > recent_after {

@@ -2,16 +2,24 @@
 //! stream on the journal per server feeds every live subscriber by tag or slice range, with the
 //! latency of a commit rather than of a polling window.
 //!
-//! The stream restarts from its resume token after an error, backing off between
+//! The shared stream restarts from its resume token after an error, backing off between
 //! `min-backoff` and `max-backoff` with `random-factor` jitter. When it cannot resume (the
 //! resume point left the oplog, or the stream was invalidated) it publishes a gap.
 //!
-//! A subscriber subscribes to the stream first, then catches up with its own queries over
-//! everything visible (no horizon: the stream brings whatever commits after it subscribed), then
-//! follows the stream, skipping what the catch-up delivered. On a gap, or when it falls behind
-//! the stream's bounded buffer, it goes back to queries from its last position minus the
-//! allowed drift (an event stamped earlier may have committed later), skipping what it already
-//! delivered, then follows the stream again.
+//! Events arrive in commit order, so each envelope's offset carries the change's resume token.
+//! A subscriber gets to the shared stream in three steps:
+//!
+//! 1. From the start or a position offset: queries in position order up to the safe horizon
+//!    (`now - allowed-time-drift`), exactly as in polling mode.
+//! 2. A private change stream: from the horizon minus the drift (skipping events at or before
+//!    the horizon, which step 1 delivered), or from the offset's resume token. It runs until it
+//!    reaches the first change the shared stream gave this subscriber.
+//! 3. The shared stream, skipping what step 2 already delivered.
+//!
+//! After a gap, or when the subscriber falls more than the shared buffer behind, it returns to
+//! step 2 from its last resume token. So a resume is exact. Only when the oplog no longer holds
+//! the resume point does it fall back to position queries from the last position minus the
+//! drift, where events of that window can come again.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, Weak};
@@ -22,25 +30,35 @@ use futures::StreamExt;
 use journal::document::EventDocument;
 use model::PersistentEvent;
 use mongodb::Collection;
-use mongodb::bson::doc;
-use mongodb::change_stream::event::ResumeToken;
+use mongodb::bson::{Bson, Document, Timestamp, doc, from_document, to_bson};
+use mongodb::change_stream::ChangeStream;
+use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
 use mongodb::options::FullDocumentType;
 use tokio::sync::broadcast;
 use tokio_util::sync::CancellationToken;
 
+use crate::error::QueryError;
 use crate::feed::{EventFeed, EventSelector, Feed, event_with_position};
 use crate::live::{Polling, Sink};
-use crate::offset::Position;
+use crate::offset::{Offset, Position};
 
-/// Changes a subscriber may be behind the stream before it goes back to queries.
+/// Changes a subscriber may be behind the shared stream before it reads a private one.
 const STREAM_BUFFER: usize = 1024;
-/// `MongoDB`'s code for a resume point that left the oplog.
+/// MongoDB's code for a resume point that left the oplog.
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
+
+/// One journal change: the event, its position, and the change's resume token (hex).
+#[derive(Debug)]
+struct Changed {
+    position: Position,
+    event: PersistentEvent,
+    token: String,
+}
 
 #[derive(Debug, Clone)]
 enum Change {
-    Event(Arc<(Position, PersistentEvent)>),
-    /// Changes may have been lost: subscribers catch up with queries.
+    Event(Arc<Changed>),
+    /// Changes may have been lost: subscribers resume from their own resume token.
     Gap,
 }
 
@@ -63,7 +81,19 @@ pub struct ChangeStreams {
     polling: Polling,
     shutdown: CancellationToken,
     running: Mutex<Weak<SharedStream>>,
-    restarts: Arc<std::sync::atomic::AtomicU64>,
+}
+
+/// Where a private change stream starts.
+enum PrivateStart {
+    /// Right after this change.
+    After(String),
+    /// At this time (ms), skipping events the queries delivered: stamped at or before
+    /// `horizon`, or at or before the position the queries started after.
+    At {
+        millis: i64,
+        horizon: i64,
+        after: Option<Position>,
+    },
 }
 
 impl ChangeStreams {
@@ -79,7 +109,6 @@ impl ChangeStreams {
             polling,
             shutdown,
             running: Mutex::new(Weak::new()),
-            restarts: Arc::default(),
         }
     }
 
@@ -88,11 +117,6 @@ impl ChangeStreams {
         self.running
             .lock()
             .is_ok_and(|running| running.strong_count() > 0)
-    }
-
-    /// How often the stream was restarted after an error.
-    pub fn restarts(&self) -> u64 {
-        self.restarts.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     fn shared(&self) -> Arc<SharedStream> {
@@ -105,93 +129,82 @@ impl ChangeStreams {
         }
         let (changes, _) = broadcast::channel(STREAM_BUFFER);
         let stop = self.shutdown.child_token();
-        tokio::spawn(watch(
+        tokio::spawn(watch_shared(
             self.events.clone(),
             self.backoff.clone(),
             changes.clone(),
             stop.clone(),
-            self.restarts.clone(),
         ));
         let shared = Arc::new(SharedStream { changes, stop });
         *running = Arc::downgrade(&shared);
         shared
     }
 
-    /// A live subscription fed by the change stream, from `start` (exclusive).
+    /// A live subscription from `start` (exclusive), until the client leaves or the server
+    /// shuts down.
     pub async fn subscribe(
         &self,
         feed: EventFeed,
-        start: Option<Position>,
+        start: Option<Offset>,
         sink: Sink<PersistentEvent>,
     ) {
         let shared = self.shared();
-        let drift = self.polling.allowed_time_drift.as_millis() as i64;
-        let mut delivered = Delivered::new(2 * drift);
-        // Where the next catch-up starts: back by the drift from the last position, since in
-        // commit order an event stamped a little before it can commit after it. What this
-        // connection delivered is skipped; from a client's offset, events written within the
-        // drift before it can come again (clients de-duplicate by pid and sequence number).
-        let back_by_drift = true;
-        let mut resume_from = start;
-        'catch_up: loop {
+        let mut subscriber = Subscriber {
+            feed,
+            sink,
+            cancel: self.shutdown.clone(),
+            last: start,
+            delivered: Delivered::new(2 * self.drift_millis()),
+        };
+        loop {
             let mut changes = shared.changes.subscribe();
-            let mut after = resume_from.clone().map(|position| {
-                if back_by_drift {
-                    Position {
-                        written_at_millis: position.written_at_millis.saturating_sub(drift),
-                        persistence_id: String::new(),
-                        sequence_nr: 0,
-                    }
-                } else {
-                    position
-                }
-            });
-            loop {
-                let batch = match feed
-                    .fetch(after.as_ref(), i64::MAX, self.polling.batch_size)
-                    .await
-                {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        let _ = sink.send(Err(error)).await;
+            let from = match subscriber
+                .last
+                .as_ref()
+                .and_then(|last| last.change.clone())
+            {
+                Some(token) => PrivateStart::After(token),
+                None => {
+                    let horizon = self.polling.horizon_millis();
+                    let after = subscriber.last.as_ref().map(|last| last.position.clone());
+                    if !subscriber.query(horizon, self.polling.batch_size).await {
                         return;
                     }
-                };
-                let complete = batch.len() < self.polling.batch_size;
-                after = batch.last().map(|(position, _)| position.clone()).or(after);
-                for item in batch {
-                    if !self
-                        .deliver(&sink, &mut delivered, &mut resume_from, item)
-                        .await
-                    {
-                        return;
+                    PrivateStart::At {
+                        millis: horizon - self.drift_millis(),
+                        horizon,
+                        after,
                     }
                 }
-                if complete {
-                    break;
+            };
+            let caught_up = match self.private(&mut subscriber, from, &mut changes).await {
+                Step::Over => return,
+                Step::Again => continue,
+                Step::Done(pending) => pending,
+            };
+            // The shared stream, from the change where the private one stopped.
+            for change in caught_up {
+                if !subscriber.offer(&change).await {
+                    return;
                 }
             }
             loop {
                 let received = tokio::select! {
                     () = self.shutdown.cancelled() => return,
-                    () = sink.closed() => return,
+                    () = subscriber.sink.closed() => return,
                     received = changes.recv() => received,
                 };
                 match received {
                     Ok(Change::Event(change)) => {
-                        if !matches(&feed.selector, &change.1) {
-                            continue;
-                        }
-                        if !self
-                            .deliver(&sink, &mut delivered, &mut resume_from, (*change).clone())
-                            .await
-                        {
+                        if !subscriber.offer(&change).await {
                             return;
                         }
                     }
                     Ok(Change::Gap) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        tracing::debug!("change-stream subscriber falls back to queries");
-                        continue 'catch_up;
+                        tracing::debug!(
+                            "change-stream subscriber resumes from its own resume token"
+                        );
+                        break;
                     }
                     Err(broadcast::error::RecvError::Closed) => return,
                 }
@@ -199,33 +212,210 @@ impl ChangeStreams {
         }
     }
 
-    /// Sends one event unless it was delivered already; false when the subscription is over.
-    async fn deliver(
+    fn drift_millis(&self) -> i64 {
+        self.polling.allowed_time_drift.as_millis() as i64
+    }
+
+    /// Step 2: a private change stream until it reaches what the shared stream sends.
+    async fn private(
         &self,
-        sink: &Sink<PersistentEvent>,
-        delivered: &mut Delivered,
-        resume_from: &mut Option<Position>,
-        (position, event): (Position, PersistentEvent),
-    ) -> bool {
-        let id = (
-            event.persistence_id.as_str().to_owned(),
-            event.sequence_nr.get(),
-        );
-        if !delivered.insert(id, &position) {
-            return true;
-        }
-        if resume_from.as_ref().is_none_or(|last| &position > last) {
-            *resume_from = Some(position.clone());
-        }
-        tokio::select! {
-            () = self.shutdown.cancelled() => false,
-            sent = sink.send(Ok((position, event))) => sent.is_ok(),
+        subscriber: &mut Subscriber,
+        from: PrivateStart,
+        changes: &mut broadcast::Receiver<Change>,
+    ) -> Step {
+        let (resume_after, start_at, skip) = match from {
+            PrivateStart::After(token) => match resume_token(&token) {
+                Some(token) => (Some(token), None, None),
+                None => return subscriber.fall_back(self.drift_millis()),
+            },
+            PrivateStart::At {
+                millis,
+                horizon,
+                after,
+            } => {
+                // Cluster time counts seconds; a second earlier is safe (duplicates are skipped).
+                let seconds = u32::try_from(millis.div_euclid(1000) - 1).unwrap_or(0);
+                (
+                    None,
+                    Some(Timestamp {
+                        time: seconds,
+                        increment: 0,
+                    }),
+                    Some((horizon, after)),
+                )
+            }
+        };
+        let watch = self
+            .events
+            .watch()
+            .pipeline(pipeline())
+            .full_document(FullDocumentType::UpdateLookup)
+            .resume_after(resume_after);
+        let opened = match start_at {
+            Some(time) => watch.start_at_operation_time(time).await,
+            None => watch.await,
+        };
+        let resuming = skip.is_none();
+        let mut private = match opened {
+            Ok(stream) => stream,
+            // The resume point left the oplog, or belongs to a dropped or renamed collection.
+            Err(error) if resuming => {
+                tracing::warn!(%error, "cannot resume the change stream; catching up with queries");
+                return subscriber.fall_back(self.drift_millis());
+            }
+            Err(error) => {
+                let error = QueryError::from(mongo::MongoError::new(
+                    "open change stream",
+                    false,
+                    &[],
+                    error,
+                ));
+                let _ = subscriber.sink.send(Err(error)).await;
+                return Step::Over;
+            }
+        };
+        // Shared changes seen while the private stream catches up: it hands over once it reached
+        // the first of them.
+        let mut pending: VecDeque<Arc<Changed>> = VecDeque::new();
+        loop {
+            tokio::select! {
+                () = self.shutdown.cancelled() => return Step::Over,
+                () = subscriber.sink.closed() => return Step::Over,
+                received = changes.recv() => match received {
+                    Ok(Change::Event(change)) => pending.push_back(change),
+                    Ok(Change::Gap) => {}
+                    Err(broadcast::error::RecvError::Lagged(_)) => return Step::Again,
+                    Err(broadcast::error::RecvError::Closed) => return Step::Over,
+                },
+                next = private.next() => {
+                    let change = match next.map(|next| next.map(changed)) {
+                        Some(Ok(Some(change))) => change,
+                        Some(Ok(None)) => continue,
+                        Some(Err(error)) if mongo::error_codes(&error).contains(&CHANGE_STREAM_HISTORY_LOST) => {
+                            tracing::warn!("resume point left the oplog; catching up with queries");
+                            return subscriber.fall_back(self.drift_millis());
+                        }
+                        Some(Err(error)) => {
+                            tracing::warn!(%error, "private change stream failed; resuming");
+                            tokio::time::sleep(self.backoff.min_backoff).await;
+                            return Step::Again;
+                        }
+                        // Invalidated (collection dropped or renamed): its resume tokens are dead.
+                        None => return subscriber.fall_back(self.drift_millis()),
+                    };
+                    let skipped = skip.as_ref().is_some_and(|(horizon, after)| {
+                        change.position.written_at_millis <= *horizon
+                            || after.as_ref().is_some_and(|after| change.position <= *after)
+                    });
+                    if !skipped && !subscriber.offer(&change).await {
+                        return Step::Over;
+                    }
+                    if pending.front().is_some_and(|first| first.token <= change.token) {
+                        return Step::Done(pending.into_iter().collect());
+                    }
+                }
+            }
         }
     }
 }
 
-/// What a subscriber delivered lately, by (pid, seqNr): enough to skip repeats within the window
-/// where the catch-up and the stream overlap. Entries older than the window are dropped.
+enum Step {
+    Over,
+    Again,
+    Done(Vec<Arc<Changed>>),
+}
+
+struct Subscriber {
+    feed: EventFeed,
+    sink: Sink<PersistentEvent>,
+    cancel: CancellationToken,
+    last: Option<Offset>,
+    delivered: Delivered,
+}
+
+impl Subscriber {
+    /// Step 1: position-ordered queries after `last` up to `horizon`; false when the
+    /// subscription is over.
+    async fn query(&mut self, horizon: i64, batch_size: usize) -> bool {
+        let mut after = self.last.as_ref().map(|last| last.position.clone());
+        loop {
+            let batch = match self.feed.fetch(after.as_ref(), horizon, batch_size).await {
+                Ok(batch) => batch,
+                Err(error) => {
+                    let _ = self.sink.send(Err(error)).await;
+                    return false;
+                }
+            };
+            let complete = batch.len() < batch_size;
+            for (position, event) in batch {
+                after = Some(position.clone());
+                if !self.send(Offset::from(position), event).await {
+                    return false;
+                }
+            }
+            if complete {
+                return true;
+            }
+        }
+    }
+
+    /// Delivers a change for this subscriber's selector unless it already went out.
+    async fn offer(&mut self, change: &Changed) -> bool {
+        if self
+            .last
+            .as_ref()
+            .and_then(|last| last.change.as_ref())
+            .is_some_and(|last| &change.token <= last)
+        {
+            return true;
+        }
+        if !matches(&self.feed.selector, &change.event) {
+            self.last = Some(Offset {
+                position: change.position.clone(),
+                change: Some(change.token.clone()),
+            });
+            return true;
+        }
+        let offset = Offset {
+            position: change.position.clone(),
+            change: Some(change.token.clone()),
+        };
+        self.send(offset, change.event.clone()).await
+    }
+
+    async fn send(&mut self, offset: Offset, event: PersistentEvent) -> bool {
+        let id = (
+            event.persistence_id.as_str().to_owned(),
+            event.sequence_nr.get(),
+        );
+        if !self.delivered.insert(id, &offset.position) {
+            self.last = Some(offset);
+            return true;
+        }
+        self.last = Some(offset.clone());
+        tokio::select! {
+            () = self.cancel.cancelled() => false,
+            sent = self.sink.send(Ok((offset, event))) => sent.is_ok(),
+        }
+    }
+
+    /// The resume point is gone: position queries from the last position minus the drift, then
+    /// a private stream from there. Events of that window this connection delivered are skipped;
+    /// from a client's offset they can come again.
+    fn fall_back(&mut self, drift_millis: i64) -> Step {
+        self.last = self.last.take().map(|last| {
+            Offset::from(Position {
+                written_at_millis: last.position.written_at_millis.saturating_sub(drift_millis),
+                persistence_id: String::new(),
+                sequence_nr: 0,
+            })
+        });
+        Step::Again
+    }
+}
+
+/// What a subscriber delivered lately, by (pid, seqNr): skips repeats where a fallback re-reads
+/// the drift window. Entries older than the window are dropped.
 struct Delivered {
     window_millis: i64,
     ids: HashSet<(String, i64)>,
@@ -270,82 +460,121 @@ fn matches(selector: &EventSelector, event: &PersistentEvent) -> bool {
     }
 }
 
-/// The shared change stream: inserts and re-stamps (updates of `writtenAt`) of live events.
-async fn watch(
+/// Inserts and re-stamps (updates of `writtenAt`) of journal events.
+fn pipeline() -> [Document; 1] {
+    [doc! { "$match": { "operationType": { "$in": ["insert", "update", "replace"] } } }]
+}
+
+fn token_hex(token: &ResumeToken) -> Option<String> {
+    match to_bson(token).ok()? {
+        Bson::Document(document) => document.get_str("_data").ok().map(str::to_owned),
+        _ => None,
+    }
+}
+
+fn resume_token(hex: &str) -> Option<ResumeToken> {
+    from_document(doc! { "_data": hex }).ok()
+}
+
+/// A live event's change, or `None` for a deleted event.
+fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
+    let token = token_hex(&change.id)?;
+    let document = change.full_document?;
+    if document.deleted_at.is_some() {
+        return None;
+    }
+    match event_with_position(document) {
+        Ok((position, event)) => Some(Changed {
+            position,
+            event,
+            token,
+        }),
+        Err(error) => {
+            tracing::error!(%error, "change stream: corrupt journal document");
+            None
+        }
+    }
+}
+
+/// The shared change stream.
+async fn watch_shared(
     events: Collection<EventDocument>,
     backoff: BackoffSettings,
     changes: broadcast::Sender<Change>,
     stop: CancellationToken,
-    restarts: Arc<std::sync::atomic::AtomicU64>,
 ) {
     let mut resume: Option<ResumeToken> = None;
     let mut pause = backoff.min_backoff;
     loop {
-        let pipeline =
-            [doc! { "$match": { "operationType": { "$in": ["insert", "update", "replace"] } } }];
         let opened = events
             .watch()
-            .pipeline(pipeline)
+            .pipeline(pipeline())
             .full_document(FullDocumentType::UpdateLookup)
             .resume_after(resume.clone())
             .await;
         match opened {
-            Ok(mut stream) => loop {
-                let next = tokio::select! {
-                    () = stop.cancelled() => return,
-                    next = stream.next() => next,
-                };
-                match next {
-                    Some(Ok(change)) => {
-                        pause = backoff.min_backoff;
-                        resume = stream.resume_token();
-                        let Some(document) = change.full_document else {
-                            continue;
-                        };
-                        if document.deleted_at.is_some() {
-                            continue;
-                        }
-                        match event_with_position(document) {
-                            Ok(item) => {
-                                let _ = changes.send(Change::Event(Arc::new(item)));
-                            }
-                            Err(error) => {
-                                tracing::error!(%error, "change stream: corrupt journal document")
-                            }
-                        }
-                    }
-                    Some(Err(error)) => {
-                        tracing::warn!(%error, "change stream failed; restarting");
-                        if mongo::error_codes(&error).contains(&CHANGE_STREAM_HISTORY_LOST) {
-                            resume = None;
-                            let _ = changes.send(Change::Gap);
-                        }
-                        break;
-                    }
-                    None => {
-                        tracing::warn!("change stream ended (invalidated); restarting");
-                        resume = None;
-                        let _ = changes.send(Change::Gap);
-                        break;
-                    }
+            Ok(stream) => {
+                let ended =
+                    follow(stream, &changes, &stop, &mut resume, &mut pause, &backoff).await;
+                if ended.is_none() {
+                    return;
                 }
-            },
+            }
             Err(error) => {
                 tracing::warn!(%error, "cannot open the change stream; retrying");
                 if resume.is_some() {
-                    // The resume point may be gone: start afresh, and let subscribers catch up.
+                    // The resume point may be gone: start afresh; subscribers resume on their own.
                     resume = None;
                     let _ = changes.send(Change::Gap);
                 }
             }
         }
-        restarts.fetch_add(1, std::sync::atomic::Ordering::Relaxed);
         let jittered = jitter(pause, backoff.random_factor);
         tokio::select! {
             () = stop.cancelled() => return,
             () = tokio::time::sleep(jittered) => {}
         }
         pause = (pause * 2).min(backoff.max_backoff);
+    }
+}
+
+/// Publishes the stream's changes until it fails (`Some`) or `stop` (`None`).
+async fn follow(
+    mut stream: ChangeStream<ChangeStreamEvent<EventDocument>>,
+    changes: &broadcast::Sender<Change>,
+    stop: &CancellationToken,
+    resume: &mut Option<ResumeToken>,
+    pause: &mut Duration,
+    backoff: &BackoffSettings,
+) -> Option<()> {
+    loop {
+        let next = tokio::select! {
+            () = stop.cancelled() => return None,
+            next = stream.next() => next,
+        };
+        match next {
+            Some(Ok(change)) => {
+                *pause = backoff.min_backoff;
+                *resume = stream.resume_token();
+                if let Some(change) = changed(change) {
+                    let _ = changes.send(Change::Event(Arc::new(change)));
+                }
+            }
+            Some(Err(error)) => {
+                tracing::warn!(%error, "change stream failed; restarting");
+                if mongo::error_codes(&error).contains(&CHANGE_STREAM_HISTORY_LOST) {
+                    *resume = None;
+                    let _ = changes.send(Change::Gap);
+                }
+                return Some(());
+            }
+            None => {
+                tracing::warn!("change stream ended (invalidated); restarting");
+                *resume = None;
+                let _ = changes.send(Change::Gap);
+                return Some(());
+            }
+        }
     }
 }
 
@@ -392,5 +621,11 @@ mod tests {
                 stretched >= Duration::from_secs(1) && stretched <= Duration::from_millis(1_200)
             );
         }
+    }
+
+    #[test]
+    fn resume_tokens_round_trip_through_hex() {
+        let token = resume_token("8263A1B2C3000000012B").unwrap();
+        assert_eq!(token_hex(&token).as_deref(), Some("8263A1B2C3000000012B"));
     }
 }

@@ -23,7 +23,7 @@ use tokio_util::sync::CancellationToken;
 
 pub use error::QueryError;
 use live::{Hubs, Polling, Sink};
-use offset::Position;
+use offset::{Offset, Position};
 
 /// The read journal's queries. Each method is the producer of one server-streaming call: it
 /// writes into `sink` until the query completes, the client leaves, or the server shuts down.
@@ -89,18 +89,35 @@ impl ReadJournal {
     pub async fn events(
         &self,
         selector: EventSelector,
-        start: Option<Position>,
+        start: Option<Offset>,
         live: bool,
         sink: Sink<PersistentEvent>,
     ) {
         let feed = self.event_feed(selector.clone());
+        if live && let Some(streams) = &self.change_streams {
+            streams.subscribe(feed, start, sink).await;
+            return;
+        }
+        let start = start.map(|offset| self.position_to_resume_after(offset));
         if live {
-            match &self.change_streams {
-                Some(streams) => streams.subscribe(feed, start, sink).await,
-                None => self.event_hubs.subscribe(selector, feed, start, sink).await,
-            }
+            self.event_hubs.subscribe(selector, feed, start, sink).await;
         } else {
             live::current(feed, self.polling, start, sink, self.shutdown.clone()).await;
+        }
+    }
+
+    /// Where position-ordered reading resumes for `offset`. An offset from a change stream is in
+    /// commit order, so an event stamped a little before it may have committed after it: such a
+    /// resume goes back by the drift (events in that window can come again).
+    fn position_to_resume_after(&self, offset: Offset) -> Position {
+        match offset.change {
+            None => offset.position,
+            Some(_) => Position {
+                written_at_millis: offset.position.written_at_millis
+                    - self.polling.allowed_time_drift.as_millis() as i64,
+                persistence_id: String::new(),
+                sequence_nr: 0,
+            },
         }
     }
 
@@ -131,10 +148,11 @@ impl ReadJournal {
     pub async fn state_changes(
         &self,
         tag: String,
-        start: Option<Position>,
+        start: Option<Offset>,
         live: bool,
         sink: Sink<StateChange>,
     ) {
+        let start = start.map(|offset| self.position_to_resume_after(offset));
         let feed = StateChangeFeed {
             objects: self.objects.clone(),
             retry: self.retry.clone(),
@@ -237,7 +255,7 @@ impl ReadJournal {
                 }
                 let sent = tokio::select! {
                     () = self.shutdown.cancelled() => false,
-                    sent = sink.send(Ok((position.clone(), document.pid))) => sent.is_ok(),
+                    sent = sink.send(Ok((position.clone().into(), document.pid))) => sent.is_ok(),
                 };
                 if !sent {
                     return;

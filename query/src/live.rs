@@ -19,14 +19,14 @@ use tokio_util::sync::CancellationToken;
 
 use crate::error::QueryError;
 use crate::feed::Feed;
-use crate::offset::Position;
+use crate::offset::{Offset, Position};
 
 /// Batches a hub keeps for subscribers that are a little behind; one further behind catches up
 /// with its own queries.
 const HUB_BATCHES: usize = 16;
 
 /// Where each delivered item goes; a failed send means the client left.
-pub type Sink<T> = mpsc::Sender<Result<(Position, T), QueryError>>;
+pub type Sink<T> = mpsc::Sender<Result<(Offset, T), QueryError>>;
 
 type Batch<T> = Arc<Vec<(Position, T)>>;
 
@@ -175,10 +175,14 @@ impl<K: Eq + Hash + Clone, F: Feed> Hubs<K, F> {
 }
 
 /// Sends one item unless the server shuts down; false when the subscription is over.
-async fn deliver<T>(sink: &Sink<T>, cancel: &CancellationToken, item: (Position, T)) -> bool {
+pub(crate) async fn deliver<T>(
+    sink: &Sink<T>,
+    cancel: &CancellationToken,
+    (position, item): (Position, T),
+) -> bool {
     tokio::select! {
         () = cancel.cancelled() => false,
-        sent = sink.send(Ok(item)) => sent.is_ok(),
+        sent = sink.send(Ok((position.into(), item))) => sent.is_ok(),
     }
 }
 

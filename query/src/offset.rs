@@ -4,6 +4,9 @@
 //!
 //! Token format (opaque to clients): `"p1."` followed by the URL-safe base64 (no padding) of
 //! `writtenAt` (ms, i64 big-endian), `seqNr` (i64 big-endian) and the persistence id's UTF-8.
+//! An event delivered from a change stream also carries the change's resume token: `"c1."`,
+//! the same base64, `"."`, and the token's hex `_data`, so a resume continues the stream
+//! exactly where it was.
 
 use std::cmp::Ordering;
 
@@ -12,9 +15,12 @@ use base64::engine::general_purpose::URL_SAFE_NO_PAD;
 use model::{MAX_PERSISTENCE_ID_BYTES, ValidationError};
 
 const PREFIX: &str = "p1.";
+const CHANGE_PREFIX: &str = "c1.";
+/// Longest resume token accepted in an offset, in hex characters.
+const MAX_CHANGE_TOKEN: usize = 1024;
 
 /// A place in read-journal order.
-#[derive(Debug, Clone, PartialEq, Eq, Hash)]
+#[derive(Debug, Clone, PartialEq, Eq)]
 pub struct Position {
     pub written_at_millis: i64,
     pub persistence_id: String,
@@ -44,31 +50,27 @@ impl PartialOrd for Position {
 }
 
 impl Position {
-    pub fn token(&self) -> String {
+    fn encode(&self) -> String {
         let mut bytes = Vec::with_capacity(16 + self.persistence_id.len());
         bytes.extend_from_slice(&self.written_at_millis.to_be_bytes());
         bytes.extend_from_slice(&self.sequence_nr.to_be_bytes());
         bytes.extend_from_slice(self.persistence_id.as_bytes());
-        format!("{PREFIX}{}", URL_SAFE_NO_PAD.encode(bytes))
+        URL_SAFE_NO_PAD.encode(bytes)
+    }
+
+    pub fn token(&self) -> String {
+        format!("{PREFIX}{}", self.encode())
     }
 
     /// `""` is the start (`None`); anything else must be a token this service issued.
     pub fn parse_offset(field: &str, token: &str) -> Result<Option<Position>, ValidationError> {
-        if token.is_empty() {
-            return Ok(None);
-        }
-        let malformed = |why: &str| {
-            ValidationError::new(
-                field,
-                format!(
-                    "is not an offset this service issued ({why}): {:?}",
-                    shorten(token)
-                ),
-            )
-        };
-        let encoded = token
-            .strip_prefix(PREFIX)
-            .ok_or_else(|| malformed("unknown format"))?;
+        Ok(Offset::parse(field, token)?.map(|offset| offset.position))
+    }
+
+    fn decode(
+        encoded: &str,
+        malformed: &dyn Fn(&str) -> ValidationError,
+    ) -> Result<Position, ValidationError> {
         let bytes = URL_SAFE_NO_PAD
             .decode(encoded)
             .map_err(|_| malformed("not base64"))?;
@@ -88,10 +90,72 @@ impl Position {
         if written_at_millis < 0 || sequence_nr < 0 {
             return Err(malformed("negative field"));
         }
-        Ok(Some(Position {
+        Ok(Position {
             written_at_millis,
             persistence_id,
             sequence_nr,
+        })
+    }
+}
+
+/// What an envelope's offset token says: the position, and for an event delivered from a change
+/// stream, the change's resume token (hex `_data`; the oplog orders tokens as strings).
+#[derive(Debug, Clone, PartialEq, Eq)]
+pub struct Offset {
+    pub position: Position,
+    pub change: Option<String>,
+}
+
+impl From<Position> for Offset {
+    fn from(position: Position) -> Self {
+        Self {
+            position,
+            change: None,
+        }
+    }
+}
+
+impl Offset {
+    pub fn token(&self) -> String {
+        match &self.change {
+            None => self.position.token(),
+            Some(change) => format!("{CHANGE_PREFIX}{}.{change}", self.position.encode()),
+        }
+    }
+
+    /// `""` is the start (`None`); anything else must be a token this service issued.
+    pub fn parse(field: &str, token: &str) -> Result<Option<Offset>, ValidationError> {
+        if token.is_empty() {
+            return Ok(None);
+        }
+        let malformed = |why: &str| {
+            ValidationError::new(
+                field,
+                format!(
+                    "is not an offset this service issued ({why}): {:?}",
+                    shorten(token)
+                ),
+            )
+        };
+        if let Some(encoded) = token.strip_prefix(PREFIX) {
+            return Ok(Some(Position::decode(encoded, &malformed)?.into()));
+        }
+        let rest = token
+            .strip_prefix(CHANGE_PREFIX)
+            .ok_or_else(|| malformed("unknown format"))?;
+        let (encoded, change) = rest
+            .split_once('.')
+            .ok_or_else(|| malformed("no resume token"))?;
+        if change.is_empty()
+            || change.len() > MAX_CHANGE_TOKEN
+            || !change.bytes().all(|byte| byte.is_ascii_hexdigit())
+        {
+            return Err(malformed("bad resume token"));
+        }
+        let position = Position::decode(encoded, &malformed)?;
+        Ok(Some(Offset {
+            position,
+            change: Some(change.to_owned()),
         }))
     }
 }
@@ -107,9 +171,17 @@ mod tests {
 
     #[test]
     fn empty_is_the_start_and_garbage_is_rejected() {
-        assert_eq!(Position::parse_offset("offset", "").unwrap(), None);
-        for bad in ["x", "p1.", "p1.!!!", "p2.AAAA", "p1.AAAAAAAAAAAAAAAAAAAAAA"] {
-            let error = Position::parse_offset("offset", bad).unwrap_err();
+        assert_eq!(Offset::parse("offset", "").unwrap(), None);
+        for bad in [
+            "x",
+            "p1.",
+            "p1.!!!",
+            "p2.AAAA",
+            "p1.AAAAAAAAAAAAAAAAAAAAAA",
+            "c1.AAAA",
+            "c1.x.zz",
+        ] {
+            let error = Offset::parse("offset", bad).unwrap_err();
             assert!(
                 error
                     .to_string()
@@ -128,8 +200,16 @@ mod tests {
         }
 
         #[test]
+        fn change_tokens_round_trip(written_at in 0..i64::MAX, pid in "\\PC{1,40}", change in "[0-9A-F]{2,200}") {
+            let position = Position { written_at_millis: written_at, persistence_id: pid, sequence_nr: 7 };
+            let offset = Offset { position, change: Some(change) };
+            prop_assert_eq!(Offset::parse("offset", &offset.token()).unwrap(), Some(offset));
+        }
+
+        #[test]
         fn parsing_never_panics(token in ".{0,200}") {
-            let _ = Position::parse_offset("offset", &token);
+            let _ = Offset::parse("offset", &token);
+            let _ = Offset::parse("offset", &format!("c1.{token}"));
         }
 
         #[test]

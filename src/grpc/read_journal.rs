@@ -10,7 +10,7 @@ use proto::v1 as pb;
 use query::ReadJournal;
 use query::feed::{EventSelector, StateChange};
 use query::live::Sink;
-use query::offset::Position;
+use query::offset::Offset;
 use tokio::sync::mpsc;
 use tokio_stream::wrappers::ReceiverStream;
 use tokio_stream::{Stream, StreamExt};
@@ -36,7 +36,7 @@ impl ReadJournalService {
 fn stream<T, U, P, Fut>(
     rpc: &'static str,
     produce: P,
-    convert: fn(Position, T) -> U,
+    convert: fn(Offset, T) -> U,
 ) -> ServerStream<U>
 where
     T: Send + 'static,
@@ -47,21 +47,21 @@ where
     let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(produce(sender).in_current_span());
     Box::pin(ReceiverStream::new(receiver).map(move |item| match item {
-        Ok((position, item)) => Ok(convert(position, item)),
+        Ok((offset, item)) => Ok(convert(offset, item)),
         Err(error) => Err(storage_status(rpc, error)),
     }))
 }
 
-fn envelope(position: Position, event: model::PersistentEvent) -> pb::EventEnvelope {
+fn envelope(offset: Offset, event: model::PersistentEvent) -> pb::EventEnvelope {
     pb::EventEnvelope {
-        offset: position.token(),
+        offset: offset.token(),
         event: Some(event.into()),
     }
 }
 
-fn change(position: Position, change: StateChange) -> pb::DurableStateChange {
+fn change(offset: Offset, change: StateChange) -> pb::DurableStateChange {
     pb::DurableStateChange {
-        offset: position.token(),
+        offset: offset.token(),
         persistence_id: change.persistence_id.into_string(),
         revision: change.revision,
         value: change.value.map(pb::Payload::from),
@@ -69,21 +69,21 @@ fn change(position: Position, change: StateChange) -> pb::DurableStateChange {
     }
 }
 
-fn entry(_: Position, persistence_id: String) -> pb::PersistenceIdEntry {
+fn entry(_: Offset, persistence_id: String) -> pb::PersistenceIdEntry {
     pb::PersistenceIdEntry { persistence_id }
 }
 
 fn tag_request(
     request: pb::EventsByTagRequest,
-) -> Result<(EventSelector, Option<Position>), ValidationError> {
+) -> Result<(EventSelector, Option<Offset>), ValidationError> {
     let tag = Tag::parse("tag", request.tag)?;
-    let start = Position::parse_offset("offset", &request.offset)?;
+    let start = Offset::parse("offset", &request.offset)?;
     Ok((EventSelector::Tag(tag.into_string()), start))
 }
 
 fn slices_request(
     request: pb::EventsBySlicesRequest,
-) -> Result<(EventSelector, Option<Position>), ValidationError> {
+) -> Result<(EventSelector, Option<Offset>), ValidationError> {
     let range = 0..NUMBER_OF_SLICES;
     for (field, value) in [
         ("min_slice", request.min_slice),
@@ -105,7 +105,7 @@ fn slices_request(
             ),
         ));
     }
-    let start = Position::parse_offset("offset", &request.offset)?;
+    let start = Offset::parse("offset", &request.offset)?;
     Ok((
         EventSelector::Slices {
             min: request.min_slice,
@@ -126,9 +126,9 @@ fn pid_request(
 
 fn state_request(
     request: pb::DurableStateChangesRequest,
-) -> Result<(String, Option<Position>), ValidationError> {
+) -> Result<(String, Option<Offset>), ValidationError> {
     let tag = Tag::parse("tag", request.tag)?;
-    let start = Position::parse_offset("offset", &request.offset)?;
+    let start = Offset::parse("offset", &request.offset)?;
     Ok((tag.into_string(), start))
 }
 

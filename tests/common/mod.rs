@@ -86,6 +86,11 @@ impl TestServer {
 
     /// A second server over the same database as `settings` names.
     pub async fn start_on_database(settings: Settings) -> Self {
+        // Server logs, shown with a failing test's output; `RUST_LOG` sets the level.
+        let _ = tracing_subscriber::fmt()
+            .with_env_filter(tracing_subscriber::EnvFilter::from_default_env())
+            .with_test_writer()
+            .try_init();
         let listener = TcpListener::bind(settings.server.listen).await.unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
