@@ -6,6 +6,7 @@
 
 pub mod cli;
 mod grpc;
+mod metrics;
 pub mod server;
 mod status;
 

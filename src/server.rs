@@ -20,6 +20,7 @@ use crate::grpc::durable_state::DurableStateStoreService;
 use crate::grpc::journal::JournalService;
 use crate::grpc::read_journal::ReadJournalService;
 use crate::grpc::snapshot::SnapshotStoreService;
+use crate::metrics;
 
 /// Serves until `shutdown` is cancelled, then stops accepting calls and lets in-flight ones
 /// finish for at most `server.shutdown-grace-period`.
@@ -101,6 +102,14 @@ pub async fn run(
             ReadJournalServer::new(ReadJournalService::new(queries))
                 .max_encoding_message_size(max_message_size),
         );
+
+    if let Some(address) = settings.server.metrics_listen {
+        let metrics = TcpListener::bind(address)
+            .await
+            .with_context(|| format!("cannot listen on {address} (server.metrics-listen)"))?;
+        tracing::info!(%address, "serving Prometheus metrics on /metrics");
+        tokio::spawn(metrics::serve(metrics, shutdown.clone()));
+    }
 
     let address = listener
         .local_addr()

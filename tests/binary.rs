@@ -23,6 +23,7 @@ fn sigterm_stops_the_server_with_exit_code_zero() {
         ])
         .args(["--database", &unique_database("sigterm")])
         .env("RUST_LOG", "info")
+        .env("EVENTJOURNAL_SERVER__METRICS_LISTEN", "127.0.0.1:0")
         .stderr(Stdio::piped())
         .spawn()
         .unwrap();

@@ -1073,3 +1073,67 @@ async fn change_stream_offsets_are_exclusive() {
     let nothing = tokio::time::timeout(Duration::from_millis(1_500), after_third.message()).await;
     assert!(nothing.is_err(), "nothing after the third: {nothing:?}");
 }
+
+#[tokio::test]
+async fn the_metrics_endpoint_shows_how_far_behind_now_live_queries_run() {
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let server = TestServer::start_with("rj_metrics", |settings| {
+        fast(settings);
+        settings.server.metrics_listen = Some(([127, 0, 0, 1], port).into());
+    })
+    .await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let mut live = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "metered".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    assert!(is_written(
+        &write(
+            &mut journal,
+            vec![atomic(vec![tagged("m", 1, &["metered"])])]
+        )
+        .await[0]
+    ));
+    take(&mut live, 1, 10).await;
+
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    connection
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    connection.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let count_line = response
+        .lines()
+        .find(|line| {
+            line.starts_with(
+                "eventjournal_read_journal_delivery_lag_seconds_count{mode=\"polling\"}",
+            )
+        })
+        .unwrap_or_else(|| panic!("no delivery lag in:\n{response}"));
+    let count: f64 = count_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(count >= 1.0, "{count_line}");
+    // The polling window shows: events reach subscribers at least the allowed drift late.
+    let sum_line = response
+        .lines()
+        .find(|line| {
+            line.starts_with("eventjournal_read_journal_delivery_lag_seconds_sum{mode=\"polling\"}")
+        })
+        .unwrap();
+    let sum: f64 = sum_line.rsplit(' ').next().unwrap().parse().unwrap();
+    assert!(sum / count >= 0.5, "{sum_line} / {count_line}");
+}

@@ -73,6 +73,8 @@ pub struct ServerSettings {
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
+    /// HTTP listener serving Prometheus metrics on `/metrics`; unset: no metrics listener.
+    pub metrics_listen: Option<SocketAddr>,
 }
 
 impl Default for ServerSettings {
@@ -81,6 +83,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_size: ByteSize::mib(32),
             shutdown_grace_period: Duration::from_secs(30),
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
         }
     }
 }

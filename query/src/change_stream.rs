@@ -40,6 +40,7 @@ use tokio_util::sync::CancellationToken;
 use crate::error::QueryError;
 use crate::feed::{EventFeed, EventSelector, Feed, event_with_position};
 use crate::live::{Polling, Sink};
+use crate::metrics;
 use crate::offset::{Offset, Position};
 
 /// Changes a subscriber may be behind the shared stream before it reads a private one.
@@ -201,6 +202,7 @@ impl ChangeStreams {
                         }
                     }
                     Ok(Change::Gap) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                        metrics::CHANGE_STREAM_FALLBACKS.inc();
                         tracing::debug!(
                             "change-stream subscriber resumes from its own resume token"
                         );
@@ -529,6 +531,7 @@ async fn watch_shared(
                 }
             }
         }
+        metrics::CHANGE_STREAM_RESTARTS.inc();
         let jittered = jitter(pause, backoff.random_factor);
         tokio::select! {
             () = stop.cancelled() => return,
@@ -557,6 +560,7 @@ async fn follow(
                 *pause = backoff.min_backoff;
                 *resume = stream.resume_token();
                 if let Some(change) = changed(change) {
+                    metrics::observe_lag(metrics::CHANGE_STREAM, change.position.written_at_millis);
                     let _ = changes.send(Change::Event(Arc::new(change)));
                 }
             }

@@ -10,6 +10,7 @@ pub mod change_stream;
 mod error;
 pub mod feed;
 pub mod live;
+pub mod metrics;
 pub mod offset;
 
 use config::Settings;

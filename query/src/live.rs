@@ -216,6 +216,12 @@ async fn poll<F: Feed>(
                 Ok(batch) => {
                     let complete = batch.len() < polling.batch_size;
                     last = batch.last().map(|(position, _)| position.clone());
+                    for (position, _) in &batch {
+                        crate::metrics::observe_lag(
+                            crate::metrics::POLLING,
+                            position.written_at_millis,
+                        );
+                    }
                     // No receiver right now is fine: a new subscriber catches up by itself.
                     let _ = batches.send(Arc::new(batch));
                     if complete {

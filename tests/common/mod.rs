@@ -61,7 +61,11 @@ pub fn test_settings(database: &str) -> Settings {
         mongodb_uri: Some(mongodb_uri()),
         database: Some(database.to_owned()),
     };
-    Settings::load(None, &HashMap::new(), &overrides).expect("test settings are valid")
+    let mut settings =
+        Settings::load(None, &HashMap::new(), &overrides).expect("test settings are valid");
+    // Many servers run at once; a test that wants metrics picks a port.
+    settings.server.metrics_listen = None;
+    settings
 }
 
 pub struct TestServer {
