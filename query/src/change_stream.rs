@@ -34,7 +34,7 @@ use mongodb::bson::{Bson, Document, Timestamp, doc, from_document, to_bson};
 use mongodb::change_stream::ChangeStream;
 use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
 use mongodb::options::FullDocumentType;
-use tokio::sync::broadcast;
+use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::QueryError;
@@ -258,7 +258,7 @@ impl ChangeStreams {
             None => watch.await,
         };
         let resuming = skip.is_none();
-        let mut private = match opened {
+        let private = match opened {
             Ok(stream) => stream,
             // The resume point left the oplog, or belongs to a dropped or renamed collection.
             Err(error) if resuming => {
@@ -276,47 +276,112 @@ impl ChangeStreams {
                 return Step::Over;
             }
         };
-        // Shared changes seen while the private stream catches up: it hands over once it reached
-        // the first of them.
+        // The private stream is read by a task of its own, so waiting on it here can be given
+        // up at any time without dropping a driver call half-way.
+        let (private_sender, mut private_changes) = mpsc::channel(PRIVATE_BUFFER);
+        let reader = AbortOnDrop(tokio::spawn(read_private(private, private_sender)));
+        // Shared changes seen while the private stream catches up.
         let mut pending: VecDeque<Arc<Changed>> = VecDeque::new();
         loop {
-            tokio::select! {
+            let private_change = tokio::select! {
                 () = self.shutdown.cancelled() => return Step::Over,
                 () = subscriber.sink.closed() => return Step::Over,
-                received = changes.recv() => match received {
-                    Ok(Change::Event(change)) => pending.push_back(change),
-                    Ok(Change::Gap) => {}
-                    Err(broadcast::error::RecvError::Lagged(_)) => return Step::Again,
-                    Err(broadcast::error::RecvError::Closed) => return Step::Over,
-                },
-                next = private.next() => {
-                    let change = match next.map(|next| next.map(changed)) {
-                        Some(Ok(Some(change))) => change,
-                        Some(Ok(None)) => continue,
-                        Some(Err(error)) if mongo::error_codes(&error).contains(&CHANGE_STREAM_HISTORY_LOST) => {
-                            tracing::warn!("resume point left the oplog; catching up with queries");
-                            return subscriber.fall_back(self.drift_millis());
-                        }
-                        Some(Err(error)) => {
-                            tracing::warn!(%error, "private change stream failed; resuming");
-                            tokio::time::sleep(self.backoff.min_backoff).await;
-                            return Step::Again;
-                        }
-                        // Invalidated (collection dropped or renamed): its resume tokens are dead.
-                        None => return subscriber.fall_back(self.drift_millis()),
-                    };
+                received = changes.recv() => {
+                    match received {
+                        Ok(Change::Event(change)) => pending.push_back(change),
+                        Ok(Change::Gap) => {}
+                        Err(broadcast::error::RecvError::Lagged(_)) => return Step::Again,
+                        Err(broadcast::error::RecvError::Closed) => return Step::Over,
+                    }
+                    continue;
+                }
+                private_change = private_changes.recv() => private_change,
+            };
+            match private_change {
+                Some(Private::Change(change)) => {
                     let skipped = skip.as_ref().is_some_and(|(horizon, after)| {
                         change.position.written_at_millis <= *horizon
-                            || after.as_ref().is_some_and(|after| change.position <= *after)
+                            || after
+                                .as_ref()
+                                .is_some_and(|after| change.position <= *after)
                     });
                     if !skipped && !subscriber.offer(&change).await {
                         return Step::Over;
                     }
-                    if pending.front().is_some_and(|first| first.token <= change.token) {
+                    if pending
+                        .front()
+                        .is_some_and(|first| first.token <= change.token)
+                    {
                         return Step::Done(pending.into_iter().collect());
                     }
                 }
+                // Nothing more right now: everything up to `seen` went through the private
+                // stream, and the shared one brings what comes after.
+                Some(Private::CaughtUp(seen)) => {
+                    subscriber.seen_through(seen);
+                    drop(reader);
+                    return Step::Done(pending.into_iter().collect());
+                }
+                Some(Private::HistoryLost) | Some(Private::Ended) | None => {
+                    return subscriber.fall_back(self.drift_millis());
+                }
+                Some(Private::Failed) => {
+                    tokio::time::sleep(self.backoff.min_backoff).await;
+                    return Step::Again;
+                }
             }
+        }
+    }
+}
+
+/// Changes waiting between a subscriber's private stream reader and the subscriber.
+const PRIVATE_BUFFER: usize = 64;
+
+enum Private {
+    Change(Box<Changed>),
+    /// No change waits right now; the stream has seen everything up to this resume token.
+    CaughtUp(String),
+    HistoryLost,
+    /// Invalidated (collection dropped or renamed): its resume tokens are dead.
+    Ended,
+    Failed,
+}
+
+struct AbortOnDrop(tokio::task::JoinHandle<()>);
+
+impl Drop for AbortOnDrop {
+    fn drop(&mut self) {
+        self.0.abort();
+    }
+}
+
+async fn read_private(
+    mut stream: ChangeStream<ChangeStreamEvent<EventDocument>>,
+    sender: mpsc::Sender<Private>,
+) {
+    loop {
+        let message = match stream.next_if_any().await {
+            Ok(Some(change)) => match changed(change) {
+                Some(change) => Private::Change(Box::new(change)),
+                None => continue,
+            },
+            Ok(None) if !stream.is_alive() => Private::Ended,
+            Ok(None) => match stream.resume_token().as_ref().and_then(token_hex) {
+                Some(seen) => Private::CaughtUp(seen),
+                None => continue,
+            },
+            Err(error) if mongo::error_codes(&error).contains(&CHANGE_STREAM_HISTORY_LOST) => {
+                tracing::warn!("resume point left the oplog; catching up with queries");
+                Private::HistoryLost
+            }
+            Err(error) => {
+                tracing::warn!(%error, "private change stream failed; resuming");
+                Private::Failed
+            }
+        };
+        let last = !matches!(message, Private::Change(_));
+        if sender.send(message).await.is_err() || last {
+            return;
         }
     }
 }
@@ -398,6 +463,29 @@ impl Subscriber {
         tokio::select! {
             () = self.cancel.cancelled() => false,
             sent = self.sink.send(Ok((offset, event))) => sent.is_ok(),
+        }
+    }
+
+    /// The private stream saw everything up to the resume token `seen`: shared changes up to it
+    /// are not offered again.
+    fn seen_through(&mut self, seen: String) {
+        match &mut self.last {
+            Some(last) if last.change.as_ref().is_none_or(|change| *change < seen) => {
+                last.change = Some(seen)
+            }
+            Some(_) => {}
+            // Nothing delivered yet: a later fallback queries from the start, which is right.
+            None => {
+                let start = Position {
+                    written_at_millis: 0,
+                    persistence_id: String::new(),
+                    sequence_nr: 0,
+                };
+                self.last = Some(Offset {
+                    position: start,
+                    change: Some(seen),
+                });
+            }
         }
     }
 
