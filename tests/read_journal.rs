@@ -556,50 +556,6 @@ async fn concurrent_writes(urls: Vec<String>, prefix: &str) -> BTreeSet<(String,
     expected
 }
 
-/// Reads a live stream until it delivered `expected`, checking order and uniqueness.
-async fn receive_exactly(
-    stream: &mut Streaming<pb::EventEnvelope>,
-    expected: &BTreeSet<(String, i64)>,
-) {
-    let mut received = BTreeMap::new();
-    let mut last: Option<query::offset::Position> = None;
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
-    while received.len() < expected.len() {
-        let envelope = match tokio::time::timeout_at(deadline, stream.message()).await {
-            Ok(Ok(Some(envelope))) => envelope,
-            other => {
-                let missing: Vec<_> = expected
-                    .iter()
-                    .filter(|id| !received.contains_key(*id))
-                    .take(10)
-                    .collect();
-                panic!(
-                    "stream stopped at {} of {} ({other:?}); missing e.g. {missing:?}",
-                    received.len(),
-                    expected.len()
-                );
-            }
-        };
-        let position = query::offset::Position::parse_offset("offset", &envelope.offset)
-            .unwrap()
-            .unwrap();
-        assert!(
-            last.as_ref().is_none_or(|last| &position > last),
-            "offsets must increase"
-        );
-        last = Some(position);
-        collect_unique(&mut received, std::slice::from_ref(&envelope));
-        let id = ids(&[envelope]).remove(0);
-        assert!(
-            expected.contains(&id),
-            "{id:?} was not written with the tag"
-        );
-    }
-    // Nothing more arrives for the tag.
-    let extra = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
-    assert!(extra.is_err(), "unexpected extra envelope: {extra:?}");
-}
-
 #[tokio::test]
 async fn live_by_tag_misses_nothing_under_concurrent_writers() {
     let server = start("rj_concurrent").await;
@@ -623,8 +579,8 @@ async fn live_by_tag_misses_nothing_under_concurrent_writers() {
         "{} events with the tag",
         expected.len()
     );
-    receive_exactly(&mut early, &expected).await;
-    receive_exactly(&mut late, &expected).await;
+    receive_each_once(&mut early, &expected, true).await;
+    receive_each_once(&mut late, &expected, true).await;
 }
 
 #[tokio::test]
@@ -646,8 +602,8 @@ async fn live_by_tag_misses_nothing_with_two_servers_writing() {
         .unwrap()
         .into_inner();
     let expected = concurrent_writes(vec![first.url(), second.url()], "two").await;
-    receive_exactly(&mut on_first, &expected).await;
-    receive_exactly(&mut on_second, &expected).await;
+    receive_each_once(&mut on_first, &expected, true).await;
+    receive_each_once(&mut on_second, &expected, true).await;
 }
 
 #[tokio::test]
@@ -679,7 +635,7 @@ async fn a_subscriber_resuming_from_its_last_offset_gets_every_event_once() {
         .filter(|id| !received.contains_key(*id))
         .cloned()
         .collect();
-    receive_exactly(&mut resumed, &rest).await;
+    receive_each_once(&mut resumed, &rest, true).await;
 }
 
 #[tokio::test]
@@ -866,8 +822,8 @@ async fn change_streams_miss_nothing_under_concurrent_writers() {
     tokio::time::sleep(Duration::from_millis(300)).await;
     let mut late = queries.events_by_tag(request).await.unwrap().into_inner();
     let expected = writers.await.unwrap();
-    receive_each_once(&mut early, &expected).await;
-    receive_each_once(&mut late, &expected).await;
+    receive_each_once(&mut early, &expected, false).await;
+    receive_each_once(&mut late, &expected, false).await;
 }
 
 #[tokio::test]
@@ -889,8 +845,8 @@ async fn change_streams_miss_nothing_with_two_servers_writing() {
         .unwrap()
         .into_inner();
     let expected = concurrent_writes(vec![first.url(), second.url()], "cstwo").await;
-    receive_each_once(&mut on_first, &expected).await;
-    receive_each_once(&mut on_second, &expected).await;
+    receive_each_once(&mut on_first, &expected, false).await;
+    receive_each_once(&mut on_second, &expected, false).await;
 }
 
 #[tokio::test]
@@ -915,7 +871,7 @@ async fn change_stream_subscriber_that_falls_behind_falls_back_and_loses_nothing
         assert!(write(&mut journal, writes).await.iter().all(is_written));
         expected.extend((1..=50).map(|n| ("bulk".to_owned(), chunk * 50 + n)));
     }
-    receive_each_once(&mut stalled, &expected).await;
+    receive_each_once(&mut stalled, &expected, false).await;
 }
 
 #[tokio::test]
@@ -961,12 +917,15 @@ async fn an_invalidated_change_stream_restarts_and_subscribers_catch_up() {
     assert_eq!(ids(&take(&mut live, 1, 15).await), [("after".into(), 1)]);
 }
 
-/// Like `receive_exactly`, for change-stream mode: commit order, so offsets need not increase.
+/// Reads a live stream until it delivered `expected`, each once; with `in_position_order`
+/// (polling) offsets must increase too (change streams deliver in commit order).
 async fn receive_each_once(
     stream: &mut Streaming<pb::EventEnvelope>,
     expected: &BTreeSet<(String, i64)>,
+    in_position_order: bool,
 ) {
     let mut received = BTreeMap::new();
+    let mut last: Option<query::offset::Position> = None;
     let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while received.len() < expected.len() {
         let envelope = match tokio::time::timeout_at(deadline, stream.message()).await {
@@ -984,6 +943,16 @@ async fn receive_each_once(
                 );
             }
         };
+        if in_position_order {
+            let position = query::offset::Position::parse_offset("offset", &envelope.offset)
+                .unwrap()
+                .unwrap();
+            assert!(
+                last.as_ref().is_none_or(|last| &position > last),
+                "offsets must increase"
+            );
+            last = Some(position);
+        }
         collect_unique(&mut received, std::slice::from_ref(&envelope));
         let id = ids(&[envelope]).remove(0);
         assert!(
@@ -991,6 +960,7 @@ async fn receive_each_once(
             "{id:?} was not written with the tag"
         );
     }
+    // Nothing more arrives for the tag.
     let extra = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
     assert!(extra.is_err(), "unexpected extra envelope: {extra:?}");
 }
@@ -1029,7 +999,7 @@ async fn change_stream_subscriber_resuming_from_its_offset_gets_every_event_once
         .filter(|id| !received.contains_key(*id))
         .cloned()
         .collect();
-    receive_each_once(&mut resumed, &rest).await;
+    receive_each_once(&mut resumed, &rest, false).await;
 }
 
 #[tokio::test]

@@ -122,25 +122,17 @@ impl<K: Eq + Hash + Clone, F: Feed> Hubs<K, F> {
         'catch_up: loop {
             let mut batches = hub.batches.subscribe();
             let horizon = polling.horizon_millis();
-            loop {
-                let batch = match feed.fetch(last.as_ref(), horizon, polling.batch_size).await {
-                    Ok(batch) => batch,
-                    Err(error) => {
-                        let _ = sink.send(Err(error)).await;
-                        return;
-                    }
-                };
-                let complete = batch.len() < polling.batch_size;
-                for item in batch {
-                    let position = item.0.clone();
-                    if !deliver(&sink, &cancel, item).await {
-                        return;
-                    }
-                    last = Some(position);
-                }
-                if complete {
-                    break;
-                }
+            if !read_up_to(
+                &feed,
+                &mut last,
+                horizon,
+                polling.batch_size,
+                &sink,
+                &cancel,
+            )
+            .await
+            {
+                return;
             }
             loop {
                 let received = tokio::select! {
@@ -245,26 +237,46 @@ pub async fn current<F: Feed>(
     sink: Sink<F::Item>,
     cancel: CancellationToken,
 ) {
-    let horizon = polling.horizon_millis();
     let mut last = start;
+    read_up_to(
+        &feed,
+        &mut last,
+        polling.horizon_millis(),
+        polling.batch_size,
+        &sink,
+        &cancel,
+    )
+    .await;
+}
+
+/// Delivers everything after `last` up to `horizon`, batch by batch, moving `last` along;
+/// false when the subscription is over (client gone, shutdown, or an error sent to it).
+async fn read_up_to<F: Feed>(
+    feed: &F,
+    last: &mut Option<Position>,
+    horizon: i64,
+    batch_size: usize,
+    sink: &Sink<F::Item>,
+    cancel: &CancellationToken,
+) -> bool {
     loop {
-        let batch = match feed.fetch(last.as_ref(), horizon, polling.batch_size).await {
+        let batch = match feed.fetch(last.as_ref(), horizon, batch_size).await {
             Ok(batch) => batch,
             Err(error) => {
                 let _ = sink.send(Err(error)).await;
-                return;
+                return false;
             }
         };
-        let complete = batch.len() < polling.batch_size;
+        let complete = batch.len() < batch_size;
         for item in batch {
             let position = item.0.clone();
-            if !deliver(&sink, &cancel, item).await {
-                return;
+            if !deliver(sink, cancel, item).await {
+                return false;
             }
-            last = Some(position);
+            *last = Some(position);
         }
         if complete {
-            return;
+            return true;
         }
     }
 }
