@@ -1,8 +1,9 @@
-//! The command line: `eventjournal serve` (and, later, the ops subcommands).
+//! The command line: `eventjournal serve`, and the operator commands `indexes` and `purge`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::path::PathBuf;
+use std::time::Duration;
 
 use clap::{Args, Parser, Subcommand};
 use config::{ConfigError, Overrides, Settings};
@@ -23,6 +24,57 @@ pub enum Command {
     /// Serve the gRPC API (Journal, SnapshotStore, DurableStateStore, ReadJournal, health,
     /// reflection) until SIGTERM or SIGINT.
     Serve(ServeArgs),
+    /// Show or create the indexes eventjournal needs.
+    #[command(subcommand)]
+    Indexes(IndexesCommand),
+    /// Set up and inspect purging of deleted events, old snapshots and deleted objects.
+    #[command(subcommand)]
+    Purge(PurgeCommand),
+}
+
+#[derive(Debug, Subcommand)]
+pub enum IndexesCommand {
+    /// List each collection's indexes: needed ones as ok or missing, others as other.
+    List(ConnectionArgs),
+    /// Create the missing indexes (the server does the same at start-up when
+    /// mongodb.create-indexes is on).
+    Create {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        /// commitQuorum of the index builds: "votingMembers", "majority" or a number;
+        /// overrides mongodb.index-commit-quorum.
+        #[arg(long, value_name = "Q")]
+        commit_quorum: Option<String>,
+    },
+}
+
+#[derive(Debug, Subcommand)]
+pub enum PurgeCommand {
+    /// Create the TTL indexes that purge deleted events (deletedAt), snapshots (insertedAt) and
+    /// deleted durable-state objects (deletedAt); run again with other values to change the
+    /// expiry in place. The same values again change nothing.
+    Setup {
+        #[command(flatten)]
+        connection: ConnectionArgs,
+        #[command(flatten)]
+        expiry: ExpiryArgs,
+    },
+    /// Show the TTL configured per collection and how many documents are eligible now.
+    Status(ConnectionArgs),
+}
+
+#[derive(Debug, Args)]
+#[group(required = true, multiple = true)]
+pub struct ExpiryArgs {
+    /// Keep deleted events this long, e.g. 365d.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub journal_expire_after: Option<Duration>,
+    /// Keep snapshots this long after they were saved, e.g. 365d.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub snapshot_expire_after: Option<Duration>,
+    /// Keep deleted durable-state objects (and their revision) this long.
+    #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+    pub state_expire_after: Option<Duration>,
 }
 
 /// How to reach the database; every subcommand takes these, as well as the environment
@@ -40,6 +92,19 @@ pub struct ConnectionArgs {
     pub database: Option<String>,
 }
 
+impl ConnectionArgs {
+    /// Settings from defaults, the file, the process environment and these flags.
+    pub fn settings(&self, listen: Option<SocketAddr>) -> Result<Settings, ConfigError> {
+        let environment: HashMap<String, String> = std::env::vars().collect();
+        let overrides = Overrides {
+            listen,
+            mongodb_uri: self.mongodb_uri.clone(),
+            database: self.database.clone(),
+        };
+        Settings::load(self.config.as_deref(), &environment, &overrides)
+    }
+}
+
 #[derive(Debug, Args)]
 pub struct ServeArgs {
     #[command(flatten)]
@@ -47,17 +112,4 @@ pub struct ServeArgs {
     /// gRPC listen address; overrides server.listen.
     #[arg(long, value_name = "ADDR")]
     pub listen: Option<SocketAddr>,
-}
-
-impl ServeArgs {
-    /// Settings from defaults, the file, the process environment and these flags.
-    pub fn settings(&self) -> Result<Settings, ConfigError> {
-        let environment: HashMap<String, String> = std::env::vars().collect();
-        let overrides = Overrides {
-            listen: self.listen,
-            mongodb_uri: self.connection.mongodb_uri.clone(),
-            database: self.connection.database.clone(),
-        };
-        Settings::load(self.connection.config.as_deref(), &environment, &overrides)
-    }
 }

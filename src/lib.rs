@@ -7,6 +7,7 @@
 pub mod cli;
 mod grpc;
 mod metrics;
+pub mod ops;
 pub mod server;
 mod status;
 

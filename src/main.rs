@@ -3,7 +3,8 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use eventjournal::cli::{Cli, Command, ServeArgs};
+use eventjournal::cli::{Cli, Command, IndexesCommand, PurgeCommand, ServeArgs};
+use eventjournal::ops;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
@@ -19,6 +20,8 @@ fn main() -> ExitCode {
         .init();
     let result = match cli.command {
         Command::Serve(args) => serve(args),
+        Command::Indexes(command) => indexes(command),
+        Command::Purge(command) => purge(command),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -31,7 +34,7 @@ fn main() -> ExitCode {
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
-    let settings = args.settings()?;
+    let settings = args.connection.settings(args.listen)?;
     let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
     runtime.block_on(async {
         let listener = tokio::net::TcpListener::bind(settings.server.listen)
@@ -46,6 +49,61 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
         tokio::spawn(cancel_on_signal(shutdown.clone()));
         eventjournal::run(settings, listener, shutdown).await
     })
+}
+
+fn indexes(command: IndexesCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut out = std::io::stdout();
+    match command {
+        IndexesCommand::List(connection) => {
+            let settings = connection.settings(None)?;
+            runtime.block_on(async {
+                let database = ops::connect(&settings).await?;
+                ops::indexes::list(&database, &settings, &mut out)
+                    .await
+                    .map(|_| ())
+            })
+        }
+        IndexesCommand::Create {
+            connection,
+            commit_quorum,
+        } => {
+            let mut settings = connection.settings(None)?;
+            if let Some(quorum) = commit_quorum {
+                settings.mongodb.index_commit_quorum = quorum;
+            }
+            runtime.block_on(async {
+                let database = ops::connect(&settings).await?;
+                ops::indexes::create(&database, &settings, &mut out).await
+            })
+        }
+    }
+}
+
+fn purge(command: PurgeCommand) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let mut out = std::io::stdout();
+    match command {
+        PurgeCommand::Setup { connection, expiry } => {
+            let settings = connection.settings(None)?;
+            let expiry = ops::purge::Expiry {
+                journal: expiry.journal_expire_after,
+                snapshots: expiry.snapshot_expire_after,
+                state: expiry.state_expire_after,
+            };
+            runtime.block_on(async {
+                let database = ops::connect(&settings).await?;
+                ops::purge::setup(&database, &settings, &expiry, &mut out).await
+            })
+        }
+        PurgeCommand::Status(connection) => {
+            let settings = connection.settings(None)?;
+            runtime.block_on(async {
+                let database = ops::connect(&settings).await?;
+                ops::purge::status(&database, &settings, &mut out).await
+            })
+        }
+    }
 }
 
 /// SIGTERM or SIGINT starts a graceful shutdown.

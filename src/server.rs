@@ -1,7 +1,7 @@
 //! Wiring: settings → MongoDB → stores → gRPC services → listener, and graceful shutdown.
 
 use anyhow::Context;
-use config::{Settings, redact_uri};
+use config::Settings;
 use durable_state::DurableStateStore;
 use journal::Journal;
 use proto::v1::durable_state_store_server::DurableStateStoreServer;
@@ -30,16 +30,7 @@ pub async fn run(
     shutdown: CancellationToken,
 ) -> anyhow::Result<()> {
     let mongodb = &settings.mongodb;
-    let database = mongo::connect(mongodb)
-        .await
-        .context("invalid MongoDB connection settings")?;
-    mongo::ping(&database).await.with_context(|| {
-        format!(
-            "cannot reach MongoDB at {} (waited mongodb.server-selection-timeout = {})",
-            redact_uri(&mongodb.uri),
-            humantime_display(mongodb.server_selection_timeout)
-        )
-    })?;
+    let database = crate::ops::connect(&settings).await?;
 
     let journal = Journal::new(&database, &settings);
     let snapshots = SnapshotStore::new(&database, &settings);

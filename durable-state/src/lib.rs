@@ -82,6 +82,19 @@ struct ObjectDocument {
     write_id: Option<String>,
 }
 
+/// The indexes the durable-state store needs: changes by tag, in change-query order.
+pub fn index_models() -> Vec<IndexModel> {
+    let options = IndexOptions::builder()
+        .name("tag_writtenAt".to_owned())
+        .build();
+    vec![
+        IndexModel::builder()
+            .keys(doc! { TAG: 1, WRITTEN_AT: 1, "_id": 1 })
+            .options(options)
+            .build(),
+    ]
+}
+
 #[derive(Clone)]
 pub struct DurableStateStore {
     objects: Collection<ObjectDocument>,
@@ -112,18 +125,10 @@ impl DurableStateStore {
     /// Creates missing indexes: changes by tag, in change-query order.
     pub async fn create_indexes(&self) -> Result<(), DurableStateError> {
         let operation = "create durable-state indexes";
-        let index = IndexModel::builder()
-            .keys(doc! { TAG: 1, WRITTEN_AT: 1, "_id": 1 })
-            .options(
-                IndexOptions::builder()
-                    .name("tag_writtenAt".to_owned())
-                    .build(),
-            )
-            .build();
         self.retry
             .run(operation, || {
                 self.objects
-                    .create_index(index.clone())
+                    .create_indexes(index_models())
                     .commit_quorum(self.commit_quorum.clone())
             })
             .await

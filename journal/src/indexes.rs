@@ -6,7 +6,8 @@ use mongodb::options::IndexOptions;
 
 use crate::document::{PERSISTENCE_ID, SEQUENCE_NR, SLICE, TAGS, WRITTEN_AT};
 
-pub(crate) fn journal_indexes() -> Vec<IndexModel> {
+/// The indexes the journal and the read journal need.
+pub fn journal_indexes() -> Vec<IndexModel> {
     let named = |name: &str| IndexOptions::builder().name(name.to_owned());
     vec![
         // Uniqueness decides races between writers; also serves replay and highest-seqNr.

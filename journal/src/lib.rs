@@ -12,4 +12,5 @@ mod indexes;
 mod journal;
 
 pub use error::JournalError;
+pub use indexes::journal_indexes as index_models;
 pub use journal::{Journal, Replay, WriteOutcome};

@@ -76,6 +76,20 @@ impl SnapshotDocument {
     }
 }
 
+/// The indexes the snapshot store needs: unique `(pid, seqNr)`, which also serves loads.
+pub fn index_models() -> Vec<IndexModel> {
+    let options = IndexOptions::builder()
+        .name("pid_seqNr".to_owned())
+        .unique(true)
+        .build();
+    vec![
+        IndexModel::builder()
+            .keys(doc! { PERSISTENCE_ID: 1, SEQUENCE_NR: 1 })
+            .options(options)
+            .build(),
+    ]
+}
+
 #[derive(Clone)]
 pub struct SnapshotStore {
     snapshots: Collection<SnapshotDocument>,
@@ -97,19 +111,10 @@ impl SnapshotStore {
     /// Creates missing indexes: unique `(pid, seqNr)`, which also serves loads (read backwards).
     pub async fn create_indexes(&self) -> Result<(), SnapshotError> {
         let operation = "create snapshot indexes";
-        let index = IndexModel::builder()
-            .keys(doc! { PERSISTENCE_ID: 1, SEQUENCE_NR: 1 })
-            .options(
-                IndexOptions::builder()
-                    .name("pid_seqNr".to_owned())
-                    .unique(true)
-                    .build(),
-            )
-            .build();
         self.retry
             .run(operation, || {
                 self.snapshots
-                    .create_index(index.clone())
+                    .create_indexes(index_models())
                     .commit_quorum(self.commit_quorum.clone())
             })
             .await

@@ -1,0 +1,94 @@
+//! `eventjournal indexes list|create`: the indexes each collection needs in the configured mode,
+//! created by the same code the server runs at start-up.
+
+use std::io::Write;
+
+use anyhow::Context;
+use config::Settings;
+use mongodb::{Database, IndexModel};
+
+use super::{existing_indexes, index_name, short_duration};
+
+/// What each collection needs: (collection, indexes).
+fn required(settings: &Settings) -> Vec<(String, Vec<IndexModel>)> {
+    let names = &settings.mongodb.collections;
+    vec![
+        (names.journal.clone(), journal::index_models()),
+        (names.snapshots.clone(), snapshot::index_models()),
+        (names.durable_state.clone(), durable_state::index_models()),
+    ]
+}
+
+/// Prints each collection's indexes: `ok` or `missing` for the needed ones, `other` for the
+/// rest (TTL indexes from `purge setup`, or indexes someone else created). Returns how many
+/// are missing.
+pub async fn list(
+    database: &Database,
+    settings: &Settings,
+    out: &mut impl Write,
+) -> anyhow::Result<usize> {
+    let mut missing = 0;
+    for (collection, needed) in required(settings) {
+        let existing = existing_indexes(database, &collection).await?;
+        writeln!(out, "{collection}:")?;
+        for index in &needed {
+            let name = index_name(index);
+            let present = existing
+                .iter()
+                .any(|candidate| index_name(candidate) == name && candidate.keys == index.keys);
+            if !present {
+                missing += 1;
+            }
+            let state = if present { "ok" } else { "missing" };
+            writeln!(out, "  {state:<8} {name:<22} {}", index.keys)?;
+        }
+        for index in &existing {
+            let name = index_name(index);
+            if name == "_id_" || needed.iter().any(|needed| index_name(needed) == name) {
+                continue;
+            }
+            let ttl = index
+                .options
+                .as_ref()
+                .and_then(|options| options.expire_after);
+            let note = ttl.map_or(String::new(), |ttl| {
+                format!(" (TTL {})", short_duration(ttl))
+            });
+            writeln!(out, "  {:<8} {name:<22} {}{note}", "other", index.keys)?;
+        }
+    }
+    if missing > 0 {
+        writeln!(
+            out,
+            "{missing} index(es) missing: run `eventjournal indexes create`"
+        )?;
+    }
+    Ok(missing)
+}
+
+/// Creates the missing indexes (existing ones are left alone), as the server does at start-up.
+pub async fn create(
+    database: &Database,
+    settings: &Settings,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    journal::Journal::new(database, settings)
+        .create_indexes()
+        .await
+        .context("creating the journal indexes")?;
+    snapshot::SnapshotStore::new(database, settings)
+        .create_indexes()
+        .await
+        .context("creating the snapshot indexes")?;
+    durable_state::DurableStateStore::new(database, settings)
+        .create_indexes()
+        .await
+        .context("creating the durable-state indexes")?;
+    writeln!(
+        out,
+        "indexes created (commit quorum {})",
+        settings.mongodb.index_commit_quorum
+    )?;
+    list(database, settings, out).await?;
+    Ok(())
+}
