@@ -510,7 +510,11 @@ fn collect_unique(into: &mut BTreeMap<(String, i64), usize>, envelopes: &[pb::Ev
 /// 8 writers, several persistence ids each, mixed tags, atomic writes of 1 to 3 events; the
 /// servers they write through are given by `server_of(writer)`. Returns the (pid, seqNr) of
 /// every event written with tag "t-a".
-async fn concurrent_writes(urls: Vec<String>, prefix: &str) -> BTreeSet<(String, i64)> {
+async fn concurrent_writes(
+    urls: Vec<String>,
+    prefix: impl Into<String>,
+) -> BTreeSet<(String, i64)> {
+    let prefix: String = prefix.into();
     const WRITERS: usize = 8;
     const WRITES_PER_WRITER: i64 = 150;
     let mut tasks = Vec::new();
@@ -554,56 +558,6 @@ async fn concurrent_writes(urls: Vec<String>, prefix: &str) -> BTreeSet<(String,
         expected.extend(task.await.unwrap());
     }
     expected
-}
-
-#[tokio::test]
-async fn live_by_tag_misses_nothing_under_concurrent_writers() {
-    let server = start("rj_concurrent").await;
-    let mut queries = ReadJournalClient::new(server.channel().await);
-    let request = pb::EventsByTagRequest {
-        tag: "t-a".into(),
-        offset: String::new(),
-    };
-    let mut early = queries
-        .events_by_tag(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let writers = tokio::spawn(concurrent_writes(vec![server.url()], "one"));
-    // A second subscriber joins while the writers are busy.
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut late = queries.events_by_tag(request).await.unwrap().into_inner();
-    let expected = writers.await.unwrap();
-    assert!(
-        expected.len() > 500,
-        "{} events with the tag",
-        expected.len()
-    );
-    receive_each_once(&mut early, &expected, true).await;
-    receive_each_once(&mut late, &expected, true).await;
-}
-
-#[tokio::test]
-async fn live_by_tag_misses_nothing_with_two_servers_writing() {
-    let first = start("rj_two").await;
-    let second = TestServer::start_on_database(first.settings.clone()).await;
-    let request = pb::EventsByTagRequest {
-        tag: "t-a".into(),
-        offset: String::new(),
-    };
-    let mut on_first = ReadJournalClient::new(first.channel().await)
-        .events_by_tag(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut on_second = ReadJournalClient::new(second.channel().await)
-        .events_by_tag(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let expected = concurrent_writes(vec![first.url(), second.url()], "two").await;
-    receive_each_once(&mut on_first, &expected, true).await;
-    receive_each_once(&mut on_second, &expected, true).await;
 }
 
 #[tokio::test]
@@ -803,50 +757,6 @@ async fn change_streams_deliver_live_events_by_tag_and_slice_promptly() {
         "took {:?}",
         written.elapsed()
     );
-}
-
-#[tokio::test]
-async fn change_streams_miss_nothing_under_concurrent_writers() {
-    let server = TestServer::start_with("cs_concurrent", change_streams).await;
-    let mut queries = ReadJournalClient::new(server.channel().await);
-    let request = pb::EventsByTagRequest {
-        tag: "t-a".into(),
-        offset: String::new(),
-    };
-    let mut early = queries
-        .events_by_tag(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let writers = tokio::spawn(concurrent_writes(vec![server.url()], "csone"));
-    tokio::time::sleep(Duration::from_millis(300)).await;
-    let mut late = queries.events_by_tag(request).await.unwrap().into_inner();
-    let expected = writers.await.unwrap();
-    receive_each_once(&mut early, &expected, false).await;
-    receive_each_once(&mut late, &expected, false).await;
-}
-
-#[tokio::test]
-async fn change_streams_miss_nothing_with_two_servers_writing() {
-    let first = TestServer::start_with("cs_two", change_streams).await;
-    let second = TestServer::start_on_database(first.settings.clone()).await;
-    let request = pb::EventsByTagRequest {
-        tag: "t-a".into(),
-        offset: String::new(),
-    };
-    let mut on_first = ReadJournalClient::new(first.channel().await)
-        .events_by_tag(request.clone())
-        .await
-        .unwrap()
-        .into_inner();
-    let mut on_second = ReadJournalClient::new(second.channel().await)
-        .events_by_tag(request)
-        .await
-        .unwrap()
-        .into_inner();
-    let expected = concurrent_writes(vec![first.url(), second.url()], "cstwo").await;
-    receive_each_once(&mut on_first, &expected, false).await;
-    receive_each_once(&mut on_second, &expected, false).await;
 }
 
 #[tokio::test]
@@ -1106,4 +1016,94 @@ async fn the_metrics_endpoint_shows_how_far_behind_now_live_queries_run() {
         .unwrap();
     let sum: f64 = sum_line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(sum / count >= 0.5, "{sum_line} / {count_line}");
+}
+
+/// Which live mechanism a test runs against.
+#[derive(Clone, Copy)]
+enum Mode {
+    Polling,
+    ChangeStreams,
+}
+
+impl Mode {
+    fn settings(self) -> fn(&mut config::Settings) {
+        match self {
+            Mode::Polling => fast,
+            Mode::ChangeStreams => change_streams,
+        }
+    }
+
+    /// Polling delivers in position order; change streams in commit order.
+    fn in_position_order(self) -> bool {
+        matches!(self, Mode::Polling)
+    }
+}
+
+/// 8 concurrent writers; one subscriber from before the writes, one joining while they run.
+async fn misses_nothing_under_concurrent_writers(mode: Mode, prefix: &str) {
+    let server = TestServer::start_with(prefix, mode.settings()).await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let request = pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: String::new(),
+    };
+    let mut early = queries
+        .events_by_tag(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let writers = tokio::spawn(concurrent_writes(vec![server.url()], prefix.to_owned()));
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut late = queries.events_by_tag(request).await.unwrap().into_inner();
+    let expected = writers.await.unwrap();
+    assert!(
+        expected.len() > 500,
+        "{} events with the tag",
+        expected.len()
+    );
+    receive_each_once(&mut early, &expected, mode.in_position_order()).await;
+    receive_each_once(&mut late, &expected, mode.in_position_order()).await;
+}
+
+/// 8 concurrent writers split over two servers on one database; a subscriber on each.
+async fn misses_nothing_with_two_servers_writing(mode: Mode, prefix: &str) {
+    let first = TestServer::start_with(prefix, mode.settings()).await;
+    let second = TestServer::start_on_database(first.settings.clone()).await;
+    let request = pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: String::new(),
+    };
+    let mut on_first = ReadJournalClient::new(first.channel().await)
+        .events_by_tag(request.clone())
+        .await
+        .unwrap()
+        .into_inner();
+    let mut on_second = ReadJournalClient::new(second.channel().await)
+        .events_by_tag(request)
+        .await
+        .unwrap()
+        .into_inner();
+    let expected = concurrent_writes(vec![first.url(), second.url()], prefix.to_owned()).await;
+    receive_each_once(&mut on_first, &expected, mode.in_position_order()).await;
+    receive_each_once(&mut on_second, &expected, mode.in_position_order()).await;
+}
+
+#[tokio::test]
+async fn polling_misses_nothing_under_concurrent_writers() {
+    misses_nothing_under_concurrent_writers(Mode::Polling, "rj_one").await;
+}
+
+#[tokio::test]
+async fn polling_misses_nothing_with_two_servers_writing() {
+    misses_nothing_with_two_servers_writing(Mode::Polling, "rj_two").await;
+}
+
+#[tokio::test]
+async fn change_streams_miss_nothing_under_concurrent_writers() {
+    misses_nothing_under_concurrent_writers(Mode::ChangeStreams, "cs_one").await;
+}
+
+#[tokio::test]
+async fn change_streams_miss_nothing_with_two_servers_writing() {
+    misses_nothing_with_two_servers_writing(Mode::ChangeStreams, "cs_two").await;
 }
