@@ -561,38 +561,6 @@ async fn concurrent_writes(
 }
 
 #[tokio::test]
-async fn a_subscriber_resuming_from_its_last_offset_gets_every_event_once() {
-    let server = start("rj_resume").await;
-    let mut queries = ReadJournalClient::new(server.channel().await);
-    let writers = tokio::spawn(concurrent_writes(vec![server.url()], "resume"));
-    let request = |offset: &str| pb::EventsByTagRequest {
-        tag: "t-a".into(),
-        offset: offset.into(),
-    };
-    let mut stream = queries
-        .events_by_tag(request(""))
-        .await
-        .unwrap()
-        .into_inner();
-    let first_part = take(&mut stream, 200, 30).await;
-    drop(stream);
-    let expected = writers.await.unwrap();
-    let mut received = BTreeMap::new();
-    collect_unique(&mut received, &first_part);
-    let mut resumed = queries
-        .events_by_tag(request(&first_part.last().unwrap().offset))
-        .await
-        .unwrap()
-        .into_inner();
-    let rest: BTreeSet<_> = expected
-        .iter()
-        .filter(|id| !received.contains_key(*id))
-        .cloned()
-        .collect();
-    receive_each_once(&mut resumed, &rest, true).await;
-}
-
-#[tokio::test]
 async fn tag_queries_use_the_tag_index() {
     let server = start("rj_index").await;
     let mut journal = server.journal().await;
@@ -876,43 +844,6 @@ async fn receive_each_once(
 }
 
 #[tokio::test]
-async fn change_stream_subscriber_resuming_from_its_offset_gets_every_event_once() {
-    let server = TestServer::start_with("cs_resume", change_streams).await;
-    let mut queries = ReadJournalClient::new(server.channel().await);
-    let writers = tokio::spawn(concurrent_writes(vec![server.url()], "csresume"));
-    let request = |offset: &str| pb::EventsByTagRequest {
-        tag: "t-a".into(),
-        offset: offset.into(),
-    };
-    let mut stream = queries
-        .events_by_tag(request(""))
-        .await
-        .unwrap()
-        .into_inner();
-    let first_part = take(&mut stream, 200, 30).await;
-    drop(stream);
-    let expected = writers.await.unwrap();
-    let mut received = BTreeMap::new();
-    collect_unique(&mut received, &first_part);
-    let last = first_part.last().unwrap().offset.clone();
-    assert!(
-        last.starts_with("c1."),
-        "streamed events carry their resume token: {last}"
-    );
-    let mut resumed = queries
-        .events_by_tag(request(&last))
-        .await
-        .unwrap()
-        .into_inner();
-    let rest: BTreeSet<_> = expected
-        .iter()
-        .filter(|id| !received.contains_key(*id))
-        .cloned()
-        .collect();
-    receive_each_once(&mut resumed, &rest, false).await;
-}
-
-#[tokio::test]
 async fn change_stream_offsets_are_exclusive() {
     let server = TestServer::start_with("cs_offsets", change_streams).await;
     let mut journal = server.journal().await;
@@ -1106,4 +1037,54 @@ async fn change_streams_miss_nothing_under_concurrent_writers() {
 #[tokio::test]
 async fn change_streams_miss_nothing_with_two_servers_writing() {
     misses_nothing_with_two_servers_writing(Mode::ChangeStreams, "cs_two").await;
+}
+
+/// A subscriber reads 200 events, disconnects, and resumes from its last offset while 8
+/// writers are busy: it ends up with every event exactly once.
+async fn resumes_exactly_once(mode: Mode, prefix: &str) {
+    let server = TestServer::start_with(prefix, mode.settings()).await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let writers = tokio::spawn(concurrent_writes(vec![server.url()], prefix.to_owned()));
+    let request = |offset: &str| pb::EventsByTagRequest {
+        tag: "t-a".into(),
+        offset: offset.into(),
+    };
+    let mut stream = queries
+        .events_by_tag(request(""))
+        .await
+        .unwrap()
+        .into_inner();
+    let first_part = take(&mut stream, 200, 30).await;
+    drop(stream);
+    let expected = writers.await.unwrap();
+    let mut received = BTreeMap::new();
+    collect_unique(&mut received, &first_part);
+    let last = first_part.last().unwrap().offset.clone();
+    if let Mode::ChangeStreams = mode {
+        assert!(
+            last.starts_with("c1."),
+            "streamed events carry their resume token: {last}"
+        );
+    }
+    let mut resumed = queries
+        .events_by_tag(request(&last))
+        .await
+        .unwrap()
+        .into_inner();
+    let rest: BTreeSet<_> = expected
+        .iter()
+        .filter(|id| !received.contains_key(*id))
+        .cloned()
+        .collect();
+    receive_each_once(&mut resumed, &rest, mode.in_position_order()).await;
+}
+
+#[tokio::test]
+async fn a_subscriber_resuming_from_its_last_offset_gets_every_event_once() {
+    resumes_exactly_once(Mode::Polling, "rj_resume").await;
+}
+
+#[tokio::test]
+async fn change_stream_subscriber_resuming_from_its_offset_gets_every_event_once() {
+    resumes_exactly_once(Mode::ChangeStreams, "cs_resume").await;
 }

@@ -547,6 +547,7 @@ fn matches(selector: &EventSelector, event: &PersistentEvent) -> bool {
     match selector {
         EventSelector::Tag(tag) => event.tags.iter().any(|candidate| candidate.as_str() == tag),
         EventSelector::Slices { min, max } => (*min..=*max).contains(&event.persistence_id.slice()),
+        EventSelector::FirstEvents => event.sequence_nr.get() == 1,
     }
 }
 

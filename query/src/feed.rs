@@ -36,7 +36,13 @@ pub trait Feed: Clone + Send + Sync + 'static {
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventSelector {
     Tag(String),
-    Slices { min: i32, max: i32 },
+    Slices {
+        min: i32,
+        max: i32,
+    },
+    /// The first event (sequence number 1) of each persistence id, deleted or not: how live
+    /// `PersistenceIds` learns of new ids.
+    FirstEvents,
 }
 
 #[derive(Clone)]
@@ -62,16 +68,20 @@ pub fn event_query(
         EventSelector::Slices { min, max } => {
             doc! { event_fields::SLICE: { "$gte": min, "$lte": max } }
         }
+        EventSelector::FirstEvents => doc! { event_fields::SEQUENCE_NR: 1_i64 },
     };
     filter.insert(
         event_fields::WRITTEN_AT,
         doc! { "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(horizon_millis) },
     );
-    filter.insert(event_fields::DELETED_AT, doc! { "$exists": false });
+    // A persistence id exists even when its events are deleted.
+    if *selector != EventSelector::FirstEvents {
+        filter.insert(event_fields::DELETED_AT, doc! { "$exists": false });
+    }
     let index = match selector {
         EventSelector::Tag(_) => "tags_writtenAt",
         EventSelector::Slices { min, max } if max - min < MAX_SLICES_MERGED => "slice_writtenAt",
-        EventSelector::Slices { .. } => "writtenAt_pid_seqNr",
+        EventSelector::Slices { .. } | EventSelector::FirstEvents => "writtenAt_pid_seqNr",
     };
     let sort = doc! { event_fields::WRITTEN_AT: 1, event_fields::PERSISTENCE_ID: 1, event_fields::SEQUENCE_NR: 1 };
     (filter, sort, index.to_owned())

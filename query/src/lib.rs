@@ -14,11 +14,11 @@ pub mod metrics;
 pub mod offset;
 
 use config::Settings;
-use feed::{EventFeed, EventSelector, StateChange, StateChangeFeed};
-use journal::document::{self as fields, EventDocument};
+use feed::{EventFeed, EventSelector, Feed, StateChange, StateChangeFeed};
+use journal::document::EventDocument;
 use model::PersistentEvent;
 use mongo::Retry;
-use mongodb::bson::{DateTime, Document, doc};
+use mongodb::bson::Document;
 use mongodb::{Collection, Database};
 use tokio_util::sync::CancellationToken;
 
@@ -199,77 +199,42 @@ impl ReadJournal {
         else {
             return;
         };
+        // New persistence ids: first events, read as a live query reads, up to the horizon.
+        let feed = self.event_feed(EventSelector::FirstEvents);
+        let batch_size = self.polling.batch_size;
         let mut last = Some(Position {
             written_at_millis: start,
             persistence_id: String::new(),
             sequence_nr: 0,
         });
-        // New persistence ids: first events (seqNr 1) in position order, read as a live query
-        // reads, up to the horizon.
-        let first_events = &self.events;
         loop {
-            let horizon = self.polling.horizon_millis();
-            let from = last
-                .as_ref()
-                .map_or(0, |position| position.written_at_millis);
-            let filter = doc! {
-                fields::SEQUENCE_NR: 1_i64,
-                fields::WRITTEN_AT: { "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(horizon) },
-            };
-            let operation = "read new persistence ids";
-            let found: Result<Vec<EventDocument>, _> = self
-                .retry
-                .run(operation, || async {
-                    use futures::TryStreamExt;
-                    first_events
-                        .find(filter.clone())
-                        .sort(doc! { fields::WRITTEN_AT: 1, fields::PERSISTENCE_ID: 1, fields::SEQUENCE_NR: 1 })
-                        .hint(mongodb::options::Hint::Name("writtenAt_pid_seqNr".to_owned()))
-                        .limit(self.polling.batch_size as i64)
-                        .await?
-                        .try_collect()
-                        .await
-                })
-                .await;
-            let found = match found {
-                Ok(found) => found,
+            let batch = match feed
+                .fetch(last.as_ref(), self.polling.horizon_millis(), batch_size)
+                .await
+            {
+                Ok(batch) => batch,
                 Err(error) => {
-                    let _ = sink
-                        .send(Err(self.retry.failure(operation, false, error).into()))
-                        .await;
+                    let _ = sink.send(Err(error)).await;
                     return;
                 }
             };
-            let full = found.len() == self.polling.batch_size;
-            for document in found {
-                let position = Position {
-                    written_at_millis: document.written_at.timestamp_millis(),
-                    persistence_id: document.pid.clone(),
-                    sequence_nr: document.seq_nr,
-                };
-                if last.as_ref().is_some_and(|last| &position <= last) {
+            let complete = batch.len() < batch_size;
+            for (position, event) in batch {
+                last = Some(position.clone());
+                let pid = event.persistence_id.into_string();
+                if already_delivered.contains(&pid) {
                     continue;
                 }
-                if already_delivered.contains(&document.pid) {
-                    last = Some(position);
-                    continue;
-                }
-                let sent = tokio::select! {
-                    () = self.shutdown.cancelled() => false,
-                    sent = sink.send(Ok((position.clone().into(), document.pid))) => sent.is_ok(),
-                };
-                if !sent {
+                if !live::deliver(&sink, &self.shutdown, (position, pid)).await {
                     return;
                 }
-                last = Some(position);
             }
-            if full {
-                continue;
-            }
-            tokio::select! {
-                () = self.shutdown.cancelled() => return,
-                () = sink.closed() => return,
-                () = tokio::time::sleep(self.polling.poll_interval) => {}
+            if complete {
+                tokio::select! {
+                    () = self.shutdown.cancelled() => return,
+                    () = sink.closed() => return,
+                    () = tokio::time::sleep(self.polling.poll_interval) => {}
+                }
             }
         }
     }
