@@ -61,6 +61,44 @@ pub enum PurgeCommand {
     },
     /// Show the TTL configured per collection and how many documents are eligible now.
     Status(ConnectionArgs),
+    /// Set the purge date on documents written before purging was set up (they lack the
+    /// field, so TTL ignores them), in batches with a pause between them. Interrupted, run it
+    /// again: it continues with the documents still lacking the field and never changes one
+    /// that has it.
+    ///
+    /// journal: deleted events (at or below their persistence id's delete-to mark) lacking
+    /// deletedAt; the highest sequence number survives in the metadata collection.
+    /// snapshots: every snapshot lacking insertedAt. state: deleted objects lacking deletedAt.
+    /// Live events and objects are never marked: here the mark itself deletes.
+    Migrate(MigrateArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct MigrateArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// The collection to migrate.
+    #[arg(long, value_enum, value_name = "COLLECTION")]
+    pub collection: crate::ops::migrate::Target,
+    /// The date written into the field (RFC 3339, e.g. 2027-01-17T03:00:00Z); the TTL index
+    /// purges the documents at this date plus its expire-after, so pick a quiet hour.
+    #[arg(long, value_name = "RFC3339", value_parser = humantime::parse_rfc3339)]
+    pub date: std::time::SystemTime,
+    /// Mark deleted documents only. The journal and state never mark anything else, so this
+    /// only states it; snapshots have no deleted documents and refuse it.
+    #[arg(long)]
+    pub only_deleted: bool,
+    /// Documents per update.
+    #[arg(long, value_name = "N", default_value_t = 1000,
+          value_parser = clap::value_parser!(u32).range(1..=100_000))]
+    pub batch_size: u32,
+    /// Pause between batches, e.g. 100ms or 2s.
+    #[arg(long, value_name = "DURATION", default_value = "100ms",
+          value_parser = humantime::parse_duration)]
+    pub pause: Duration,
+    /// Only count the documents that would be marked; change nothing.
+    #[arg(long)]
+    pub dry_run: bool,
 }
 
 #[derive(Debug, Args)]

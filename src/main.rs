@@ -96,6 +96,24 @@ fn purge(command: PurgeCommand) -> anyhow::Result<()> {
                 ops::purge::setup(&database, &settings, &expiry, &mut out).await
             })
         }
+        PurgeCommand::Migrate(args) => {
+            let settings = args.connection.settings(None)?;
+            let options = ops::migrate::Options {
+                target: args.collection,
+                date: mongodb::bson::DateTime::from_system_time(args.date),
+                only_deleted: args.only_deleted,
+                batch_size: args.batch_size,
+                pause: args.pause,
+                dry_run: args.dry_run,
+                progress: std::io::stderr().is_terminal(),
+            };
+            runtime.block_on(async {
+                let database = ops::connect(&settings).await?;
+                ops::migrate::migrate(&database, &settings, &options, &mut out)
+                    .await
+                    .map(|_| ())
+            })
+        }
         PurgeCommand::Status(connection) => {
             let settings = connection.settings(None)?;
             runtime.block_on(async {

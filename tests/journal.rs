@@ -386,14 +386,12 @@ async fn delete_to_hides_events_and_keeps_the_highest_sequence_number() {
         )
         .await
         .unwrap();
-    let deadline = tokio::time::Instant::now() + Duration::from_secs(90);
-    while journal.count_documents(doc! { "pid": "d" }).await.unwrap() > 0 {
-        assert!(
-            tokio::time::Instant::now() < deadline,
-            "TTL monitor did not purge within 90 s"
-        );
-        tokio::time::sleep(Duration::from_millis(250)).await;
-    }
+    wait_until(
+        "TTL monitor purges the deleted events",
+        Duration::from_secs(90),
+        || async { journal.count_documents(doc! { "pid": "d" }).await.unwrap() == 0 },
+    )
+    .await;
     assert_eq!(
         common::highest(&mut client, "d").await,
         5,

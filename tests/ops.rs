@@ -3,9 +3,14 @@
 mod common;
 
 use std::process::{Command, Output};
+use std::time::Duration;
 
-use common::{mongodb_uri, unique_database};
-use mongodb::bson::doc;
+use common::{
+    TestServer, atomic, event, highest, is_written, mongodb_uri, payload, replay, sequence_nrs,
+    unique_database, wait_until, write,
+};
+use mongodb::bson::{Bson, DateTime, Document, doc};
+use proto::v1 as pb;
 
 const BINARY: &str = env!("CARGO_BIN_EXE_eventjournal");
 
@@ -212,6 +217,7 @@ fn operator_commands_explain_themselves_and_reject_bad_input_in_one_line() {
     for args in [
         ["purge", "setup"],
         ["purge", "status"],
+        ["purge", "migrate"],
         ["indexes", "list"],
         ["indexes", "create"],
     ] {
@@ -281,4 +287,381 @@ fn operator_commands_explain_themselves_and_reject_bad_input_in_one_line() {
         "{stderr}"
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
+}
+
+async fn collection(database: &str, name: &str) -> mongodb::Collection<Document> {
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database(database)
+        .collection(name)
+}
+
+fn date(rfc3339: &str) -> DateTime {
+    DateTime::parse_rfc3339_str(rfc3339).unwrap()
+}
+
+/// `field` of each document, by `key`.
+async fn field_by(
+    documents: &mongodb::Collection<Document>,
+    key: &str,
+    field: &str,
+) -> std::collections::BTreeMap<String, Option<Bson>> {
+    use futures::TryStreamExt;
+    documents
+        .find(doc! {})
+        .await
+        .unwrap()
+        .map_ok(|document| {
+            (
+                document.get(key).unwrap().to_string(),
+                document.get(field).cloned(),
+            )
+        })
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+#[tokio::test]
+async fn migrate_marks_exactly_the_snapshots_lacking_the_field_in_batches() {
+    let database = unique_database("ops_migrate");
+    let snapshots = collection(&database, "snapshots").await;
+    let already = date("2026-01-01T00:00:00Z");
+    let mut documents: Vec<Document> = (1..=25_i64)
+        .map(|seq_nr| doc! { "pid": "s", "seqNr": seq_nr, "timestamp": 0_i64 })
+        .collect();
+    documents.extend((26..=28_i64).map(
+        |seq_nr| doc! { "pid": "s", "seqNr": seq_nr, "timestamp": 0_i64, "insertedAt": already },
+    ));
+    snapshots.insert_many(documents).await.unwrap();
+    let before = field_by(&snapshots, "seqNr", "insertedAt").await;
+
+    let migrate = |extra: &[&str]| {
+        let mut args = vec![
+            "purge",
+            "migrate",
+            "--collection",
+            "snapshots",
+            "--date",
+            "2027-01-17T03:00:00Z",
+            "--batch-size",
+            "10",
+            "--pause",
+            "10ms",
+        ];
+        args.extend_from_slice(extra);
+        run(&database, &args)
+    };
+    let dry = stdout(&migrate(&["--dry-run"]));
+    assert!(
+        dry.contains("dry run: 25 snapshots in snapshots lack insertedAt"),
+        "{dry}"
+    );
+    assert_eq!(field_by(&snapshots, "seqNr", "insertedAt").await, before);
+
+    let done = stdout(&migrate(&[]));
+    assert!(
+        done.contains(
+            "marked 25 snapshots in snapshots with insertedAt = 2027-01-17T03:00:00Z in 3 \
+             batch(es) of at most 10"
+        ),
+        "{done}"
+    );
+    let after = field_by(&snapshots, "seqNr", "insertedAt").await;
+    for (seq_nr, value) in &after {
+        let expected = if seq_nr.parse::<i64>().unwrap() <= 25 {
+            date("2027-01-17T03:00:00Z")
+        } else {
+            already
+        };
+        assert_eq!(value, &Some(Bson::DateTime(expected)), "snapshot {seq_nr}");
+    }
+    let again = stdout(&migrate(&[]));
+    assert!(again.contains("marked 0 snapshots"), "{again}");
+
+    let refused = migrate(&["--only-deleted"]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("--only-deleted does not apply to snapshots"),
+        "{stderr}"
+    );
+}
+
+#[tokio::test]
+async fn migrate_interrupted_and_run_again_continues_without_touching_marked_documents() {
+    let database = unique_database("ops_resume");
+    let snapshots = collection(&database, "snapshots").await;
+    snapshots
+        .insert_many((1..=60_i64).map(|seq_nr| doc! { "pid": "r", "seqNr": seq_nr }))
+        .await
+        .unwrap();
+    let args = |when: &'static str, pause: &'static str| {
+        [
+            "purge",
+            "migrate",
+            "--collection",
+            "snapshots",
+            "--date",
+            when,
+            "--batch-size",
+            "5",
+            "--pause",
+            pause,
+            "--mongodb-uri",
+        ]
+    };
+    let mut first = Command::new(BINARY)
+        .args(args("2027-01-01T00:00:00Z", "300ms"))
+        .args([&mongodb_uri(), "--database", &database])
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::null())
+        .spawn()
+        .unwrap();
+    let marked = doc! { "insertedAt": { "$exists": true } };
+    wait_until(
+        "the first batches are marked",
+        Duration::from_secs(30),
+        || async { snapshots.count_documents(marked.clone()).await.unwrap() >= 10 },
+    )
+    .await;
+    first.kill().unwrap();
+    first.wait().unwrap();
+    let interrupted = field_by(&snapshots, "seqNr", "insertedAt").await;
+    let first_run = interrupted.values().filter(|value| value.is_some()).count();
+    assert!(
+        (10..60).contains(&first_run),
+        "interrupted after {first_run}"
+    );
+
+    let second = stdout(
+        &Command::new(BINARY)
+            .args(args("2028-01-01T00:00:00Z", "0s"))
+            .args([&mongodb_uri(), "--database", &database])
+            .env("RUST_LOG", "off")
+            .output()
+            .unwrap(),
+    );
+    assert!(
+        second.contains(&format!("marked {} snapshots", 60 - first_run)),
+        "{second}"
+    );
+    let resumed = field_by(&snapshots, "seqNr", "insertedAt").await;
+    for (seq_nr, value) in &resumed {
+        let expected = match &interrupted[seq_nr] {
+            Some(earlier) => earlier.clone(),
+            None => Bson::DateTime(date("2028-01-01T00:00:00Z")),
+        };
+        assert_eq!(value, &Some(expected), "snapshot {seq_nr}");
+    }
+}
+
+#[tokio::test]
+async fn migrate_marks_deleted_events_only_and_the_highest_survives_the_purge() {
+    let server = TestServer::start("ops_migrate_journal").await;
+    let mut client = server.journal().await;
+    for pid in ["partly", "fully", "live"] {
+        let events = (1..=7).map(|seq_nr| event(pid, seq_nr, "e")).collect();
+        assert!(is_written(
+            &write(&mut client, vec![atomic(events)]).await[0]
+        ));
+    }
+    for (pid, to) in [("partly", 5), ("fully", i64::MAX)] {
+        client
+            .delete_events_to(pb::DeleteEventsToRequest {
+                persistence_id: pid.into(),
+                to_sequence_nr: to,
+            })
+            .await
+            .unwrap();
+    }
+    // As written before deletedAt existed: deleted (the metadata records it), not dated.
+    let journal = server.mongodb().await.collection::<Document>("journal");
+    journal
+        .update_many(doc! {}, doc! { "$unset": { "deletedAt": "" } })
+        .await
+        .unwrap();
+    let database = server.mongodb().await.name().to_owned();
+
+    let migrate = |extra: &[&str]| {
+        let mut args = vec![
+            "purge",
+            "migrate",
+            "--collection",
+            "journal",
+            "--date",
+            "2020-01-01T00:00:00Z",
+        ];
+        args.extend_from_slice(extra);
+        stdout(&run(&database, &args))
+    };
+    let dry = migrate(&["--dry-run"]);
+    assert!(
+        dry.contains("dry run: 12 deleted events in journal lack deletedAt"),
+        "{dry}"
+    );
+    let done = migrate(&["--only-deleted", "--batch-size", "4", "--pause", "0s"]);
+    assert!(done.contains("marked 12 deleted events"), "{done}");
+    assert!(done.contains("in 3 batch(es) of at most 4"), "{done}");
+    let marked = |pid: &str| {
+        let journal = journal.clone();
+        let pid = pid.to_owned();
+        async move {
+            let mut seq_nrs: Vec<i64> = Vec::new();
+            for seq_nr in 1..=7_i64 {
+                let document = journal
+                    .find_one(
+                        doc! { "pid": &pid, "seqNr": seq_nr, "deletedAt": { "$exists": true } },
+                    )
+                    .await
+                    .unwrap();
+                if document.is_some() {
+                    seq_nrs.push(seq_nr);
+                }
+            }
+            seq_nrs
+        }
+    };
+    assert_eq!(marked("partly").await, [1, 2, 3, 4, 5]);
+    assert_eq!(marked("fully").await, [1, 2, 3, 4, 5, 6, 7]);
+    assert!(
+        marked("live").await.is_empty(),
+        "live events are never marked"
+    );
+
+    stdout(&run(
+        &database,
+        &["purge", "setup", "--journal-expire-after", "1s"],
+    ));
+    wait_until(
+        "TTL purges the marked events",
+        Duration::from_secs(90),
+        || async {
+            journal
+                .count_documents(doc! { "deletedAt": { "$exists": true } })
+                .await
+                .unwrap()
+                == 0
+        },
+    )
+    .await;
+    assert_eq!(journal.count_documents(doc! {}).await.unwrap(), 2 + 7);
+    let (events, highest_in_replay) = replay(&mut client, "partly", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [6, 7]);
+    assert_eq!(highest_in_replay, 7);
+    let (events, highest_in_replay) = replay(&mut client, "fully", 1, None, None).await;
+    assert!(events.is_empty());
+    assert_eq!(highest_in_replay, 7, "the highest survives a full purge");
+    assert_eq!(highest(&mut client, "fully").await, 7);
+    let (events, _) = replay(&mut client, "live", 1, None, None).await;
+    assert_eq!(events.len(), 7);
+}
+
+#[tokio::test]
+async fn migrate_marks_deleted_state_objects_only() {
+    use proto::v1::durable_state_store_client::DurableStateStoreClient;
+    let server = TestServer::start("ops_migrate_state").await;
+    let mut client = DurableStateStoreClient::new(server.channel().await);
+    for pid in ["kept", "gone"] {
+        client
+            .upsert_object(pb::UpsertObjectRequest {
+                persistence_id: pid.into(),
+                revision: 1,
+                value: Some(payload("v")),
+                tag: String::new(),
+            })
+            .await
+            .unwrap();
+    }
+    client
+        .delete_object(pb::DeleteObjectRequest {
+            persistence_id: "gone".into(),
+            revision: 2,
+        })
+        .await
+        .unwrap();
+    let objects = server
+        .mongodb()
+        .await
+        .collection::<Document>("durable_state");
+    objects
+        .update_many(doc! {}, doc! { "$unset": { "deletedAt": "" } })
+        .await
+        .unwrap();
+    let database = server.mongodb().await.name().to_owned();
+    let done = stdout(&run(
+        &database,
+        &[
+            "purge",
+            "migrate",
+            "--collection",
+            "state",
+            "--date",
+            "2027-01-17T03:00:00Z",
+        ],
+    ));
+    assert!(
+        done.contains("marked 1 deleted durable-state objects in durable_state"),
+        "{done}"
+    );
+    let marked = field_by(&objects, "_id", "deletedAt").await;
+    assert_eq!(
+        marked["\"gone\""],
+        Some(Bson::DateTime(date("2027-01-17T03:00:00Z")))
+    );
+    assert_eq!(marked["\"kept\""], None, "a live object is never marked");
+    let kept = client
+        .get_object(pb::GetObjectRequest {
+            persistence_id: "kept".into(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(kept.revision, 1);
+    assert!(kept.value.is_some());
+}
+
+#[tokio::test]
+async fn ttl_removes_old_snapshots() {
+    use proto::v1::snapshot_store_client::SnapshotStoreClient;
+    let server = TestServer::start("ops_snapshot_ttl").await;
+    let mut client = SnapshotStoreClient::new(server.channel().await);
+    for sequence_nr in [3, 6] {
+        client
+            .save_snapshot(pb::SaveSnapshotRequest {
+                metadata: Some(pb::SnapshotMetadata {
+                    persistence_id: "old".into(),
+                    sequence_nr,
+                    timestamp_millis: 0,
+                    metadata: None,
+                }),
+                snapshot: Some(payload("state")),
+            })
+            .await
+            .unwrap();
+    }
+    let database = server.mongodb().await.name().to_owned();
+    let load = |mut client: SnapshotStoreClient<tonic::transport::Channel>| async move {
+        client
+            .load_snapshot(pb::LoadSnapshotRequest {
+                persistence_id: "old".into(),
+                criteria: None,
+                to_sequence_nr: None,
+            })
+            .await
+            .unwrap()
+            .into_inner()
+            .snapshot
+    };
+    assert!(load(client.clone()).await.is_some());
+    stdout(&run(
+        &database,
+        &["purge", "setup", "--snapshot-expire-after", "1s"],
+    ));
+    wait_until("TTL purges the snapshots", Duration::from_secs(90), || {
+        let client = client.clone();
+        async move { load(client).await.is_none() }
+    })
+    .await;
 }

@@ -65,14 +65,7 @@ impl Journal {
             .read_concern(ReadConcern::local())
             .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
             .build();
-        let cosmos_ttl_seconds = match settings.mongodb.database_mode {
-            // Validation guarantees it fits an int32.
-            DatabaseMode::Cosmos => settings
-                .write_journal
-                .cosmos_ttl
-                .and_then(|ttl| i32::try_from(ttl.as_secs()).ok()),
-            DatabaseMode::Mongo => None,
-        };
+        let cosmos_ttl_seconds = cosmos_ttl_seconds(settings);
         Self {
             client: database.client().clone(),
             events: database.collection(&names.journal),
@@ -423,6 +416,19 @@ impl Journal {
             highest_sequence_nr,
             events,
         })
+    }
+}
+
+/// The root-level `ttl` that deleted events carry: `write-journal.cosmos-ttl` in cosmos mode,
+/// none otherwise.
+pub fn cosmos_ttl_seconds(settings: &Settings) -> Option<i32> {
+    match settings.mongodb.database_mode {
+        // Validation guarantees it fits an int32.
+        DatabaseMode::Cosmos => settings
+            .write_journal
+            .cosmos_ttl
+            .and_then(|ttl| i32::try_from(ttl.as_secs()).ok()),
+        DatabaseMode::Mongo => None,
     }
 }
 

@@ -13,4 +13,4 @@ mod journal;
 
 pub use error::JournalError;
 pub use indexes::journal_indexes as index_models;
-pub use journal::{Journal, Replay, WriteOutcome};
+pub use journal::{Journal, Replay, WriteOutcome, cosmos_ttl_seconds};

@@ -2,6 +2,7 @@
 //! as `serve` and prints what it did on stdout.
 
 pub mod indexes;
+pub mod migrate;
 pub mod purge;
 
 use anyhow::Context;

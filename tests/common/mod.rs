@@ -171,6 +171,23 @@ impl TestServer {
     }
 }
 
+/// Waits (polling) until `condition` holds, failing the test after `timeout` with `what`.
+/// For effects with no completion signal, such as the TTL monitor's purges.
+pub async fn wait_until<F, Fut>(what: &str, timeout: std::time::Duration, mut condition: F)
+where
+    F: FnMut() -> Fut,
+    Fut: std::future::Future<Output = bool>,
+{
+    let deadline = tokio::time::Instant::now() + timeout;
+    while !condition().await {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "{what}: not within {timeout:?}"
+        );
+        tokio::time::sleep(std::time::Duration::from_millis(250)).await;
+    }
+}
+
 pub fn payload(text: &str) -> pb::Payload {
     pb::Payload {
         data: text.as_bytes().to_vec(),

@@ -94,7 +94,10 @@ impl Instance {
             .arg(self.pid_file())
             .args(["--fork", "--wiredTigerCacheSizeGB", "1"]);
         if fast_ttl {
+            // The test instance: TTL deletion within seconds, and `configureFailPoint` so
+            // tests can make MongoDB answer with the errors CosmosDB gives (code 16500).
             command.args(["--setParameter", "ttlMonitorSleepSecs=1"]);
+            command.args(["--setParameter", "enableTestCommands=1"]);
         }
         let output = command
             .output()
