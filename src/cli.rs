@@ -53,6 +53,10 @@ pub enum PurgeCommand {
     /// Create the TTL indexes that purge deleted events (deletedAt), snapshots (insertedAt) and
     /// deleted durable-state objects (deletedAt); run again with other values to change the
     /// expiry in place. The same values again change nothing.
+    ///
+    /// In cosmos mode the indexes are on CosmosDB's _ts instead, deleted events expire by their
+    /// own ttl (write-journal.cosmos-ttl, which --journal-expire-after must equal), and
+    /// --state-expire-after is refused; see docs/DATA_LIFECYCLE.md.
     Setup {
         #[command(flatten)]
         connection: ConnectionArgs,

@@ -38,18 +38,7 @@ pub async fn run(
     // Live queries end when the server shuts down, so graceful shutdown does not wait on them.
     let queries = Arc::new(ReadJournal::new(&database, &settings, shutdown.clone()));
     if mongodb.create_indexes {
-        journal
-            .create_indexes()
-            .await
-            .context("creating the journal indexes")?;
-        snapshots
-            .create_indexes()
-            .await
-            .context("creating the snapshot indexes")?;
-        durable_state
-            .create_indexes()
-            .await
-            .context("creating the durable-state indexes")?;
+        crate::ops::indexes::create_missing(&database, &settings).await?;
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();

@@ -15,10 +15,15 @@ use proto::v1 as pb;
 const BINARY: &str = env!("CARGO_BIN_EXE_eventjournal");
 
 fn run(database: &str, args: &[&str]) -> Output {
+    run_with_env(database, args, &[])
+}
+
+fn run_with_env(database: &str, args: &[&str], environment: &[(&str, &str)]) -> Output {
     Command::new(BINARY)
         .args(args)
         .args(["--mongodb-uri", &mongodb_uri(), "--database", database])
         .env("RUST_LOG", "off")
+        .envs(environment.iter().copied())
         .output()
         .unwrap()
 }
@@ -203,6 +208,29 @@ async fn indexes_list_shows_missing_ones_and_create_makes_them() {
         );
     }
     assert!(!created.contains("missing"), "{created}");
+    let client = mongodb::Client::with_uri_str(mongodb_uri()).await.unwrap();
+    let specifications: Vec<_> = {
+        use futures::TryStreamExt;
+        client
+            .database(&database)
+            .list_collections()
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap()
+    };
+    for name in ["journal", "journal_metadata", "snapshots", "durable_state"] {
+        let specification = specifications
+            .iter()
+            .find(|specification| specification.name == name)
+            .unwrap_or_else(|| panic!("{name} was not created"));
+        assert_eq!(
+            specification.options.validation_level,
+            Some(mongodb::options::ValidationLevel::Off),
+            "{name}"
+        );
+    }
     stdout(&run(
         &database,
         &["purge", "setup", "--snapshot-expire-after", "30d"],
@@ -664,4 +692,91 @@ async fn ttl_removes_old_snapshots() {
         async move { load(client).await.is_none() }
     })
     .await;
+}
+
+#[tokio::test]
+async fn purge_setup_in_cosmos_mode_uses_ts_and_says_why() {
+    let database = unique_database("ops_cosmos");
+    const COSMOS: (&str, &str) = ("EVENTJOURNAL_MONGODB__DATABASE_MODE", "cosmos");
+    const TTL: (&str, &str) = ("EVENTJOURNAL_WRITE_JOURNAL__COSMOS_TTL", "365d");
+    let setup = [
+        "purge",
+        "setup",
+        "--journal-expire-after",
+        "365d",
+        "--snapshot-expire-after",
+        "30d",
+    ];
+
+    let refused = run_with_env(&database, &setup, &[COSMOS]);
+    assert_eq!(refused.status.code(), Some(1));
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("set write-journal.cosmos-ttl = \"365d\""),
+        "{stderr}"
+    );
+    let refused = run_with_env(
+        &database,
+        &["purge", "setup", "--state-expire-after", "7d"],
+        &[COSMOS, TTL],
+    );
+    let stderr = String::from_utf8_lossy(&refused.stderr);
+    assert!(
+        stderr.contains("would also remove live objects"),
+        "{stderr}"
+    );
+    assert_eq!(
+        ttl_seconds(&database, "journal", "_ts_ttl").await,
+        None,
+        "nothing changed"
+    );
+
+    let created = stdout(&run_with_env(&database, &setup, &[COSMOS, TTL]));
+    assert!(
+        created.contains(
+            "deleted events (journal._ts): created TTL index, deleted events expire after \
+             their own ttl of 365d (cosmos mode: CosmosDB purges by _ts"
+        ),
+        "{created}"
+    );
+    assert!(
+        created.contains(
+            "snapshots (snapshots._ts): created TTL index, expire after 30d (cosmos mode: \
+             CosmosDB purges by _ts, the time of last modification, and a snapshot is not \
+             modified after it is saved)"
+        ),
+        "{created}"
+    );
+    assert_eq!(
+        ttl_seconds(&database, "journal", "_ts_ttl").await,
+        Some(i32::MAX as u64)
+    );
+    assert_eq!(
+        ttl_seconds(&database, "snapshots", "_ts_ttl").await,
+        Some(30 * 86_400)
+    );
+    assert_eq!(
+        ttl_seconds(&database, "journal", "deletedAt_ttl").await,
+        None,
+        "no date-field index in cosmos mode"
+    );
+    let again = stdout(&run_with_env(&database, &setup, &[COSMOS, TTL]));
+    assert!(
+        again.contains("deleted events (journal._ts): unchanged"),
+        "{again}"
+    );
+    assert!(
+        again.contains("snapshots (snapshots._ts): unchanged"),
+        "{again}"
+    );
+
+    let status = stdout(&run_with_env(
+        &database,
+        &["purge", "status"],
+        &[COSMOS, TTL],
+    ));
+    assert!(
+        status.contains("snapshots (snapshots._ts): TTL index, purged 30d after their last change"),
+        "{status}"
+    );
 }

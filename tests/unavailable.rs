@@ -81,3 +81,58 @@ async fn calls_fail_with_unavailable_while_mongodb_is_unreachable_and_work_again
     assert_eq!(sequence_nrs(&events), [1, 2]);
     assert_eq!(highest, 2);
 }
+
+/// Makes the test mongod fail this server's next `times` `command`s (only connections with
+/// `app_name`, so parallel tests are not affected), as CosmosDB does when over its throughput.
+async fn fail_next(app_name: &str, times: i32, command: &str, failure: mongodb::bson::Document) {
+    let mut data = mongodb::bson::doc! { "failCommands": [command], "appName": app_name };
+    data.extend(failure);
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+        .run_command(mongodb::bson::doc! {
+            "configureFailPoint": "failCommand",
+            "mode": { "times": times },
+            "data": data,
+        })
+        .await
+        .expect("configureFailPoint (the test mongod runs with enableTestCommands=1)");
+}
+
+#[tokio::test]
+async fn request_rate_too_large_is_retried_after_the_hinted_delay() {
+    const APP: &str = "retry_after_hint";
+    let server = TestServer::start_with("rate_limited", |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        // Far shorter than the hint, so the wait shows which one was used.
+        settings.mongodb.retry.delay = Duration::from_millis(1);
+    })
+    .await;
+    let mut client = server.journal().await;
+
+    fail_next(
+        APP,
+        1,
+        "insert",
+        mongodb::bson::doc! { "writeConcernError": {
+            "code": 16500,
+            "errmsg": "Request rate is large. More Request Units may be needed, so no changes were made. Please retry this request later. RetryAfterMs=700",
+        } },
+    )
+    .await;
+    let started = Instant::now();
+    let outcomes = write(&mut client, vec![atomic(vec![event("r", 1, "rated")])]).await;
+    assert!(is_written(&outcomes[0]), "{outcomes:?}");
+    assert!(
+        started.elapsed() >= Duration::from_millis(700),
+        "retried after {:?}, before the hinted 700 ms",
+        started.elapsed()
+    );
+
+    // Without a hint, the configured delay; 16500 is retryable by default.
+    fail_next(APP, 2, "find", mongodb::bson::doc! { "errorCode": 16500 }).await;
+    let (events, highest) = replay(&mut client, "r", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1]);
+    assert_eq!(highest, 1);
+}

@@ -8,7 +8,10 @@ use mongodb::{Client, Database, bson::doc};
 /// finds out whether MongoDB is reachable.
 pub async fn connect(settings: &MongoSettings) -> Result<Database, mongodb::error::Error> {
     let mut options = ClientOptions::parse(&settings.uri).await?;
-    options.app_name = Some("eventjournal".to_owned());
+    // An appName in the URI wins: operators tell deployments apart by it in MongoDB's logs.
+    options
+        .app_name
+        .get_or_insert_with(|| "eventjournal".to_owned());
     options.connect_timeout = Some(settings.connect_timeout);
     options.server_selection_timeout = Some(settings.server_selection_timeout);
     options.read_concern = Some(read_concern(&settings.read_concern));
@@ -60,4 +63,32 @@ fn read_concern(level: &str) -> ReadConcern {
         "available" => ReadConcern::available(),
         _ => ReadConcern::majority(),
     }
+}
+
+/// MongoDB's code for creating a collection that already exists.
+const NAMESPACE_EXISTS: i32 = 48;
+
+/// Creates the collections that do not exist yet, with `validationLevel: off`: a validator
+/// someone adds later must not reject the service's writes (which also pass
+/// `bypassDocumentValidation` when configured). Existing collections are left as they are.
+pub async fn create_collections(
+    database: &Database,
+    names: &[&str],
+) -> Result<(), mongodb::error::Error> {
+    let existing = database.list_collection_names().await?;
+    for name in names {
+        if existing.iter().any(|existing| existing == name) {
+            continue;
+        }
+        let created = database
+            .create_collection(*name)
+            .validation_level(mongodb::options::ValidationLevel::Off)
+            .await;
+        match created {
+            // Another server created it meanwhile.
+            Err(error) if crate::error_codes(&error).contains(&NAMESPACE_EXISTS) => {}
+            other => other?,
+        }
+    }
+    Ok(())
 }

@@ -6,7 +6,7 @@ mod document;
 mod failure;
 mod retry;
 
-pub use client::{commit_quorum, connect, ping};
+pub use client::{commit_quorum, connect, create_collections, ping};
 pub use document::{EncodeError, PayloadDocument, encode_within_limit};
 pub use failure::{FailureKind, MongoError, StorageError, error_codes, is_duplicate_key};
 pub use retry::Retry;

@@ -66,12 +66,21 @@ pub async fn list(
     Ok(missing)
 }
 
-/// Creates the missing indexes (existing ones are left alone), as the server does at start-up.
-pub async fn create(
-    database: &Database,
-    settings: &Settings,
-    out: &mut impl Write,
-) -> anyhow::Result<()> {
+/// Creates the missing collections (with `validationLevel: off`) and indexes; existing ones
+/// are left alone. The server runs this at start-up when `mongodb.create-indexes` is on.
+pub async fn create_missing(database: &Database, settings: &Settings) -> anyhow::Result<()> {
+    let names = &settings.mongodb.collections;
+    mongo::create_collections(
+        database,
+        &[
+            &names.journal,
+            &names.journal_metadata,
+            &names.snapshots,
+            &names.durable_state,
+        ],
+    )
+    .await
+    .context("creating the collections")?;
     journal::Journal::new(database, settings)
         .create_indexes()
         .await
@@ -84,6 +93,16 @@ pub async fn create(
         .create_indexes()
         .await
         .context("creating the durable-state indexes")?;
+    Ok(())
+}
+
+/// `indexes create`: [`create_missing`], then the resulting list.
+pub async fn create(
+    database: &Database,
+    settings: &Settings,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    create_missing(database, settings).await?;
     writeln!(
         out,
         "indexes created (commit quorum {})",
@@ -91,4 +110,29 @@ pub async fn create(
     )?;
     list(database, settings, out).await?;
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use config::{DatabaseMode, Settings};
+
+    /// CosmosDB and DocumentDB reject compound indexes over nested fields; none of ours is.
+    #[test]
+    fn no_index_spans_a_nested_field_in_either_mode() {
+        for mode in [DatabaseMode::Mongo, DatabaseMode::Cosmos] {
+            let mut settings = Settings::default();
+            settings.mongodb.database_mode = mode;
+            for (collection, indexes) in super::required(&settings) {
+                for index in indexes {
+                    for field in index.keys.keys() {
+                        assert!(
+                            !field.contains('.') && !field.starts_with('$'),
+                            "{collection}: index {} is over nested field {field}",
+                            super::index_name(&index)
+                        );
+                    }
+                }
+            }
+        }
+    }
 }

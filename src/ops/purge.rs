@@ -20,8 +20,17 @@ pub struct Expiry {
     pub state: Option<Duration>,
 }
 
-/// A collection purged by a TTL index on a date field.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kind {
+    Journal,
+    Snapshots,
+    State,
+}
+
+/// A collection purged by a TTL index: on a date field in mongo mode, on CosmosDB's `_ts` in
+/// cosmos mode (CosmosDB ignores TTL indexes on other fields).
 struct Target {
+    kind: Kind,
     what: &'static str,
     collection: String,
     field: &'static str,
@@ -30,87 +39,171 @@ struct Target {
 
 fn targets(settings: &Settings) -> [Target; 3] {
     let names = &settings.mongodb.collections;
+    let cosmos = settings.mongodb.database_mode == DatabaseMode::Cosmos;
+    let on = |mongo_field: &'static str, mongo_index: &'static str| {
+        if cosmos {
+            ("_ts", "_ts_ttl")
+        } else {
+            (mongo_field, mongo_index)
+        }
+    };
+    let target = |kind, what, collection: &String, (field, index)| Target {
+        kind,
+        what,
+        collection: collection.clone(),
+        field,
+        index,
+    };
     [
-        Target {
-            what: "deleted events",
-            collection: names.journal.clone(),
-            field: "deletedAt",
-            index: "deletedAt_ttl",
-        },
-        Target {
-            what: "snapshots",
-            collection: names.snapshots.clone(),
-            field: "insertedAt",
-            index: "insertedAt_ttl",
-        },
-        Target {
-            what: "deleted durable-state objects",
-            collection: names.durable_state.clone(),
-            field: "deletedAt",
-            index: "deletedAt_ttl",
-        },
+        target(
+            Kind::Journal,
+            "deleted events",
+            &names.journal,
+            on("deletedAt", "deletedAt_ttl"),
+        ),
+        target(
+            Kind::Snapshots,
+            "snapshots",
+            &names.snapshots,
+            on("insertedAt", "insertedAt_ttl"),
+        ),
+        target(
+            Kind::State,
+            "deleted durable-state objects",
+            &names.durable_state,
+            on("deletedAt", "deletedAt_ttl"),
+        ),
     ]
 }
 
+/// CosmosDB's largest TTL (about 68 years). Its "TTL on, no default" is -1, which MongoDB and
+/// DocumentDB reject; this value means the same in practice and every database accepts it.
+const COSMOS_NO_DEFAULT_TTL: i32 = i32::MAX;
+
+/// The TTL index one target gets for a requested expiry.
+struct Plan {
+    seconds: i32,
+    /// How documents expire, as the operator reads it.
+    expiry: String,
+    /// Why it differs from mongo mode, if it does.
+    why: Option<String>,
+}
+
+fn plan(settings: &Settings, target: &Target, requested: Duration) -> anyhow::Result<Plan> {
+    let seconds = |duration: Duration| {
+        i32::try_from(duration.as_secs()).with_context(|| {
+            format!(
+                "expiry {} for {} is too long (at most 2147483647s)",
+                short_duration(duration),
+                target.what
+            )
+        })
+    };
+    if settings.mongodb.database_mode == DatabaseMode::Mongo {
+        return Ok(Plan {
+            seconds: seconds(requested)?,
+            expiry: format!("expire after {}", short_duration(requested)),
+            why: None,
+        });
+    }
+    match target.kind {
+        Kind::Journal => {
+            let Some(ttl) = settings.write_journal.cosmos_ttl else {
+                bail!(
+                    "in cosmos mode deleted events expire by their own ttl field: set \
+                     write-journal.cosmos-ttl = \"{}\" for the servers and this command",
+                    short_duration(requested)
+                );
+            };
+            if ttl != requested {
+                bail!(
+                    "--journal-expire-after {} differs from write-journal.cosmos-ttl = {}, \
+                     which the servers write into deleted events in cosmos mode",
+                    short_duration(requested),
+                    short_duration(ttl)
+                );
+            }
+            Ok(Plan {
+                seconds: COSMOS_NO_DEFAULT_TTL,
+                expiry: format!(
+                    "deleted events expire after their own ttl of {}",
+                    short_duration(ttl)
+                ),
+                why: Some(
+                    "cosmos mode: CosmosDB purges by _ts, the time of last modification, and \
+                     honours a document's ttl only with a _ts TTL index; this one is \
+                     2147483647s (68 years) so that live events stay"
+                        .to_owned(),
+                ),
+            })
+        }
+        Kind::Snapshots => Ok(Plan {
+            seconds: seconds(requested)?,
+            expiry: format!("expire after {}", short_duration(requested)),
+            why: Some(
+                "cosmos mode: CosmosDB purges by _ts, the time of last modification, and a \
+                 snapshot is not modified after it is saved"
+                    .to_owned(),
+            ),
+        }),
+        Kind::State => bail!(
+            "--state-expire-after is not available in cosmos mode: CosmosDB purges by _ts, the \
+             time of last modification, so a _ts TTL index would also remove live objects \
+             unchanged for {}",
+            short_duration(requested)
+        ),
+    }
+}
+
 /// Creates the TTL indexes, or changes their expiry in place (`collMod`); says what it did.
+/// Every requested expiry is checked before anything changes.
 pub async fn setup(
     database: &Database,
     settings: &Settings,
     expiry: &Expiry,
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
-    if settings.mongodb.database_mode == DatabaseMode::Cosmos {
-        bail!("purge setup in cosmos mode is not available yet; database-mode = mongo only");
-    }
     let wanted = [expiry.journal, expiry.snapshots, expiry.state];
-    for (target, expire_after) in targets(settings).into_iter().zip(wanted) {
-        let Some(expire_after) = expire_after else {
-            continue;
-        };
-        let seconds = i32::try_from(expire_after.as_secs()).with_context(|| {
-            format!(
-                "expiry {} for {} is too long",
-                short_duration(expire_after),
-                target.what
-            )
-        })?;
+    let mut plans = Vec::new();
+    for (target, requested) in targets(settings).into_iter().zip(wanted) {
+        if let Some(requested) = requested {
+            let plan = plan(settings, &target, requested)?;
+            plans.push((target, plan));
+        }
+    }
+    for (target, plan) in plans {
         let existing = existing_indexes(database, &target.collection).await?;
         let current = existing
             .iter()
-            .find(|index| index_name(index) == target.index);
+            .find(|index| index_name(index) == target.index)
+            .and_then(|index| {
+                index
+                    .options
+                    .as_ref()
+                    .and_then(|options| options.expire_after)
+            });
         let label = format!("{} ({}.{})", target.what, target.collection, target.field);
-        match current.and_then(|index| {
-            index
-                .options
-                .as_ref()
-                .and_then(|options| options.expire_after)
-        }) {
-            Some(current) if current.as_secs() == u64::from(seconds.unsigned_abs()) => {
-                writeln!(
-                    out,
-                    "{label}: unchanged, expire after {}",
-                    short_duration(current)
-                )?;
-            }
+        let wanted = Duration::from_secs(u64::from(plan.seconds.unsigned_abs()));
+        let did = match current {
+            Some(current) if current == wanted => format!("unchanged, {}", plan.expiry),
             Some(current) => {
                 database
                     .run_command(doc! {
                         "collMod": &target.collection,
-                        "index": { "name": target.index, "expireAfterSeconds": seconds },
+                        "index": { "name": target.index, "expireAfterSeconds": plan.seconds },
                     })
                     .await
                     .with_context(|| format!("changing the TTL index of {}", target.collection))?;
-                writeln!(
-                    out,
-                    "{label}: changed expire after from {} to {}",
+                format!(
+                    "changed expire after from {} to {}",
                     short_duration(current),
-                    short_duration(expire_after)
-                )?;
+                    short_duration(wanted)
+                )
             }
             None => {
                 let options = IndexOptions::builder()
                     .name(target.index.to_owned())
-                    .expire_after(Duration::from_secs(u64::from(seconds.unsigned_abs())))
+                    .expire_after(wanted)
                     .build();
                 let model = IndexModel::builder()
                     .keys(doc! { target.field: 1 })
@@ -122,12 +215,12 @@ pub async fn setup(
                     .commit_quorum(mongo::commit_quorum(&settings.mongodb.index_commit_quorum))
                     .await
                     .with_context(|| format!("creating the TTL index of {}", target.collection))?;
-                writeln!(
-                    out,
-                    "{label}: created TTL index, expire after {}",
-                    short_duration(expire_after)
-                )?;
+                format!("created TTL index, {}", plan.expiry)
             }
+        };
+        match plan.why {
+            Some(why) => writeln!(out, "{label}: {did} ({why})")?,
+            None => writeln!(out, "{label}: {did}")?,
         }
     }
     Ok(())
@@ -152,11 +245,15 @@ pub async fn status(
                     .and_then(|options| options.expire_after)
             });
         let collection = database.collection::<mongodb::bson::Document>(&target.collection);
+        let label = format!("{} ({}.{})", target.what, target.collection, target.field);
+        if settings.mongodb.database_mode == DatabaseMode::Cosmos {
+            cosmos_status(&collection, &target, &label, ttl, out).await?;
+            continue;
+        }
         let marked = collection
             .count_documents(doc! { target.field: { "$exists": true } })
             .await
             .with_context(|| format!("counting {}", target.collection))?;
-        let label = format!("{} ({}.{})", target.what, target.collection, target.field);
         match ttl {
             Some(ttl) => {
                 let cutoff = DateTime::from_millis(
@@ -177,6 +274,51 @@ pub async fn status(
                 "{label}: no TTL index; {marked} document(s) carry the field (nothing is purged)"
             )?,
         }
+    }
+    Ok(())
+}
+
+/// CosmosDB does not show `_ts` to clients, so what is eligible cannot be counted; say what
+/// the index does instead.
+async fn cosmos_status(
+    collection: &mongodb::Collection<mongodb::bson::Document>,
+    target: &Target,
+    label: &str,
+    ttl: Option<Duration>,
+    out: &mut impl Write,
+) -> anyhow::Result<()> {
+    let counted = |filter| async {
+        collection
+            .count_documents(filter)
+            .await
+            .with_context(|| format!("counting {}", target.collection))
+    };
+    let (count, what) = match target.kind {
+        Kind::Journal => (
+            counted(doc! { journal::document::TTL: { "$exists": true } }).await?,
+            "deleted event(s) carry a ttl",
+        ),
+        Kind::Snapshots => (counted(doc! {}).await?, "snapshot(s)"),
+        Kind::State => (
+            counted(doc! { durable_state::PAYLOAD: { "$exists": false } }).await?,
+            "deleted object(s), not purged in cosmos mode",
+        ),
+    };
+    match ttl {
+        Some(ttl) if target.kind == Kind::Journal => writeln!(
+            out,
+            "{label}: TTL index on ({}), documents expire by their own ttl; {count} {what}",
+            short_duration(ttl)
+        )?,
+        Some(ttl) => writeln!(
+            out,
+            "{label}: TTL index, purged {} after their last change; {count} {what}",
+            short_duration(ttl)
+        )?,
+        None => writeln!(
+            out,
+            "{label}: no TTL index (nothing is purged); {count} {what}"
+        )?,
     }
     Ok(())
 }
