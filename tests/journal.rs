@@ -630,3 +630,70 @@ async fn shutdown_lets_in_flight_replays_finish() {
         .unwrap()
         .expect("server stopped with an error");
 }
+
+#[tokio::test]
+async fn writes_bypass_a_validator_when_configured() {
+    // A validator added by someone else that rejects every document the service writes.
+    let database = unique_database("bypass");
+    let mongodb = mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database(&database);
+    for collection in ["journal", "journal_metadata", "snapshots", "durable_state"] {
+        mongodb
+            .create_collection(collection)
+            .validator(doc! { "$jsonSchema": { "required": ["notOurs"] } })
+            .await
+            .unwrap();
+    }
+    let mut settings = test_settings(&database);
+    settings.mongodb.bypass_document_validation = true;
+    let bypassing = TestServer::start_on_database(settings.clone()).await;
+    let mut client = bypassing.journal().await;
+    assert!(is_written(
+        &write(&mut client, vec![atomic(vec![event("v", 1, "a")])]).await[0]
+    ));
+    client
+        .delete_events_to(pb::DeleteEventsToRequest {
+            persistence_id: "v".into(),
+            to_sequence_nr: 1,
+        })
+        .await
+        .unwrap();
+    assert_eq!(highest(&mut client, "v").await, 1);
+    proto::v1::snapshot_store_client::SnapshotStoreClient::new(bypassing.channel().await)
+        .save_snapshot(pb::SaveSnapshotRequest {
+            metadata: Some(pb::SnapshotMetadata {
+                persistence_id: "v".into(),
+                sequence_nr: 1,
+                timestamp_millis: 0,
+                metadata: None,
+            }),
+            snapshot: Some(payload("s")),
+        })
+        .await
+        .unwrap();
+    proto::v1::durable_state_store_client::DurableStateStoreClient::new(bypassing.channel().await)
+        .upsert_object(pb::UpsertObjectRequest {
+            persistence_id: "v".into(),
+            revision: 1,
+            value: Some(payload("o")),
+            tag: String::new(),
+        })
+        .await
+        .unwrap();
+
+    // The same validator does reject a server that does not bypass it.
+    settings.mongodb.bypass_document_validation = false;
+    let validated = TestServer::start_on_database(settings).await;
+    let mut client = validated.journal().await;
+    let rejected = client
+        .write_events(pb::WriteEventsRequest {
+            writes: vec![atomic(vec![event("v", 2, "b")])],
+        })
+        .await;
+    let written = rejected
+        .as_ref()
+        .is_ok_and(|response| is_written(response.get_ref().results[0].outcome.as_ref().unwrap()));
+    assert!(!written, "{rejected:?}");
+}

@@ -276,7 +276,9 @@ impl Journal {
             let update = doc! { "$set": { WRITTEN_AT: restamp } };
             self.retry
                 .run(operation, || {
-                    self.events.update_many(filter.clone(), update.clone())
+                    self.events
+                        .update_many(filter.clone(), update.clone())
+                        .bypass_document_validation(self.bypass_document_validation)
                 })
                 .await
                 .map_err(|error| self.retry.failure(operation, true, error))?;
