@@ -6,6 +6,7 @@
 
 pub mod cli;
 mod grpc;
+mod health;
 mod metrics;
 pub mod ops;
 pub mod server;

@@ -42,9 +42,13 @@ pub async fn run(
     }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
-    health_reporter
-        .set_serving::<JournalServer<JournalService>>()
-        .await;
+    crate::health::set_all(&health_reporter, tonic_health::ServingStatus::Serving).await;
+    tokio::spawn(crate::health::monitor(
+        database.clone(),
+        health_reporter,
+        settings.server.health_check_interval,
+        shutdown.clone(),
+    ));
     // Reflection in both versions: grpcurl before 1.8.8, Postman and others still ask v1alpha.
     let reflection = || {
         tonic_reflection::server::Builder::configure()

@@ -136,3 +136,48 @@ async fn request_rate_too_large_is_retried_after_the_hinted_delay() {
     assert_eq!(sequence_nrs(&events), [1]);
     assert_eq!(highest, 1);
 }
+
+#[tokio::test]
+async fn health_is_not_serving_while_mongodb_is_unreachable() {
+    use tonic_health::pb::health_check_response::ServingStatus;
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    let proxy = CuttableProxy::start(mongodb_address()).await;
+    let server = TestServer::start_with("health", |settings| {
+        settings.mongodb.uri = format!("mongodb://{}/?directConnection=true", proxy.address);
+        settings.mongodb.server_selection_timeout = Duration::from_millis(500);
+        settings.server.health_check_interval = Duration::from_millis(100);
+    })
+    .await;
+    let health = HealthClient::new(server.channel().await);
+    let status = |service: &'static str| {
+        let mut health = health.clone();
+        async move {
+            let response = health
+                .check(HealthCheckRequest {
+                    service: service.into(),
+                })
+                .await
+                .expect("health stays open and answers");
+            ServingStatus::try_from(response.into_inner().status).unwrap()
+        }
+    };
+    for service in ["", "eventjournal.v1.Journal", "eventjournal.v1.ReadJournal"] {
+        assert_eq!(status(service).await, ServingStatus::Serving, "{service:?}");
+    }
+
+    proxy.cut();
+    wait_until("health NOT_SERVING", Duration::from_secs(10), || async {
+        status("").await == ServingStatus::NotServing
+    })
+    .await;
+    assert_eq!(
+        status("eventjournal.v1.SnapshotStore").await,
+        ServingStatus::NotServing
+    );
+
+    proxy.restore();
+    wait_until("health SERVING again", Duration::from_secs(30), || async {
+        status("eventjournal.v1.Journal").await == ServingStatus::Serving
+    })
+    .await;
+}

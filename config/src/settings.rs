@@ -75,6 +75,9 @@ pub struct ServerSettings {
     pub shutdown_grace_period: Duration,
     /// HTTP listener serving Prometheus metrics on `/metrics`; unset: no metrics listener.
     pub metrics_listen: Option<SocketAddr>,
+    /// How often the server pings MongoDB to report `grpc.health.v1` SERVING or NOT_SERVING.
+    #[serde(with = "humantime_serde")]
+    pub health_check_interval: Duration,
 }
 
 impl Default for ServerSettings {
@@ -84,6 +87,7 @@ impl Default for ServerSettings {
             max_message_size: ByteSize::mib(32),
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
+            health_check_interval: Duration::from_secs(5),
         }
     }
 }

@@ -78,6 +78,12 @@ impl Settings {
             server.max_message_size.to_string(),
             "must be between 1 MiB and 2 GiB",
         );
+        problems.check(
+            server.health_check_interval >= Duration::from_millis(10),
+            "server.health-check-interval",
+            humantime::format_duration(server.health_check_interval).to_string(),
+            "must be at least 10ms",
+        );
 
         let mongodb = &self.mongodb;
         problems.check(
