@@ -4,6 +4,7 @@
 //! module per service (they only convert, validate and map errors); `status` is the one place
 //! where store errors become gRPC statuses.
 
+pub mod auth;
 pub mod cli;
 mod grpc;
 mod health;

@@ -64,6 +64,7 @@ pub async fn run(
 
     let max_message_size = settings.server.max_message_size.as_u64() as usize;
     let router = Server::builder()
+        .layer(crate::auth::AuthLayer::new(&settings.auth))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

@@ -5,6 +5,7 @@
 //! key and the bad value. `config/eventjournal.example.toml` documents every key; a test keeps
 //! it in step with the defaults here.
 
+pub mod auth;
 mod env;
 mod settings;
 mod validate;

@@ -19,6 +19,34 @@ pub struct Settings {
     pub mongodb: MongoSettings,
     pub write_journal: WriteJournalSettings,
     pub read_journal: ReadJournalSettings,
+    pub auth: AuthSettings,
+}
+
+/// Bearer-token authentication of gRPC calls (health stays open).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct AuthSettings {
+    /// Off by default. On, every call but health needs `authorization: Bearer <token>`.
+    pub enabled: bool,
+    /// File of tokens, one `<name> <roles> <token>` per line (see [`crate::auth`]); tokens can
+    /// also come from the `EVENTJOURNAL_AUTH_TOKENS` environment variable.
+    pub tokens_file: Option<PathBuf>,
+    /// Loaded from the file and the environment when `enabled`; never serialized or logged.
+    #[serde(skip)]
+    pub tokens: Vec<crate::auth::Token>,
+}
+
+/// TLS of the gRPC listener (rustls).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct ServerTlsSettings {
+    pub enabled: bool,
+    /// PEM certificate chain of the server.
+    pub certificate_file: Option<PathBuf>,
+    /// PEM private key of the server.
+    pub key_file: Option<PathBuf>,
+    /// PEM CA certificates; set, clients must present a certificate it signed (mutual TLS).
+    pub client_ca_file: Option<PathBuf>,
 }
 
 /// Values given on the command line; they win over every other source.
@@ -58,6 +86,23 @@ impl Settings {
             settings.mongodb.database = database.clone();
         }
         settings.validate()?;
+        if settings.auth.enabled {
+            settings.auth.tokens = crate::auth::load_tokens(
+                settings.auth.tokens_file.as_deref(),
+                env.get(crate::auth::TOKENS_ENV).map(String::as_str),
+            )
+            .map_err(|reason| ConfigError::invalid("auth.tokens-file", "(tokens)", reason))?;
+            if settings.auth.tokens.is_empty() {
+                return Err(ConfigError::invalid(
+                    "auth.enabled",
+                    "true",
+                    format!(
+                        "no tokens configured: set auth.tokens-file or {}",
+                        crate::auth::TOKENS_ENV
+                    ),
+                ));
+            }
+        }
         Ok(settings)
     }
 }
@@ -78,6 +123,7 @@ pub struct ServerSettings {
     /// How often the server pings MongoDB to report `grpc.health.v1` SERVING or NOT_SERVING.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    pub tls: ServerTlsSettings,
 }
 
 impl Default for ServerSettings {
@@ -88,6 +134,7 @@ impl Default for ServerSettings {
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             health_check_interval: Duration::from_secs(5),
+            tls: ServerTlsSettings::default(),
         }
     }
 }

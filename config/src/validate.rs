@@ -18,6 +18,17 @@ pub enum ConfigError {
     Invalid(Vec<InvalidSetting>),
 }
 
+impl ConfigError {
+    /// One bad setting.
+    pub fn invalid(key: &'static str, value: &str, reason: impl Into<String>) -> Self {
+        ConfigError::Invalid(vec![InvalidSetting {
+            key,
+            value: value.to_owned(),
+            reason: reason.into(),
+        }])
+    }
+}
+
 fn list(problems: &[InvalidSetting]) -> String {
     problems
         .iter()
@@ -78,6 +89,25 @@ impl Settings {
             server.max_message_size.to_string(),
             "must be between 1 MiB and 2 GiB",
         );
+        let tls = &server.tls;
+        if tls.enabled {
+            problems.check(
+                tls.certificate_file.is_some() && tls.key_file.is_some(),
+                "server.tls.enabled",
+                true,
+                "needs server.tls.certificate-file and server.tls.key-file",
+            );
+        }
+        for (key, file) in [
+            ("server.tls.certificate-file", &tls.certificate_file),
+            ("server.tls.key-file", &tls.key_file),
+            ("server.tls.client-ca-file", &tls.client_ca_file),
+            ("auth.tokens-file", &self.auth.tokens_file),
+        ] {
+            if let Some(file) = file {
+                problems.check(file.is_file(), key, file, "is not a readable file");
+            }
+        }
         problems.check(
             server.health_check_interval >= Duration::from_millis(10),
             "server.health-check-interval",

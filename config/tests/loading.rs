@@ -230,3 +230,52 @@ fn a_missing_config_file_is_an_error() {
         "configuration file /nonexistent/eventjournal.toml does not exist"
     );
 }
+
+#[test]
+fn tokens_come_from_the_file_and_the_environment_and_never_show() {
+    let tokens = temp_toml("# name roles token\norders write,read file-secret-0123456789\n");
+    let file = temp_toml(&format!(
+        "[auth]\nenabled = true\ntokens-file = {:?}\n",
+        tokens.0.display().to_string()
+    ));
+    let environment = env(&[(
+        "EVENTJOURNAL_AUTH_TOKENS",
+        "ops admin env-secret-0123456789; projector read env-secret-9876543210",
+    )]);
+    let settings = Settings::load(Some(&file.0), &environment, &Overrides::default()).unwrap();
+    let names: Vec<&str> = settings
+        .auth
+        .tokens
+        .iter()
+        .map(|token| token.name.as_str())
+        .collect();
+    assert_eq!(names, ["orders", "ops", "projector"]);
+    let shown = format!("{settings:?}");
+    assert!(!shown.contains("secret-"), "{shown}");
+
+    let message = invalid(Settings::load(
+        None,
+        &env(&[("EVENTJOURNAL_AUTH__ENABLED", "true")]),
+        &Overrides::default(),
+    ));
+    assert!(
+        message.contains("auth.enabled = true: no tokens configured"),
+        "{message}"
+    );
+    let message = invalid(Settings::load(
+        None,
+        &env(&[
+            ("EVENTJOURNAL_AUTH__ENABLED", "true"),
+            (
+                "EVENTJOURNAL_AUTH_TOKENS",
+                "ops superuser env-secret-0123456789",
+            ),
+        ]),
+        &Overrides::default(),
+    ));
+    assert!(
+        message.contains("EVENTJOURNAL_AUTH_TOKENS, entry 1: unknown role \"superuser\""),
+        "{message}"
+    );
+    assert!(!message.contains("env-secret"), "{message}");
+}
