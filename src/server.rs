@@ -14,7 +14,7 @@ use std::sync::Arc;
 use tokio::net::TcpListener;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
-use tonic::transport::Server;
+use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::grpc::durable_state::DurableStateStoreService;
 use crate::grpc::journal::JournalService;
@@ -63,7 +63,13 @@ pub async fn run(
         .context("building the reflection service")?;
 
     let max_message_size = settings.server.max_message_size.as_u64() as usize;
-    let router = Server::builder()
+    let mut builder = Server::builder();
+    if let Some(tls) = tls_config(&settings.server.tls)? {
+        builder = builder
+            .tls_config(tls)
+            .context("configuring TLS (server.tls)")?;
+    }
+    let router = builder
         .layer(crate::auth::AuthLayer::new(&settings.auth))
         .add_service(health_service)
         .add_service(reflection_v1)
@@ -116,6 +122,31 @@ pub async fn run(
     }
     tracing::info!("eventjournal stopped");
     Ok(())
+}
+
+/// The listener's TLS (rustls), or none when `server.tls.enabled` is off.
+fn tls_config(tls: &config::ServerTlsSettings) -> anyhow::Result<Option<ServerTlsConfig>> {
+    if !tls.enabled {
+        return Ok(None);
+    }
+    let read = |key: &str, file: &Option<std::path::PathBuf>| -> anyhow::Result<Vec<u8>> {
+        let file = file
+            .as_ref()
+            .with_context(|| format!("server.tls.enabled needs {key}"))?;
+        std::fs::read(file).with_context(|| format!("reading {key} {}", file.display()))
+    };
+    let identity = Identity::from_pem(
+        read("server.tls.certificate-file", &tls.certificate_file)?,
+        read("server.tls.key-file", &tls.key_file)?,
+    );
+    let mut config = ServerTlsConfig::new().identity(identity);
+    if tls.client_ca_file.is_some() {
+        let ca = read("server.tls.client-ca-file", &tls.client_ca_file)?;
+        config = config
+            .client_ca_root(Certificate::from_pem(ca))
+            .client_auth_optional(false);
+    }
+    Ok(Some(config))
 }
 
 fn humantime_display(duration: std::time::Duration) -> String {

@@ -3,6 +3,7 @@
 
 #![allow(dead_code)]
 
+pub mod certificates;
 pub mod proxy;
 pub mod read;
 
