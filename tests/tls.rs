@@ -145,3 +145,56 @@ async fn mutual_tls_requires_a_client_certificate_from_the_configured_ca() {
     assert!(refused, "a client certificate from another CA got through");
     shutdown.cancel();
 }
+
+#[tokio::test]
+async fn mongodb_connections_use_tls_with_a_ca_file_and_a_client_certificate() {
+    use common::own_mongod::OwnMongod;
+    let pki = Pki::generate("mongodb");
+    let path = |path: &std::path::PathBuf| path.display().to_string();
+    let mongod = OwnMongod::start(
+        "tls",
+        &[
+            "--tlsMode".into(),
+            "requireTLS".into(),
+            "--tlsCertificateKeyFile".into(),
+            path(&pki.server_combined),
+            // With a CA file, mongod requires client certificates signed by it.
+            "--tlsCAFile".into(),
+            path(&pki.ca),
+        ],
+        &format!(
+            "&tls=true&tlsCAFile={}&tlsCertificateKeyFile={}",
+            path(&pki.ca),
+            path(&pki.client_combined)
+        ),
+    )
+    .await;
+    let settings = |certificate_key_file: Option<std::path::PathBuf>| {
+        let mut settings = test_settings(&unique_database("mongodb_tls"));
+        settings.mongodb.uri = format!("mongodb://127.0.0.1:{}/?replicaSet=rs0", mongod.port);
+        settings.mongodb.server_selection_timeout = Duration::from_secs(3);
+        settings.mongodb.tls = config::MongoTlsSettings {
+            enabled: true,
+            ca_file: Some(pki.ca.clone()),
+            certificate_key_file,
+        };
+        settings
+    };
+
+    let server = TestServer::start_on_database(settings(Some(pki.client_combined.clone()))).await;
+    let mut client = server.journal().await;
+    assert!(is_written(
+        &write(&mut client, vec![atomic(vec![event("m", 1, "over tls")])]).await[0]
+    ));
+    let (events, _) = replay(&mut client, "m", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1]);
+
+    // Without its client certificate the server cannot reach MongoDB, and says so at start-up.
+    let listener = TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let refused = eventjournal::run(settings(None), listener, CancellationToken::new()).await;
+    let error = format!(
+        "{:#}",
+        refused.expect_err("connected without a client certificate")
+    );
+    assert!(error.contains("cannot reach MongoDB"), "{error}");
+}

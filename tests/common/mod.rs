@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod certificates;
+pub mod own_mongod;
 pub mod proxy;
 pub mod read;
 

@@ -1,0 +1,140 @@
+//! A mongod of a test's own, for tests that must kill or reconfigure MongoDB: the shared test
+//! mongod must stay up for every other test. Same binary as `cargo xtask` installs, a
+//! single-node replica set in a fresh directory, killed with the test.
+
+use std::path::PathBuf;
+use std::process::{Child, Command, Stdio};
+use std::time::Duration;
+
+use mongodb::bson::doc;
+
+pub struct OwnMongod {
+    child: Option<Child>,
+    pub port: u16,
+    directory: PathBuf,
+    extra_args: Vec<String>,
+    /// Options added to every connection string (e.g. TLS files).
+    client_options: String,
+}
+
+fn mongod_binary() -> PathBuf {
+    let binary =
+        PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".local/mongodb/fiftyone/db/bin/mongod");
+    assert!(
+        binary.is_file(),
+        "{} is missing: run the suite with `make test` (it installs mongod)",
+        binary.display()
+    );
+    binary
+}
+
+fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+impl OwnMongod {
+    /// Starts a single-node replica set and waits until it is PRIMARY.
+    pub async fn start(name: &str, extra_args: &[String], client_options: &str) -> Self {
+        let directory = std::env::temp_dir().join(format!(
+            "eventjournal-mongod-{name}-{}",
+            uuid::Uuid::new_v4().simple()
+        ));
+        std::fs::create_dir_all(directory.join("data")).unwrap();
+        let mut mongod = Self {
+            child: None,
+            port: free_port(),
+            directory,
+            extra_args: extra_args.to_vec(),
+            client_options: client_options.to_owned(),
+        };
+        mongod.spawn();
+        let admin = mongod.direct_client().await.database("admin");
+        let initiate = doc! { "replSetInitiate": {
+            "_id": "rs0",
+            "members": [ { "_id": 0, "host": format!("127.0.0.1:{}", mongod.port) } ],
+        } };
+        let mut attempts = 0;
+        while let Err(error) = admin.run_command(initiate.clone()).await {
+            attempts += 1;
+            assert!(attempts < 100, "replSetInitiate failed: {error}");
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        mongod.wait_for_primary().await;
+        mongod
+    }
+
+    fn spawn(&mut self) {
+        let log = std::fs::File::create(self.directory.join("mongod.log")).unwrap();
+        let child = Command::new(mongod_binary())
+            .args(["--replSet", "rs0", "--bind_ip", "127.0.0.1"])
+            .args(["--port", &self.port.to_string()])
+            .arg("--dbpath")
+            .arg(self.directory.join("data"))
+            .args(["--wiredTigerCacheSizeGB", "0.25"])
+            .args(&self.extra_args)
+            .stdout(log)
+            .stderr(Stdio::null())
+            .spawn()
+            .unwrap();
+        self.child = Some(child);
+    }
+
+    /// The replica-set URI clients use.
+    pub fn uri(&self) -> String {
+        format!(
+            "mongodb://127.0.0.1:{}/?replicaSet=rs0{}",
+            self.port, self.client_options
+        )
+    }
+
+    async fn direct_client(&self) -> mongodb::Client {
+        let uri = format!(
+            "mongodb://127.0.0.1:{}/?directConnection=true&serverSelectionTimeoutMS=2000{}",
+            self.port, self.client_options
+        );
+        mongodb::Client::with_uri_str(uri).await.unwrap()
+    }
+
+    async fn wait_for_primary(&self) {
+        let admin = self.direct_client().await.database("admin");
+        for _ in 0..300 {
+            if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await
+                && reply.get_bool("isWritablePrimary").unwrap_or(false)
+            {
+                return;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!(
+            "own mongod did not become PRIMARY; see {}",
+            self.directory.join("mongod.log").display()
+        );
+    }
+
+    /// SIGKILL: no shutdown, no flush beyond what the journal already holds.
+    pub fn kill_9(&mut self) {
+        if let Some(mut child) = self.child.take() {
+            child.kill().unwrap();
+            child.wait().unwrap();
+        }
+    }
+
+    /// Starts again on the same port and data, and waits until it is PRIMARY.
+    pub async fn restart(&mut self) {
+        assert!(self.child.is_none(), "restart after kill_9");
+        // The port is free again once the killed process is reaped.
+        self.spawn();
+        self.wait_for_primary().await;
+    }
+}
+
+impl Drop for OwnMongod {
+    fn drop(&mut self) {
+        self.kill_9();
+        let _ = std::fs::remove_dir_all(&self.directory);
+    }
+}
