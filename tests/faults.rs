@@ -1,0 +1,366 @@
+//! Crashes under load: kill -9 of MongoDB, and of the eventjournal server. Nothing acknowledged
+//! is lost, no atomic write is half present, calls fail promptly with UNAVAILABLE while
+//! MongoDB is down, and live subscribers resuming from their last offset miss nothing.
+
+mod common;
+
+use std::collections::{BTreeMap, BTreeSet};
+use std::process::{Child, Command, Stdio};
+use std::sync::{Arc, Mutex};
+use std::time::{Duration, Instant};
+
+use common::own_mongod::OwnMongod;
+use common::read::tagged;
+use common::*;
+use mongodb::bson::{Document, doc};
+use proto::v1 as pb;
+use proto::v1::journal_client::JournalClient;
+use proto::v1::read_journal_client::ReadJournalClient;
+use tokio_util::sync::CancellationToken;
+use tonic::Code;
+use tonic::transport::Channel;
+
+const WRITERS: usize = 4;
+const TAG: &str = "load";
+/// No call may take longer than this, MongoDB down or not.
+const CALL_BOUND: Duration = Duration::from_secs(15);
+
+/// What the writers saw.
+#[derive(Default)]
+struct Record {
+    /// Acknowledged atomic writes: (pid, first sequence number); each write is two events.
+    acked: Vec<(String, i64)>,
+    /// Failed calls: status code, and how long the call took.
+    failures: Vec<(Code, Duration)>,
+}
+
+/// `WRITERS` tasks writing two-event atomic writes through `channel` until `stop`. A failed
+/// write is retried with the very same events (writes are idempotent), then the next one.
+fn start_writers(
+    channel: Channel,
+    record: Arc<Mutex<Record>>,
+    stop: CancellationToken,
+) -> Vec<tokio::task::JoinHandle<()>> {
+    (0..WRITERS)
+        .map(|writer| {
+            let mut client = JournalClient::new(channel.clone());
+            let record = record.clone();
+            let stop = stop.clone();
+            tokio::spawn(async move {
+                let pid = format!("writer-{writer}");
+                let mut next = 1;
+                while !stop.is_cancelled() {
+                    let events = vec![tagged(&pid, next, &[TAG]), tagged(&pid, next + 1, &[TAG])];
+                    let started = Instant::now();
+                    let call = client.write_events(pb::WriteEventsRequest {
+                        writes: vec![atomic(events)],
+                    });
+                    let outcome = tokio::time::timeout(CALL_BOUND, call)
+                        .await
+                        .unwrap_or_else(|_| panic!("a write hung for {CALL_BOUND:?}"));
+                    match outcome {
+                        Ok(response) => {
+                            let outcome = response.into_inner().results[0].outcome.clone();
+                            assert!(
+                                is_written(outcome.as_ref().unwrap()),
+                                "{pid} {next}: {outcome:?}"
+                            );
+                            record.lock().unwrap().acked.push((pid.clone(), next));
+                            next += 2;
+                        }
+                        Err(status) => {
+                            record
+                                .lock()
+                                .unwrap()
+                                .failures
+                                .push((status.code(), started.elapsed()));
+                            tokio::time::sleep(Duration::from_millis(50)).await;
+                        }
+                    }
+                }
+            })
+        })
+        .collect()
+}
+
+async fn acked_count(record: &Arc<Mutex<Record>>) -> usize {
+    record.lock().unwrap().acked.len()
+}
+
+/// Every acknowledged write is stored whole, and every stored write is whole.
+async fn check_stored(journal: &mongodb::Collection<Document>, record: &Record) {
+    use futures::TryStreamExt;
+    let stored: Vec<Document> = journal
+        .find(doc! {})
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut per_pid: BTreeMap<String, BTreeSet<i64>> = BTreeMap::new();
+    for document in &stored {
+        per_pid
+            .entry(document.get_str("pid").unwrap().to_owned())
+            .or_default()
+            .insert(document.get_i64("seqNr").unwrap());
+    }
+    for (pid, first) in &record.acked {
+        let sequence_nrs = per_pid.get(pid).cloned().unwrap_or_default();
+        assert!(
+            sequence_nrs.contains(first) && sequence_nrs.contains(&(first + 1)),
+            "acknowledged write {pid} {first}..={} is not stored whole",
+            first + 1
+        );
+    }
+    for (pid, sequence_nrs) in &per_pid {
+        for sequence_nr in sequence_nrs {
+            let partner = if sequence_nr % 2 == 1 {
+                sequence_nr + 1
+            } else {
+                sequence_nr - 1
+            };
+            assert!(
+                sequence_nrs.contains(&partner),
+                "half an atomic write is stored: {pid} {sequence_nr} without {partner}"
+            );
+        }
+        let highest = *sequence_nrs.last().unwrap();
+        assert_eq!(
+            sequence_nrs.len() as i64,
+            highest,
+            "{pid}: gaps in 1..={highest}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_mongodb_under_load_loses_nothing_acknowledged() {
+    let mut mongod = OwnMongod::start("kill9", &[], "").await;
+    let server = TestServer::start_with("kill9_mongodb", |settings| {
+        settings.mongodb.uri = mongod.uri();
+        settings.mongodb.server_selection_timeout = Duration::from_secs(2);
+        settings.mongodb.connect_timeout = Duration::from_secs(2);
+        settings.mongodb.retry.delay = Duration::from_millis(100);
+        settings.server.health_check_interval = Duration::from_millis(200);
+    })
+    .await;
+    let record = Arc::new(Mutex::new(Record::default()));
+    let stop = CancellationToken::new();
+    let writers = start_writers(server.channel().await, record.clone(), stop.clone());
+
+    wait_until(
+        "writes before the crash",
+        Duration::from_secs(30),
+        || async { acked_count(&record).await >= 40 },
+    )
+    .await;
+    mongod.kill_9();
+    let before_restart = acked_count(&record).await;
+    // Calls made while MongoDB is down fail with UNAVAILABLE, each within the bound.
+    wait_until(
+        "UNAVAILABLE while down",
+        Duration::from_secs(30),
+        || async {
+            record
+                .lock()
+                .unwrap()
+                .failures
+                .iter()
+                .any(|(code, _)| *code == Code::Unavailable)
+        },
+    )
+    .await;
+    mongod.restart().await;
+    wait_until(
+        "writes after the restart, without restarting eventjournal",
+        Duration::from_secs(60),
+        || async { acked_count(&record).await >= before_restart + 40 },
+    )
+    .await;
+    stop.cancel();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+
+    let record = std::mem::take(&mut *record.lock().unwrap());
+    for (code, took) in &record.failures {
+        assert_eq!(
+            *code,
+            Code::Unavailable,
+            "failed with {code:?}, not UNAVAILABLE"
+        );
+        assert!(*took < CALL_BOUND, "a failing call took {took:?}");
+    }
+    let journal = mongodb::Client::with_uri_str(mongod.uri())
+        .await
+        .unwrap()
+        .database(&server.settings.mongodb.database)
+        .collection::<Document>("journal");
+    check_stored(&journal, &record).await;
+}
+
+/// The eventjournal binary, as a separate process that can be killed.
+fn spawn_server(port: u16, database: &str) -> Child {
+    Command::new(env!("CARGO_BIN_EXE_eventjournal"))
+        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
+        .args(["--mongodb-uri", &mongodb_uri(), "--database", database])
+        .env("RUST_LOG", "warn")
+        .env("EVENTJOURNAL_SERVER__METRICS_LISTEN", "127.0.0.1:0")
+        .env("EVENTJOURNAL_READ_JOURNAL__ALLOWED_TIME_DRIFT", "500ms")
+        .env("EVENTJOURNAL_READ_JOURNAL__POLL_INTERVAL", "50ms")
+        .stdout(Stdio::null())
+        .spawn()
+        .unwrap()
+}
+
+async fn wait_until_serving(url: &str) {
+    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
+    wait_until(
+        "the server answers health checks",
+        Duration::from_secs(30),
+        || async {
+            let Ok(channel) = Channel::from_shared(url.to_owned())
+                .unwrap()
+                .connect()
+                .await
+            else {
+                return false;
+            };
+            HealthClient::new(channel)
+                .check(HealthCheckRequest {
+                    service: String::new(),
+                })
+                .await
+                .is_ok()
+        },
+    )
+    .await;
+}
+
+type Received = Arc<Mutex<Vec<(String, i64)>>>;
+
+/// A live `EventsByTag` subscriber that reconnects from its last offset whenever its stream
+/// breaks. Collects every (pid, seqNr) received, in order, duplicates included.
+fn subscribe(
+    channel: Channel,
+    received: Received,
+    stop: CancellationToken,
+) -> tokio::task::JoinHandle<()> {
+    tokio::spawn(async move {
+        let mut client = ReadJournalClient::new(channel);
+        let mut offset = String::new();
+        while !stop.is_cancelled() {
+            let request = pb::EventsByTagRequest {
+                tag: TAG.into(),
+                offset: offset.clone(),
+            };
+            let mut stream = match client.events_by_tag(request).await {
+                Ok(response) => response.into_inner(),
+                Err(_) => {
+                    tokio::time::sleep(Duration::from_millis(100)).await;
+                    continue;
+                }
+            };
+            loop {
+                tokio::select! {
+                    () = stop.cancelled() => break,
+                    message = stream.message() => match message {
+                        Ok(Some(envelope)) => {
+                            let event = envelope.event.unwrap();
+                            received
+                                .lock()
+                                .unwrap()
+                                .push((event.persistence_id, event.sequence_nr));
+                            offset = envelope.offset;
+                        }
+                        // The server went away: resume from the last offset.
+                        _ => break,
+                    },
+                }
+            }
+        }
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() {
+    let database = unique_database("kill9_server");
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port();
+    let url = format!("http://127.0.0.1:{port}");
+    let mut server = spawn_server(port, &database);
+    wait_until_serving(&url).await;
+
+    // Lazy channels reconnect by themselves once a server listens on the port again.
+    let channel = Channel::from_shared(url.clone()).unwrap().connect_lazy();
+    let record = Arc::new(Mutex::new(Record::default()));
+    let stop_writing = CancellationToken::new();
+    let stop_reading = CancellationToken::new();
+    let received = Received::default();
+    let subscriber = subscribe(channel.clone(), received.clone(), stop_reading.clone());
+    let writers = start_writers(channel, record.clone(), stop_writing.clone());
+
+    wait_until(
+        "writes before the crash",
+        Duration::from_secs(30),
+        || async { acked_count(&record).await >= 40 },
+    )
+    .await;
+    server.kill().unwrap();
+    server.wait().unwrap();
+    let before_restart = acked_count(&record).await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut server = spawn_server(port, &database);
+    wait_until_serving(&url).await;
+    wait_until(
+        "writes after the restart",
+        Duration::from_secs(60),
+        || async { acked_count(&record).await >= before_restart + 40 },
+    )
+    .await;
+    stop_writing.cancel();
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let record = std::mem::take(&mut *record.lock().unwrap());
+    let journal = mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database(&database)
+        .collection::<Document>("journal");
+    check_stored(&journal, &record).await;
+
+    // The subscriber gets every stored event (acknowledged or not), exactly once.
+    let stored = journal.count_documents(doc! {}).await.unwrap() as usize;
+    wait_until(
+        "the subscriber catches up",
+        Duration::from_secs(30),
+        || async { received.lock().unwrap().len() >= stored },
+    )
+    .await;
+    stop_reading.cancel();
+    subscriber.await.unwrap();
+    let received = received.lock().unwrap().clone();
+    let distinct: BTreeSet<&(String, i64)> = received.iter().collect();
+    assert_eq!(
+        distinct.len(),
+        received.len(),
+        "an event was delivered twice"
+    );
+    assert_eq!(
+        received.len(),
+        stored,
+        "events missed by the resuming subscriber"
+    );
+    for (pid, first) in &record.acked {
+        assert!(
+            distinct.contains(&(pid.clone(), *first)),
+            "{pid} {first} missed"
+        );
+    }
+    server.kill().unwrap();
+    server.wait().unwrap();
+}
