@@ -10,6 +10,7 @@ mod grpc;
 mod health;
 mod metrics;
 pub mod ops;
+mod rpc_metrics;
 pub mod server;
 mod status;
 

@@ -26,3 +26,98 @@ async fn metrics() -> impl IntoResponse {
     }
     ([(CONTENT_TYPE, encoder.format_type().to_owned())], body)
 }
+
+/// The server's own metrics (prefix `eventjournal_`, plus Akka's `akka_event_persistence_time_ns`).
+pub(crate) mod server {
+    use std::sync::LazyLock;
+
+    use prometheus::{
+        Histogram, IntCounter, IntCounterVec, IntGaugeVec, exponential_buckets, register_histogram,
+        register_int_counter, register_int_counter_vec, register_int_gauge_vec,
+    };
+
+    pub(crate) static EVENTS_WRITTEN: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "eventjournal_events_written_total",
+            "Events written (acknowledged)"
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) static EVENT_BYTES_WRITTEN: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "eventjournal_event_bytes_written_total",
+            "Payload and metadata bytes of the events written"
+        )
+        .expect("metric registered once")
+    });
+
+    /// `source`: `replay` (the write side's recovery) or `query` (the read journal).
+    pub(crate) static EVENTS_READ: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "eventjournal_events_read_total",
+            "Events sent to clients",
+            &["source"]
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) static EVENT_BYTES_READ: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "eventjournal_event_bytes_read_total",
+            "Payload and metadata bytes of the events sent to clients",
+            &["source"]
+        )
+        .expect("metric registered once")
+    });
+
+    /// Akka's name: from receiving a write to its durable (write-concern) acknowledgement.
+    pub(crate) static PERSISTENCE_TIME: LazyLock<Histogram> = LazyLock::new(|| {
+        register_histogram!(
+            "akka_event_persistence_time_ns",
+            "Nanoseconds from receiving an atomic write to its durable acknowledgement",
+            exponential_buckets(100_000.0, 2.0, 18).expect("valid buckets")
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) static LIVE_SUBSCRIBERS: LazyLock<IntGaugeVec> = LazyLock::new(|| {
+        register_int_gauge_vec!(
+            "eventjournal_live_subscribers",
+            "Open live read-journal queries",
+            &["query"]
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) fn event_bytes(event: &model::PersistentEvent) -> u64 {
+        (event.payload.data.len()
+            + event
+                .metadata
+                .as_ref()
+                .map_or(0, |metadata| metadata.data.len())) as u64
+    }
+
+    pub(crate) fn count_read(source: &str, event: &model::PersistentEvent) {
+        EVENTS_READ.with_label_values(&[source]).inc();
+        EVENT_BYTES_READ
+            .with_label_values(&[source])
+            .inc_by(event_bytes(event));
+    }
+
+    /// Counts one open live query until dropped.
+    pub(crate) struct Subscriber(&'static str);
+
+    impl Subscriber {
+        pub(crate) fn open(query: &'static str) -> Self {
+            LIVE_SUBSCRIBERS.with_label_values(&[query]).inc();
+            Self(query)
+        }
+    }
+
+    impl Drop for Subscriber {
+        fn drop(&mut self) {
+            LIVE_SUBSCRIBERS.with_label_values(&[self.0]).dec();
+        }
+    }
+}

@@ -70,6 +70,7 @@ pub async fn run(
             .context("configuring TLS (server.tls)")?;
     }
     let router = builder
+        .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(crate::auth::AuthLayer::new(&settings.auth))
         .add_service(health_service)
         .add_service(reflection_v1)

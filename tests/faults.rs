@@ -285,11 +285,7 @@ fn subscribe(
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() {
     let database = unique_database("kill9_server");
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
     let mut server = spawn_server(port, &database);
     wait_until_serving(&url).await;

@@ -887,11 +887,7 @@ async fn change_stream_offsets_are_exclusive() {
 
 #[tokio::test]
 async fn the_metrics_endpoint_shows_how_far_behind_now_live_queries_run() {
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let port = free_port();
     let server = TestServer::start_with("rj_metrics", |settings| {
         fast(settings);
         settings.server.metrics_listen = Some(([127, 0, 0, 1], port).into());
@@ -917,17 +913,7 @@ async fn the_metrics_endpoint_shows_how_far_behind_now_live_queries_run() {
     ));
     take(&mut live, 1, 10).await;
 
-    use tokio::io::{AsyncReadExt, AsyncWriteExt};
-    let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", port))
-        .await
-        .unwrap();
-    connection
-        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
-        .await
-        .unwrap();
-    let mut response = String::new();
-    connection.read_to_string(&mut response).await.unwrap();
-    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    let response = fetch_metrics(port).await;
     let count_line = response
         .lines()
         .find(|line| {

@@ -82,24 +82,6 @@ async fn calls_fail_with_unavailable_while_mongodb_is_unreachable_and_work_again
     assert_eq!(highest, 2);
 }
 
-/// Makes the test mongod fail this server's next `times` `command`s (only connections with
-/// `app_name`, so parallel tests are not affected), as CosmosDB does when over its throughput.
-async fn fail_next(app_name: &str, times: i32, command: &str, failure: mongodb::bson::Document) {
-    let mut data = mongodb::bson::doc! { "failCommands": [command], "appName": app_name };
-    data.extend(failure);
-    mongodb::Client::with_uri_str(mongodb_uri())
-        .await
-        .unwrap()
-        .database("admin")
-        .run_command(mongodb::bson::doc! {
-            "configureFailPoint": "failCommand",
-            "mode": { "times": times },
-            "data": data,
-        })
-        .await
-        .expect("configureFailPoint (the test mongod runs with enableTestCommands=1)");
-}
-
 #[tokio::test]
 async fn request_rate_too_large_is_retried_after_the_hinted_delay() {
     const APP: &str = "retry_after_hint";

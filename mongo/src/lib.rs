@@ -4,6 +4,7 @@
 mod client;
 mod document;
 mod failure;
+pub mod metrics;
 mod retry;
 
 pub use client::{commit_quorum, connect, create_collections, ping};

@@ -67,10 +67,17 @@ impl Retry {
                 Ok(value) => return Ok(value),
                 Err(error) if attempts < self.max_attempts && self.is_retryable(&error) => {
                     let pause = backoff_hint(&error).unwrap_or(self.delay);
+                    let codes = error_codes(&error);
+                    let code = codes
+                        .first()
+                        .map_or_else(|| "network".to_owned(), i32::to_string);
+                    crate::metrics::RETRIES
+                        .with_label_values(&[operation, &code])
+                        .inc();
                     tracing::warn!(
                         operation,
                         attempt = attempts,
-                        codes = ?error_codes(&error),
+                        ?codes,
                         pause_ms = pause.as_millis() as u64,
                         %error,
                         "retrying mongodb operation"

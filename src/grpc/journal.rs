@@ -13,6 +13,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::grpc::STREAM_BUFFER;
+use crate::metrics::server as metrics;
 use crate::status::{invalid_argument, storage_status};
 
 pub(crate) struct JournalService {
@@ -43,6 +44,7 @@ impl pb::journal_server::Journal for JournalService {
         &self,
         request: Request<pb::WriteEventsRequest>,
     ) -> Result<Response<pb::WriteEventsResponse>, Status> {
+        let received = std::time::Instant::now();
         let writes = request.into_inner().writes;
         tracing::Span::current().record("writes", writes.len());
         // Invalid writes are rejected on their own; the valid ones go to the journal together.
@@ -60,12 +62,28 @@ impl pb::journal_server::Journal for JournalService {
             }
         }
         let (indexes, valid): (Vec<usize>, Vec<AtomicWrite>) = valid.into_iter().unzip();
+        let sizes: Vec<(u64, u64)> = valid
+            .iter()
+            .map(|write| {
+                let events = write.events();
+                (
+                    events.len() as u64,
+                    events.iter().map(metrics::event_bytes).sum(),
+                )
+            })
+            .collect();
         let outcomes = self
             .journal
             .write_batch(valid)
             .await
             .map_err(|error| storage_status("WriteEvents", error))?;
-        for (index, written) in indexes.into_iter().zip(outcomes) {
+        let acknowledged = received.elapsed().as_nanos() as f64;
+        for ((index, written), (events, bytes)) in indexes.into_iter().zip(outcomes).zip(sizes) {
+            if matches!(written, WriteOutcome::Written) {
+                metrics::EVENTS_WRITTEN.inc_by(events);
+                metrics::EVENT_BYTES_WRITTEN.inc_by(bytes);
+                metrics::PERSISTENCE_TIME.observe(acknowledged);
+            }
             results[index] = Some(outcome(written));
         }
         Ok(Response::new(pb::WriteEventsResponse {
@@ -131,9 +149,12 @@ impl pb::journal_server::Journal for JournalService {
             let mut events = replay.events;
             while let Some(event) = events.next().await {
                 let message = match event {
-                    Ok(event) => Ok(pb::ReplayEventsResponse {
-                        item: Some(Item::Event(event.into())),
-                    }),
+                    Ok(event) => {
+                        metrics::count_read("replay", &event);
+                        Ok(pb::ReplayEventsResponse {
+                            item: Some(Item::Event(event.into())),
+                        })
+                    }
                     Err(error) => Err(storage_status("ReplayEvents", error)),
                 };
                 let failed = message.is_err();

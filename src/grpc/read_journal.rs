@@ -18,6 +18,7 @@ use tonic::{Request, Response, Status};
 use tracing::Instrument;
 
 use crate::grpc::STREAM_BUFFER;
+use crate::metrics::server as metrics;
 use crate::status::{invalid_argument, storage_status};
 
 type ServerStream<T> = Pin<Box<dyn Stream<Item = Result<T, Status>> + Send>>;
@@ -46,13 +47,19 @@ where
 {
     let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
     tokio::spawn(produce(sender).in_current_span());
-    Box::pin(ReceiverStream::new(receiver).map(move |item| match item {
-        Ok((offset, item)) => Ok(convert(offset, item)),
-        Err(error) => Err(storage_status(rpc, error)),
+    // Live queries are counted while their stream is open (dropped when the client leaves).
+    let subscriber = (!rpc.starts_with("Current")).then(|| metrics::Subscriber::open(rpc));
+    Box::pin(ReceiverStream::new(receiver).map(move |item| {
+        let _open = &subscriber;
+        match item {
+            Ok((offset, item)) => Ok(convert(offset, item)),
+            Err(error) => Err(storage_status(rpc, error)),
+        }
     }))
 }
 
 fn envelope(offset: Offset, event: model::PersistentEvent) -> pb::EventEnvelope {
+    metrics::count_read("query", &event);
     pb::EventEnvelope {
         offset: offset.token(),
         event: Some(event.into()),

@@ -190,6 +190,61 @@ where
     }
 }
 
+/// Makes the test mongod fail this server's next `times` `command`s (only connections with
+/// `app_name`, so parallel tests are not affected), as CosmosDB does when over its throughput.
+pub async fn fail_next(
+    app_name: &str,
+    times: i32,
+    command: &str,
+    failure: mongodb::bson::Document,
+) {
+    let mut data = mongodb::bson::doc! { "failCommands": [command], "appName": app_name };
+    data.extend(failure);
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+        .run_command(mongodb::bson::doc! {
+            "configureFailPoint": "failCommand",
+            "mode": { "times": times },
+            "data": data,
+        })
+        .await
+        .expect("configureFailPoint (the test mongod runs with enableTestCommands=1)");
+}
+
+/// A free local port, for listeners a test configures (metrics, a server it restarts).
+pub fn free_port() -> u16 {
+    std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .port()
+}
+
+/// `GET /metrics` from the metrics listener on `port`: the Prometheus text.
+pub async fn fetch_metrics(port: u16) -> String {
+    use tokio::io::{AsyncReadExt, AsyncWriteExt};
+    let mut connection = tokio::net::TcpStream::connect(("127.0.0.1", port))
+        .await
+        .unwrap();
+    connection
+        .write_all(b"GET /metrics HTTP/1.1\r\nHost: localhost\r\nConnection: close\r\n\r\n")
+        .await
+        .unwrap();
+    let mut response = String::new();
+    connection.read_to_string(&mut response).await.unwrap();
+    assert!(response.starts_with("HTTP/1.1 200"), "{response}");
+    response
+}
+
+/// The value of the sample `name{labels}` (exactly as Prometheus prints it), if present.
+pub fn metric(text: &str, sample: &str) -> Option<f64> {
+    text.lines()
+        .find_map(|line| line.strip_prefix(sample)?.strip_prefix(' '))
+        .map(|value| value.parse().unwrap())
+}
+
 pub fn payload(text: &str) -> pb::Payload {
     pb::Payload {
         data: text.as_bytes().to_vec(),

@@ -8,6 +8,8 @@ use std::time::Duration;
 
 use mongodb::bson::doc;
 
+use super::free_port;
+
 pub struct OwnMongod {
     child: Option<Child>,
     pub port: u16,
@@ -26,14 +28,6 @@ fn mongod_binary() -> PathBuf {
         binary.display()
     );
     binary
-}
-
-fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
 }
 
 impl OwnMongod {
