@@ -25,9 +25,7 @@ enum Access {
 
 /// The access each gRPC path needs: `/package.Service/Method`.
 fn required(path: &str) -> Access {
-    let mut parts = path.trim_start_matches('/').splitn(2, '/');
-    let (service, method) = (parts.next().unwrap_or(""), parts.next().unwrap_or(""));
-    match (service, method) {
+    match crate::grpc::service_and_method(path) {
         ("grpc.health.v1.Health", _) => Access::Open,
         ("eventjournal.v1.Journal", "WriteEvents" | "DeleteEventsTo")
         | (

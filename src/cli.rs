@@ -83,7 +83,7 @@ pub struct MigrateArgs {
     pub connection: ConnectionArgs,
     /// The collection to migrate.
     #[arg(long, value_enum, value_name = "COLLECTION")]
-    pub collection: crate::ops::migrate::Target,
+    pub collection: crate::ops::Purged,
     /// The date written into the field (RFC 3339, e.g. 2027-01-17T03:00:00Z); the TTL index
     /// purges the documents at this date plus its expire-after, so pick a quiet hour.
     #[arg(long, value_name = "RFC3339", value_parser = humantime::parse_rfc3339)]

@@ -44,10 +44,10 @@ struct Call {
 
 impl Call {
     fn new(path: &str) -> Self {
-        let mut parts = path.trim_start_matches('/').splitn(2, '/');
+        let (service, method) = crate::grpc::service_and_method(path);
         Self {
-            service: parts.next().unwrap_or_default().to_owned(),
-            method: parts.next().unwrap_or_default().to_owned(),
+            service: service.to_owned(),
+            method: method.to_owned(),
             started: Instant::now(),
             recorded: false,
         }

@@ -7,7 +7,7 @@ use std::process::{Command, Stdio};
 use std::sync::mpsc;
 use std::time::{Duration, Instant};
 
-use common::{mongodb_uri, unique_database};
+use common::{free_port, mongodb_uri, unique_database};
 
 const BINARY: &str = env!("CARGO_BIN_EXE_eventjournal");
 
@@ -91,11 +91,7 @@ fn bad_configuration_is_one_clear_error_and_a_non_zero_exit() {
 
 #[test]
 fn unreachable_mongodb_is_one_clear_error_and_a_non_zero_exit() {
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed_port = free_port();
     let output = Command::new(BINARY)
         .args(["serve", "--listen", "127.0.0.1:0"])
         .args([

@@ -214,25 +214,10 @@ fn spawn_server(port: u16, database: &str) -> Child {
 }
 
 async fn wait_until_serving(url: &str) {
-    use tonic_health::pb::{HealthCheckRequest, health_client::HealthClient};
     wait_until(
         "the server answers health checks",
         Duration::from_secs(30),
-        || async {
-            let Ok(channel) = Channel::from_shared(url.to_owned())
-                .unwrap()
-                .connect()
-                .await
-            else {
-                return false;
-            };
-            HealthClient::new(channel)
-                .check(HealthCheckRequest {
-                    service: String::new(),
-                })
-                .await
-                .is_ok()
-        },
+        || answers_health(url),
     )
     .await;
 }

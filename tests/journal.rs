@@ -556,11 +556,7 @@ async fn graceful_shutdown_returns_cleanly() {
 
 #[tokio::test]
 async fn unreachable_mongodb_at_start_is_a_clear_error() {
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed_port = free_port();
     let mut settings = test_settings("unreachable");
     settings.mongodb.uri = format!("mongodb://127.0.0.1:{closed_port}/?directConnection=true");
     settings.mongodb.server_selection_timeout = Duration::from_millis(300);

@@ -6,8 +6,8 @@ use std::process::{Command, Output};
 use std::time::Duration;
 
 use common::{
-    TestServer, atomic, event, highest, is_written, mongodb_uri, payload, replay, sequence_nrs,
-    unique_database, wait_until, write,
+    TestServer, atomic, event, free_port, highest, is_written, mongodb_uri, payload, replay,
+    sequence_nrs, unique_database, wait_until, write,
 };
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use proto::v1 as pb;
@@ -291,11 +291,7 @@ fn operator_commands_explain_themselves_and_reject_bad_input_in_one_line() {
         "at least one expiry is required"
     );
 
-    let closed_port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port();
+    let closed_port = free_port();
     let output = Command::new(BINARY)
         .args([
             "purge",

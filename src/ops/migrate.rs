@@ -27,17 +27,11 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 use mongodb::bson::{Bson, DateTime, Document, doc};
 use mongodb::{Collection, Database};
 
-/// The collection to migrate, as operators name it on the command line.
-#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
-pub enum Target {
-    Journal,
-    Snapshots,
-    State,
-}
+use super::Purged;
 
 #[derive(Debug, Clone)]
 pub struct Options {
-    pub target: Target,
+    pub target: Purged,
     /// The value written into the field; the TTL index purges at `date + expire after`.
     pub date: DateTime,
     pub only_deleted: bool,
@@ -71,21 +65,12 @@ pub async fn migrate(
     options: &Options,
     out: &mut impl Write,
 ) -> anyhow::Result<Outcome> {
-    let names = &settings.mongodb.collections;
-    let (collection_name, field, what): (&String, &'static str, &str) = match options.target {
-        Target::Journal => (
-            &names.journal,
-            journal::document::DELETED_AT,
-            "deleted events",
-        ),
-        Target::Snapshots => (&names.snapshots, snapshot::INSERTED_AT, "snapshots"),
-        Target::State => (
-            &names.durable_state,
-            durable_state::DELETED_AT,
-            "deleted durable-state objects",
-        ),
-    };
-    if options.only_deleted && options.target == Target::Snapshots {
+    let (collection_name, field, what) = (
+        options.target.collection(settings),
+        options.target.date_field(),
+        options.target.what(),
+    );
+    if options.only_deleted && options.target == Purged::Snapshots {
         bail!(
             "--only-deleted does not apply to snapshots: a deleted snapshot is removed at once, \
              so every snapshot left is one to mark"
@@ -93,7 +78,7 @@ pub async fn migrate(
     }
     let collection = database.collection::<Document>(collection_name);
     let mut mark = doc! { field: options.date };
-    if options.target == Target::Journal
+    if options.target == Purged::Journal
         && let Some(ttl) = journal::cosmos_ttl_seconds(settings)
     {
         mark.insert(journal::document::TTL, ttl);
@@ -196,7 +181,7 @@ async fn mark_batch(
 async fn selections(
     database: &Database,
     settings: &Settings,
-    target: Target,
+    target: Purged,
     field: &'static str,
 ) -> anyhow::Result<BoxStream<'static, anyhow::Result<Selection>>> {
     let names = &settings.mongodb.collections;
@@ -205,9 +190,9 @@ async fn selections(
         stream::once(future::ready(Ok(Selection { filter, hint: None }))).boxed()
     };
     Ok(match target {
-        Target::Snapshots => single(doc! { field: missing }),
-        Target::State => single(doc! { durable_state::PAYLOAD: missing.clone(), field: missing }),
-        Target::Journal => {
+        Purged::Snapshots => single(doc! { field: missing }),
+        Purged::State => single(doc! { durable_state::PAYLOAD: missing.clone(), field: missing }),
+        Purged::Journal => {
             use journal::document::{HIGHEST_SEQUENCE_NR, PERSISTENCE_ID, SEQUENCE_NR};
             database
                 .collection::<Document>(&names.journal_metadata)

@@ -26,6 +26,45 @@ pub async fn connect(settings: &Settings) -> anyhow::Result<Database> {
     Ok(database)
 }
 
+/// The collections purging works on, as operators name them (`--collection`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum Purged {
+    Journal,
+    Snapshots,
+    State,
+}
+
+impl Purged {
+    pub const ALL: [Purged; 3] = [Purged::Journal, Purged::Snapshots, Purged::State];
+
+    /// What of it is purged, for messages.
+    pub fn what(self) -> &'static str {
+        match self {
+            Purged::Journal => "deleted events",
+            Purged::Snapshots => "snapshots",
+            Purged::State => "deleted durable-state objects",
+        }
+    }
+
+    /// The date field its TTL index purges by on MongoDB.
+    pub fn date_field(self) -> &'static str {
+        match self {
+            Purged::Journal => journal::document::DELETED_AT,
+            Purged::Snapshots => snapshot::INSERTED_AT,
+            Purged::State => durable_state::DELETED_AT,
+        }
+    }
+
+    pub fn collection(self, settings: &Settings) -> &str {
+        let names = &settings.mongodb.collections;
+        match self {
+            Purged::Journal => &names.journal,
+            Purged::Snapshots => &names.snapshots,
+            Purged::State => &names.durable_state,
+        }
+    }
+}
+
 /// MongoDB's code for a collection that does not exist (yet).
 const NAMESPACE_NOT_FOUND: i32 = 26;
 

@@ -10,7 +10,7 @@ use mongodb::bson::{DateTime, doc};
 use mongodb::options::IndexOptions;
 use mongodb::{Database, IndexModel};
 
-use super::{existing_indexes, index_name, short_duration};
+use super::{Purged, existing_indexes, index_name, short_duration};
 
 /// How long each kind of document stays after it became eligible.
 #[derive(Debug, Clone, Default)]
@@ -20,60 +20,29 @@ pub struct Expiry {
     pub state: Option<Duration>,
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Kind {
-    Journal,
-    Snapshots,
-    State,
-}
-
-/// A collection purged by a TTL index: on a date field in mongo mode, on CosmosDB's `_ts` in
+/// A collection purged by a TTL index: on its date field in mongo mode, on CosmosDB's `_ts` in
 /// cosmos mode (CosmosDB ignores TTL indexes on other fields).
 struct Target {
-    kind: Kind,
+    kind: Purged,
     what: &'static str,
     collection: String,
     field: &'static str,
-    index: &'static str,
+    /// `<field>_ttl`.
+    index: String,
 }
 
 fn targets(settings: &Settings) -> [Target; 3] {
-    let names = &settings.mongodb.collections;
     let cosmos = settings.mongodb.database_mode == DatabaseMode::Cosmos;
-    let on = |mongo_field: &'static str, mongo_index: &'static str| {
-        if cosmos {
-            ("_ts", "_ts_ttl")
-        } else {
-            (mongo_field, mongo_index)
+    Purged::ALL.map(|kind| {
+        let field = if cosmos { "_ts" } else { kind.date_field() };
+        Target {
+            kind,
+            what: kind.what(),
+            collection: kind.collection(settings).to_owned(),
+            field,
+            index: format!("{field}_ttl"),
         }
-    };
-    let target = |kind, what, collection: &String, (field, index)| Target {
-        kind,
-        what,
-        collection: collection.clone(),
-        field,
-        index,
-    };
-    [
-        target(
-            Kind::Journal,
-            "deleted events",
-            &names.journal,
-            on("deletedAt", "deletedAt_ttl"),
-        ),
-        target(
-            Kind::Snapshots,
-            "snapshots",
-            &names.snapshots,
-            on("insertedAt", "insertedAt_ttl"),
-        ),
-        target(
-            Kind::State,
-            "deleted durable-state objects",
-            &names.durable_state,
-            on("deletedAt", "deletedAt_ttl"),
-        ),
-    ]
+    })
 }
 
 /// CosmosDB's largest TTL (about 68 years). Its "TTL on, no default" is -1, which MongoDB and
@@ -107,7 +76,7 @@ fn plan(settings: &Settings, target: &Target, requested: Duration) -> anyhow::Re
         });
     }
     match target.kind {
-        Kind::Journal => {
+        Purged::Journal => {
             let Some(ttl) = settings.write_journal.cosmos_ttl else {
                 bail!(
                     "in cosmos mode deleted events expire by their own ttl field: set \
@@ -137,7 +106,7 @@ fn plan(settings: &Settings, target: &Target, requested: Duration) -> anyhow::Re
                 ),
             })
         }
-        Kind::Snapshots => Ok(Plan {
+        Purged::Snapshots => Ok(Plan {
             seconds: seconds(requested)?,
             expiry: format!("expire after {}", short_duration(requested)),
             why: Some(
@@ -146,7 +115,7 @@ fn plan(settings: &Settings, target: &Target, requested: Duration) -> anyhow::Re
                     .to_owned(),
             ),
         }),
-        Kind::State => bail!(
+        Purged::State => bail!(
             "--state-expire-after is not available in cosmos mode: CosmosDB purges by _ts, the \
              time of last modification, so a _ts TTL index would also remove live objects \
              unchanged for {}",
@@ -190,7 +159,7 @@ pub async fn setup(
                 database
                     .run_command(doc! {
                         "collMod": &target.collection,
-                        "index": { "name": target.index, "expireAfterSeconds": plan.seconds },
+                        "index": { "name": &target.index, "expireAfterSeconds": plan.seconds },
                     })
                     .await
                     .with_context(|| format!("changing the TTL index of {}", target.collection))?;
@@ -202,7 +171,7 @@ pub async fn setup(
             }
             None => {
                 let options = IndexOptions::builder()
-                    .name(target.index.to_owned())
+                    .name(target.index.clone())
                     .expire_after(wanted)
                     .build();
                 let model = IndexModel::builder()
@@ -294,18 +263,18 @@ async fn cosmos_status(
             .with_context(|| format!("counting {}", target.collection))
     };
     let (count, what) = match target.kind {
-        Kind::Journal => (
+        Purged::Journal => (
             counted(doc! { journal::document::TTL: { "$exists": true } }).await?,
             "deleted event(s) carry a ttl",
         ),
-        Kind::Snapshots => (counted(doc! {}).await?, "snapshot(s)"),
-        Kind::State => (
+        Purged::Snapshots => (counted(doc! {}).await?, "snapshot(s)"),
+        Purged::State => (
             counted(doc! { durable_state::PAYLOAD: { "$exists": false } }).await?,
             "deleted object(s), not purged in cosmos mode",
         ),
     };
     match ttl {
-        Some(ttl) if target.kind == Kind::Journal => writeln!(
+        Some(ttl) if target.kind == Purged::Journal => writeln!(
             out,
             "{label}: TTL index on ({}), documents expire by their own ttl; {count} {what}",
             short_duration(ttl)

@@ -119,14 +119,8 @@ impl TestServer {
     async fn wait_until_serving(&self) {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            if let Ok(channel) = Channel::from_shared(self.url()).unwrap().connect().await {
-                let mut health = tonic_health::pb::health_client::HealthClient::new(channel);
-                let request = tonic_health::pb::HealthCheckRequest {
-                    service: String::new(),
-                };
-                if health.check(request).await.is_ok() {
-                    return;
-                }
+            if answers_health(&self.url()).await {
+                return;
             }
             assert!(
                 !self.handle.is_finished(),
@@ -211,6 +205,24 @@ pub async fn fail_next(
         })
         .await
         .expect("configureFailPoint (the test mongod runs with enableTestCommands=1)");
+}
+
+/// Whether a server at `url` answers a health check.
+pub async fn answers_health(url: &str) -> bool {
+    let Ok(channel) = Channel::from_shared(url.to_owned())
+        .unwrap()
+        .connect()
+        .await
+    else {
+        return false;
+    };
+    let request = tonic_health::pb::HealthCheckRequest {
+        service: String::new(),
+    };
+    tonic_health::pb::health_client::HealthClient::new(channel)
+        .check(request)
+        .await
+        .is_ok()
 }
 
 /// A free local port, for listeners a test configures (metrics, a server it restarts).
