@@ -169,6 +169,10 @@ pub struct MongoSettings {
     pub server_selection_timeout: Duration,
     /// Read concern level of reads: "local", "majority", "linearizable" or "available".
     pub read_concern: String,
+    /// Most connections the server opens to each MongoDB server; operations wait for a free one.
+    pub max_pool_size: u32,
+    /// Connections kept open to each MongoDB server even when idle.
+    pub min_pool_size: u32,
     pub write_concern: WriteConcernSettings,
     pub tls: MongoTlsSettings,
     pub retry: RetrySettings,
@@ -187,6 +191,8 @@ impl Default for MongoSettings {
             connect_timeout: Duration::from_secs(10),
             server_selection_timeout: Duration::from_secs(10),
             read_concern: "majority".to_owned(),
+            max_pool_size: 20,
+            min_pool_size: 2,
             write_concern: WriteConcernSettings::default(),
             tls: MongoTlsSettings::default(),
             retry: RetrySettings::default(),
@@ -290,12 +296,49 @@ impl Default for CollectionNames {
     }
 }
 
-#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct WriteJournalSettings {
     /// In `cosmos` mode: deleted events get a root-level `ttl` field of this many seconds.
     #[serde(with = "humantime_serde")]
     pub cosmos_ttl: Option<Duration>,
+    /// Group commit: the most events one MongoDB insert carries.
+    pub max_batch_events: u32,
+    /// Group commit: the most bytes (as BSON) one MongoDB insert carries; a larger single
+    /// event goes alone.
+    pub max_batch_bytes: ByteSize,
+    /// Group commit: how many inserts may be in flight at once (each on its own connection).
+    pub max_batches_in_flight: u32,
+    /// Fairness: how many events a producer (stream or connection) contributes to a batch per
+    /// round-robin turn while others wait.
+    pub fair_share_events: u32,
+    /// `WriteEventsStream`: requests read from a stream and not yet answered; past it the
+    /// server stops reading and HTTP/2 flow control pushes back on the client.
+    pub stream_max_unacknowledged: u32,
+    /// How long a server relies on the highest sequence number it knows for a persistence id
+    /// (from its own last write or a read) before reading it from MongoDB again.
+    #[serde(with = "humantime_serde")]
+    pub sequence_nr_cache_validity: Duration,
+    /// Deleted events become eligible for purging this long after `DeleteEventsTo`: their
+    /// `deletedAt` lies this far ahead. It must exceed twice `sequence-nr-cache-validity`, so a
+    /// sequence number is never purged while a server may still rely on knowing it is taken.
+    #[serde(with = "humantime_serde")]
+    pub purge_delay: Duration,
+}
+
+impl Default for WriteJournalSettings {
+    fn default() -> Self {
+        Self {
+            cosmos_ttl: None,
+            max_batch_events: 1000,
+            max_batch_bytes: ByteSize::mib(16),
+            max_batches_in_flight: 4,
+            fair_share_events: 100,
+            stream_max_unacknowledged: 8,
+            sequence_nr_cache_validity: Duration::from_secs(5),
+            purge_delay: Duration::from_secs(60),
+        }
+    }
 }
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]

@@ -216,14 +216,80 @@ impl Settings {
             }
         }
 
-        if let Some(ttl) = self.write_journal.cosmos_ttl {
+        problems.check(
+            mongodb.max_pool_size >= 1,
+            "mongodb.max-pool-size",
+            mongodb.max_pool_size,
+            "must be 1 or more",
+        );
+        problems.check(
+            mongodb.min_pool_size <= mongodb.max_pool_size,
+            "mongodb.min-pool-size",
+            mongodb.min_pool_size,
+            "must not be above mongodb.max-pool-size",
+        );
+
+        let write = &self.write_journal;
+        if let Some(ttl) = write.cosmos_ttl {
             problems.check(
                 (1..=i32::MAX as u64).contains(&ttl.as_secs()),
                 "write-journal.cosmos-ttl",
                 humantime::format_duration(ttl).to_string(),
                 "must be between 1s and 2147483647s (it is written as int32 seconds)",
             );
+            problems.check(
+                ttl >= write.purge_delay,
+                "write-journal.cosmos-ttl",
+                humantime::format_duration(ttl).to_string(),
+                "must not be below write-journal.purge-delay",
+            );
         }
+        problems.check(
+            (1..=100_000).contains(&write.max_batch_events),
+            "write-journal.max-batch-events",
+            write.max_batch_events,
+            "must be 1 to 100000",
+        );
+        problems.check(
+            (1 << 20..=64 << 20).contains(&write.max_batch_bytes.as_u64()),
+            "write-journal.max-batch-bytes",
+            write.max_batch_bytes.to_string(),
+            "must be between 1 MiB and 64 MiB",
+        );
+        problems.check(
+            (1..=64).contains(&write.max_batches_in_flight),
+            "write-journal.max-batches-in-flight",
+            write.max_batches_in_flight,
+            "must be 1 to 64",
+        );
+        problems.check(
+            write.max_batches_in_flight < mongodb.max_pool_size,
+            "write-journal.max-batches-in-flight",
+            write.max_batches_in_flight,
+            "must be below mongodb.max-pool-size, so reads always find a connection",
+        );
+        problems.check(
+            write.fair_share_events >= 1,
+            "write-journal.fair-share-events",
+            write.fair_share_events,
+            "must be 1 or more",
+        );
+        problems.check(
+            (1..=1024).contains(&write.stream_max_unacknowledged),
+            "write-journal.stream-max-unacknowledged",
+            write.stream_max_unacknowledged,
+            "must be 1 to 1024",
+        );
+        problems.positive(
+            "write-journal.sequence-nr-cache-validity",
+            write.sequence_nr_cache_validity,
+        );
+        problems.check(
+            write.purge_delay >= write.sequence_nr_cache_validity * 2,
+            "write-journal.purge-delay",
+            humantime::format_duration(write.purge_delay).to_string(),
+            "must be at least twice write-journal.sequence-nr-cache-validity",
+        );
 
         let read = &self.read_journal;
         problems.check(

@@ -14,6 +14,8 @@ pub async fn connect(settings: &MongoSettings) -> Result<Database, mongodb::erro
         .get_or_insert_with(|| "eventjournal".to_owned());
     options.connect_timeout = Some(settings.connect_timeout);
     options.server_selection_timeout = Some(settings.server_selection_timeout);
+    options.max_pool_size = Some(settings.max_pool_size);
+    options.min_pool_size = Some(settings.min_pool_size);
     options.read_concern = Some(read_concern(&settings.read_concern));
     options.write_concern = Some(
         WriteConcern::builder()

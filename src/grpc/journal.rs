@@ -91,6 +91,15 @@ impl pb::journal_server::Journal for JournalService {
         }))
     }
 
+    type WriteEventsStreamStream = ReceiverStream<Result<pb::WriteEventsResponse, Status>>;
+
+    async fn write_events_stream(
+        &self,
+        _request: Request<tonic::Streaming<pb::WriteEventsRequest>>,
+    ) -> Result<Response<Self::WriteEventsStreamStream>, Status> {
+        Err(Status::unimplemented("WriteEventsStream is being built"))
+    }
+
     #[tracing::instrument(name = "DeleteEventsTo", skip_all, fields(pid))]
     async fn delete_events_to(
         &self,
