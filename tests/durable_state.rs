@@ -303,3 +303,70 @@ async fn bad_durable_state_requests_are_rejected_and_change_nothing() {
     );
     assert_eq!(get(&mut client, "o").await, (Some("v1".into()), 1));
 }
+
+#[tokio::test]
+async fn a_change_retried_after_its_reply_was_lost_succeeds() {
+    // MongoDB applies the update but the reply says the write concern timed out: the outcome
+    // is unknown to the server, which answers UNAVAILABLE ("retrying is safe").
+    const APP: &str = "state_lost_reply";
+    let server = TestServer::start_with("state_lost_reply", |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    })
+    .await;
+    let mut client = DurableStateStoreClient::new(server.channel().await);
+    let lose_next_reply = || {
+        fail_next(
+            APP,
+            1,
+            "update",
+            doc! { "writeConcernError": {
+                "code": 64,
+                "codeName": "WriteConcernFailed",
+                "errmsg": "waiting for replication timed out",
+                "errInfo": { "wtimeout": true },
+            } },
+        )
+    };
+
+    lose_next_reply().await;
+    let status = upsert(&mut client, "lost", 1, "v1", "shop")
+        .await
+        .expect_err("the reply was lost");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    // It was applied (visible to majority reads once the commit point moves past it).
+    let reader = client.clone();
+    wait_until(
+        "the first attempt is stored",
+        std::time::Duration::from_secs(10),
+        || {
+            let mut reader = reader.clone();
+            async move { get(&mut reader, "lost").await == (Some("v1".into()), 1) }
+        },
+    )
+    .await;
+    // The client retries the very same change: it is stored, so it succeeds.
+    upsert(&mut client, "lost", 1, "v1", "shop").await.unwrap();
+    // Anything else at that revision is still stale.
+    assert_aborted(
+        upsert(&mut client, "lost", 1, "other", "shop").await,
+        "revision 1 of persistence id \"lost\" does not follow the stored revision 1: use revision 2",
+    );
+    assert_aborted(
+        upsert(&mut client, "lost", 1, "v1", "other-tag").await,
+        "revision 1 of persistence id \"lost\" does not follow the stored revision 1: use revision 2",
+    );
+
+    lose_next_reply().await;
+    let status = delete(&mut client, "lost", 2)
+        .await
+        .expect_err("the reply was lost");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    delete(&mut client, "lost", 2).await.unwrap();
+    assert_eq!(get(&mut client, "lost").await, (None, 2));
+    assert_aborted(
+        upsert(&mut client, "lost", 2, "v1", "shop").await,
+        "revision 2 of persistence id \"lost\" does not follow the stored revision 2: use revision 3",
+    );
+    upsert(&mut client, "lost", 3, "v3", "").await.unwrap();
+    assert_eq!(get(&mut client, "lost").await, (Some("v3".into()), 3));
+}

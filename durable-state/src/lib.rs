@@ -10,13 +10,14 @@
 //!   tag: string,                                 absent when upserted without a tag
 //!   timestamp: int64,                            ms since the epoch of the last change
 //!   writtenAt: Date,                             when the server wrote the change (change-query order)
-//!   deletedAt: Date,                             only on deleted objects, for TTL purging
-//!   writeId: string }                            the change's id: tells a retried change apart from another
+//!   deletedAt: Date }                            only on deleted objects, for TTL purging
 //! ```
 //!
 //! A change is one conditional update, `{_id: pid, revision: r - 1}`, so among writers racing
 //! at the same revision exactly one matches; an upsert at revision 1 inserts, and the unique
-//! `_id` lets only one insert win.
+//! `_id` lets only one insert win. A change that matches nothing was either beaten by another
+//! writer (a stale revision) or applied already by an earlier attempt of the same change whose
+//! reply was lost: the stored object tells which, by content, as the journal does.
 
 use config::Settings;
 use model::{DeleteObject, Payload, PersistenceId, Revision, StoredObject, UpsertObject};
@@ -37,7 +38,6 @@ pub const TAG: &str = "tag";
 pub const TIMESTAMP: &str = "timestamp";
 pub const WRITTEN_AT: &str = "writtenAt";
 pub const DELETED_AT: &str = "deletedAt";
-pub const WRITE_ID: &str = "writeId";
 
 #[derive(Debug, thiserror::Error)]
 pub enum DurableStateError {
@@ -76,10 +76,37 @@ struct ObjectDocument {
     revision: i64,
     #[serde(default)]
     payload: Option<PayloadDocument>,
+    #[serde(default)]
+    tag: Option<String>,
     #[serde(rename = "deletedAt", default)]
     deleted_at: Option<DateTime>,
-    #[serde(rename = "writeId", default)]
-    write_id: Option<String>,
+}
+
+/// What a stored object looks like once a change has been applied: how a change retried after
+/// its reply was lost recognises itself.
+enum Applied<'a> {
+    Upsert {
+        value: &'a Payload,
+        tag: Option<&'a str>,
+    },
+    Delete,
+}
+
+impl Applied<'_> {
+    fn matches(&self, stored: &ObjectDocument) -> bool {
+        match self {
+            Self::Upsert { value, tag } => {
+                stored.deleted_at.is_none()
+                    && stored.tag.as_deref() == *tag
+                    && stored.payload.as_ref().is_some_and(|payload| {
+                        payload.data.bytes == value.data
+                            && payload.serializer_id == value.serializer_id
+                            && payload.manifest == value.manifest
+                    })
+            }
+            Self::Delete => stored.deleted_at.is_some() && stored.payload.is_none(),
+        }
+    }
 }
 
 /// The indexes the durable-state store needs: changes by tag, in change-query order.
@@ -183,12 +210,17 @@ impl DurableStateStore {
             Some(tag) => set.insert(TAG, tag.as_str()),
             None => unset.insert(TAG, ""),
         };
+        let applied = Applied::Upsert {
+            value: &command.value,
+            tag: command.tag.as_ref().map(|tag| tag.as_str()),
+        };
         self.change(
             "upsert object",
             &command.persistence_id,
             command.revision,
             set,
             unset,
+            applied,
         )
         .await
     }
@@ -213,6 +245,7 @@ impl DurableStateStore {
             command.revision,
             set,
             unset,
+            Applied::Delete,
         )
         .await
     }
@@ -225,6 +258,7 @@ impl DurableStateStore {
         revision: Revision,
         mut set: Document,
         unset: Document,
+        applied: Applied<'_>,
     ) -> Result<(), DurableStateError> {
         let Some(previous) = revision.previous() else {
             return Err(DurableStateError::StaleRevision {
@@ -233,12 +267,10 @@ impl DurableStateStore {
                 stored: Revision::ZERO,
             });
         };
-        let write_id = uuid::Uuid::new_v4().to_string();
         let now = DateTime::now();
         set.insert(REVISION, revision.get());
         set.insert(TIMESTAMP, now.timestamp_millis());
         set.insert(WRITTEN_AT, now);
-        set.insert(WRITE_ID, &write_id);
         let update = doc! { "$set": set, "$unset": unset };
         // A missing object has revision 0: the upsert creates it, and only one creator wins the
         // unique `_id`.
@@ -255,25 +287,26 @@ impl DurableStateStore {
         match result {
             Ok(outcome) if outcome.matched_count == 1 || outcome.upserted_id.is_some() => Ok(()),
             Ok(_) => {
-                self.stale_or_applied(persistence_id, revision, &write_id)
+                self.stale_or_applied(persistence_id, revision, &applied)
                     .await
             }
             Err(error) if is_duplicate_key(&error) => {
-                self.stale_or_applied(persistence_id, revision, &write_id)
+                self.stale_or_applied(persistence_id, revision, &applied)
                     .await
             }
             Err(error) => Err(self.retry.failure(operation, true, error).into()),
         }
     }
 
-    /// The conditional write did not match: either an earlier attempt of this very change was
-    /// applied (its outcome was lost to a network error and it was retried), or the revision is
-    /// stale.
+    /// The conditional write did not match: either this very change is stored already (an
+    /// earlier attempt, by this call's retries or by a client retrying after `UNAVAILABLE`, was
+    /// applied and its reply lost), or the revision is stale. Like the journal, it compares
+    /// content: the stored object at the requested revision with this change's value and tag.
     async fn stale_or_applied(
         &self,
         persistence_id: &PersistenceId,
         requested: Revision,
-        write_id: &str,
+        applied: &Applied<'_>,
     ) -> Result<(), DurableStateError> {
         let operation = "read stored revision";
         let stored = self
@@ -287,8 +320,7 @@ impl DurableStateStore {
         let (stored_revision, applied) = match stored {
             None => (Revision::ZERO, false),
             Some(document) => {
-                let applied = document.revision == requested.get()
-                    && document.write_id.as_deref() == Some(write_id);
+                let applied = document.revision == requested.get() && applied.matches(&document);
                 (revision(persistence_id, document.revision)?, applied)
             }
         };
