@@ -27,7 +27,7 @@ enum Access {
 fn required(path: &str) -> Access {
     match crate::grpc::service_and_method(path) {
         ("grpc.health.v1.Health", _) => Access::Open,
-        ("eventjournal.v1.Journal", "WriteEvents" | "DeleteEventsTo")
+        ("eventjournal.v1.Journal", "WriteEvents" | "WriteEventsStream" | "DeleteEventsTo")
         | (
             "eventjournal.v1.SnapshotStore",
             "SaveSnapshot" | "DeleteSnapshot" | "DeleteSnapshots",

@@ -482,7 +482,10 @@ fn cases() -> Vec<Case> {
             ),
             |c| {
                 let mut state = c.state;
-                unary(state.upsert_object(upsert("stored", 1)).await)
+                // Different content: the stored value itself would be a successful retry.
+                let mut request = upsert("stored", 1);
+                request.value = Some(payload("another value"));
+                unary(state.upsert_object(request).await)
             }
         ),
         case!(

@@ -132,7 +132,10 @@ async fn invalid_writes_are_rejected_without_affecting_the_others() {
         atomic(vec![no_payload]),
         atomic(vec![bad_tag]),
         atomic(vec![event("r", 2, "ok"), too_large]),
+        // The oversized write failed, so this later write of "r" in the same request is not
+        // stored: a persistence id never gets a later write after an earlier one failed.
         atomic(vec![event("r", 2, "ok")]),
+        atomic(vec![event("other", 1, "ok")]),
     ];
     let outcomes = write(&mut client, writes).await;
     let reasons: Vec<String> = outcomes
@@ -179,15 +182,23 @@ async fn invalid_writes_are_rejected_without_affecting_the_others() {
         "{}",
         reasons[9]
     );
-    assert_eq!(
-        reasons[10], "written",
-        "the oversized write stored nothing, so 2 was still free"
+    assert!(
+        reasons[10].starts_with(
+            "conflict: not stored: the write of sequence number(s) 2..3 of persistence id \"r\" \
+             before it in this request or stream failed: event 3 of persistence id \"r\" is at least"
+        ),
+        "{}",
+        reasons[10]
     );
+    assert_eq!(reasons[11], "written", "other persistence ids go on");
 
+    // The oversized write stored nothing, so 2 is still free for the next request.
+    let retried = write(&mut client, vec![atomic(vec![event("r", 2, "ok")])]).await;
+    assert!(is_written(&retried[0]), "{retried:?}");
     let (events, highest) = replay(&mut client, "r", 1, None, None).await;
     assert_eq!(sequence_nrs(&events), [1, 2]);
     assert_eq!(highest, 2);
-    assert_eq!(common::highest(&mut client, "other").await, 0);
+    assert_eq!(common::highest(&mut client, "other").await, 1);
 }
 
 #[tokio::test]
@@ -211,20 +222,16 @@ async fn taken_sequence_numbers_conflict_and_identical_retries_succeed() {
     other_writer.writer_uuid = "writer-2".into();
     let mut other_tags = event("c", 3, "e-3");
     other_tags.tags = vec!["x".into()];
-    let outcomes = write(
-        &mut client,
-        vec![
-            atomic(vec![event("c", 1, "different")]),
-            atomic(vec![other_writer]),
-            atomic(vec![other_tags]),
-            // Overlaps the stored (4, 5) with a different grouping: 6 must not be stored.
-            atomic(vec![event("c", 5, "e-5"), event("c", 6, "e-6")]),
-            atomic(vec![event("c", 6, "new")]),
-        ],
-    )
-    .await;
-    for (index, outcome) in outcomes.iter().take(4).enumerate() {
-        match outcome {
+    let conflicting = [
+        atomic(vec![event("c", 1, "different")]),
+        atomic(vec![other_writer]),
+        atomic(vec![other_tags]),
+        // Overlaps the stored (4, 5) with a different grouping: 6 must not be stored.
+        atomic(vec![event("c", 5, "e-5"), event("c", 6, "e-6")]),
+    ];
+    // Each in a request of its own: in one request, the first conflict would stop the rest.
+    for (index, conflicting) in conflicting.into_iter().enumerate() {
+        match write(&mut client, vec![conflicting]).await.remove(0) {
             Outcome::Conflict(conflict) => {
                 assert!(
                     conflict.reason.contains("already taken by other events"),
@@ -235,7 +242,27 @@ async fn taken_sequence_numbers_conflict_and_identical_retries_succeed() {
             other => panic!("write {index}: expected a conflict, got {other:?}"),
         }
     }
-    assert!(is_written(&outcomes[4]), "{:?}", outcomes[4]);
+    // A stale writer's later write in the same request is not stored either, although 6 is
+    // free: it would continue someone else's history.
+    let stale = write(
+        &mut client,
+        vec![
+            atomic(vec![event("c", 5, "stale")]),
+            atomic(vec![event("c", 6, "stale")]),
+        ],
+    )
+    .await;
+    match &stale[1] {
+        Outcome::Conflict(conflict) => assert_eq!(
+            conflict.reason,
+            "not stored: the write of sequence number(s) 5 of persistence id \"c\" before it in \
+             this request or stream failed: sequence number(s) 5 of persistence id \"c\" are \
+             already taken by other events"
+        ),
+        other => panic!("expected a conflict, got {other:?}"),
+    }
+    let outcomes = write(&mut client, vec![atomic(vec![event("c", 6, "new")])]).await;
+    assert!(is_written(&outcomes[0]), "{:?}", outcomes[0]);
 
     let (events, highest) = replay(&mut client, "c", 1, None, None).await;
     let payloads: Vec<String> = events

@@ -18,8 +18,8 @@
 //! `{ _id: pid, highestSeqNr: int64 }`.
 
 use model::{Payload, PersistenceId, PersistentEvent, SequenceNr, Tag};
-use mongo::PayloadDocument;
-use mongodb::bson::DateTime;
+use mongo::{EncodeError, PayloadDocument, encode_within_limit};
+use mongodb::bson::{DateTime, RawDocumentBuf};
 use serde::{Deserialize, Serialize};
 
 pub const PERSISTENCE_ID: &str = "pid";
@@ -34,12 +34,13 @@ pub const HIGHEST_SEQUENCE_NR: &str = "highestSeqNr";
 
 #[derive(Debug, Clone, Serialize, Deserialize)]
 pub struct EventDocument {
+    /// First, so the writer can stamp an encoded document in place (see [`stamp`]).
+    #[serde(rename = "writtenAt")]
+    pub written_at: DateTime,
     pub pid: String,
     #[serde(rename = "seqNr")]
     pub seq_nr: i64,
     pub timestamp: i64,
-    #[serde(rename = "writtenAt")]
-    pub written_at: DateTime,
     #[serde(rename = "writerUuid")]
     pub writer_uuid: String,
     pub payload: PayloadDocument,
@@ -102,5 +103,86 @@ impl EventDocument {
             tags,
             metadata: self.metadata.map(Payload::from),
         })
+    }
+}
+
+/// An event encoded for insertion, its `writtenAt` still to be stamped.
+#[derive(Debug, Clone)]
+pub struct EncodedEvent(RawDocumentBuf);
+
+/// `writtenAt` is the first element: type byte 0x09 (UTC datetime) at offset 4, then the key.
+const WRITTEN_AT_ELEMENT: &[u8] = b"\x09writtenAt\x00";
+const WRITTEN_AT_VALUE: std::ops::Range<usize> = 15..23;
+
+impl EncodedEvent {
+    /// Encodes `event`, refusing one that does not fit in a MongoDB document.
+    pub fn new(event: &PersistentEvent) -> Result<Self, EncodeError> {
+        let binary_bytes = event.payload.data.len()
+            + event
+                .metadata
+                .as_ref()
+                .map_or(0, |metadata| metadata.data.len());
+        let document = encode_within_limit(
+            &EventDocument::new(event, DateTime::from_millis(0)),
+            binary_bytes,
+        )?;
+        if document.as_bytes().get(4..15) != Some(WRITTEN_AT_ELEMENT) {
+            return Err(EncodeError::Invalid(
+                "writtenAt is not the first field of the event document".to_owned(),
+            ));
+        }
+        Ok(Self(document))
+    }
+
+    pub fn len(&self) -> usize {
+        self.0.as_bytes().len()
+    }
+
+    pub fn is_empty(&self) -> bool {
+        false
+    }
+
+    /// Sets `writtenAt` in place: the writer stamps each attempt as late as possible.
+    pub fn stamp(&mut self, at: DateTime) {
+        let mut bytes = std::mem::take(&mut self.0).into_bytes();
+        bytes[WRITTEN_AT_VALUE].copy_from_slice(&at.timestamp_millis().to_le_bytes());
+        self.0 = match RawDocumentBuf::from_bytes(bytes) {
+            Ok(document) => document,
+            // Length and terminator are untouched, and that is all `from_bytes` checks.
+            Err(error) => unreachable!("stamping changed the document's frame: {error}"),
+        };
+    }
+
+    pub fn document(&self) -> &RawDocumentBuf {
+        &self.0
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn stamping_changes_only_written_at() {
+        let event = PersistentEvent {
+            persistence_id: PersistenceId::parse("pid", "p-1".to_owned()).unwrap(),
+            sequence_nr: SequenceNr::parse("seq", 7).unwrap(),
+            payload: Payload {
+                data: vec![1, 2, 3],
+                serializer_id: 4,
+                manifest: "m".to_owned(),
+            },
+            writer_uuid: "w".to_owned(),
+            timestamp_millis: 99,
+            tags: vec![Tag::parse("tag", "t".to_owned()).unwrap()],
+            metadata: None,
+        };
+        let mut encoded = EncodedEvent::new(&event).unwrap();
+        let at = DateTime::from_millis(1_795_000_000_123);
+        encoded.stamp(at);
+        let decoded: EventDocument =
+            mongodb::bson::from_slice(encoded.document().as_bytes()).unwrap();
+        assert_eq!(decoded.written_at, at);
+        assert_eq!(decoded.into_event().unwrap(), event);
     }
 }

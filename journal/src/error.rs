@@ -1,19 +1,21 @@
 use mongo::{FailureKind, MongoError, StorageError};
 
 /// Failures of journal operations. Display texts are safe to send to clients.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum JournalError {
     #[error(transparent)]
     Mongo(#[from] MongoError),
     #[error("corrupt journal data: {0}")]
     Corrupt(String),
+    #[error("internal error: {0}")]
+    Internal(String),
 }
 
 impl StorageError for JournalError {
     fn kind(&self) -> FailureKind {
         match self {
             Self::Mongo(error) => error.kind(),
-            Self::Corrupt(_) => FailureKind::Internal,
+            Self::Corrupt(_) | Self::Internal(_) => FailureKind::Internal,
         }
     }
 }

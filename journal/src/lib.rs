@@ -10,7 +10,10 @@ pub mod document;
 mod error;
 mod indexes;
 mod journal;
+mod metrics;
+mod writer;
 
 pub use error::JournalError;
 pub use indexes::journal_indexes as index_models;
 pub use journal::{Journal, Replay, WriteOutcome, cosmos_ttl_seconds};
+pub use writer::Origin;

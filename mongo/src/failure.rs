@@ -26,7 +26,7 @@ pub trait StorageError: std::error::Error {
 
 /// A MongoDB operation that failed for good (retries did not help), classified. Display texts
 /// are safe to send to clients; the driver error is the `source`, for the log.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum MongoError {
     #[error("{operation}: MongoDB is unavailable")]
     Unavailable {

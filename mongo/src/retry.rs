@@ -66,28 +66,39 @@ impl Retry {
             match attempt().await {
                 Ok(value) => return Ok(value),
                 Err(error) if attempts < self.max_attempts && self.is_retryable(&error) => {
-                    let pause = backoff_hint(&error).unwrap_or(self.delay);
-                    let codes = error_codes(&error);
-                    let code = codes
-                        .first()
-                        .map_or_else(|| "network".to_owned(), i32::to_string);
-                    crate::metrics::RETRIES
-                        .with_label_values(&[operation, &code])
-                        .inc();
-                    tracing::warn!(
-                        operation,
-                        attempt = attempts,
-                        ?codes,
-                        pause_ms = pause.as_millis() as u64,
-                        %error,
-                        "retrying mongodb operation"
-                    );
-                    tokio::time::sleep(pause).await;
+                    self.pause_before_retry(operation, attempts, &error).await;
                     attempts += 1;
                 }
                 Err(error) => return Err(error),
             }
         }
+    }
+
+    /// Attempts per operation, including the first.
+    pub fn max_attempts(&self) -> u32 {
+        self.max_attempts
+    }
+
+    /// For callers running their own attempt loop: counts and logs the retry of a failed
+    /// `attempt` (1 for the first) and waits the error's backoff hint or the configured delay.
+    pub async fn pause_before_retry(&self, operation: &'static str, attempt: u32, error: &Error) {
+        let pause = backoff_hint(error).unwrap_or(self.delay);
+        let codes = error_codes(error);
+        let code = codes
+            .first()
+            .map_or_else(|| "network".to_owned(), i32::to_string);
+        crate::metrics::RETRIES
+            .with_label_values(&[operation, &code])
+            .inc();
+        tracing::warn!(
+            operation,
+            attempt,
+            ?codes,
+            pause_ms = pause.as_millis() as u64,
+            %error,
+            "retrying mongodb operation"
+        );
+        tokio::time::sleep(pause).await;
     }
 }
 

@@ -1,7 +1,11 @@
 //! `eventjournal.v1.Journal`: converts requests to domain types, calls [`journal::Journal`],
 //! maps results back.
 
-use journal::{Journal, WriteOutcome};
+use std::future::Future;
+use std::time::Instant;
+
+use futures::stream::FuturesOrdered;
+use journal::{Journal, Origin, WriteOutcome};
 use model::{AtomicWrite, PersistenceId, ReplayRange, non_negative};
 use proto::v1 as pb;
 use proto::v1::atomic_write_result::Outcome;
@@ -9,7 +13,7 @@ use proto::v1::replay_events_response::Item;
 use tokio::sync::mpsc;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::ReceiverStream;
-use tonic::{Request, Response, Status};
+use tonic::{Request, Response, Status, Streaming};
 use tracing::Instrument;
 
 use crate::grpc::STREAM_BUFFER;
@@ -18,11 +22,16 @@ use crate::status::{invalid_argument, storage_status};
 
 pub(crate) struct JournalService {
     journal: Journal,
+    /// `WriteEventsStream`: requests read and not yet answered, per stream.
+    stream_max_unacknowledged: usize,
 }
 
 impl JournalService {
-    pub(crate) fn new(journal: Journal) -> Self {
-        Self { journal }
+    pub(crate) fn new(journal: Journal, settings: &config::WriteJournalSettings) -> Self {
+        Self {
+            journal,
+            stream_max_unacknowledged: settings.stream_max_unacknowledged as usize,
+        }
     }
 }
 
@@ -37,46 +46,44 @@ fn outcome(outcome: WriteOutcome) -> pb::AtomicWriteResult {
     }
 }
 
-#[tonic::async_trait]
-impl pb::journal_server::Journal for JournalService {
-    #[tracing::instrument(name = "WriteEvents", skip_all, fields(writes))]
-    async fn write_events(
-        &self,
-        request: Request<pb::WriteEventsRequest>,
-    ) -> Result<Response<pb::WriteEventsResponse>, Status> {
-        let received = std::time::Instant::now();
-        let writes = request.into_inner().writes;
-        tracing::Span::current().record("writes", writes.len());
-        // Invalid writes are rejected on their own; the valid ones go to the journal together.
-        let mut results: Vec<Option<pb::AtomicWriteResult>> = Vec::with_capacity(writes.len());
-        let mut valid = Vec::with_capacity(writes.len());
-        for (index, write) in writes.into_iter().enumerate() {
-            match AtomicWrite::try_from(write) {
-                Ok(write) => {
-                    results.push(None);
-                    valid.push((index, write));
-                }
-                Err(error) => {
-                    results.push(Some(outcome(WriteOutcome::Rejected(error.to_string()))));
-                }
+/// One `WriteEventsRequest`, from `WriteEvents` or a `WriteEventsStream`: invalid writes are
+/// rejected on their own, the valid ones are queued with the journal now (so the writes of a
+/// stream keep its order), and the future answers with one result per write, in order.
+fn write_request(
+    journal: &Journal,
+    origin: Origin,
+    request: pb::WriteEventsRequest,
+    rpc: &'static str,
+) -> impl Future<Output = Result<pb::WriteEventsResponse, Status>> + Send + 'static {
+    let received = Instant::now();
+    let writes = request.writes;
+    let mut results: Vec<Option<pb::AtomicWriteResult>> = Vec::with_capacity(writes.len());
+    let mut valid = Vec::with_capacity(writes.len());
+    for (index, write) in writes.into_iter().enumerate() {
+        match AtomicWrite::try_from(write) {
+            Ok(write) => {
+                results.push(None);
+                valid.push((index, write));
+            }
+            Err(error) => {
+                results.push(Some(outcome(WriteOutcome::Rejected(error.to_string()))));
             }
         }
-        let (indexes, valid): (Vec<usize>, Vec<AtomicWrite>) = valid.into_iter().unzip();
-        let sizes: Vec<(u64, u64)> = valid
-            .iter()
-            .map(|write| {
-                let events = write.events();
-                (
-                    events.len() as u64,
-                    events.iter().map(metrics::event_bytes).sum(),
-                )
-            })
-            .collect();
-        let outcomes = self
-            .journal
-            .write_batch(valid)
-            .await
-            .map_err(|error| storage_status("WriteEvents", error))?;
+    }
+    let (indexes, valid): (Vec<usize>, Vec<AtomicWrite>) = valid.into_iter().unzip();
+    let sizes: Vec<(u64, u64)> = valid
+        .iter()
+        .map(|write| {
+            let events = write.events();
+            (
+                events.len() as u64,
+                events.iter().map(metrics::event_bytes).sum(),
+            )
+        })
+        .collect();
+    let outcomes = journal.submit(origin, valid);
+    async move {
+        let outcomes = outcomes.await.map_err(|error| storage_status(rpc, error))?;
         let acknowledged = received.elapsed().as_nanos() as f64;
         for ((index, written), (events, bytes)) in indexes.into_iter().zip(outcomes).zip(sizes) {
             if matches!(written, WriteOutcome::Written) {
@@ -86,18 +93,76 @@ impl pb::journal_server::Journal for JournalService {
             }
             results[index] = Some(outcome(written));
         }
-        Ok(Response::new(pb::WriteEventsResponse {
+        Ok(pb::WriteEventsResponse {
             results: results.into_iter().flatten().collect(),
-        }))
+        })
+    }
+}
+
+#[tonic::async_trait]
+impl pb::journal_server::Journal for JournalService {
+    #[tracing::instrument(name = "WriteEvents", skip_all, fields(writes))]
+    async fn write_events(
+        &self,
+        request: Request<pb::WriteEventsRequest>,
+    ) -> Result<Response<pb::WriteEventsResponse>, Status> {
+        // The calls of one connection are one producer for the group commit's fairness.
+        let origin = Origin::call(request.remote_addr());
+        let request = request.into_inner();
+        tracing::Span::current().record("writes", request.writes.len());
+        write_request(&self.journal, origin, request, "WriteEvents")
+            .await
+            .map(Response::new)
     }
 
     type WriteEventsStreamStream = ReceiverStream<Result<pb::WriteEventsResponse, Status>>;
 
+    #[tracing::instrument(name = "WriteEventsStream", skip_all)]
     async fn write_events_stream(
         &self,
-        _request: Request<tonic::Streaming<pb::WriteEventsRequest>>,
+        request: Request<Streaming<pb::WriteEventsRequest>>,
     ) -> Result<Response<Self::WriteEventsStreamStream>, Status> {
-        Err(Status::unimplemented("WriteEventsStream is being built"))
+        let mut inbound = request.into_inner();
+        let origin = Origin::stream();
+        let journal = self.journal.clone();
+        let max_unacknowledged = self.stream_max_unacknowledged;
+        let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
+        let producer = async move {
+            let mut unanswered = FuturesOrdered::new();
+            let mut reading = true;
+            loop {
+                tokio::select! {
+                    biased;
+                    Some(response) = unanswered.next(), if !unanswered.is_empty() => {
+                        let failed = Result::is_err(&response);
+                        // A failed send means the client left; a storage failure ends the stream.
+                        if sender.send(response).await.is_err() || failed {
+                            return;
+                        }
+                    }
+                    // Past the limit the request is left unread: HTTP/2 flow control then
+                    // stops the client, and the server holds at most this many requests.
+                    message = inbound.message(), if reading && unanswered.len() < max_unacknowledged => {
+                        match message {
+                            Ok(Some(request)) => unanswered.push_back(write_request(
+                                &journal,
+                                origin,
+                                request,
+                                "WriteEventsStream",
+                            )),
+                            Ok(None) => reading = false,
+                            Err(status) => {
+                                let _ = sender.send(Err(status)).await;
+                                return;
+                            }
+                        }
+                    }
+                    else => return,
+                }
+            }
+        };
+        tokio::spawn(producer.in_current_span());
+        Ok(Response::new(ReceiverStream::new(receiver)))
     }
 
     #[tracing::instrument(name = "DeleteEventsTo", skip_all, fields(pid))]

@@ -67,6 +67,10 @@ pub fn test_settings(database: &str) -> Settings {
         Settings::load(None, &HashMap::new(), &overrides).expect("test settings are valid");
     // Many servers run at once; a test that wants metrics picks a port.
     settings.server.metrics_listen = None;
+    // Purging within seconds (the TTL monitor runs every second), and knowledge of the highest
+    // sequence numbers trusted for half of that.
+    settings.write_journal.sequence_nr_cache_validity = std::time::Duration::from_secs(1);
+    settings.write_journal.purge_delay = std::time::Duration::from_secs(2);
     settings
 }
 

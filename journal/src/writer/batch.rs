@@ -1,0 +1,644 @@
+//! One batch against MongoDB: decide each write against its persistence id's highest sequence
+//! number, insert the ones that continue it in one ordered insert, settle the others.
+//!
+//! Each round:
+//! 1. **Know**: read the highest of every persistence id whose knowledge is missing, older than
+//!    `sequence-nr-cache-validity`, or not continued by its next write (see `heads`).
+//! 2. **Decide**, in batch order, per persistence id: a write starting at `highest + 1` is
+//!    inserted (and the next write of the id is decided against its last number); one starting
+//!    at or below `highest` is compared with what is stored; one starting above `highest + 1`
+//!    would leave a gap and is a `Conflict`. Once a write fails, the later writes of its
+//!    persistence id from the same request or stream are not stored (`Conflict` naming it).
+//! 3. **Compare**: identical stored events make a retried write `Written`; anything else is a
+//!    `Conflict`.
+//! 4. **Insert** the decided writes, stamped `writtenAt` now (no earlier than the id's last
+//!    event): the ids with only single-event writes as one ordered `insert_many`, and each id
+//!    with a multi-event write in a transaction of its own, so that write is all-or-nothing,
+//!    all at once. MongoDB stops at the first failing document: the writes before it are
+//!    stored (none, in a transaction), the failing one is settled (a duplicate is compared next
+//!    round, a refused document is `Rejected`), and the rest go round again.
+//!
+//! A round that settles nothing because MongoDB failed transiently is retried per
+//! `mongodb.retry`, reading the highest sequence numbers again first, so a write whose attempt
+//! was applied after all is recognised by content instead of being inserted twice.
+
+use std::collections::{HashMap, HashSet};
+use std::time::{Duration, Instant};
+
+use model::PersistentEvent;
+use mongodb::bson::{DateTime, RawDocumentBuf};
+use mongodb::error::{Error, ErrorKind};
+
+use crate::document::EncodedEvent;
+use crate::error::JournalError;
+use crate::journal::WriteOutcome;
+use crate::metrics;
+use crate::writer::heads::{Failure, Head};
+use crate::writer::schedule::WriteKey;
+use crate::writer::store::{EventStore, is_late};
+
+const DUPLICATE_KEY: i32 = 11000;
+const OPERATION: &str = "write events";
+
+/// A write in a batch, with what is needed to insert it and to compare it with stored events.
+pub(crate) struct BatchWrite {
+    pub key: WriteKey,
+    /// Position in the batch: the order writes are decided and inserted in.
+    pub order: usize,
+    /// The request or stream it came with: a failure stops the later writes of its id there.
+    pub chain: u64,
+    pub pid: String,
+    pub first: i64,
+    pub last: i64,
+    pub events: Vec<PersistentEvent>,
+    pub documents: Vec<EncodedEvent>,
+}
+
+pub(crate) struct Batch {
+    pub writes: Vec<BatchWrite>,
+    /// Valid knowledge of the batch's persistence ids, where the writer has some.
+    pub heads: HashMap<String, Head>,
+    /// The last failure of the batch's persistence ids, to name it in a gap conflict.
+    pub failures: HashMap<String, Failure>,
+}
+
+/// What a batch found out: an outcome per write, and what the writer learnt.
+#[derive(Default)]
+pub(crate) struct Done {
+    pub outcomes: Vec<(WriteKey, Result<WriteOutcome, JournalError>)>,
+    /// New knowledge (`None`: forget what was known).
+    pub heads: HashMap<String, Option<Head>>,
+    /// New last failures (`None`: the id was written since).
+    pub failures: HashMap<String, Option<Failure>>,
+    /// Failed writes: `(chain, pid, failure)`; queued writes of that id and chain fail too.
+    pub failed: Vec<(u64, String, Failure)>,
+}
+
+pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration) -> Done {
+    let mut run = Run {
+        store,
+        validity,
+        heads: batch.heads,
+        failures: batch.failures,
+        failed_chains: HashMap::new(),
+        done: Done::default(),
+    };
+    let mut remaining = batch.writes;
+    let mut must_read: HashSet<String> = HashSet::new();
+    let mut attempt = 1;
+    while !remaining.is_empty() {
+        let fresh = match run.know(&remaining, &must_read).await {
+            Ok(fresh) => fresh,
+            Err(error) => {
+                run.fail_all(remaining, error);
+                break;
+            }
+        };
+        must_read.clear();
+        let Decided {
+            insert,
+            compare,
+            mut next,
+        } = run.decide(remaining);
+        for write in compare {
+            run.compare(write).await;
+        }
+        let mut transient = None;
+        if !insert.is_empty() {
+            let Inserted {
+                retry,
+                failed_transiently,
+            } = run.insert(insert, &fresh).await;
+            for write in &retry {
+                must_read.insert(write.pid.clone());
+            }
+            next.extend(retry);
+            transient = failed_transiently;
+        }
+        remaining = next;
+        remaining.sort_by_key(|write| write.order);
+        if let Some(error) = transient {
+            if attempt >= store.retry.max_attempts() {
+                let error = JournalError::from(store.retry.failure(OPERATION, true, error));
+                run.fail_all(remaining, error);
+                break;
+            }
+            store
+                .retry
+                .pause_before_retry(OPERATION, attempt, &error)
+                .await;
+            attempt += 1;
+        }
+    }
+    run.done
+}
+
+struct Run<'a> {
+    store: &'a EventStore,
+    validity: Duration,
+    heads: HashMap<String, Head>,
+    failures: HashMap<String, Failure>,
+    /// `(chain, pid)` whose writes failed in this batch, with the failed write's position:
+    /// only writes after it are stopped.
+    failed_chains: HashMap<(u64, String), (usize, Failure)>,
+    done: Done,
+}
+
+struct Decided {
+    insert: Vec<BatchWrite>,
+    compare: Vec<BatchWrite>,
+    /// Decided next round: writes behind one being compared or overlapping one being inserted.
+    next: Vec<BatchWrite>,
+}
+
+/// The writes of one MongoDB insert, stamped.
+struct Group {
+    writes: Vec<BatchWrite>,
+    stamps: Vec<DateTime>,
+    transactional: bool,
+}
+
+struct Inserted {
+    /// Writes to decide again (knowledge of their ids is read first).
+    retry: Vec<BatchWrite>,
+    /// The error, when MongoDB failed in a way worth retrying.
+    failed_transiently: Option<Error>,
+}
+
+impl Run<'_> {
+    /// Reads the highest sequence number where knowledge is missing, expired, not continued by
+    /// the id's next write, or in doubt (`must_read`). Returns the ids read.
+    async fn know(
+        &mut self,
+        writes: &[BatchWrite],
+        must_read: &HashSet<String>,
+    ) -> Result<HashSet<String>, JournalError> {
+        let now = Instant::now();
+        let mut to_read: Vec<String> = Vec::new();
+        let mut seen: HashSet<&str> = HashSet::new();
+        for write in writes {
+            if !seen.insert(&write.pid) {
+                continue;
+            }
+            let known = self.heads.get(&write.pid).filter(|head| {
+                now.saturating_duration_since(head.confirmed) < self.validity
+                    && head.highest + 1 == write.first
+            });
+            if known.is_none() || must_read.contains(&write.pid) {
+                to_read.push(write.pid.clone());
+            }
+        }
+        if to_read.is_empty() {
+            return Ok(HashSet::new());
+        }
+        metrics::SEQUENCE_NR_READS.inc_by(to_read.len() as u64);
+        let started = Instant::now();
+        let found = self.store.read_heads(&to_read).await?;
+        for pid in &to_read {
+            let stored = found.get(pid).copied().unwrap_or_default();
+            self.learn(
+                pid,
+                Head {
+                    highest: stored.highest,
+                    written_at: stored.written_at,
+                    confirmed: started,
+                },
+            );
+        }
+        Ok(to_read.into_iter().collect())
+    }
+
+    fn decide(&mut self, writes: Vec<BatchWrite>) -> Decided {
+        let mut decided = Decided {
+            insert: Vec::new(),
+            compare: Vec::new(),
+            next: Vec::new(),
+        };
+        // Per id: the highest once this round's inserts are stored.
+        let mut running: HashMap<String, i64> = HashMap::new();
+        let mut waiting: HashSet<String> = HashSet::new();
+        for write in writes {
+            if let Some((failed_at, failure)) = self
+                .failed_chains
+                .get(&(write.chain, write.pid.clone()))
+                .cloned()
+                && failed_at < write.order
+            {
+                self.poisoned(write, &failure);
+                continue;
+            }
+            if waiting.contains(&write.pid) {
+                decided.next.push(write);
+                continue;
+            }
+            let stored = self.heads.get(&write.pid).map_or(0, |head| head.highest);
+            let highest = running.get(&write.pid).copied().unwrap_or(stored);
+            if write.first <= highest {
+                waiting.insert(write.pid.clone());
+                if running.contains_key(&write.pid) {
+                    // Overlaps a write going in this round: compare once that one is stored.
+                    decided.next.push(write);
+                } else {
+                    decided.compare.push(write);
+                }
+            } else if write.first == highest + 1 {
+                running.insert(write.pid.clone(), write.last);
+                decided.insert.push(write);
+            } else {
+                self.gap(write, highest);
+            }
+        }
+        decided
+    }
+
+    /// A write at or below the highest: written already (a retry) or a conflict.
+    async fn compare(&mut self, write: BatchWrite) {
+        let stored = match self
+            .store
+            .read_stored(&write.pid, write.first, write.last)
+            .await
+        {
+            Ok(stored) => stored,
+            Err(error) => return self.error(write, error.into()),
+        };
+        let range = range(write.first, write.last);
+        let pid = write.pid.clone();
+        let identical = stored.len() == write.events.len()
+            && stored.iter().zip(&write.events).all(|(document, event)| {
+                document.deleted_at.is_none()
+                    && document
+                        .clone()
+                        .into_event()
+                        .is_ok_and(|stored| stored.same_content_as(event))
+            });
+        if identical {
+            // The first attempt's call may have failed before it could check for lateness.
+            let stored_at = stored.iter().map(|document| document.written_at).min();
+            if let Some(stored_at) = stored_at {
+                match self
+                    .store
+                    .restamp_if_late(&pid, write.first, stored_at)
+                    .await
+                {
+                    Ok(moved) => self.moved(&pid, moved),
+                    Err(error) => return self.error(write, error.into()),
+                }
+            }
+            return self.settle(write, Ok(WriteOutcome::Written));
+        }
+        let reason = if stored.is_empty() {
+            let highest = self.heads.get(&pid).map_or(0, |head| head.highest);
+            format!(
+                "sequence number(s) {range} of persistence id {pid:?} are at or below its highest \
+                 sequence number {highest}, whose events were deleted and purged; a sequence \
+                 number is never written twice"
+            )
+        } else if stored.iter().any(|document| document.deleted_at.is_some()) {
+            format!(
+                "sequence number(s) {range} of persistence id {pid:?} belong to deleted events; a \
+                 sequence number is never written twice"
+            )
+        } else {
+            format!(
+                "sequence number(s) {range} of persistence id {pid:?} are already taken by other \
+                 events"
+            )
+        };
+        self.failed(write, WriteOutcome::Conflict(reason));
+    }
+
+    /// Inserts the decided writes: the persistence ids with only single-event writes together
+    /// in one ordered insert, and each id with a multi-event write in a transaction of its own
+    /// (so that a transaction left open by a crashed server blocks only that id until MongoDB
+    /// aborts it), all at once.
+    async fn insert(&mut self, writes: Vec<BatchWrite>, fresh: &HashSet<String>) -> Inserted {
+        let transactional: HashSet<String> = writes
+            .iter()
+            .filter(|write| write.documents.len() > 1)
+            .map(|write| write.pid.clone())
+            .collect();
+        let mut plain = Vec::new();
+        let mut per_pid: Vec<(String, Vec<BatchWrite>)> = Vec::new();
+        for write in writes {
+            if !transactional.contains(&write.pid) {
+                plain.push(write);
+            } else if let Some((_, group)) = per_pid.iter_mut().find(|(pid, _)| *pid == write.pid) {
+                group.push(write);
+            } else {
+                per_pid.push((write.pid.clone(), vec![write]));
+            }
+        }
+        let mut groups: Vec<Group> = Vec::new();
+        if !plain.is_empty() {
+            groups.push(self.group(plain, false));
+        }
+        for (_, writes) in per_pid {
+            groups.push(self.group(writes, true));
+        }
+        let sent = Instant::now();
+        let store = self.store;
+        let results = futures::future::join_all(groups.iter().map(|group| {
+            let documents: Vec<&RawDocumentBuf> = group
+                .writes
+                .iter()
+                .flat_map(|write| write.documents.iter().map(EncodedEvent::document))
+                .collect();
+            metrics::BATCH_EVENTS.observe(documents.len() as f64);
+            async move { store.insert(&documents, group.transactional).await }
+        }))
+        .await;
+        let acknowledged = DateTime::now();
+        let mut inserted = Inserted {
+            retry: Vec::new(),
+            failed_transiently: None,
+        };
+        for (group, result) in groups.into_iter().zip(results) {
+            let settled = self
+                .settle_group(group, result, fresh, sent, acknowledged)
+                .await;
+            inserted.retry.extend(settled.retry);
+            inserted.failed_transiently =
+                inserted.failed_transiently.or(settled.failed_transiently);
+        }
+        inserted
+    }
+
+    /// Stamps the writes of one insert: now, but never before the id's last event, so
+    /// read-journal order follows sequence numbers.
+    fn group(&self, mut writes: Vec<BatchWrite>, transactional: bool) -> Group {
+        let now = DateTime::now();
+        let mut stamps = Vec::with_capacity(writes.len());
+        for write in &mut writes {
+            let last = self.heads.get(&write.pid).and_then(|head| head.written_at);
+            let stamp = last.map_or(now, |last| last.max(now));
+            for document in &mut write.documents {
+                document.stamp(stamp);
+            }
+            stamps.push(stamp);
+        }
+        Group {
+            writes,
+            stamps,
+            transactional,
+        }
+    }
+
+    /// What one insert's result means for each of its writes.
+    async fn settle_group(
+        &mut self,
+        group: Group,
+        result: Result<(), Error>,
+        fresh: &HashSet<String>,
+        sent: Instant,
+        acknowledged: DateTime,
+    ) -> Inserted {
+        let Group {
+            writes,
+            stamps,
+            transactional,
+        } = group;
+        let error = match result {
+            Ok(()) => {
+                for (write, stamp) in writes.into_iter().zip(stamps) {
+                    self.inserted(write, stamp, sent, acknowledged).await;
+                }
+                return Inserted {
+                    retry: Vec::new(),
+                    failed_transiently: None,
+                };
+            }
+            Err(error) => error,
+        };
+        let mut retry = Vec::new();
+        let Some(failure) = document_failure(&error) else {
+            if self.store.retry.is_retryable(&error) {
+                // Maybe applied, maybe not: knowledge is read again before anything is decided.
+                return Inserted {
+                    retry: writes,
+                    failed_transiently: Some(error),
+                };
+            }
+            let error = JournalError::from(self.store.retry.failure(OPERATION, true, error));
+            for write in writes {
+                self.error(write, error.clone());
+            }
+            return Inserted {
+                retry,
+                failed_transiently: None,
+            };
+        };
+        let mut failed_transiently = None;
+        let mut offset = 0;
+        for (write, stamp) in writes.into_iter().zip(stamps) {
+            let documents = offset..offset + write.documents.len();
+            offset = documents.end;
+            if documents.end <= failure.index && !transactional {
+                self.inserted(write, stamp, sent, acknowledged).await;
+            } else if documents.contains(&failure.index) {
+                if failure.code == DUPLICATE_KEY && !fresh.contains(&write.pid) {
+                    // Someone else wrote it: compare once the highest is read again.
+                    retry.push(write);
+                } else if failure.code == DUPLICATE_KEY || self.store.retry.is_retryable(&error) {
+                    // A duplicate although the highest was just read: what it collided with is
+                    // not visible to majority reads yet. Wait, then look again.
+                    retry.push(write);
+                    failed_transiently = Some(error.clone());
+                } else {
+                    let index = failure.index - documents.start;
+                    let reason = format!(
+                        "MongoDB refused event {} of persistence id {:?}: {}",
+                        write.first + index as i64,
+                        write.pid,
+                        failure.message
+                    );
+                    self.failed(write, WriteOutcome::Rejected(reason));
+                }
+            } else {
+                // After the failing document, or in the aborted transaction: not stored.
+                retry.push(write);
+            }
+        }
+        Inserted {
+            retry,
+            failed_transiently,
+        }
+    }
+
+    async fn inserted(
+        &mut self,
+        write: BatchWrite,
+        stamp: DateTime,
+        sent: Instant,
+        acknowledged: DateTime,
+    ) {
+        let mut head = Head {
+            highest: write.last,
+            written_at: Some(stamp),
+            confirmed: sent,
+        };
+        if is_late(stamp, acknowledged, self.store.late_after()) {
+            match self
+                .store
+                .restamp_if_late(&write.pid, write.first, stamp)
+                .await
+            {
+                Ok(moved) => head.written_at = moved.or(head.written_at),
+                Err(error) => {
+                    self.learn(&write.pid, head);
+                    return self.error(write, error.into());
+                }
+            }
+        }
+        self.learn(&write.pid, head);
+        self.failures.remove(&write.pid);
+        self.done.failures.insert(write.pid.clone(), None);
+        self.settle(write, Ok(WriteOutcome::Written));
+    }
+
+    /// A write that does not continue the highest: it would leave a gap.
+    fn gap(&mut self, write: BatchWrite, highest: i64) {
+        let first = write.first;
+        let pid = write.pid.clone();
+        let reason = match self.failures.get(&pid) {
+            Some(failure) if failure.last + 1 == first && failure.first > highest => format!(
+                "sequence number {first} of persistence id {pid:?} does not follow its highest \
+                 stored sequence number {highest}, because the write of sequence number(s) {} \
+                 before it failed: {}",
+                range(failure.first, failure.last),
+                failure.reason
+            ),
+            _ => format!(
+                "sequence number {first} of persistence id {pid:?} does not follow its highest \
+                 stored sequence number {highest}: the next write must start at {} (a persistence \
+                 id's events have no gaps)",
+                highest + 1
+            ),
+        };
+        self.failed(write, WriteOutcome::Conflict(reason));
+    }
+
+    /// A later write of a failed write's id and chain.
+    fn poisoned(&mut self, write: BatchWrite, failure: &Failure) {
+        let reason = poisoned_reason(&write.pid, failure);
+        self.failed(write, WriteOutcome::Conflict(reason));
+    }
+
+    /// A write that is not stored: `Rejected` or `Conflict`.
+    fn failed(&mut self, write: BatchWrite, outcome: WriteOutcome) {
+        let reason = match &outcome {
+            WriteOutcome::Rejected(reason) | WriteOutcome::Conflict(reason) => reason.clone(),
+            WriteOutcome::Written => String::new(),
+        };
+        self.record_failure(&write, reason);
+        self.settle(write, Ok(outcome));
+    }
+
+    /// MongoDB failed for this write: knowledge of its id is in doubt.
+    fn error(&mut self, write: BatchWrite, error: JournalError) {
+        self.heads.remove(&write.pid);
+        self.done.heads.insert(write.pid.clone(), None);
+        self.record_failure(&write, error.to_string());
+        self.settle(write, Err(error));
+    }
+
+    fn fail_all(&mut self, writes: Vec<BatchWrite>, error: JournalError) {
+        for write in writes {
+            self.error(write, error.clone());
+        }
+    }
+
+    /// Remembers the failure (the first one of a run of failures is the one named) and stops
+    /// the later writes of the id in the same chain.
+    fn record_failure(&mut self, write: &BatchWrite, reason: String) {
+        let failure = match self.failures.get(&write.pid) {
+            Some(earlier) if earlier.last + 1 == write.first => Failure {
+                first: earlier.first,
+                last: write.last,
+                reason: earlier.reason.clone(),
+            },
+            _ => Failure {
+                first: write.first,
+                last: write.last,
+                reason,
+            },
+        };
+        self.failures.insert(write.pid.clone(), failure.clone());
+        self.done
+            .failures
+            .insert(write.pid.clone(), Some(failure.clone()));
+        self.failed_chains
+            .entry((write.chain, write.pid.clone()))
+            .or_insert_with(|| (write.order, failure.clone()));
+        self.done
+            .failed
+            .push((write.chain, write.pid.clone(), failure));
+    }
+
+    fn learn(&mut self, pid: &str, head: Head) {
+        self.heads.insert(pid.to_owned(), head);
+        self.done.heads.insert(pid.to_owned(), Some(head));
+    }
+
+    fn moved(&mut self, pid: &str, moved: Option<DateTime>) {
+        if let (Some(moved), Some(head)) = (moved, self.heads.get(pid).copied()) {
+            let written_at = head.written_at.map_or(moved, |at| at.max(moved));
+            self.learn(
+                pid,
+                Head {
+                    written_at: Some(written_at),
+                    ..head
+                },
+            );
+        }
+    }
+
+    fn settle(&mut self, write: BatchWrite, outcome: Result<WriteOutcome, JournalError>) {
+        self.done.outcomes.push((write.key, outcome));
+    }
+}
+
+/// The reason given to a write not stored because an earlier one of its id and chain failed.
+pub(crate) fn poisoned_reason(pid: &str, failure: &Failure) -> String {
+    format!(
+        "not stored: the write of sequence number(s) {} of persistence id {pid:?} before it in \
+         this request or stream failed: {}",
+        range(failure.first, failure.last),
+        failure.reason
+    )
+}
+
+fn range(first: i64, last: i64) -> String {
+    if first == last {
+        first.to_string()
+    } else {
+        format!("{first}..{last}")
+    }
+}
+
+/// The document an ordered insert stopped at, when MongoDB refused one document (rather than
+/// failing as a whole or on its write concern, which leaves open what was applied).
+struct DocumentFailure {
+    index: usize,
+    code: i32,
+    message: String,
+}
+
+fn document_failure(error: &Error) -> Option<DocumentFailure> {
+    let ErrorKind::InsertMany(insert) = error.kind.as_ref() else {
+        return None;
+    };
+    if insert.write_concern_error.is_some() {
+        return None;
+    }
+    let first = insert
+        .write_errors
+        .as_ref()?
+        .iter()
+        .min_by_key(|e| e.index)?;
+    let name = first.code_name.as_deref().unwrap_or("error");
+    Some(DocumentFailure {
+        index: first.index,
+        code: first.code,
+        message: format!("{name} ({}): {}", first.code, first.message),
+    })
+}

@@ -1,0 +1,418 @@
+//! The group commit: one task per server receives every write (from `WriteEvents` calls and
+//! `WriteEventsStream`s), admits them into batches (`schedule`), and runs each batch against
+//! MongoDB (`batch`) while the next ones form. Nothing waits for a timer: a write arriving
+//! while no batch is in flight goes at once, alone; writes arriving while
+//! `write-journal.max-batches-in-flight` batches are in flight go together in the next one.
+//!
+//! The task owns all shared state, so none of it is locked: the queue, which persistence ids
+//! are in flight, what is known of each id's highest sequence number (`heads`), and the
+//! requests waiting for their outcomes.
+
+mod batch;
+mod heads;
+mod schedule;
+mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::future::Future;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::sync::atomic::{AtomicU64, Ordering};
+use std::time::{Duration, Instant};
+
+use config::WriteJournalSettings;
+use futures::future::BoxFuture;
+use futures::stream::{FuturesUnordered, StreamExt};
+use model::PersistentEvent;
+use tokio::sync::{mpsc, oneshot};
+
+use crate::document::EncodedEvent;
+use crate::error::JournalError;
+use crate::journal::WriteOutcome;
+use crate::metrics;
+use batch::{Batch, BatchWrite, Done, poisoned_reason};
+use heads::{Failure, Heads};
+use schedule::{Limits, Queued, Schedule, WriteKey};
+pub(crate) use store::EventStore;
+
+/// Where writes come from: the producer they are scheduled fairly against (a stream, or a
+/// client connection), and the chain a failure stops (a request, or a stream).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct Origin {
+    producer: u64,
+    chain: u64,
+}
+
+static NEXT_ORIGIN: AtomicU64 = AtomicU64::new(1);
+
+impl Origin {
+    /// One `WriteEvents` call, from `connection` (calls of one connection are one producer).
+    pub fn call(connection: Option<SocketAddr>) -> Self {
+        let chain = NEXT_ORIGIN.fetch_add(1, Ordering::Relaxed);
+        let producer = connection.map_or(chain, |address| {
+            use std::hash::{BuildHasher, BuildHasherDefault};
+            // High bit set: never equal to a counter value.
+            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
+                .hash_one(address)
+                | 1 << 63
+        });
+        Self { producer, chain }
+    }
+
+    /// One `WriteEventsStream`: a producer of its own, and one chain for all its requests.
+    pub fn stream() -> Self {
+        let id = NEXT_ORIGIN.fetch_add(1, Ordering::Relaxed);
+        Self {
+            producer: id,
+            chain: id,
+        }
+    }
+}
+
+/// A write ready for the writer, or rejected before reaching it.
+pub(crate) enum Prepared {
+    Rejected {
+        pid: String,
+        first: i64,
+        last: i64,
+        reason: String,
+    },
+    Ready(Ready),
+}
+
+pub(crate) struct Ready {
+    pub pid: String,
+    pub first: i64,
+    pub last: i64,
+    pub events: Vec<PersistentEvent>,
+    pub documents: Vec<EncodedEvent>,
+}
+
+pub(crate) type Outcomes = Result<Vec<WriteOutcome>, JournalError>;
+
+struct Submission {
+    origin: Origin,
+    writes: Vec<Prepared>,
+    reply: oneshot::Sender<Outcomes>,
+}
+
+/// The handle the journal submits writes through.
+#[derive(Clone)]
+pub(crate) struct Writer {
+    inbox: mpsc::UnboundedSender<Submission>,
+}
+
+impl Writer {
+    /// Starts the writer task; it ends once every handle is dropped and its work is done.
+    pub fn start(store: Arc<EventStore>, settings: &WriteJournalSettings) -> Self {
+        let (inbox, receiver) = mpsc::unbounded_channel();
+        let committer = Committer {
+            schedule: Schedule::default(),
+            heads: Heads::new(settings.sequence_nr_cache_validity),
+            entries: HashMap::new(),
+            requests: HashMap::new(),
+            next_key: 0,
+            next_request: 0,
+            limits: Limits {
+                max_events: settings.max_batch_events as usize,
+                max_bytes: settings.max_batch_bytes.as_u64() as usize,
+                fair_share: settings.fair_share_events as usize,
+            },
+            max_in_flight: settings.max_batches_in_flight as usize,
+            validity: settings.sequence_nr_cache_validity,
+            store,
+        };
+        tokio::spawn(committer.run(receiver));
+        Self { inbox }
+    }
+
+    /// Queues the writes now, in order; the future resolves to their outcomes in the same
+    /// order. Memory is bounded upstream: by the requests the server has read.
+    pub fn submit(
+        &self,
+        origin: Origin,
+        writes: Vec<Prepared>,
+    ) -> impl Future<Output = Outcomes> + Send + 'static {
+        let (reply, outcomes) = oneshot::channel();
+        let queued = self
+            .inbox
+            .send(Submission {
+                origin,
+                writes,
+                reply,
+            })
+            .is_ok();
+        async move {
+            let stopped = || JournalError::Internal("the journal writer has stopped".to_owned());
+            if !queued {
+                return Err(stopped());
+            }
+            outcomes.await.unwrap_or_else(|_| Err(stopped()))
+        }
+    }
+}
+
+/// One queued or in-flight write: which request it belongs to, and its content until a batch
+/// takes it.
+struct Entry {
+    request: u64,
+    index: usize,
+    chain: u64,
+    ready: Option<Ready>,
+}
+
+/// A request (one call, or one message of a stream) waiting for its writes' outcomes.
+struct Request {
+    outcomes: Vec<Option<WriteOutcome>>,
+    unsettled: usize,
+    error: Option<JournalError>,
+    reply: oneshot::Sender<Outcomes>,
+}
+
+/// A batch that completed: its persistence ids are free again.
+struct Completed {
+    pids: Vec<String>,
+    done: Done,
+}
+
+struct Committer {
+    schedule: Schedule,
+    heads: Heads,
+    entries: HashMap<WriteKey, Entry>,
+    requests: HashMap<u64, Request>,
+    next_key: WriteKey,
+    next_request: u64,
+    limits: Limits,
+    max_in_flight: usize,
+    validity: Duration,
+    store: Arc<EventStore>,
+}
+
+impl Committer {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Submission>) {
+        let mut in_flight: FuturesUnordered<BoxFuture<'static, Completed>> =
+            FuturesUnordered::new();
+        let mut open = true;
+        loop {
+            while in_flight.len() < self.max_in_flight {
+                match self.next_batch() {
+                    Some(batch) => in_flight.push(batch),
+                    None => break,
+                }
+            }
+            metrics::BATCHES_IN_FLIGHT.set(in_flight.len() as i64);
+            metrics::QUEUED_EVENTS.set(self.schedule.queued_events() as i64);
+            tokio::select! {
+                biased;
+                Some(completed) = in_flight.next(), if !in_flight.is_empty() => {
+                    self.complete(completed);
+                }
+                received = inbox.recv(), if open => match received {
+                    Some(submission) => {
+                        self.accept(submission);
+                        // Everything queued meanwhile goes into the next batch together.
+                        while let Ok(submission) = inbox.try_recv() {
+                            self.accept(submission);
+                        }
+                    }
+                    None => open = false,
+                },
+                else => return,
+            }
+        }
+    }
+
+    fn accept(&mut self, submission: Submission) {
+        let Submission {
+            origin,
+            writes,
+            reply,
+        } = submission;
+        let request_id = self.next_request;
+        self.next_request += 1;
+        let mut request = Request {
+            outcomes: vec![None; writes.len()],
+            unsettled: 0,
+            error: None,
+            reply,
+        };
+        // A write rejected on receipt stops the later writes of its id in this request.
+        let mut failed: HashMap<String, Failure> = HashMap::new();
+        for (index, write) in writes.into_iter().enumerate() {
+            let ready = match write {
+                Prepared::Rejected {
+                    pid,
+                    first,
+                    last,
+                    reason,
+                } => {
+                    request.outcomes[index] = Some(WriteOutcome::Rejected(reason.clone()));
+                    let failure = Failure {
+                        first,
+                        last,
+                        reason,
+                    };
+                    self.heads.record_failure(&pid, failure.clone());
+                    failed.entry(pid).or_insert(failure);
+                    continue;
+                }
+                Prepared::Ready(ready) => ready,
+            };
+            if let Some(failure) = failed.get(&ready.pid) {
+                let reason = poisoned_reason(&ready.pid, failure);
+                request.outcomes[index] = Some(WriteOutcome::Conflict(reason));
+                continue;
+            }
+            let key = self.next_key;
+            self.next_key += 1;
+            self.schedule.push(Queued {
+                key,
+                producer: origin.producer,
+                pid: ready.pid.clone(),
+                events: ready.events.len(),
+                bytes: ready.documents.iter().map(EncodedEvent::len).sum(),
+            });
+            self.entries.insert(
+                key,
+                Entry {
+                    request: request_id,
+                    index,
+                    chain: origin.chain,
+                    ready: Some(ready),
+                },
+            );
+            request.unsettled += 1;
+        }
+        if request.unsettled == 0 {
+            finish(request);
+        } else {
+            self.requests.insert(request_id, request);
+        }
+    }
+
+    /// The next admissible batch, running on its own task.
+    fn next_batch(&mut self) -> Option<BoxFuture<'static, Completed>> {
+        let admitted = self.schedule.next_batch(self.limits);
+        if admitted.is_empty() {
+            return None;
+        }
+        let now = Instant::now();
+        let mut heads = HashMap::new();
+        let mut failures = HashMap::new();
+        let mut pids: Vec<String> = Vec::new();
+        let mut seen = HashSet::new();
+        let mut writes = Vec::with_capacity(admitted.len());
+        for (order, queued) in admitted.into_iter().enumerate() {
+            let Some(entry) = self.entries.get_mut(&queued.key) else {
+                continue;
+            };
+            let Some(ready) = entry.ready.take() else {
+                continue;
+            };
+            if seen.insert(queued.pid.clone()) {
+                if let Some(head) = self.heads.valid(&queued.pid, now) {
+                    heads.insert(queued.pid.clone(), head);
+                }
+                if let Some(failure) = self.heads.failure(&queued.pid) {
+                    failures.insert(queued.pid.clone(), failure.clone());
+                }
+                pids.push(queued.pid.clone());
+            }
+            writes.push(BatchWrite {
+                key: queued.key,
+                order,
+                chain: entry.chain,
+                pid: ready.pid,
+                first: ready.first,
+                last: ready.last,
+                events: ready.events,
+                documents: ready.documents,
+            });
+        }
+        let keys: Vec<WriteKey> = writes.iter().map(|write| write.key).collect();
+        let store = self.store.clone();
+        let validity = self.validity;
+        let batch = Batch {
+            writes,
+            heads,
+            failures,
+        };
+        let running = tokio::spawn(async move { batch::execute(batch, &store, validity).await });
+        Some(Box::pin(async move {
+            let done = running.await.unwrap_or_else(|panic| {
+                tracing::error!(%panic, "a journal write batch failed");
+                let error = JournalError::Internal("a journal write batch failed".to_owned());
+                Done {
+                    outcomes: keys
+                        .into_iter()
+                        .map(|key| (key, Err(error.clone())))
+                        .collect(),
+                    ..Done::default()
+                }
+            });
+            Completed { pids, done }
+        }))
+    }
+
+    fn complete(&mut self, completed: Completed) {
+        let Completed { pids, done } = completed;
+        for (key, outcome) in done.outcomes {
+            self.settle(key, outcome);
+        }
+        for (pid, head) in done.heads {
+            match head {
+                Some(head) => self.heads.set(&pid, head),
+                None => self.heads.forget(&pid),
+            }
+        }
+        for (pid, failure) in done.failures {
+            match failure {
+                Some(failure) => self.heads.record_failure(&pid, failure),
+                None => self.heads.clear_failure(&pid),
+            }
+        }
+        // The failed writes' later writes of the same id and chain still queued fail too.
+        for (chain, pid, failure) in done.failed {
+            let entries = &self.entries;
+            let stopped = self.schedule.remove_where(&pid, |key| {
+                entries.get(&key).is_some_and(|entry| entry.chain == chain)
+            });
+            for write in stopped {
+                let reason = poisoned_reason(&pid, &failure);
+                self.settle(write.key, Ok(WriteOutcome::Conflict(reason)));
+            }
+        }
+        self.schedule.release(pids.iter().map(String::as_str));
+    }
+
+    fn settle(&mut self, key: WriteKey, outcome: Result<WriteOutcome, JournalError>) {
+        let Some(entry) = self.entries.remove(&key) else {
+            return;
+        };
+        let Some(request) = self.requests.get_mut(&entry.request) else {
+            return;
+        };
+        match outcome {
+            Ok(outcome) => request.outcomes[entry.index] = Some(outcome),
+            Err(error) => {
+                request.error.get_or_insert(error);
+            }
+        }
+        request.unsettled -= 1;
+        if request.unsettled == 0
+            && let Some(request) = self.requests.remove(&entry.request)
+        {
+            finish(request);
+        }
+    }
+}
+
+/// Answers a request whose writes are all settled.
+fn finish(request: Request) {
+    let outcomes = match request.error {
+        Some(error) => Err(error),
+        None => Ok(request.outcomes.into_iter().flatten().collect()),
+    };
+    // The caller may have gone (client cancelled); the writes stand either way.
+    let _ = request.reply.send(outcomes);
+}

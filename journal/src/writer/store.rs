@@ -1,0 +1,261 @@
+//! The writer's MongoDB operations: read the highest sequence numbers, read stored events to
+//! compare, insert a batch, move late events forward.
+
+use std::collections::HashMap;
+use std::time::Duration;
+
+use futures::{StreamExt, TryStreamExt, stream};
+use mongodb::bson::{DateTime, Document, RawDocumentBuf, doc};
+use mongodb::options::{CollectionOptions, ReadPreference, SelectionCriteria};
+use mongodb::{Client, Collection, Database};
+
+use config::Settings;
+use mongo::{MongoError, Retry};
+
+use crate::document::{
+    EventDocument, HIGHEST_SEQUENCE_NR, PERSISTENCE_ID, SEQUENCE_NR, WRITTEN_AT,
+};
+
+/// How many persistence ids' highest sequence numbers are read at once.
+const HEAD_READS_IN_PARALLEL: usize = 8;
+
+/// How often one late write is moved forward at most (see [`EventStore::restamp_if_late`]).
+const MAX_RESTAMPS: usize = 3;
+
+/// The stored highest of a persistence id: the journal's top event (with its `writtenAt`), or
+/// the metadata's record when its events were deleted and purged.
+#[derive(Debug, Clone, Copy, Default, PartialEq)]
+pub(crate) struct StoredHead {
+    pub highest: i64,
+    pub written_at: Option<DateTime>,
+}
+
+pub(crate) struct EventStore {
+    client: Client,
+    /// Inserts: the encoded documents go out as they are.
+    raw: Collection<RawDocumentBuf>,
+    /// Reads from the primary with the configured read concern (majority by default): what
+    /// is compared or counted as stored is durable.
+    events: Collection<EventDocument>,
+    /// The same, untyped: the highest sequence number is read with a projection.
+    tops: Collection<Document>,
+    metadata: Collection<Document>,
+    pub retry: Retry,
+    bypass_document_validation: bool,
+    /// A write acknowledged this long after its `writtenAt` stamp is re-stamped.
+    late_after: Duration,
+}
+
+impl EventStore {
+    pub fn new(database: &Database, settings: &Settings) -> Self {
+        let names = &settings.mongodb.collections;
+        let primary = CollectionOptions::builder()
+            .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
+            .build();
+        Self {
+            client: database.client().clone(),
+            raw: database.collection(&names.journal),
+            events: database.collection_with_options(&names.journal, primary.clone()),
+            tops: database.collection_with_options(&names.journal, primary),
+            metadata: database.collection(&names.journal_metadata),
+            retry: Retry::new(&settings.mongodb.retry),
+            bypass_document_validation: settings.mongodb.bypass_document_validation,
+            late_after: settings.read_journal.allowed_time_drift / 2,
+        }
+    }
+
+    /// The stored head of each persistence id (a missing one has highest 0).
+    pub async fn read_heads(
+        &self,
+        pids: &[String],
+    ) -> Result<HashMap<String, StoredHead>, MongoError> {
+        let operation = "read highest sequence number";
+        // Owned futures (not closures over borrowed ids), so this stays `Send` for any caller.
+        let reads: Vec<_> = pids.iter().map(|pid| self.read_top(pid.clone())).collect();
+        let tops: Vec<(String, StoredHead)> = stream::iter(reads)
+            .buffer_unordered(HEAD_READS_IN_PARALLEL)
+            .try_collect()
+            .await?;
+        let mut heads: HashMap<String, StoredHead> = tops.into_iter().collect();
+        let recorded: Vec<Document> = self
+            .retry
+            .run(operation, || async {
+                self.metadata
+                    .find(doc! { "_id": { "$in": pids } })
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))?;
+        for record in recorded {
+            let (Ok(pid), Ok(highest)) =
+                (record.get_str("_id"), record.get_i64(HIGHEST_SEQUENCE_NR))
+            else {
+                continue;
+            };
+            // Above the journal's top when the events up to it were deleted and purged.
+            if let Some(head) = heads.get_mut(pid) {
+                head.highest = head.highest.max(highest);
+            }
+        }
+        Ok(heads)
+    }
+
+    /// The journal's highest event of `pid`.
+    async fn read_top(&self, pid: String) -> Result<(String, StoredHead), MongoError> {
+        let operation = "read highest sequence number";
+        let top = self
+            .retry
+            .run(operation, || {
+                self.tops
+                    .find_one(doc! { PERSISTENCE_ID: pid.as_str() })
+                    .sort(doc! { SEQUENCE_NR: -1 })
+                    .projection(doc! { SEQUENCE_NR: 1, WRITTEN_AT: 1, "_id": 0 })
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))?;
+        let head = top.map_or_else(StoredHead::default, |top| StoredHead {
+            highest: top.get_i64(SEQUENCE_NR).unwrap_or(0),
+            written_at: top.get_datetime(WRITTEN_AT).ok().copied(),
+        });
+        Ok((pid, head))
+    }
+
+    /// The stored events of `pid` with sequence numbers `first..=last`, deleted ones included.
+    pub async fn read_stored(
+        &self,
+        pid: &str,
+        first: i64,
+        last: i64,
+    ) -> Result<Vec<EventDocument>, MongoError> {
+        let operation = "check stored events";
+        let filter = doc! { PERSISTENCE_ID: pid, SEQUENCE_NR: { "$gte": first, "$lte": last } };
+        self.retry
+            .run(operation, || async {
+                self.events
+                    .find(filter.clone())
+                    .sort(doc! { SEQUENCE_NR: 1 })
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))
+    }
+
+    /// One ordered insert of `documents`: MongoDB stops at the first failing document, so
+    /// nothing after it is stored. `transactional`: all or nothing, as one transaction.
+    pub async fn insert(
+        &self,
+        documents: &[&RawDocumentBuf],
+        transactional: bool,
+    ) -> Result<(), mongodb::error::Error> {
+        let insert = self
+            .raw
+            .insert_many(documents.iter().copied())
+            .ordered(true)
+            .bypass_document_validation(self.bypass_document_validation);
+        if !transactional {
+            return insert.await.map(|_| ());
+        }
+        let mut session = self.client.start_session().await?;
+        session.start_transaction().await?;
+        match insert.session(&mut session).await {
+            Ok(_) => session.commit_transaction().await,
+            Err(error) => {
+                // The server aborted it already on most errors; this makes sure.
+                let _ = session.abort_transaction().await;
+                Err(error)
+            }
+        }
+    }
+
+    pub fn late_after(&self) -> Duration {
+        self.late_after
+    }
+
+    /// Live queries read only up to `now - allowed-time-drift`, assuming an event stamped
+    /// `writtenAt = t` is visible by then. A write that became durable long after its stamp
+    /// (server selection, failover, slow replication) may have been passed over; its events are
+    /// moved forward, so subscribers that missed them get them. One that did see them gets them
+    /// twice: clients de-duplicate by (pid, seqNr). Half the drift is left for clock skew.
+    ///
+    /// Events of the same persistence id after `first` move too (any that exist were written
+    /// after it), so read-journal order keeps agreeing with sequence-number order.
+    ///
+    /// While MongoDB stays slow the move itself is late, so each new stamp lies ahead of now by
+    /// the lateness just seen; after [`MAX_RESTAMPS`] the events stay where they are, logged.
+    /// Returns the last stamp given, if any.
+    pub async fn restamp_if_late(
+        &self,
+        pid: &str,
+        first: i64,
+        stamped: DateTime,
+    ) -> Result<Option<DateTime>, MongoError> {
+        let operation = "re-stamp late events";
+        let mut stamped = stamped;
+        let mut moved = None;
+        for _ in 0..MAX_RESTAMPS {
+            let now = DateTime::now();
+            if !is_late(stamped, now, self.late_after) {
+                return Ok(moved);
+            }
+            let lateness = now.timestamp_millis() - stamped.timestamp_millis();
+            let restamp = DateTime::from_millis(now.timestamp_millis() + lateness);
+            tracing::warn!(
+                pid,
+                first,
+                lateness_ms = lateness,
+                "write acknowledged late; moving its events forward in read-journal order"
+            );
+            let filter = doc! {
+                PERSISTENCE_ID: pid,
+                SEQUENCE_NR: { "$gte": first },
+                WRITTEN_AT: { "$lt": restamp },
+            };
+            let update = doc! { "$set": { WRITTEN_AT: restamp } };
+            self.retry
+                .run(operation, || {
+                    self.raw
+                        .update_many(filter.clone(), update.clone())
+                        .bypass_document_validation(self.bypass_document_validation)
+                })
+                .await
+                .map_err(|error| self.retry.failure(operation, true, error))?;
+            moved = Some(restamp);
+            // Late only if it became durable after the new stamp minus the allowed lateness.
+            stamped = DateTime::from_millis(
+                restamp
+                    .timestamp_millis()
+                    .min(DateTime::now().timestamp_millis()),
+            );
+        }
+        tracing::error!(
+            pid,
+            first,
+            "MongoDB stayed slow; live queries in polling mode may pass over these events"
+        );
+        Ok(moved)
+    }
+}
+
+/// Whether a write stamped at `stamped` and durable at `durable` came too late for the
+/// read journal's drift window.
+pub(crate) fn is_late(stamped: DateTime, durable: DateTime, late_after: Duration) -> bool {
+    durable.timestamp_millis() - stamped.timestamp_millis() > late_after.as_millis() as i64
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_write_is_late_when_it_became_durable_after_half_the_drift() {
+        let stamped = DateTime::from_millis(10_000);
+        let half_drift = Duration::from_millis(1_000);
+        assert!(!is_late(stamped, DateTime::from_millis(10_999), half_drift));
+        assert!(!is_late(stamped, DateTime::from_millis(11_000), half_drift));
+        assert!(is_late(stamped, DateTime::from_millis(11_001), half_drift));
+    }
+}
