@@ -1,1 +1,618 @@
-fn main() {}
+//! `eventjournal-bench`: the write benchmark. Starts the service (`server.rs`) against a
+//! MongoDB, runs each scenario (`scenarios.rs`) through the service and through the raw
+//! driver (`raw.rs`) doing the same inserts, in alternating rounds, and prints one markdown
+//! table of medians and their ratios against the targets.
+//!
+//! Machines running it are shared and noisy, so nothing here is judged by one absolute time:
+//! both sides run in the same process against the same mongod, interleaved, which side goes
+//! first alternates by round, and a target is a ratio of medians. `cargo xtask bench` starts a
+//! fresh mongod and runs this; `--check` makes a missed target the exit code.
+
+mod raw;
+mod scenarios;
+mod server;
+mod service;
+mod stats;
+mod workload;
+
+use std::collections::BTreeMap;
+use std::fmt::Write as _;
+use std::path::PathBuf;
+use std::process::ExitCode;
+use std::sync::Arc;
+use std::time::{Duration, Instant};
+
+use anyhow::Context;
+use clap::Parser;
+
+use raw::RawDriver;
+use scenarios::{Bench, FairnessRound, Measured, Scenario};
+use server::Server;
+use stats::median;
+use workload::{PAYLOAD_BYTES, Side, Workload};
+
+/// Metrics of the group-commit write path, printed below the table when the server has them.
+const WRITE_BATCH_METRICS: &str = "eventjournal_write_batch";
+
+#[derive(Parser)]
+#[command(
+    name = "eventjournal-bench",
+    about = "The write benchmark: each scenario through the service and through the raw mongodb \
+             driver, in alternating rounds; prints medians and ratios against the targets"
+)]
+struct Args {
+    /// MongoDB to run against (a replica set: the service needs transactions).
+    #[arg(long)]
+    mongodb_uri: String,
+    /// The `eventjournal` binary to benchmark (a release build).
+    #[arg(long)]
+    server_binary: PathBuf,
+    /// Rounds per scenario; each side runs once per round.
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u32).range(1..))]
+    rounds: u32,
+    /// Scenarios to run (repeatable); all when none is given.
+    #[arg(long = "scenario", value_enum)]
+    scenarios: Vec<Scenario>,
+    /// Length of each of the two fairness phases (alone, next to the prolific producer).
+    #[arg(long, default_value_t = 5, value_parser = clap::value_parser!(u64).range(1..))]
+    fairness_seconds: u64,
+    /// Fairness rounds [default: --rounds]; each takes two phases of --fairness-seconds, so
+    /// fewer shorten a long run.
+    #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
+    fairness_rounds: Option<u32>,
+    /// Exit with 1 when a target is missed (or could not be measured); without it the exit
+    /// code is 0 whenever the table was printed.
+    #[arg(long)]
+    check: bool,
+}
+
+fn main() -> ExitCode {
+    let args = Args::parse();
+    let outcome = tokio::runtime::Runtime::new()
+        .context("starting the async runtime")
+        .and_then(|runtime| runtime.block_on(run(args)));
+    match outcome {
+        Ok(code) => code,
+        Err(error) => {
+            eprintln!("eventjournal-bench: error: {error:#}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
+async fn run(args: Args) -> anyhow::Result<ExitCode> {
+    let started = Instant::now();
+    let mut scenarios = if args.scenarios.is_empty() {
+        vec![
+            Scenario::P1,
+            Scenario::P2,
+            Scenario::P3,
+            Scenario::P3s,
+            Scenario::Fairness,
+        ]
+    } else {
+        args.scenarios.clone()
+    };
+    scenarios.sort();
+    scenarios.dedup();
+    let fairness_rounds = args.fairness_rounds.unwrap_or(args.rounds);
+    let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
+    let service_database = format!("bench_{run_id}");
+    let raw_database = format!("bench_raw_{run_id}");
+
+    let raw = Arc::new(RawDriver::connect(&args.mongodb_uri, &raw_database).await?);
+    let mongod_version = raw.mongod_version().await?;
+
+    let mut server =
+        match Server::start(&args.server_binary, &args.mongodb_uri, &service_database).await {
+            Ok(server) => server,
+            Err(error) => {
+                drop_databases(&raw, [&service_database, &raw_database]).await;
+                return Err(error.context("starting the service"));
+            }
+        };
+    let measured = async {
+        let bench = Bench::new(Workload::new(&run_id), &server.url(), Arc::clone(&raw)).await?;
+        bench.warm_up().await.context("warming up")?;
+        let service_shape = raw
+            .stored_shape(&service_database, &bench.warm_up_pid(Side::Service))
+            .await?;
+        let raw_shape = raw
+            .stored_shape(&raw_database, &bench.warm_up_pid(Side::Raw))
+            .await?;
+        print!(
+            "{}",
+            header(&args, &mongod_version, &service_database, &raw_database)
+        );
+        if service_shape == raw_shape {
+            println!(
+                "- documents: the same shape on both sides ({} fields and types compared)",
+                service_shape.len()
+            );
+        } else {
+            println!(
+                "- documents: **shapes differ**, the comparison is off: service stores {{{}}}, \
+                 the raw driver {{{}}}",
+                service_shape.join(", "),
+                raw_shape.join(", ")
+            );
+        }
+        measure(&bench, &args, &scenarios, fairness_rounds, &mut server).await
+    }
+    .await;
+    let metrics = server.metrics().await;
+    drop(server);
+    drop_databases(&raw, [&service_database, &raw_database]).await;
+    let results = measured?;
+
+    let rows = rows(&results);
+    println!();
+    print!("{}", table(&rows));
+    println!();
+    print!("{}", notes(&args, &results, fairness_rounds));
+    println!();
+    match metrics {
+        Ok(text) => {
+            let lines: Vec<&str> = text
+                .lines()
+                .filter(|line| line.starts_with(WRITE_BATCH_METRICS))
+                .collect();
+            if lines.is_empty() {
+                println!("Server metrics: no {WRITE_BATCH_METRICS}* metrics exposed.");
+            } else {
+                println!("Server metrics ({WRITE_BATCH_METRICS}*, whole run):\n```");
+                for line in lines {
+                    println!("{line}");
+                }
+                println!("```");
+            }
+        }
+        Err(error) => println!("Server metrics: not scraped: {error:#}"),
+    }
+    println!(
+        "\nTotal time: {:.0} s.",
+        started.elapsed().as_secs_f64().ceil()
+    );
+    let missed = rows.iter().filter(|row| row.met != Met::Yes).count();
+    if args.check && missed > 0 {
+        eprintln!("eventjournal-bench: {missed} target(s) missed or not measured (--check)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// Leaves the MongoDB as the benchmark found it (it may be a shared one, not xtask's).
+async fn drop_databases(raw: &RawDriver, databases: [&str; 2]) {
+    for database in databases {
+        if let Err(error) = raw.drop_database(database).await {
+            eprintln!("eventjournal-bench: warning: {error:#}");
+        }
+    }
+}
+
+/// Per-round numbers of one scenario, per side.
+#[derive(Default)]
+struct Series {
+    service: Vec<f64>,
+    raw: Vec<f64>,
+    unimplemented: bool,
+    /// The failure that stopped the scenario; it is not run again in later rounds.
+    error: Option<String>,
+}
+
+impl Series {
+    fn push(&mut self, side: Side, value: f64) {
+        match side {
+            Side::Service => self.service.push(value),
+            Side::Raw => self.raw.push(value),
+        }
+    }
+}
+
+#[derive(Default)]
+struct Results {
+    series: BTreeMap<Scenario, Series>,
+    fairness: Vec<FairnessRound>,
+    fairness_error: Option<String>,
+    fairness_selected: bool,
+}
+
+/// All rounds. A scenario that fails is reported and skipped from then on, unless the
+/// server died, which ends the benchmark with the server's stderr.
+async fn measure(
+    bench: &Bench,
+    args: &Args,
+    scenarios: &[Scenario],
+    fairness_rounds: u32,
+    server: &mut Server,
+) -> anyhow::Result<Results> {
+    let mut results = Results {
+        fairness_selected: scenarios.contains(&Scenario::Fairness),
+        ..Results::default()
+    };
+    for round in 1..=args.rounds {
+        // Whoever goes second may find mongod busier (checkpoints, a fuller cache): alternate.
+        let sides = if round % 2 == 1 {
+            [Side::Service, Side::Raw]
+        } else {
+            [Side::Raw, Side::Service]
+        };
+        for &scenario in scenarios {
+            if scenario == Scenario::Fairness {
+                continue;
+            }
+            let series = results.series.entry(scenario).or_default();
+            if series.error.is_some() || series.unimplemented {
+                continue;
+            }
+            let mut progress = format!("round {round}/{} {:<4}", args.rounds, scenario.name());
+            for side in sides {
+                match bench.run(scenario, side, round).await {
+                    Ok(Measured::Value(value)) => {
+                        series.push(side, value);
+                        let _ = write!(progress, "  {side} {value:.0} {}", scenario.unit());
+                    }
+                    Ok(Measured::Unimplemented) => {
+                        series.unimplemented = true;
+                        let _ = write!(progress, "  {side} n/a (UNIMPLEMENTED)");
+                        break;
+                    }
+                    Err(error) => {
+                        server.check_alive()?;
+                        let _ = write!(progress, "  {side} FAILED: {error:#}");
+                        series.error = Some(format!("{error:#}"));
+                        break;
+                    }
+                }
+            }
+            eprintln!("{progress}");
+        }
+        if results.fairness_selected && round <= fairness_rounds && results.fairness_error.is_none()
+        {
+            let phase = Duration::from_secs(args.fairness_seconds);
+            match bench.fairness(round, phase).await {
+                Ok(fairness) => {
+                    eprintln!(
+                        "round {round}/{} fairness  modest p99 {:.0} µs alone, {:.0} µs next to \
+                         prolific ({:.0} events/s){}",
+                        args.rounds,
+                        fairness.alone_p99_us,
+                        fairness.loaded_p99_us,
+                        fairness.prolific_events_per_second,
+                        if fairness.over_stream {
+                            ""
+                        } else {
+                            "; unary: WriteEventsStream UNIMPLEMENTED"
+                        }
+                    );
+                    results.fairness.push(fairness);
+                }
+                Err(error) => {
+                    server.check_alive()?;
+                    eprintln!("round {round}/{} fairness  FAILED: {error:#}", args.rounds);
+                    results.fairness_error = Some(format!("{error:#}"));
+                }
+            }
+        }
+    }
+    Ok(results)
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Met {
+    Yes,
+    No,
+    /// Not measured (unimplemented, failed, or what it compares with was not run).
+    NotAvailable,
+}
+
+impl Met {
+    fn from(met: bool) -> Self {
+        if met { Met::Yes } else { Met::No }
+    }
+
+    fn label(self) -> &'static str {
+        match self {
+            Met::Yes => "yes",
+            Met::No => "**no**",
+            Met::NotAvailable => "n/a",
+        }
+    }
+}
+
+struct Row {
+    scenario: &'static str,
+    metric: String,
+    service: String,
+    raw: String,
+    ratio: String,
+    target: &'static str,
+    met: Met,
+}
+
+impl Row {
+    fn not_measured(scenario: &'static str, metric: &str, why: &str, target: &'static str) -> Self {
+        Self {
+            scenario,
+            metric: metric.to_owned(),
+            service: why.to_owned(),
+            raw: "n/a".to_owned(),
+            ratio: "n/a".to_owned(),
+            target,
+            met: Met::NotAvailable,
+        }
+    }
+}
+
+/// The table's rows, from the medians across rounds; ratios are of the medians.
+fn rows(results: &Results) -> Vec<Row> {
+    let mut rows = Vec::new();
+    let medians = |scenario| {
+        results.series.get(&scenario).map(|series| {
+            (
+                median(&series.service),
+                median(&series.raw),
+                series.error.as_deref(),
+                series.unimplemented,
+            )
+        })
+    };
+    // (scenario, metric, target text, target as a predicate on service/raw)
+    type Target = (&'static str, fn(f64) -> bool);
+    let compared: [(Scenario, &'static str, &str, Target); 3] = [
+        (
+            Scenario::P1,
+            "P1",
+            "p50 latency µs, 1 actor, 300 sequential single-event writes",
+            ("<= 1.25x raw insert_one", |ratio| ratio <= 1.25),
+        ),
+        (
+            Scenario::P2,
+            "P2",
+            "events/s, 100 actors x 100 events, 1 write in flight each",
+            (">= 4x raw insert_one", |ratio| ratio >= 4.0),
+        ),
+        (
+            Scenario::P3,
+            "P3",
+            "events/s, 1 pid, 100 requests x 100 writes, 1 in flight",
+            (">= 0.9x raw insert_many", |ratio| ratio >= 0.9),
+        ),
+    ];
+    for (scenario, name, metric, (target, met)) in compared {
+        let Some((service, raw, error, _)) = medians(scenario) else {
+            continue;
+        };
+        let row = match (service, raw, error) {
+            (_, _, Some(_)) => Row::not_measured(name, metric, "FAILED (see below)", target),
+            (Some(service), Some(raw), None) => Row {
+                scenario: name,
+                metric: metric.to_owned(),
+                service: number(service),
+                raw: number(raw),
+                ratio: format!("{:.2}x", service / raw),
+                target,
+                met: Met::from(met(service / raw)),
+            },
+            _ => Row::not_measured(name, metric, "no rounds", target),
+        };
+        rows.push(row);
+        if scenario == Scenario::P2 {
+            let target = ">= 20,000 events/s";
+            rows.push(match (service, error) {
+                (Some(service), None) => Row {
+                    scenario: "P2",
+                    metric: "events/s, absolute (this machine)".to_owned(),
+                    service: number(service),
+                    raw: "—".to_owned(),
+                    ratio: "—".to_owned(),
+                    target,
+                    met: Met::from(service >= 20_000.0),
+                },
+                _ => Row::not_measured("P2", "events/s, absolute", "n/a", target),
+            });
+        }
+    }
+    if let Some((service, raw, error, unimplemented)) = medians(Scenario::P3s) {
+        let metric = "events/s, P3 over WriteEventsStream, <= 8 unacknowledged";
+        let target = ">= 1.5x P3";
+        let p3 = medians(Scenario::P3).and_then(|(p3, _, error, _)| p3.filter(|_| error.is_none()));
+        rows.push(match (service, raw, error) {
+            (_, _, Some(_)) => Row::not_measured("P3s", metric, "FAILED (see below)", target),
+            _ if unimplemented => Row::not_measured("P3s", metric, "n/a (UNIMPLEMENTED)", target),
+            (Some(service), Some(raw), None) => Row {
+                scenario: "P3s",
+                metric: metric.to_owned(),
+                service: number(service),
+                raw: number(raw),
+                ratio: match p3 {
+                    Some(p3) => format!("{:.2}x raw, {:.2}x P3", service / raw, service / p3),
+                    None => format!("{:.2}x raw (P3 not run)", service / raw),
+                },
+                target,
+                met: p3.map_or(Met::NotAvailable, |p3| Met::from(service / p3 >= 1.5)),
+            },
+            _ => Row::not_measured("P3s", metric, "no rounds", target),
+        });
+    }
+    if results.fairness_selected {
+        let metric = "modest producers' p99 µs: alone → next to a prolific one";
+        let target = "<= 2x (B/A)";
+        let alone = median(&field(&results.fairness, |round| round.alone_p99_us));
+        let loaded = median(&field(&results.fairness, |round| round.loaded_p99_us));
+        rows.push(match (alone, loaded, &results.fairness_error) {
+            (_, _, Some(_)) => Row::not_measured("fairness", metric, "FAILED (see below)", target),
+            (Some(alone), Some(loaded), None) => Row {
+                scenario: "fairness",
+                metric: metric.to_owned(),
+                service: format!("{} → {}", number(alone), number(loaded)),
+                raw: "n/a (service only)".to_owned(),
+                ratio: format!("{:.2}x", loaded / alone),
+                target,
+                met: Met::from(loaded / alone <= 2.0),
+            },
+            _ => Row::not_measured("fairness", metric, "no rounds", target),
+        });
+    }
+    rows
+}
+
+fn field(rounds: &[FairnessRound], get: fn(&FairnessRound) -> f64) -> Vec<f64> {
+    rounds.iter().map(get).collect()
+}
+
+fn table(rows: &[Row]) -> String {
+    let mut out = String::from(
+        "| scenario | metric | service | raw driver | ratio | target | met |\n\
+         |---|---|---:|---:|---:|---|---|\n",
+    );
+    for row in rows {
+        let _ = writeln!(
+            out,
+            "| {} | {} | {} | {} | {} | {} | {} |",
+            row.scenario,
+            row.metric,
+            row.service,
+            row.raw,
+            row.ratio,
+            row.target,
+            row.met.label()
+        );
+    }
+    out
+}
+
+/// What the table cannot say: round counts, fairness details, failures.
+fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
+    let mut out = String::new();
+    if !results.series.is_empty() {
+        let _ = writeln!(
+            out,
+            "Medians over {} round(s) (service and raw driver alternate going first); ratios are \
+         service/raw of the medians (P1: lower is better, the rest: higher is better). P3s's raw \
+         side is P3's insert_many: the driver has no pipelining to compare with.",
+            args.rounds
+        );
+    }
+    if results.fairness_selected && !results.fairness.is_empty() {
+        let rounds = results.fairness.len();
+        let _ = writeln!(
+            out,
+            "Fairness: {rounds} round(s) of two {} s phases (A: 10 modest producers, one write \
+             every 20 ms each; B: the same next to a prolific producer, 100-write requests, up to \
+             8 unanswered){}. Modest p50: {} µs alone, {} µs next to the prolific producer; \
+             prolific producer: {} events/s (medians). Transport: {}.",
+            args.fairness_seconds,
+            if fairness_rounds < args.rounds {
+                format!("; fewer than --rounds {} (--fairness-rounds)", args.rounds)
+            } else {
+                String::new()
+            },
+            optional_number(median(&field(&results.fairness, |r| r.alone_p50_us))),
+            optional_number(median(&field(&results.fairness, |r| r.loaded_p50_us))),
+            optional_number(median(&field(&results.fairness, |r| {
+                r.prolific_events_per_second
+            }))),
+            if results.fairness.iter().all(|round| round.over_stream) {
+                "WriteEventsStream, one per producer, each on its own connection"
+            } else {
+                "unary WriteEvents (WriteEventsStream is UNIMPLEMENTED), each producer on its \
+                 own connection; modest producers wait for each answer"
+            }
+        );
+    }
+    for (scenario, series) in &results.series {
+        if let Some(error) = &series.error {
+            let _ = writeln!(out, "{} FAILED: {error}", scenario.name());
+        }
+    }
+    if let Some(error) = &results.fairness_error {
+        let _ = writeln!(out, "fairness FAILED: {error}");
+    }
+    out
+}
+
+fn header(args: &Args, mongod_version: &str, service_database: &str, raw_database: &str) -> String {
+    let settings = RawDriver::settings(&args.mongodb_uri, raw_database);
+    let concern = &settings.write_concern;
+    let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    format!(
+        "# eventjournal write benchmark\n\n\
+         - machine: {cpus} CPUs (nproc), {}, {} memory\n\
+         - mongod {mongod_version}, single-node replica set, {}\n\
+         - write concern, both sides: w: {}, j: {}, wtimeout: {}\n\
+         - service: {} (database {service_database}); raw driver: database {raw_database}, the \
+         service's client options (max pool size {}) and journal indexes\n\
+         - workload: {PAYLOAD_BYTES}-byte payloads, 1 tag, one writer uuid, fresh persistence ids \
+         per round and side\n",
+        cpu_model(),
+        total_memory(),
+        config::redact_uri(&args.mongodb_uri),
+        concern.w,
+        concern.journal,
+        concern
+            .timeout
+            .map_or("none".to_owned(), |timeout| format!("{timeout:?}")),
+        args.server_binary.display(),
+        settings.max_pool_size,
+    )
+}
+
+fn cpu_model() -> String {
+    std::fs::read_to_string("/proc/cpuinfo")
+        .ok()
+        .and_then(|info| {
+            info.lines()
+                .find(|line| line.starts_with("model name"))
+                .and_then(|line| line.split_once(':'))
+                .map(|(_, model)| model.trim().to_owned())
+        })
+        .unwrap_or_else(|| "unknown CPU".to_owned())
+}
+
+fn total_memory() -> String {
+    std::fs::read_to_string("/proc/meminfo")
+        .ok()
+        .and_then(|info| {
+            let line = info.lines().find(|line| line.starts_with("MemTotal:"))?;
+            let kib: f64 = line.split_whitespace().nth(1)?.parse().ok()?;
+            Some(format!("{:.1} GiB", kib / (1024.0 * 1024.0)))
+        })
+        .unwrap_or_else(|| "unknown".to_owned())
+}
+
+/// Whole numbers with thousands separators (`23,456`); small ones keep a decimal.
+fn number(value: f64) -> String {
+    if value.abs() < 100.0 {
+        return format!("{value:.1}");
+    }
+    let digits = format!("{:.0}", value.abs());
+    let mut grouped = String::new();
+    for (index, digit) in digits.chars().enumerate() {
+        if index > 0 && (digits.len() - index) % 3 == 0 {
+            grouped.push(',');
+        }
+        grouped.push(digit);
+    }
+    if value < 0.0 {
+        grouped.insert(0, '-');
+    }
+    grouped
+}
+
+fn optional_number(value: Option<f64>) -> String {
+    value.map_or("n/a".to_owned(), number)
+}
+
+#[cfg(test)]
+mod tests {
+    use super::number;
+
+    #[test]
+    fn numbers_are_grouped_by_thousands() {
+        assert_eq!(number(1234567.4), "1,234,567");
+        assert_eq!(number(999.6), "1,000");
+        assert_eq!(number(100.0), "100");
+        assert_eq!(number(12.34), "12.3");
+    }
+}

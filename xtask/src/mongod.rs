@@ -193,7 +193,7 @@ impl Instance {
     }
 }
 
-fn workspace_root() -> PathBuf {
+pub fn workspace_root() -> PathBuf {
     Path::new(env!("CARGO_MANIFEST_DIR"))
         .parent()
         .map(Path::to_path_buf)
@@ -260,10 +260,10 @@ async fn wait_for_primary(port: u16) -> anyhow::Result<()> {
     let admin = direct_client(port).await?.database("admin");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
-        if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await {
-            if reply.get_bool("isWritablePrimary").unwrap_or(false) {
-                return Ok(());
-            }
+        if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await
+            && reply.get_bool("isWritablePrimary").unwrap_or(false)
+        {
+            return Ok(());
         }
         if Instant::now() > deadline {
             bail!("mongod on port {port} did not become PRIMARY within 60 s");

@@ -1,0 +1,121 @@
+//! The baseline: the mongodb driver doing the service's inserts directly, with nothing in
+//! between. The client is made by the service's own `mongo::connect` from the service's default
+//! settings, so write concern (majority + journal), pool size and timeouts cannot differ; the
+//! collection gets exactly the service's journal indexes before anything is measured.
+
+use anyhow::Context;
+use config::MongoSettings;
+use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
+use mongodb::{Collection, Database};
+
+pub struct RawDriver {
+    database: Database,
+    events: Collection<RawDocumentBuf>,
+    journal: String,
+}
+
+impl RawDriver {
+    /// Connects to `database` and prepares its journal collection as the service prepares its
+    /// own (collection with validation off, `journal::index_models()`).
+    pub async fn connect(uri: &str, database: &str) -> anyhow::Result<Self> {
+        let settings = Self::settings(uri, database);
+        let database = mongo::connect(&settings)
+            .await
+            .context("raw driver: connecting to MongoDB")?;
+        let journal = settings.collections.journal.as_str();
+        mongo::create_collections(&database, &[journal])
+            .await
+            .context("raw driver: creating the journal collection")?;
+        let events = database.collection::<RawDocumentBuf>(journal);
+        events
+            .create_indexes(journal::index_models())
+            .await
+            .context("raw driver: creating the journal indexes")?;
+        Ok(Self {
+            database,
+            events,
+            journal: journal.to_owned(),
+        })
+    }
+
+    /// The service's defaults with the benchmark's URI and database.
+    pub fn settings(uri: &str, database: &str) -> MongoSettings {
+        MongoSettings {
+            uri: uri.to_owned(),
+            database: database.to_owned(),
+            ..MongoSettings::default()
+        }
+    }
+
+    pub async fn insert_one(&self, document: &RawDocumentBuf) -> anyhow::Result<()> {
+        self.events
+            .insert_one(document)
+            .await
+            .context("raw driver: insert_one")?;
+        Ok(())
+    }
+
+    /// Ordered, as the service's transaction inserts a multi-event write.
+    pub async fn insert_many(&self, documents: &[RawDocumentBuf]) -> anyhow::Result<()> {
+        self.events
+            .insert_many(documents)
+            .await
+            .context("raw driver: insert_many")?;
+        Ok(())
+    }
+
+    /// `buildInfo`'s version of the mongod the benchmark runs against.
+    pub async fn mongod_version(&self) -> anyhow::Result<String> {
+        let info = self
+            .database
+            .client()
+            .database("admin")
+            .run_command(doc! { "buildInfo": 1 })
+            .await
+            .context("buildInfo")?;
+        Ok(info.get_str("version").unwrap_or("unknown").to_owned())
+    }
+
+    /// The shape of the stored event of `pid` in `database`'s journal collection: each field
+    /// (nested ones as `payload.data`) with its BSON type, in stored order. Two sides writing
+    /// "the same documents" must store the same shape.
+    pub async fn stored_shape(&self, database: &str, pid: &str) -> anyhow::Result<Vec<String>> {
+        let stored = self
+            .database
+            .client()
+            .database(database)
+            .collection::<Document>(&self.journal)
+            .find_one(doc! { journal::document::PERSISTENCE_ID: pid })
+            .await
+            .with_context(|| format!("reading an event of {pid} from {database}"))?
+            .with_context(|| format!("no event of {pid} in {database}"))?;
+        let mut shape = Vec::new();
+        describe_shape(&stored, "", &mut shape);
+        Ok(shape)
+    }
+
+    /// Drops a database the benchmark created (its own or the service's).
+    pub async fn drop_database(&self, name: &str) -> anyhow::Result<()> {
+        self.database
+            .client()
+            .database(name)
+            .drop()
+            .await
+            .with_context(|| format!("dropping database {name}"))
+    }
+}
+
+fn describe_shape(document: &Document, prefix: &str, shape: &mut Vec<String>) {
+    for (key, value) in document {
+        shape.push(format!("{prefix}{key}: {:?}", value.element_type()));
+        match value {
+            Bson::Document(inner) => describe_shape(inner, &format!("{prefix}{key}."), shape),
+            Bson::Array(items) => {
+                for item in items {
+                    shape.push(format!("{prefix}{key}[]: {:?}", item.element_type()));
+                }
+            }
+            _ => {}
+        }
+    }
+}
