@@ -8,6 +8,11 @@ use eventjournal::ops;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
 
+/// The server allocates and frees a buffer per message, document and response; glibc's malloc
+/// spent a fifth of the server's CPU on that under load, mimalloc far less.
+#[global_allocator]
+static ALLOCATOR: mimalloc::MiMalloc = mimalloc::MiMalloc;
+
 fn main() -> ExitCode {
     let cli = Cli::parse();
     // Logs go to stderr, keeping stdout for what a command prints as its result.
