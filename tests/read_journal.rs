@@ -16,33 +16,6 @@ async fn start(prefix: &str) -> TestServer {
     TestServer::start_with(prefix, fast).await
 }
 
-async fn read_all(mut stream: Streaming<pb::EventEnvelope>) -> Vec<pb::EventEnvelope> {
-    let mut envelopes = Vec::new();
-    while let Some(envelope) = stream.message().await.expect("query stream failed") {
-        envelopes.push(envelope);
-    }
-    envelopes
-}
-
-async fn current_by_tag(
-    client: &mut ReadJournalClient<Channel>,
-    tag: &str,
-    offset: &str,
-) -> Vec<pb::EventEnvelope> {
-    let request = pb::EventsByTagRequest {
-        tag: tag.into(),
-        offset: offset.into(),
-    };
-    read_all(
-        client
-            .current_events_by_tag(request)
-            .await
-            .unwrap()
-            .into_inner(),
-    )
-    .await
-}
-
 /// Waits until the allowed time drift has passed over everything written so far.
 async fn settle() {
     tokio::time::sleep(Duration::from_millis(700)).await;

@@ -3,7 +3,9 @@
 use std::time::Duration;
 
 use proto::v1 as pb;
+use proto::v1::read_journal_client::ReadJournalClient;
 use tonic::Streaming;
+use tonic::transport::Channel;
 
 use super::event;
 
@@ -61,4 +63,65 @@ pub fn change_streams(settings: &mut config::Settings) {
     settings.read_journal.use_change_streams = true;
     settings.read_journal.change_stream_restart.min_backoff = Duration::from_millis(50);
     settings.read_journal.change_stream_restart.max_backoff = Duration::from_millis(500);
+}
+
+/// Everything a current (completing) query stream returns.
+pub async fn read_all(mut stream: Streaming<pb::EventEnvelope>) -> Vec<pb::EventEnvelope> {
+    let mut envelopes = Vec::new();
+    while let Some(envelope) = stream.message().await.expect("query stream failed") {
+        envelopes.push(envelope);
+    }
+    envelopes
+}
+
+pub async fn current_by_tag(
+    client: &mut ReadJournalClient<Channel>,
+    tag: &str,
+    offset: &str,
+) -> Vec<pb::EventEnvelope> {
+    let request = pb::EventsByTagRequest {
+        tag: tag.into(),
+        offset: offset.into(),
+    };
+    read_all(
+        client
+            .current_events_by_tag(request)
+            .await
+            .unwrap()
+            .into_inner(),
+    )
+    .await
+}
+
+/// `CurrentEventsByTag` from the start, once it returns at least `count` events (it ends at
+/// `now - allowed-time-drift`), failing after 30 s: `(pid, seqNr)` in read-journal order.
+pub async fn current_ids_once(channel: &Channel, tag: &str, count: usize) -> Vec<(String, i64)> {
+    let mut client = ReadJournalClient::new(channel.clone());
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(30);
+    loop {
+        let found = ids(&current_by_tag(&mut client, tag, "").await);
+        if found.len() >= count {
+            return found;
+        }
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "CurrentEventsByTag({tag}) returned {} of {count} events within 30 s",
+            found.len()
+        );
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+}
+
+/// Read-journal order agrees with sequence-number order: per persistence id, its events come
+/// as 1, 2, 3, ... (or from where `first` says), each once.
+pub fn assert_in_sequence_order(events: &[(String, i64)]) {
+    let mut next: std::collections::HashMap<&str, i64> = std::collections::HashMap::new();
+    for (pid, sequence_nr) in events {
+        let expected = next.entry(pid.as_str()).or_insert(1);
+        assert_eq!(
+            sequence_nr, expected,
+            "{pid}: read-journal order {events:?} does not follow sequence numbers"
+        );
+        *expected += 1;
+    }
 }

@@ -635,10 +635,13 @@ fn document_failure(error: &Error) -> Option<DocumentFailure> {
         .as_ref()?
         .iter()
         .min_by_key(|e| e.index)?;
-    let name = first.code_name.as_deref().unwrap_or("error");
+    let code = match first.code_name.as_deref() {
+        Some(name) => format!("{name}, code {}", first.code),
+        None => format!("code {}", first.code),
+    };
     Some(DocumentFailure {
         index: first.index,
         code: first.code,
-        message: format!("{name} ({}): {}", first.code, first.message),
+        message: format!("{} ({code})", first.message),
     })
 }

@@ -1,0 +1,498 @@
+//! The write path's ordering guarantees, end to end over gRPC against the real mongod: per
+//! persistence id, writes apply in order and never leave a gap; once a write fails, the later
+//! writes of its id in the request (or stream) are not stored; a sequence number is never
+//! written twice, also after its event was deleted and purged, also by a stale writer on
+//! another server; read-journal order agrees with sequence-number order.
+
+mod common;
+
+use std::time::Duration;
+
+use common::read::*;
+use common::*;
+use futures::StreamExt;
+use mongodb::bson::{Document, doc};
+use proto::v1 as pb;
+use proto::v1::atomic_write_result::Outcome;
+use tonic::Code;
+
+/// Makes MongoDB refuse the document of `pid` at `sequence_nr` (a collection validator), so a
+/// test fails one chosen write among others: `DocumentValidationFailure` on that document only.
+async fn refuse(database: &mongodb::Database, pid: &str, sequence_nr: i64) {
+    database
+        .run_command(doc! {
+            "collMod": "journal",
+            "validator": { "$or": [ { "pid": { "$ne": pid } }, { "seqNr": { "$ne": sequence_nr } } ] },
+            "validationLevel": "strict",
+            "validationAction": "error",
+        })
+        .await
+        .unwrap();
+}
+
+async fn accept_all(database: &mongodb::Database) {
+    database
+        .run_command(doc! { "collMod": "journal", "validator": {}, "validationLevel": "off" })
+        .await
+        .unwrap();
+}
+
+/// `written`, `rejected: <reason>` or `conflict: <reason>`.
+fn describe(outcome: &Outcome) -> String {
+    match outcome {
+        Outcome::Written(_) => "written".to_owned(),
+        Outcome::Rejected(rejected) => format!("rejected: {}", rejected.reason),
+        Outcome::Conflict(conflict) => format!("conflict: {}", conflict.reason),
+    }
+}
+
+fn single(pid: &str, sequence_nr: i64) -> pb::AtomicWrite {
+    atomic(vec![tagged(pid, sequence_nr, &["order"])])
+}
+
+async fn delete_all(client: &mut JournalClient, pid: &str) {
+    client
+        .delete_events_to(pb::DeleteEventsToRequest {
+            persistence_id: pid.into(),
+            to_sequence_nr: i64::MAX,
+        })
+        .await
+        .unwrap();
+}
+
+type JournalClient = proto::v1::journal_client::JournalClient<tonic::transport::Channel>;
+
+/// A TTL index removing deleted events as soon as they are purgeable, and the wait for it.
+async fn purge(database: &mongodb::Database, pid: &str) {
+    let journal = database.collection::<Document>("journal");
+    journal
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "deletedAt": 1 })
+                .options(
+                    mongodb::options::IndexOptions::builder()
+                        .expire_after(Duration::ZERO)
+                        .build(),
+                )
+                .build(),
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "the TTL monitor purges the deleted events",
+        Duration::from_secs(60),
+        || async { journal.count_documents(doc! { "pid": pid }).await.unwrap() == 0 },
+    )
+    .await;
+}
+
+#[tokio::test]
+async fn a_failed_write_stops_the_later_writes_of_its_pid_and_leaves_no_gap() {
+    let server = TestServer::start_with("order_refused", fast).await;
+    let database = server.mongodb().await;
+    let mut client = server.journal().await;
+    refuse(&database, "victim", 5).await;
+
+    // Interleaved with another persistence id's writes, in one request.
+    let writes = (1..=10)
+        .flat_map(|n| [single("victim", n), single("bystander", n)])
+        .collect();
+    let outcomes: Vec<String> = write(&mut client, writes)
+        .await
+        .iter()
+        .map(describe)
+        .collect();
+    let victim: Vec<&String> = outcomes.iter().step_by(2).collect();
+    let bystander: Vec<&String> = outcomes.iter().skip(1).step_by(2).collect();
+    assert!(victim[..4].iter().all(|o| *o == "written"), "{victim:?}");
+    assert!(
+        victim[4].starts_with(
+            "rejected: MongoDB refused event 5 of persistence id \"victim\": Document failed \
+             validation (code 121)"
+        ),
+        "{}",
+        victim[4]
+    );
+    for later in &victim[5..] {
+        assert!(
+            later.starts_with(
+                "conflict: not stored: the write of sequence number(s) 5 of persistence id \
+                 \"victim\" before it in this request or stream failed: MongoDB refused event 5"
+            ),
+            "{later}"
+        );
+    }
+    assert!(
+        bystander.iter().all(|o| *o == "written"),
+        "other persistence ids go on: {bystander:?}"
+    );
+    let (events, highest) = replay(&mut client, "victim", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1, 2, 3, 4], "no gap");
+    assert_eq!(highest, 4);
+
+    // A later request that goes on past the failure would leave a gap: refused, naming it.
+    let later = write(&mut client, vec![single("victim", 11)]).await;
+    assert!(
+        describe(&later[0]).starts_with(
+            "conflict: sequence number 11 of persistence id \"victim\" does not follow its \
+             highest stored sequence number 4, because the write of sequence number(s) 5..10 \
+             before it failed: MongoDB refused event 5"
+        ),
+        "{}",
+        describe(&later[0])
+    );
+
+    // Once the cause is gone, the history continues where it stopped, in order.
+    accept_all(&database).await;
+    let rest = write(&mut client, (5..=10).map(|n| single("victim", n)).collect()).await;
+    assert!(rest.iter().all(is_written), "{rest:?}");
+    let order = current_ids_once(&server.channel().await, "order", 20).await;
+    assert_eq!(order.len(), 20, "{order:?}");
+    assert_in_sequence_order(&order);
+}
+
+#[tokio::test]
+async fn an_atomic_write_is_all_or_nothing_inside_a_batch() {
+    let server = TestServer::start("order_atomic").await;
+    let database = server.mongodb().await;
+    let mut client = server.journal().await;
+    refuse(&database, "p", 2).await;
+    let outcomes = write(
+        &mut client,
+        vec![
+            atomic(vec![tagged("p", 1, &["t"]), tagged("p", 2, &["t"])]),
+            single("q", 1),
+            atomic(vec![tagged("r", 1, &["t"]), tagged("r", 2, &["t"])]),
+        ],
+    )
+    .await;
+    assert!(
+        describe(&outcomes[0])
+            .starts_with("rejected: MongoDB refused event 2 of persistence id \"p\""),
+        "{}",
+        describe(&outcomes[0])
+    );
+    assert!(
+        is_written(&outcomes[1]) && is_written(&outcomes[2]),
+        "{outcomes:?}"
+    );
+    let (events, highest) = replay(&mut client, "p", 1, None, None).await;
+    assert!(events.is_empty(), "event 1 of the refused write was stored");
+    assert_eq!(highest, 0);
+    let (events, _) = replay(&mut client, "r", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1, 2]);
+}
+
+#[tokio::test]
+async fn duplicates_inside_a_batch_are_settled_per_write() {
+    let server = TestServer::start("order_duplicates").await;
+    let mut client = server.journal().await;
+    let first = write(&mut client, vec![single("a", 1), single("b", 1)]).await;
+    assert!(first.iter().all(is_written));
+    let mut different = single("b", 1);
+    different.events[0].payload = Some(payload("different"));
+    let outcomes: Vec<String> = write(
+        &mut client,
+        vec![
+            single("a", 1), // a retry of what is stored
+            single("a", 2),
+            different,
+            single("c", 1),
+            single("c", 1), // the same write twice in one request: the second is a retry
+        ],
+    )
+    .await
+    .iter()
+    .map(describe)
+    .collect();
+    assert_eq!(outcomes[0], "written");
+    assert_eq!(outcomes[1], "written");
+    assert_eq!(
+        outcomes[2],
+        "conflict: sequence number(s) 1 of persistence id \"b\" are already taken by other events"
+    );
+    assert_eq!(outcomes[3], "written");
+    assert_eq!(outcomes[4], "written");
+    let (events, _) = replay(&mut client, "c", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1]);
+}
+
+#[tokio::test]
+async fn a_storage_failure_on_a_stream_leaves_a_gapless_prefix() {
+    const APP: &str = "order_failpoint";
+    const WRITES: i64 = 40;
+    let server = TestServer::start_with("order_failpoint", |settings| {
+        fast(settings);
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    })
+    .await;
+    let mut client = server.journal().await;
+    let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    tokio::spawn(async move {
+        for n in 1..=WRITES {
+            let request = pb::WriteEventsRequest {
+                writes: vec![single("s", n)],
+            };
+            if sender.send(request).await.is_err() {
+                return;
+            }
+        }
+    });
+    let mut responses = client
+        .write_events_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut acknowledged = 0;
+    let failure = loop {
+        match responses.message().await {
+            Ok(Some(response)) => {
+                assert!(is_written(response.results[0].outcome.as_ref().unwrap()));
+                acknowledged += 1;
+                if acknowledged == 5 {
+                    // The next insert fails for good (BadValue is not retried).
+                    fail_next(APP, 1, "insert", doc! { "errorCode": 2 }).await;
+                }
+            }
+            Ok(None) => panic!("the stream ended without the injected failure"),
+            Err(status) => break status,
+        }
+    };
+    assert_eq!(failure.code(), Code::Internal, "{failure:?}");
+    // Whatever was in flight: the stored events are 1..m, no gap, every acknowledged one in.
+    let (events, highest) = replay(&mut client, "s", 1, None, None).await;
+    let stored = sequence_nrs(&events);
+    assert!(stored.len() as i64 >= acknowledged, "{stored:?}");
+    assert_eq!(stored, (1..=highest).collect::<Vec<_>>(), "a gap");
+    assert!(highest < WRITES, "the failed writes were stored after all");
+
+    // The producer resends from where the journal stands: everything lands, in order.
+    let rest = write(
+        &mut client,
+        (highest + 1..=WRITES).map(|n| single("s", n)).collect(),
+    )
+    .await;
+    assert!(rest.iter().all(is_written), "{rest:?}");
+    let order = current_ids_once(&server.channel().await, "order", WRITES as usize).await;
+    assert_eq!(order.len(), WRITES as usize);
+    assert_in_sequence_order(&order);
+}
+
+#[tokio::test]
+async fn writes_retried_through_transient_failures_land_once_in_order() {
+    const APP: &str = "order_transient";
+    let server = TestServer::start_with("order_transient", |settings| {
+        fast(settings);
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.mongodb.retry.delay = Duration::from_millis(5);
+        settings.mongodb.retry.max_attempts = 5;
+    })
+    .await;
+    let channel = server.channel().await;
+    // Inserts fail with ShutdownInProgress (retryable) three times, and some connections are
+    // cut mid-insert, while four producers write.
+    fail_next(APP, 3, "insert", doc! { "errorCode": 91 }).await;
+    let producers: Vec<_> = (0..4)
+        .map(|producer| {
+            let mut client = proto::v1::journal_client::JournalClient::new(channel.clone());
+            tokio::spawn(async move {
+                for n in 1..=25 {
+                    let pid = format!("t{producer}");
+                    let outcomes = write(&mut client, vec![single(&pid, n)]).await;
+                    assert!(is_written(&outcomes[0]), "{pid} {n}: {outcomes:?}");
+                }
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    fail_next(APP, 2, "insert", doc! { "closeConnection": true }).await;
+    for producer in producers {
+        producer.await.unwrap();
+    }
+    let journal = server.mongodb().await.collection::<Document>("journal");
+    assert_eq!(
+        journal.count_documents(doc! {}).await.unwrap(),
+        100,
+        "each once"
+    );
+    let order = current_ids_once(&channel, "order", 100).await;
+    assert_eq!(order.len(), 100);
+    assert_in_sequence_order(&order);
+}
+
+#[tokio::test]
+async fn a_purged_sequence_number_is_never_written_again() {
+    let server = TestServer::start("order_purged").await;
+    let database = server.mongodb().await;
+    let mut client = server.journal().await;
+    let written = write(&mut client, (1..=5).map(|n| single("p", n)).collect()).await;
+    assert!(written.iter().all(is_written));
+    let deleted_at = mongodb::bson::DateTime::now();
+    delete_all(&mut client, "p").await;
+    // Purgeable only after the purge delay (2 s in the tests): deletedAt lies that far ahead.
+    let marked = database
+        .collection::<Document>("journal")
+        .find_one(doc! { "pid": "p", "seqNr": 5_i64 })
+        .await
+        .unwrap()
+        .unwrap();
+    let purgeable_from = marked.get_datetime("deletedAt").unwrap();
+    let ahead = purgeable_from.timestamp_millis() - deleted_at.timestamp_millis();
+    assert!(
+        (2_000..3_000).contains(&ahead),
+        "deletedAt is {ahead} ms ahead"
+    );
+
+    purge(&database, "p").await;
+    assert_eq!(highest(&mut client, "p").await, 5, "the highest survives");
+    let conflicts = [
+        (
+            5,
+            "sequence number(s) 5 of persistence id \"p\" are at or below its highest sequence number 5, whose events were deleted and purged; a sequence number is never written twice",
+        ),
+        (
+            3,
+            "sequence number(s) 3 of persistence id \"p\" are at or below its highest sequence number 5, whose events were deleted and purged; a sequence number is never written twice",
+        ),
+        (
+            7,
+            "sequence number 7 of persistence id \"p\" does not follow its highest stored sequence number 5: the next write must start at 6 (a persistence id's events have no gaps)",
+        ),
+    ];
+    for (sequence_nr, reason) in conflicts {
+        let outcome = write(&mut client, vec![single("p", sequence_nr)]).await;
+        assert_eq!(describe(&outcome[0]), format!("conflict: {reason}"));
+    }
+    let next = write(&mut client, vec![single("p", 6)]).await;
+    assert!(is_written(&next[0]), "{next:?}");
+    assert_eq!(highest(&mut client, "p").await, 6);
+}
+
+#[tokio::test]
+async fn a_stale_writer_on_another_server_cannot_resurrect_history() {
+    // The stale server trusts what it knows for 5 s: longer than the TTL monitor takes to purge
+    // once events are purgeable, so only the purge delay (10 s) keeps it from trusting it.
+    let stale = TestServer::start_with("order_stale", |settings| {
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(5);
+        settings.write_journal.purge_delay = Duration::from_secs(10);
+    })
+    .await;
+    let current = TestServer::start_on_database(stale.settings.clone()).await;
+    let database = stale.mongodb().await;
+    let mut through_stale = stale.journal().await;
+    let mut through_current = current.journal().await;
+    // The old incarnation wrote 1..5 through one server, which remembers 5 as the highest.
+    let first = write(
+        &mut through_stale,
+        (1..=5).map(|n| single("p", n)).collect(),
+    )
+    .await;
+    assert!(first.iter().all(is_written));
+    // The new incarnation goes on through another server, deletes everything, and it is purged.
+    let next = write(
+        &mut through_current,
+        (6..=8).map(|n| single("p", n)).collect(),
+    )
+    .await;
+    assert!(next.iter().all(is_written));
+    delete_all(&mut through_current, "p").await;
+    purge(&database, "p").await;
+    // The old incarnation writes its next event through its server: 6 is history.
+    let outcome = write(&mut through_stale, vec![single("p", 6)]).await;
+    assert!(
+        describe(&outcome[0]).starts_with(
+            "conflict: sequence number(s) 6 of persistence id \"p\" are at or below its highest \
+             sequence number 8"
+        ),
+        "{}",
+        describe(&outcome[0])
+    );
+    let outcome = write(&mut through_stale, vec![single("p", 9)]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+}
+
+#[tokio::test]
+async fn servers_notice_each_others_writes_at_once() {
+    let first = TestServer::start("order_two_servers").await;
+    let second = TestServer::start_on_database(first.settings.clone()).await;
+    let mut one = first.journal().await;
+    let mut other = second.journal().await;
+    // Within the time the first server trusts its knowledge of the highest (3).
+    assert!(
+        write(&mut one, (1..=3).map(|n| single("q", n)).collect())
+            .await
+            .iter()
+            .all(is_written)
+    );
+    assert!(
+        write(&mut other, (4..=6).map(|n| single("q", n)).collect())
+            .await
+            .iter()
+            .all(is_written)
+    );
+    // Continuing the real highest works through either server.
+    let outcome = write(&mut one, vec![single("q", 7)]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+    // Continuing the highest the first server had known is a conflict.
+    let mut stale = single("q", 4);
+    stale.events[0].payload = Some(payload("stale"));
+    let outcome = write(&mut one, vec![stale]).await;
+    assert_eq!(
+        describe(&outcome[0]),
+        "conflict: sequence number(s) 4 of persistence id \"q\" are already taken by other events"
+    );
+    let (events, highest) = replay(&mut one, "q", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), (1..=7).collect::<Vec<_>>());
+    assert_eq!(highest, 7);
+}
+
+#[tokio::test]
+async fn concurrent_requests_of_one_pid_never_leave_a_gap() {
+    let server = TestServer::start("order_concurrent").await;
+    let database = server.mongodb().await;
+    refuse(&database, "p", 3).await;
+    let channel = server.channel().await;
+    // Two requests for one persistence id at once, as a client pipelining them would send.
+    let requests = [
+        (1..=5).map(|n| single("p", n)).collect::<Vec<_>>(),
+        (6..=8).map(|n| single("p", n)).collect::<Vec<_>>(),
+    ];
+    let answers: Vec<Vec<String>> = futures::stream::iter(requests)
+        .map(|writes| {
+            let mut client = proto::v1::journal_client::JournalClient::new(channel.clone());
+            async move {
+                write(&mut client, writes)
+                    .await
+                    .iter()
+                    .map(describe)
+                    .collect()
+            }
+        })
+        .buffer_unordered(2)
+        .collect()
+        .await;
+    let (first, second) = if answers[0].len() == 5 {
+        (&answers[0], &answers[1])
+    } else {
+        (&answers[1], &answers[0])
+    };
+    assert_eq!(first[..2], ["written", "written"], "{first:?}");
+    assert!(
+        first[2].starts_with("rejected: MongoDB refused event 3"),
+        "{first:?}"
+    );
+    assert!(
+        first[3..]
+            .iter()
+            .all(|o| o.starts_with("conflict: not stored")),
+        "{first:?}"
+    );
+    assert!(
+        second.iter().all(|o| o.starts_with("conflict: ")),
+        "6..8 were stored although 3 failed: {second:?}"
+    );
+    let mut client = server.journal().await;
+    let (events, highest) = replay(&mut client, "p", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1, 2]);
+    assert_eq!(highest, 2);
+}
