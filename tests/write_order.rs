@@ -62,9 +62,13 @@ async fn delete_all(client: &mut JournalClient, pid: &str) {
 
 type JournalClient = proto::v1::journal_client::JournalClient<tonic::transport::Channel>;
 
-/// A TTL index removing deleted events as soon as they are purgeable, and the wait for it.
+/// A TTL index removing deleted events as soon as they are purgeable, and the wait until
+/// majority reads (the server's) no longer see them.
 async fn purge(database: &mongodb::Database, pid: &str) {
-    let journal = database.collection::<Document>("journal");
+    let majority = mongodb::options::CollectionOptions::builder()
+        .read_concern(mongodb::options::ReadConcern::majority())
+        .build();
+    let journal = database.collection_with_options::<Document>("journal", majority);
     journal
         .create_index(
             mongodb::IndexModel::builder()
