@@ -63,6 +63,17 @@ async fn calls(
         .await
         .map(|_| ());
     // The status of a streaming call comes with the response headers or the first message.
+    let write_stream = async {
+        let requests = tokio_stream::iter(vec![pb::WriteEventsRequest {
+            writes: vec![atomic(vec![event("s", 1, "x")])],
+        }]);
+        let mut stream = journal
+            .write_events_stream(with(requests, authorization))
+            .await?
+            .into_inner();
+        stream.message().await.map(|_| ())
+    }
+    .await;
     let replay = async {
         let mut stream = journal
             .replay_events(with(
@@ -140,6 +151,7 @@ async fn calls(
     .await;
     vec![
         ("WriteEvents", write),
+        ("WriteEventsStream", write_stream),
         ("ReplayEvents", replay),
         ("ReadHighestSequenceNr", highest),
         ("SaveSnapshot", save),
@@ -206,6 +218,7 @@ async fn each_role_may_do_its_own_work_only() {
         codes(&calls(&channel, bearer(WRITER)).await),
         [
             ("WriteEvents", Allowed),
+            ("WriteEventsStream", Allowed),
             ("ReplayEvents", Denied),
             ("ReadHighestSequenceNr", Denied),
             ("SaveSnapshot", Allowed),
@@ -218,6 +231,7 @@ async fn each_role_may_do_its_own_work_only() {
         codes(&calls(&channel, bearer(READER)).await),
         [
             ("WriteEvents", Denied),
+            ("WriteEventsStream", Denied),
             ("ReplayEvents", Allowed),
             ("ReadHighestSequenceNr", Allowed),
             ("SaveSnapshot", Denied),
