@@ -613,12 +613,27 @@ fn now_millis() -> i64 {
 
 #[tokio::test]
 async fn shutdown_lets_in_flight_replays_finish() {
+    const EVENTS: i64 = 200;
     let server = TestServer::start("inflight").await;
+    let database = server.database.clone();
+    let mongodb = server.mongodb().await;
     let mut client = server.journal().await;
-    let writes = (1..=200)
-        .map(|n| atomic(vec![event("f", n, "in flight")]))
-        .collect();
-    assert!(write(&mut client, writes).await.iter().all(is_written));
+    // 200 events of 64 KiB: far more than the stream buffers and one cursor batch hold.
+    let big = |n: i64| {
+        let mut event = event("f", n, "");
+        event.payload = Some(pb::Payload {
+            data: vec![n as u8; 64 * 1024],
+            serializer_id: 1,
+            manifest: String::new(),
+        });
+        atomic(vec![event])
+    };
+    assert!(
+        write(&mut client, (1..=EVENTS).map(big).collect())
+            .await
+            .iter()
+            .all(is_written)
+    );
 
     let request = pb::ReplayEventsRequest {
         persistence_id: "f".into(),
@@ -628,6 +643,23 @@ async fn shutdown_lets_in_flight_replays_finish() {
     };
     let mut stream = client.replay_events(request).await.unwrap().into_inner();
     let first = stream.message().await.unwrap().unwrap();
+    // The replay is really in flight: its cursor is open on MongoDB, with events to fetch.
+    let open_cursors = mongodb
+        .client()
+        .database("admin")
+        .aggregate(vec![
+            doc! { "$currentOp": { "idleCursors": true, "allUsers": true } },
+            doc! { "$match": { "type": "idleCursor", "ns": format!("{database}.journal") } },
+        ])
+        .await
+        .unwrap();
+    use futures::TryStreamExt;
+    let open_cursors: Vec<mongodb::bson::Document> = open_cursors.try_collect().await.unwrap();
+    assert!(
+        !open_cursors.is_empty(),
+        "the replay's cursor is not open at stop()"
+    );
+
     let stopping = tokio::spawn(server.stop());
     tokio::time::sleep(Duration::from_millis(200)).await;
     let mut received = 1;
@@ -638,7 +670,10 @@ async fn shutdown_lets_in_flight_replays_finish() {
         .expect("the in-flight replay was cut off")
     {
         match message.item.unwrap() {
-            pb::replay_events_response::Item::Event(_) => received += 1,
+            pb::replay_events_response::Item::Event(event) => {
+                received += 1;
+                assert_eq!(event.sequence_nr, received, "in order");
+            }
             pb::replay_events_response::Item::HighestSequenceNr(value) => highest = Some(value),
         }
     }
@@ -646,8 +681,8 @@ async fn shutdown_lets_in_flight_replays_finish() {
         first.item,
         Some(pb::replay_events_response::Item::Event(_))
     ));
-    assert_eq!(received, 200);
-    assert_eq!(highest, Some(200));
+    assert_eq!(received, EVENTS);
+    assert_eq!(highest, Some(EVENTS));
     stopping
         .await
         .unwrap()
@@ -715,8 +750,17 @@ async fn writes_bypass_a_validator_when_configured() {
             writes: vec![atomic(vec![event("v", 2, "b")])],
         })
         .await;
-    let written = rejected
+    // Refused by MongoDB: that one write is Rejected, naming the validation.
+    match rejected.unwrap().into_inner().results[0]
+        .outcome
         .as_ref()
-        .is_ok_and(|response| is_written(response.get_ref().results[0].outcome.as_ref().unwrap()));
-    assert!(!written, "{rejected:?}");
+        .unwrap()
+    {
+        Outcome::Rejected(rejected) => assert_eq!(
+            rejected.reason,
+            "MongoDB refused event 2 of persistence id \"v\": Document failed validation (code 121)"
+        ),
+        other => panic!("expected a rejection, got {other:?}"),
+    }
+    assert_eq!(highest(&mut client, "v").await, 1, "nothing stored");
 }
