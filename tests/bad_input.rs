@@ -74,6 +74,28 @@ async fn write_one(mut clients: Clients, events: Vec<pb::PersistentEvent>) -> Go
     }
 }
 
+/// The outcome of the second of two atomic writes sent in one request.
+async fn second_of_two(
+    mut clients: Clients,
+    first: Vec<pb::PersistentEvent>,
+    second: Vec<pb::PersistentEvent>,
+) -> Got {
+    match clients
+        .journal
+        .write_events(pb::WriteEventsRequest {
+            writes: vec![atomic(first), atomic(second)],
+        })
+        .await
+    {
+        Err(status) => Got::Status(status),
+        Ok(response) => match response.into_inner().results[1].outcome.clone().unwrap() {
+            Outcome::Written(_) => Got::Items(1),
+            Outcome::Rejected(rejected) => Got::Rejected(rejected.reason),
+            Outcome::Conflict(conflict) => Got::Conflict(conflict.reason),
+        },
+    }
+}
+
 fn unary<T>(result: Result<tonic::Response<T>, Status>) -> Got {
     match result {
         Ok(_) => Got::Items(1),
@@ -318,6 +340,29 @@ fn cases() -> Vec<Case> {
             "write-taken-sequence-nr",
             Conflict("sequence number(s) 1 of persistence id \"stored\" are already taken"),
             |c| { write_one(c, vec![event("stored", 1, "another")]).await }
+        ),
+        case!(
+            "write-leaves-gap",
+            Conflict(
+                "sequence number 3 of persistence id \"stored\" does not follow its highest \
+                 stored sequence number 1: the next write must start at 2"
+            ),
+            |c| { write_one(c, vec![event("stored", 3, "skipping 2")]).await }
+        ),
+        case!(
+            "write-after-failed-write",
+            Conflict(
+                "not stored: the write of sequence number(s) 1 of persistence id \"stored\" \
+                 before it in this request or stream failed"
+            ),
+            |c| {
+                second_of_two(
+                    c,
+                    vec![event("stored", 1, "another")],
+                    vec![event("stored", 2, "next")],
+                )
+                .await
+            }
         ),
         case!(
             "delete-to-negative",
