@@ -18,12 +18,18 @@
 //! `{ _id: pid, highestSeqNr: int64 }`.
 
 use model::{Payload, PersistenceId, PersistentEvent, SequenceNr, Tag};
-use mongo::{EncodeError, PayloadDocument, encode_within_limit};
+use mongo::{EncodeError, MAX_DOCUMENT_BYTES, PayloadDocument};
+use mongodb::bson::raw::{RawArrayBuf, RawBinaryRef, RawBsonRef};
+use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{DateTime, RawDocumentBuf};
 use serde::{Deserialize, Serialize};
 
 pub const PERSISTENCE_ID: &str = "pid";
 pub const SEQUENCE_NR: &str = "seqNr";
+pub const TIMESTAMP: &str = "timestamp";
+pub const WRITER_UUID: &str = "writerUuid";
+pub const PAYLOAD: &str = "payload";
+pub const METADATA: &str = "metadata";
 pub const TAGS: &str = "tags";
 pub const SLICE: &str = "slice";
 pub const WRITTEN_AT: &str = "writtenAt";
@@ -110,26 +116,63 @@ impl EventDocument {
 #[derive(Debug, Clone)]
 pub struct EncodedEvent(RawDocumentBuf);
 
-/// `writtenAt` is the first element: type byte 0x09 (UTC datetime) at offset 4, then the key.
-const WRITTEN_AT_ELEMENT: &[u8] = b"\x09writtenAt\x00";
+/// `writtenAt` is the first element: type byte 0x09 (UTC datetime) at offset 4, then the key,
+/// then the 8 bytes of the value.
 const WRITTEN_AT_VALUE: std::ops::Range<usize> = 15..23;
 
+/// `{ data: BinData, serializerId: int32, manifest: string }`, as [`PayloadDocument`].
+fn payload_document(payload: &Payload) -> RawDocumentBuf {
+    let mut document = RawDocumentBuf::new();
+    document.append_ref(
+        "data",
+        RawBsonRef::Binary(RawBinaryRef {
+            subtype: BinarySubtype::Generic,
+            bytes: &payload.data,
+        }),
+    );
+    document.append_ref("serializerId", payload.serializer_id);
+    document.append_ref("manifest", payload.manifest.as_str());
+    document
+}
+
 impl EncodedEvent {
-    /// Encodes `event`, refusing one that does not fit in a MongoDB document.
+    /// Encodes `event`, refusing one that does not fit in a MongoDB document. The fields are
+    /// those of [`EventDocument`], in its order, written straight from the event (no copy of
+    /// the payload in between): this runs for every event received.
     pub fn new(event: &PersistentEvent) -> Result<Self, EncodeError> {
-        let binary_bytes = event.payload.data.len()
-            + event
-                .metadata
-                .as_ref()
-                .map_or(0, |metadata| metadata.data.len());
-        let document = encode_within_limit(
-            &EventDocument::new(event, DateTime::from_millis(0)),
-            binary_bytes,
-        )?;
-        if document.as_bytes().get(4..15) != Some(WRITTEN_AT_ELEMENT) {
-            return Err(EncodeError::Invalid(
-                "writtenAt is not the first field of the event document".to_owned(),
-            ));
+        let metadata_bytes = event
+            .metadata
+            .as_ref()
+            .map_or(0, |metadata| metadata.data.len());
+        let binary_bytes = event.payload.data.len() + metadata_bytes;
+        if binary_bytes > MAX_DOCUMENT_BYTES {
+            return Err(EncodeError::TooLarge {
+                size: binary_bytes,
+                at_least: true,
+            });
+        }
+        let mut document = RawDocumentBuf::new();
+        document.append_ref(WRITTEN_AT, RawBsonRef::DateTime(DateTime::from_millis(0)));
+        document.append_ref(PERSISTENCE_ID, event.persistence_id.as_str());
+        document.append_ref(SEQUENCE_NR, event.sequence_nr.get());
+        document.append_ref(TIMESTAMP, event.timestamp_millis);
+        document.append_ref(WRITER_UUID, event.writer_uuid.as_str());
+        document.append_ref(PAYLOAD, &payload_document(&event.payload));
+        if let Some(metadata) = &event.metadata {
+            document.append_ref(METADATA, &payload_document(metadata));
+        }
+        let mut tags = RawArrayBuf::new();
+        for tag in &event.tags {
+            tags.push(tag.as_str());
+        }
+        document.append_ref(TAGS, &tags);
+        document.append_ref(SLICE, event.persistence_id.slice());
+        let size = document.as_bytes().len();
+        if size > MAX_DOCUMENT_BYTES {
+            return Err(EncodeError::TooLarge {
+                size,
+                at_least: false,
+            });
         }
         Ok(Self(document))
     }
@@ -174,12 +217,23 @@ mod tests {
             },
             writer_uuid: "w".to_owned(),
             timestamp_millis: 99,
-            tags: vec![Tag::parse("tag", "t".to_owned()).unwrap()],
-            metadata: None,
+            tags: vec![
+                Tag::parse("tag", "t".to_owned()).unwrap(),
+                Tag::parse("tag", "$in.x".to_owned()).unwrap(),
+            ],
+            metadata: Some(Payload {
+                data: vec![0, 255],
+                serializer_id: -5,
+                manifest: "meta".to_owned(),
+            }),
         };
         let mut encoded = EncodedEvent::new(&event).unwrap();
         let at = DateTime::from_millis(1_795_000_000_123);
         encoded.stamp(at);
+        // Byte for byte what serializing the document type gives.
+        let serialized =
+            mongodb::bson::to_raw_document_buf(&EventDocument::new(&event, at)).unwrap();
+        assert_eq!(encoded.document().as_bytes(), serialized.as_bytes());
         let decoded: EventDocument =
             mongodb::bson::from_slice(encoded.document().as_bytes()).unwrap();
         assert_eq!(decoded.written_at, at);

@@ -18,7 +18,7 @@ use crate::document::{
 };
 use crate::error::JournalError;
 use crate::indexes::journal_indexes;
-use crate::writer::{EventStore, Origin, Prepared, Ready, Writer};
+use crate::writer::{EventStore, Origin, Pid, Prepared, Ready, Writer};
 
 /// The result of one atomic write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -116,7 +116,7 @@ impl Journal {
     /// The highest sequence number ever written for `pid`, 0 if none; deleted and purged events
     /// count.
     pub async fn highest_sequence_nr(&self, pid: &PersistenceId) -> Result<i64, JournalError> {
-        let pids = [pid.as_str().to_owned()];
+        let pids: [Pid; 1] = [pid.as_str().into()];
         let heads = self.store.read_heads(&pids).await?;
         Ok(heads.get(pid.as_str()).map_or(0, |head| head.highest))
     }
@@ -243,7 +243,7 @@ fn now_millis() -> i64 {
 /// Stamps the timestamps and encodes the events, or rejects the write naming the event that
 /// does not fit in a MongoDB document.
 fn prepare(write: AtomicWrite, now: i64) -> Prepared {
-    let pid = write.persistence_id().as_str().to_owned();
+    let pid: Pid = write.persistence_id().as_str().into();
     let (first, last) = (
         write.first_sequence_nr().get(),
         write.last_sequence_nr().get(),

@@ -12,6 +12,12 @@ pub async fn connect(settings: &MongoSettings) -> Result<Database, mongodb::erro
     options
         .app_name
         .get_or_insert_with(|| "eventjournal".to_owned());
+    // Every write of the service is idempotent by content (a journal write or durable-state
+    // change retried after it was applied is recognised; snapshot saves replace; deletes and
+    // `$max` repeat harmlessly), and `mongodb.retry` retries them. The driver's retryable
+    // writes would add a `config.transactions` update to each insert for nothing (and
+    // CosmosDB does not support them), so they are off unless the URI asks for them.
+    options.retry_writes.get_or_insert(false);
     options.connect_timeout = Some(settings.connect_timeout);
     options.server_selection_timeout = Some(settings.server_selection_timeout);
     options.max_pool_size = Some(settings.max_pool_size);

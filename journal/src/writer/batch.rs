@@ -34,7 +34,7 @@ use crate::error::JournalError;
 use crate::journal::WriteOutcome;
 use crate::metrics;
 use crate::writer::heads::{Failure, Head};
-use crate::writer::schedule::WriteKey;
+use crate::writer::schedule::{Pid, WriteKey};
 use crate::writer::store::{EventStore, is_late};
 
 const DUPLICATE_KEY: i32 = 11000;
@@ -47,7 +47,7 @@ pub(crate) struct BatchWrite {
     pub order: usize,
     /// The request or stream it came with: a failure stops the later writes of its id there.
     pub chain: u64,
-    pub pid: String,
+    pub pid: Pid,
     pub first: i64,
     pub last: i64,
     pub events: Vec<PersistentEvent>,
@@ -57,9 +57,9 @@ pub(crate) struct BatchWrite {
 pub(crate) struct Batch {
     pub writes: Vec<BatchWrite>,
     /// Valid knowledge of the batch's persistence ids, where the writer has some.
-    pub heads: HashMap<String, Head>,
+    pub heads: HashMap<Pid, Head>,
     /// The last failure of the batch's persistence ids, to name it in a gap conflict.
-    pub failures: HashMap<String, Failure>,
+    pub failures: HashMap<Pid, Failure>,
 }
 
 /// What a batch found out: an outcome per write, and what the writer learnt.
@@ -67,11 +67,11 @@ pub(crate) struct Batch {
 pub(crate) struct Done {
     pub outcomes: Vec<(WriteKey, Result<WriteOutcome, JournalError>)>,
     /// New knowledge (`None`: forget what was known).
-    pub heads: HashMap<String, Option<Head>>,
+    pub heads: HashMap<Pid, Option<Head>>,
     /// New last failures (`None`: the id was written since).
-    pub failures: HashMap<String, Option<Failure>>,
+    pub failures: HashMap<Pid, Option<Failure>>,
     /// Failed writes: `(chain, pid, failure)`; queued writes of that id and chain fail too.
-    pub failed: Vec<(u64, String, Failure)>,
+    pub failed: Vec<(u64, Pid, Failure)>,
 }
 
 pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration) -> Done {
@@ -84,7 +84,7 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
         done: Done::default(),
     };
     let mut remaining = batch.writes;
-    let mut must_read: HashSet<String> = HashSet::new();
+    let mut must_read: HashSet<Pid> = HashSet::new();
     let mut attempt = 1;
     while !remaining.is_empty() {
         let fresh = match run.know(&remaining, &must_read).await {
@@ -136,11 +136,11 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
 struct Run<'a> {
     store: &'a EventStore,
     validity: Duration,
-    heads: HashMap<String, Head>,
-    failures: HashMap<String, Failure>,
+    heads: HashMap<Pid, Head>,
+    failures: HashMap<Pid, Failure>,
     /// `(chain, pid)` whose writes failed in this batch, with the failed write's position:
     /// only writes after it are stopped.
-    failed_chains: HashMap<(u64, String), (usize, Failure)>,
+    failed_chains: HashMap<(u64, Pid), (usize, Failure)>,
     done: Done,
 }
 
@@ -171,10 +171,10 @@ impl Run<'_> {
     async fn know(
         &mut self,
         writes: &[BatchWrite],
-        must_read: &HashSet<String>,
-    ) -> Result<HashSet<String>, JournalError> {
+        must_read: &HashSet<Pid>,
+    ) -> Result<HashSet<Pid>, JournalError> {
         let now = Instant::now();
-        let mut to_read: Vec<String> = Vec::new();
+        let mut to_read: Vec<Pid> = Vec::new();
         let mut seen: HashSet<&str> = HashSet::new();
         for write in writes {
             if !seen.insert(&write.pid) {
@@ -215,8 +215,8 @@ impl Run<'_> {
             next: Vec::new(),
         };
         // Per id: the highest once this round's inserts are stored.
-        let mut running: HashMap<String, i64> = HashMap::new();
-        let mut waiting: HashSet<String> = HashSet::new();
+        let mut running: HashMap<Pid, i64> = HashMap::new();
+        let mut waiting: HashSet<Pid> = HashSet::new();
         for write in writes {
             if let Some((failed_at, failure)) = self
                 .failed_chains
@@ -311,14 +311,14 @@ impl Run<'_> {
     /// in one ordered insert, and each id with a multi-event write in a transaction of its own
     /// (so that a transaction left open by a crashed server blocks only that id until MongoDB
     /// aborts it), all at once.
-    async fn insert(&mut self, writes: Vec<BatchWrite>, fresh: &HashSet<String>) -> Inserted {
-        let transactional: HashSet<String> = writes
+    async fn insert(&mut self, writes: Vec<BatchWrite>, fresh: &HashSet<Pid>) -> Inserted {
+        let transactional: HashSet<Pid> = writes
             .iter()
             .filter(|write| write.documents.len() > 1)
             .map(|write| write.pid.clone())
             .collect();
         let mut plain = Vec::new();
-        let mut per_pid: Vec<(String, Vec<BatchWrite>)> = Vec::new();
+        let mut per_pid: Vec<(Pid, Vec<BatchWrite>)> = Vec::new();
         for write in writes {
             if !transactional.contains(&write.pid) {
                 plain.push(write);
@@ -388,7 +388,7 @@ impl Run<'_> {
         &mut self,
         group: Group,
         result: Result<(), Error>,
-        fresh: &HashSet<String>,
+        fresh: &HashSet<Pid>,
         sent: Instant,
         acknowledged: DateTime,
     ) -> Inserted {
@@ -399,9 +399,8 @@ impl Run<'_> {
         } = group;
         let error = match result {
             Ok(()) => {
-                for (write, stamp) in writes.into_iter().zip(stamps) {
-                    self.inserted(write, stamp, sent, acknowledged).await;
-                }
+                let writes = writes.into_iter().zip(stamps).collect();
+                self.inserted(writes, sent, acknowledged).await;
                 return Inserted {
                     retry: Vec::new(),
                     failed_transiently: None,
@@ -427,14 +426,27 @@ impl Run<'_> {
                 failed_transiently: None,
             };
         };
+        // Without a transaction, the writes before the failing document are stored.
+        let mut writes: Vec<(BatchWrite, DateTime)> = writes.into_iter().zip(stamps).collect();
+        let mut stored_documents = 0;
+        let mut stored = 0;
+        if !transactional {
+            for (write, _) in &writes {
+                if stored_documents + write.documents.len() > failure.index {
+                    break;
+                }
+                stored_documents += write.documents.len();
+                stored += 1;
+            }
+        }
+        let rest = writes.split_off(stored);
+        self.inserted(writes, sent, acknowledged).await;
         let mut failed_transiently = None;
-        let mut offset = 0;
-        for (write, stamp) in writes.into_iter().zip(stamps) {
+        let mut offset = stored_documents;
+        for (write, _) in rest {
             let documents = offset..offset + write.documents.len();
             offset = documents.end;
-            if documents.end <= failure.index && !transactional {
-                self.inserted(write, stamp, sent, acknowledged).await;
-            } else if documents.contains(&failure.index) {
+            if documents.contains(&failure.index) {
                 if failure.code == DUPLICATE_KEY && !fresh.contains(&write.pid) {
                     // Someone else wrote it: compare once the highest is read again.
                     retry.push(write);
@@ -464,35 +476,48 @@ impl Run<'_> {
         }
     }
 
+    /// Writes one insert stored (with their stamps): `Written`, and per persistence id once,
+    /// knowledge of its new highest, re-stamped first if the insert was acknowledged late.
     async fn inserted(
         &mut self,
-        write: BatchWrite,
-        stamp: DateTime,
+        writes: Vec<(BatchWrite, DateTime)>,
         sent: Instant,
         acknowledged: DateTime,
     ) {
-        let mut head = Head {
-            highest: write.last,
-            written_at: Some(stamp),
-            confirmed: sent,
-        };
-        if is_late(stamp, acknowledged, self.store.late_after()) {
-            match self
-                .store
-                .restamp_if_late(&write.pid, write.first, stamp)
-                .await
-            {
-                Ok(moved) => head.written_at = moved.or(head.written_at),
-                Err(error) => {
-                    self.learn(&write.pid, head);
-                    return self.error(write, error.into());
-                }
+        // Per id, in order: the first sequence number stored, the last, and the stamp.
+        let mut stored: Vec<(Pid, i64, i64, DateTime)> = Vec::new();
+        for (write, stamp) in &writes {
+            match stored.iter_mut().find(|(pid, ..)| *pid == write.pid) {
+                Some((_, _, last, _)) => *last = write.last,
+                None => stored.push((write.pid.clone(), write.first, write.last, *stamp)),
             }
         }
-        self.learn(&write.pid, head);
-        self.failures.remove(&write.pid);
-        self.done.failures.insert(write.pid.clone(), None);
-        self.settle(write, Ok(WriteOutcome::Written));
+        let mut failed: HashMap<Pid, JournalError> = HashMap::new();
+        for (pid, first, last, stamp) in stored {
+            let mut head = Head {
+                highest: last,
+                written_at: Some(stamp),
+                confirmed: sent,
+            };
+            if is_late(stamp, acknowledged, self.store.late_after()) {
+                match self.store.restamp_if_late(&pid, first, stamp).await {
+                    Ok(moved) => head.written_at = moved.or(head.written_at),
+                    Err(error) => {
+                        failed.insert(pid.clone(), error.into());
+                    }
+                }
+            }
+            self.learn(&pid, head);
+            self.failures.remove(&pid);
+            self.done.failures.insert(pid, None);
+        }
+        for (write, _) in writes {
+            match failed.get(&write.pid) {
+                // Stored, but maybe passed over by live queries: the client retries it.
+                Some(error) => self.error(write, error.clone()),
+                None => self.settle(write, Ok(WriteOutcome::Written)),
+            }
+        }
     }
 
     /// A write that does not continue the highest: it would leave a gap.
@@ -574,12 +599,12 @@ impl Run<'_> {
             .push((write.chain, write.pid.clone(), failure));
     }
 
-    fn learn(&mut self, pid: &str, head: Head) {
-        self.heads.insert(pid.to_owned(), head);
-        self.done.heads.insert(pid.to_owned(), Some(head));
+    fn learn(&mut self, pid: &Pid, head: Head) {
+        self.heads.insert(pid.clone(), head);
+        self.done.heads.insert(pid.clone(), Some(head));
     }
 
-    fn moved(&mut self, pid: &str, moved: Option<DateTime>) {
+    fn moved(&mut self, pid: &Pid, moved: Option<DateTime>) {
         if let (Some(moved), Some(head)) = (moved, self.heads.get(pid).copied()) {
             let written_at = head.written_at.map_or(moved, |at| at.max(moved));
             self.learn(

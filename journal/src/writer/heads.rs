@@ -16,6 +16,8 @@ use std::time::{Duration, Instant};
 
 use mongodb::bson::DateTime;
 
+use crate::writer::schedule::Pid;
+
 /// The highest stored sequence number of one persistence id, as known at `confirmed`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub(crate) struct Head {
@@ -41,8 +43,8 @@ pub(crate) struct Failure {
 /// Bounded: entries older than the validity are swept once the map has grown.
 pub(crate) struct Heads {
     validity: Duration,
-    heads: HashMap<String, Head>,
-    failures: HashMap<String, Failure>,
+    heads: HashMap<Pid, Head>,
+    failures: HashMap<Pid, Failure>,
     sweep_above: usize,
 }
 
@@ -69,8 +71,8 @@ impl Heads {
             .copied()
     }
 
-    pub fn set(&mut self, pid: &str, head: Head) {
-        self.heads.insert(pid.to_owned(), head);
+    pub fn set(&mut self, pid: &Pid, head: Head) {
+        self.heads.insert(pid.clone(), head);
         if self.heads.len() > self.sweep_above {
             let now = Instant::now();
             let validity = self.validity;
@@ -88,11 +90,11 @@ impl Heads {
         self.failures.get(pid)
     }
 
-    pub fn record_failure(&mut self, pid: &str, failure: Failure) {
+    pub fn record_failure(&mut self, pid: &Pid, failure: Failure) {
         if self.failures.len() >= MAX_FAILURES && !self.failures.contains_key(pid) {
             self.failures.clear();
         }
-        self.failures.insert(pid.to_owned(), failure);
+        self.failures.insert(pid.clone(), failure);
     }
 
     pub fn clear_failure(&mut self, pid: &str) {
@@ -121,7 +123,7 @@ mod tests {
     fn knowledge_expires_after_the_validity() {
         let mut heads = Heads::new(Duration::from_secs(5));
         let then = Instant::now();
-        heads.set("p", head(then));
+        heads.set(&"p".into(), head(then));
         assert_eq!(
             heads.valid("p", then + Duration::from_secs(4)),
             Some(head(then))
@@ -135,7 +137,7 @@ mod tests {
         let mut heads = Heads::new(Duration::from_millis(1));
         let old = Instant::now() - Duration::from_secs(1);
         for n in 0..=INITIAL_SWEEP {
-            heads.set(&format!("p{n}"), head(old));
+            heads.set(&format!("p{n}").into(), head(old));
         }
         assert!(heads.len() <= 1, "{} entries left", heads.len());
     }

@@ -16,11 +16,13 @@ mod store;
 use std::collections::{HashMap, HashSet};
 use std::future::Future;
 use std::net::SocketAddr;
+use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
 use config::WriteJournalSettings;
+use futures::FutureExt;
 use futures::future::BoxFuture;
 use futures::stream::{FuturesUnordered, StreamExt};
 use model::PersistentEvent;
@@ -32,6 +34,7 @@ use crate::journal::WriteOutcome;
 use crate::metrics;
 use batch::{Batch, BatchWrite, Done, poisoned_reason};
 use heads::{Failure, Heads};
+pub(crate) use schedule::Pid;
 use schedule::{Limits, Queued, Schedule, WriteKey};
 pub(crate) use store::EventStore;
 
@@ -72,7 +75,7 @@ impl Origin {
 /// A write ready for the writer, or rejected before reaching it.
 pub(crate) enum Prepared {
     Rejected {
-        pid: String,
+        pid: Pid,
         first: i64,
         last: i64,
         reason: String,
@@ -81,7 +84,7 @@ pub(crate) enum Prepared {
 }
 
 pub(crate) struct Ready {
-    pub pid: String,
+    pub pid: Pid,
     pub first: i64,
     pub last: i64,
     pub events: Vec<PersistentEvent>,
@@ -169,9 +172,10 @@ struct Request {
     reply: oneshot::Sender<Outcomes>,
 }
 
-/// A batch that completed: its persistence ids are free again.
+/// A batch that completed: its persistence ids and producers are free again.
 struct Completed {
-    pids: Vec<String>,
+    pids: Vec<Pid>,
+    producers: Vec<u64>,
     done: Done,
 }
 
@@ -237,7 +241,7 @@ impl Committer {
             reply,
         };
         // A write rejected on receipt stops the later writes of its id in this request.
-        let mut failed: HashMap<String, Failure> = HashMap::new();
+        let mut failed: HashMap<Pid, Failure> = HashMap::new();
         for (index, write) in writes.into_iter().enumerate() {
             let ready = match write {
                 Prepared::Rejected {
@@ -290,7 +294,7 @@ impl Committer {
         }
     }
 
-    /// The next admissible batch, running on its own task.
+    /// The next admissible batch, as a future for [`Committer::run`] to poll.
     fn next_batch(&mut self) -> Option<BoxFuture<'static, Completed>> {
         let admitted = self.schedule.next_batch(self.limits);
         if admitted.is_empty() {
@@ -299,7 +303,8 @@ impl Committer {
         let now = Instant::now();
         let mut heads = HashMap::new();
         let mut failures = HashMap::new();
-        let mut pids: Vec<String> = Vec::new();
+        let mut pids: Vec<Pid> = Vec::new();
+        let mut producers: Vec<u64> = Vec::new();
         let mut seen = HashSet::new();
         let mut writes = Vec::with_capacity(admitted.len());
         for (order, queued) in admitted.into_iter().enumerate() {
@@ -317,6 +322,9 @@ impl Committer {
                     failures.insert(queued.pid.clone(), failure.clone());
                 }
                 pids.push(queued.pid.clone());
+            }
+            if !producers.contains(&queued.producer) {
+                producers.push(queued.producer);
             }
             writes.push(BatchWrite {
                 key: queued.key,
@@ -337,10 +345,13 @@ impl Committer {
             heads,
             failures,
         };
-        let running = tokio::spawn(async move { batch::execute(batch, &store, validity).await });
+        // Polled by this task, not spawned: a lone write then costs two task wake-ups (to
+        // here, and back to its caller) instead of four. A panic must not take the writer
+        // down, so it becomes an error for the batch's writes.
         Some(Box::pin(async move {
-            let done = running.await.unwrap_or_else(|panic| {
-                tracing::error!(%panic, "a journal write batch failed");
+            let running = AssertUnwindSafe(batch::execute(batch, &store, validity));
+            let done = running.catch_unwind().await.unwrap_or_else(|_| {
+                tracing::error!("a journal write batch panicked");
                 let error = JournalError::Internal("a journal write batch failed".to_owned());
                 Done {
                     outcomes: keys
@@ -350,12 +361,20 @@ impl Committer {
                     ..Done::default()
                 }
             });
-            Completed { pids, done }
+            Completed {
+                pids,
+                producers,
+                done,
+            }
         }))
     }
 
     fn complete(&mut self, completed: Completed) {
-        let Completed { pids, done } = completed;
+        let Completed {
+            pids,
+            producers,
+            done,
+        } = completed;
         for (key, outcome) in done.outcomes {
             self.settle(key, outcome);
         }
@@ -382,7 +401,7 @@ impl Committer {
                 self.settle(write.key, Ok(WriteOutcome::Conflict(reason)));
             }
         }
-        self.schedule.release(pids.iter().map(String::as_str));
+        self.schedule.release(&pids, producers);
     }
 
     fn settle(&mut self, key: WriteKey, outcome: Result<WriteOutcome, JournalError>) {

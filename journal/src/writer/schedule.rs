@@ -1,31 +1,40 @@
 //! Which queued writes go into the next batch: the group commit's admission order.
 //!
-//! Two rules, and nothing else, decide it:
+//! Three rules decide it:
 //! - **Per persistence id, arrival order, one batch at a time.** A write is admitted only when
 //!   every write of its persistence id that arrived before it is admitted too (into this batch,
 //!   ahead of it, or an earlier one that has completed), and while no batch holding its
 //!   persistence id is in flight. So a write never overtakes an earlier one of its id, and the
 //!   outcome of write N is known before write N + 1 goes to MongoDB.
-//! - **Round robin over producers.** A producer is one `WriteEventsStream`, or the `WriteEvents`
-//!   calls of one connection. Each producer adds at most `fair_share` events per turn; when
-//!   more than one producer contributed, the batch closes after one turn each, so a prolific
-//!   producer cannot make the others wait behind a batch of its own events. A producer alone
-//!   fills the batch up to its limits.
+//! - **Per producer, one batch at a time.** A producer is one `WriteEventsStream`, or the
+//!   `WriteEvents` calls of one connection. While a batch holding its writes is in flight, the
+//!   writes it sends meanwhile wait and then go together: a busy producer gets big batches,
+//!   which is what MongoDB does best, and cannot take more than one of the
+//!   `max-batches-in-flight` slots.
+//! - **Light producers are never batched behind a heavy one.** A producer with at least
+//!   `fair_share` events waiting is heavy: it gets batches of its own. The writes of the light
+//!   producers (fewer waiting) are combined into batches of their own, so a producer writing
+//!   now and then waits for one small insert, not for someone else's thousand events. When both
+//!   kinds wait, batches alternate between them, so neither starves.
 //!
 //! This module is plain data, no I/O: `writer` runs it, and its tests drive it with random
 //! interleavings.
 
 use std::collections::{HashMap, HashSet, VecDeque};
+use std::sync::Arc;
 
 /// Identifies a queued write inside the writer.
 pub(crate) type WriteKey = u64;
+
+/// A persistence id, shared by the writer's structures without copying.
+pub(crate) type Pid = Arc<str>;
 
 /// What the schedule needs to know of a queued write.
 #[derive(Debug, Clone, PartialEq, Eq)]
 pub(crate) struct Queued {
     pub key: WriteKey,
     pub producer: u64,
-    pub pid: String,
+    pub pid: Pid,
     pub events: usize,
     pub bytes: usize,
 }
@@ -35,30 +44,45 @@ pub(crate) struct Queued {
 pub(crate) struct Limits {
     pub max_events: usize,
     pub max_bytes: usize,
+    /// Waiting events from which a producer is heavy.
     pub fair_share: usize,
+}
+
+#[derive(Default)]
+struct Producer {
+    /// Its queued writes in arrival order.
+    queue: VecDeque<WriteKey>,
+    queued_events: usize,
+    /// A batch holding its writes is in flight.
+    busy: bool,
+    /// In `Schedule::ring` (exactly when its queue is not empty).
+    in_ring: bool,
 }
 
 #[derive(Default)]
 pub(crate) struct Schedule {
     queued: HashMap<WriteKey, Queued>,
-    /// Per producer, its queued writes in arrival order.
-    producers: HashMap<u64, VecDeque<WriteKey>>,
+    producers: HashMap<u64, Producer>,
     /// Producers with queued writes, in round-robin order: the front is served first.
     ring: VecDeque<u64>,
     /// Per persistence id, its queued writes in arrival order (across producers).
-    by_pid: HashMap<String, VecDeque<WriteKey>>,
+    by_pid: HashMap<Pid, VecDeque<WriteKey>>,
     /// Persistence ids in a batch in flight.
-    busy: HashSet<String>,
+    busy_pids: HashSet<Pid>,
     queued_events: usize,
+    /// When light and heavy producers both wait, whose turn it is.
+    heavy_next: bool,
 }
 
 impl Schedule {
     pub fn push(&mut self, write: Queued) {
-        let queue = self.producers.entry(write.producer).or_default();
-        if queue.is_empty() {
+        let producer = self.producers.entry(write.producer).or_default();
+        if !producer.in_ring {
+            producer.in_ring = true;
             self.ring.push_back(write.producer);
         }
-        queue.push_back(write.key);
+        producer.queue.push_back(write.key);
+        producer.queued_events += write.events;
         self.by_pid
             .entry(write.pid.clone())
             .or_default()
@@ -76,78 +100,112 @@ impl Schedule {
         self.queued.is_empty()
     }
 
-    /// The next batch, in the order its writes must be applied; its persistence ids are busy
-    /// until [`Schedule::release`]. Empty when nothing is admissible.
+    /// Whether `key` may go into a batch now (given what this batch already took).
+    fn admissible(&self, key: WriteKey) -> bool {
+        let write = &self.queued[&key];
+        !self.busy_pids.contains(&write.pid)
+            && self.by_pid.get(&write.pid).and_then(VecDeque::front) == Some(&key)
+    }
+
+    /// Whether `producer` is free and has a write that may go into a batch now: `Some(heavy)`.
+    fn ready(&self, producer: u64, fair_share: usize) -> Option<bool> {
+        let state = self.producers.get(&producer)?;
+        if state.busy || !state.queue.iter().any(|key| self.admissible(*key)) {
+            return None;
+        }
+        Some(state.queued_events >= fair_share)
+    }
+
+    /// The next batch, in the order its writes must be applied; its persistence ids and
+    /// producers are busy until [`Schedule::release`]. Empty when nothing is admissible.
     pub fn next_batch(&mut self, limits: Limits) -> Vec<Queued> {
+        let mut light = Vec::new();
+        let mut heavy = None;
+        for producer in &self.ring {
+            match self.ready(*producer, limits.fair_share) {
+                Some(false) => light.push(*producer),
+                Some(true) if heavy.is_none() => heavy = Some(*producer),
+                _ => {}
+            }
+        }
+        let serve: Vec<u64> = match (light.is_empty(), heavy) {
+            (true, None) => return Vec::new(),
+            (true, Some(heavy)) => vec![heavy],
+            (false, None) => light,
+            (false, Some(heavy)) => {
+                self.heavy_next = !self.heavy_next;
+                if self.heavy_next { vec![heavy] } else { light }
+            }
+        };
         let mut batch: Vec<Queued> = Vec::new();
         let (mut events, mut bytes) = (0, 0);
-        let mut full = false;
-        loop {
-            let mut contributors = 0;
-            for _ in 0..self.ring.len() {
-                let Some(producer) = self.ring.pop_front() else {
-                    break;
-                };
-                let mut share = 0;
-                let mut index = 0;
-                let queue = self.producers.entry(producer).or_default();
-                while index < queue.len() && share < limits.fair_share {
-                    let key = queue[index];
-                    let write = &self.queued[&key];
-                    let admissible = !self.busy.contains(&write.pid)
-                        && self.by_pid.get(&write.pid).and_then(VecDeque::front) == Some(&key);
-                    if !admissible {
-                        index += 1;
-                        continue;
-                    }
-                    if !batch.is_empty()
-                        && (events + write.events > limits.max_events
-                            || bytes + write.bytes > limits.max_bytes)
-                    {
-                        full = true;
-                        break;
-                    }
-                    queue.remove(index);
-                    let write = self.queued.remove(&key).expect("queued write");
-                    let pid_queue = self.by_pid.get_mut(&write.pid).expect("pid queue");
-                    pid_queue.pop_front();
-                    if pid_queue.is_empty() {
-                        self.by_pid.remove(&write.pid);
-                    }
-                    events += write.events;
-                    bytes += write.bytes;
-                    share += write.events;
-                    self.queued_events -= write.events;
-                    batch.push(write);
+        'producers: for producer in serve {
+            let mut index = 0;
+            while let Some(&key) = self.producers[&producer].queue.get(index) {
+                if !self.admissible(key) {
+                    index += 1;
+                    continue;
                 }
-                if share > 0 {
-                    contributors += 1;
+                let write = &self.queued[&key];
+                if !batch.is_empty()
+                    && (events + write.events > limits.max_events
+                        || bytes + write.bytes > limits.max_bytes)
+                {
+                    break 'producers;
                 }
-                if queue.is_empty() {
-                    self.producers.remove(&producer);
-                } else {
-                    self.ring.push_back(producer);
-                }
-                if full {
-                    break;
-                }
+                let write = self.take(producer, index);
+                events += write.events;
+                bytes += write.bytes;
+                batch.push(write);
             }
-            // Another turn only for a producer alone, and only while it adds something.
-            if full || contributors != 1 {
-                break;
+        }
+        // The producers served go to the back of the ring, if they have writes left.
+        let served: HashSet<u64> = batch.iter().map(|write| write.producer).collect();
+        self.ring.retain(|producer| !served.contains(producer));
+        for producer in served {
+            let state = self.producers.get_mut(&producer).expect("producer");
+            state.busy = true;
+            state.in_ring = !state.queue.is_empty();
+            if state.in_ring {
+                self.ring.push_back(producer);
             }
         }
         for write in &batch {
-            self.busy.insert(write.pid.clone());
+            self.busy_pids.insert(write.pid.clone());
         }
         batch
     }
 
-    /// The batch holding these persistence ids completed: their next writes are admissible.
-    pub fn release<'a>(&mut self, pids: impl IntoIterator<Item = &'a str>) {
-        for pid in pids {
-            self.busy.remove(pid);
+    /// Removes the write at `index` of `producer`'s queue (admissible, so first of its pid).
+    fn take(&mut self, producer: u64, index: usize) -> Queued {
+        let state = self.producers.get_mut(&producer).expect("producer");
+        let key = state.queue.remove(index).expect("queued write");
+        let write = self.queued.remove(&key).expect("queued write");
+        state.queued_events -= write.events;
+        self.queued_events -= write.events;
+        let pid_queue = self.by_pid.get_mut(&write.pid).expect("pid queue");
+        pid_queue.pop_front();
+        if pid_queue.is_empty() {
+            self.by_pid.remove(&write.pid);
         }
+        write
+    }
+
+    /// A batch completed: its persistence ids and producers may go into batches again.
+    pub fn release<'a>(
+        &mut self,
+        pids: impl IntoIterator<Item = &'a Pid>,
+        producers: impl IntoIterator<Item = u64>,
+    ) {
+        for pid in pids {
+            self.busy_pids.remove(pid);
+        }
+        for producer in producers {
+            if let Some(state) = self.producers.get_mut(&producer) {
+                state.busy = false;
+            }
+        }
+        self.forget_idle_producers();
     }
 
     /// Removes and returns the queued writes of `pid` that `belongs` selects (in arrival
@@ -169,15 +227,28 @@ impl Schedule {
             .collect();
         for write in &removed {
             self.queued_events -= write.events;
-            if let Some(queue) = self.producers.get_mut(&write.producer) {
-                queue.retain(|key| *key != write.key);
-                if queue.is_empty() {
-                    self.producers.remove(&write.producer);
-                    self.ring.retain(|producer| *producer != write.producer);
-                }
+            if let Some(state) = self.producers.get_mut(&write.producer) {
+                state.queue.retain(|key| *key != write.key);
+                state.queued_events -= write.events;
             }
         }
+        self.forget_idle_producers();
         removed
+    }
+
+    /// Producers with nothing queued leave the ring; with nothing in flight either, the map.
+    fn forget_idle_producers(&mut self) {
+        let producers = &mut self.producers;
+        self.ring
+            .retain(|producer| match producers.get_mut(producer) {
+                Some(state) if !state.queue.is_empty() => true,
+                Some(state) => {
+                    state.in_ring = false;
+                    false
+                }
+                None => false,
+            });
+        producers.retain(|_, state| state.busy || !state.queue.is_empty());
     }
 }
 
@@ -189,14 +260,14 @@ mod tests {
     const LIMITS: Limits = Limits {
         max_events: 10,
         max_bytes: 1_000,
-        fair_share: 3,
+        fair_share: 5,
     };
 
     fn write(key: WriteKey, producer: u64, pid: &str, events: usize) -> Queued {
         Queued {
             key,
             producer,
-            pid: pid.to_owned(),
+            pid: pid.into(),
             events,
             bytes: events * 10,
         }
@@ -206,42 +277,87 @@ mod tests {
         batch.iter().map(|write| write.key).collect()
     }
 
-    #[test]
-    fn a_producer_alone_fills_the_batch_in_order() {
-        let mut schedule = Schedule::default();
-        for key in 0..12 {
-            schedule.push(write(key, 1, &format!("p{}", key % 4), 1));
-        }
-        assert_eq!(
-            keys(&schedule.next_batch(LIMITS)),
-            (0..10).collect::<Vec<_>>()
-        );
-        // Every pid is busy now; the rest waits for the release.
-        assert!(schedule.next_batch(LIMITS).is_empty());
-        schedule.release(["p0", "p1", "p2", "p3"]);
-        assert_eq!(keys(&schedule.next_batch(LIMITS)), [10, 11]);
+    fn release(schedule: &mut Schedule, batch: &[Queued]) {
+        let pids: Vec<Pid> = batch.iter().map(|write| write.pid.clone()).collect();
+        schedule.release(&pids, batch.iter().map(|write| write.producer));
     }
 
     #[test]
-    fn several_producers_get_one_fair_share_each() {
+    fn a_producer_gets_one_batch_at_a_time_holding_all_it_sent_meanwhile() {
+        let mut schedule = Schedule::default();
+        schedule.push(write(0, 1, "p0", 1));
+        let first = schedule.next_batch(LIMITS);
+        assert_eq!(keys(&first), [0]);
+        for key in 1..12 {
+            schedule.push(write(key, 1, &format!("p{}", key % 4), 1));
+        }
+        assert!(
+            schedule.next_batch(LIMITS).is_empty(),
+            "its batch is in flight"
+        );
+        release(&mut schedule, &first);
+        let second = schedule.next_batch(LIMITS);
+        assert_eq!(
+            keys(&second),
+            (1..11).collect::<Vec<_>>(),
+            "up to the limit"
+        );
+        release(&mut schedule, &second);
+        assert_eq!(keys(&schedule.next_batch(LIMITS)), [11]);
+    }
+
+    #[test]
+    fn light_producers_are_never_batched_behind_a_heavy_one() {
         let mut schedule = Schedule::default();
         for key in 0..20 {
             schedule.push(write(key, 1, &format!("bulk{key}"), 1));
         }
         schedule.push(write(100, 2, "modest-a", 1));
         schedule.push(write(101, 3, "modest-b", 1));
-        let batch = keys(&schedule.next_batch(LIMITS));
+        // Both kinds wait: the heavy producer's batch, then one of the light ones together.
+        let heavy = schedule.next_batch(LIMITS);
+        assert_eq!(keys(&heavy), (0..10).collect::<Vec<_>>());
+        let light = schedule.next_batch(LIMITS);
         assert_eq!(
-            batch,
-            [0, 1, 2, 100, 101],
-            "one turn each, then the batch closes"
+            keys(&light),
+            [100, 101],
+            "light writes go in a batch of their own"
         );
-        let batch = keys(&schedule.next_batch(LIMITS));
+        // The heavy producer's next batch waits for its first; a new light write does not.
+        schedule.push(write(102, 4, "modest-c", 1));
+        assert_eq!(keys(&schedule.next_batch(LIMITS)), [102]);
+        assert!(schedule.next_batch(LIMITS).is_empty());
+        release(&mut schedule, &heavy);
         assert_eq!(
-            batch,
-            (3..13).collect::<Vec<_>>(),
-            "alone again: it fills the batch"
+            keys(&schedule.next_batch(LIMITS)),
+            (10..20).collect::<Vec<_>>()
         );
+    }
+
+    #[test]
+    fn light_and_heavy_batches_alternate_when_both_wait() {
+        let mut schedule = Schedule::default();
+        let mut key = 0;
+        let mut push = |schedule: &mut Schedule, producer: u64, pid: String| {
+            schedule.push(write(key, producer, &pid, 1));
+            key += 1;
+        };
+        for n in 0..30 {
+            push(&mut schedule, 1, format!("heavy{n}"));
+        }
+        let mut kinds = Vec::new();
+        for round in 0..4 {
+            // A new light producer each round, so a light write is always waiting.
+            push(&mut schedule, 10 + round, format!("light{round}"));
+            let batch = schedule.next_batch(LIMITS);
+            kinds.push(if batch[0].producer == 1 {
+                "heavy"
+            } else {
+                "light"
+            });
+            release(&mut schedule, &batch);
+        }
+        assert_eq!(kinds, ["heavy", "light", "heavy", "light"]);
     }
 
     #[test]
@@ -251,20 +367,19 @@ mod tests {
         schedule.push(write(2, 2, "p", 1));
         schedule.push(write(3, 2, "q", 1));
         schedule.push(write(4, 1, "p", 1));
-        // Producer 2 is served second, but its p-write came after producer 1's first; producer
-        // 1's second p-write came after producer 2's, so it waits for the next batch.
+        // Both light: producer 1's p-write, then producer 2's (it came second), q; producer
+        // 1's second p-write came after producer 2's, but the batch took that one already.
         assert_eq!(keys(&schedule.next_batch(LIMITS)), [1, 2, 3]);
         assert!(schedule.next_batch(LIMITS).is_empty(), "p is in flight");
-        schedule.release(["p", "q"]);
-        assert_eq!(keys(&schedule.next_batch(LIMITS)), [4]);
     }
 
     #[test]
     fn an_oversized_write_goes_alone() {
         let mut schedule = Schedule::default();
         schedule.push(write(1, 1, "p", 50));
-        schedule.push(write(2, 1, "q", 1));
-        assert_eq!(keys(&schedule.next_batch(LIMITS)), [1]);
+        schedule.push(write(2, 2, "q", 1));
+        let first = schedule.next_batch(LIMITS);
+        assert_eq!(keys(&first), [1]);
         assert_eq!(keys(&schedule.next_batch(LIMITS)), [2]);
     }
 
@@ -309,7 +424,8 @@ mod tests {
         #![proptest_config(ProptestConfig::with_cases(2000))]
 
         /// Random interleavings of arrivals, batches, completions and removals: per pid,
-        /// writes are admitted in arrival order; a pid is never in two batches in flight;
+        /// writes are admitted in arrival order; neither a pid nor a producer is in two
+        /// batches in flight; a batch holds only light or only one heavy producer's writes;
         /// batches respect their limits; nothing is lost or admitted twice.
         #[test]
         fn admission_keeps_per_pid_order(steps in proptest::collection::vec(step(), 1..120)) {
@@ -338,16 +454,17 @@ mod tests {
                         for write in &batch {
                             for other in &in_flight {
                                 prop_assert!(other.iter().all(|busy| busy.pid != write.pid), "pid {} in two batches", write.pid);
+                                prop_assert!(other.iter().all(|busy| busy.producer != write.producer), "producer {} in two batches", write.producer);
                             }
                             prop_assert!(outstanding.remove(&write.key), "admitted twice or unknown");
-                            admitted.entry(write.pid.clone()).or_default().push(write.key);
+                            admitted.entry(write.pid.to_string()).or_default().push(write.key);
                         }
                         in_flight.push_back(batch);
                     }
                     Step::Complete { first } => {
                         let done = if first { in_flight.pop_front() } else { in_flight.pop_back() };
                         if let Some(batch) = done {
-                            schedule.release(batch.iter().map(|write| write.pid.as_str()));
+                            release(&mut schedule, &batch);
                         }
                     }
                     Step::Remove { pid } => {
@@ -361,7 +478,7 @@ mod tests {
             }
             // Drain: everything left is admitted eventually.
             while let Some(batch) = in_flight.pop_front() {
-                schedule.release(batch.iter().map(|write| write.pid.as_str()));
+                release(&mut schedule, &batch);
             }
             loop {
                 let batch = schedule.next_batch(LIMITS);
@@ -370,9 +487,9 @@ mod tests {
                 }
                 for write in &batch {
                     prop_assert!(outstanding.remove(&write.key));
-                    admitted.entry(write.pid.clone()).or_default().push(write.key);
+                    admitted.entry(write.pid.to_string()).or_default().push(write.key);
                 }
-                schedule.release(batch.iter().map(|write| write.pid.as_str()));
+                release(&mut schedule, &batch);
             }
             prop_assert!(outstanding.is_empty(), "never admitted: {outstanding:?}");
             prop_assert!(schedule.is_empty());

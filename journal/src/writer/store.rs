@@ -15,6 +15,7 @@ use mongo::{MongoError, Retry};
 use crate::document::{
     EventDocument, HIGHEST_SEQUENCE_NR, PERSISTENCE_ID, SEQUENCE_NR, WRITTEN_AT,
 };
+use crate::writer::schedule::Pid;
 
 /// How many persistence ids' highest sequence numbers are read at once.
 const HEAD_READS_IN_PARALLEL: usize = 8;
@@ -65,23 +66,21 @@ impl EventStore {
     }
 
     /// The stored head of each persistence id (a missing one has highest 0).
-    pub async fn read_heads(
-        &self,
-        pids: &[String],
-    ) -> Result<HashMap<String, StoredHead>, MongoError> {
+    pub async fn read_heads(&self, pids: &[Pid]) -> Result<HashMap<Pid, StoredHead>, MongoError> {
         let operation = "read highest sequence number";
         // Owned futures (not closures over borrowed ids), so this stays `Send` for any caller.
         let reads: Vec<_> = pids.iter().map(|pid| self.read_top(pid.clone())).collect();
-        let tops: Vec<(String, StoredHead)> = stream::iter(reads)
+        let tops: Vec<(Pid, StoredHead)> = stream::iter(reads)
             .buffer_unordered(HEAD_READS_IN_PARALLEL)
             .try_collect()
             .await?;
-        let mut heads: HashMap<String, StoredHead> = tops.into_iter().collect();
+        let mut heads: HashMap<Pid, StoredHead> = tops.into_iter().collect();
+        let ids: Vec<&str> = pids.iter().map(|pid| &**pid).collect();
         let recorded: Vec<Document> = self
             .retry
             .run(operation, || async {
                 self.metadata
-                    .find(doc! { "_id": { "$in": pids } })
+                    .find(doc! { "_id": { "$in": &ids } })
                     .await?
                     .try_collect()
                     .await
@@ -103,13 +102,13 @@ impl EventStore {
     }
 
     /// The journal's highest event of `pid`.
-    async fn read_top(&self, pid: String) -> Result<(String, StoredHead), MongoError> {
+    async fn read_top(&self, pid: Pid) -> Result<(Pid, StoredHead), MongoError> {
         let operation = "read highest sequence number";
         let top = self
             .retry
             .run(operation, || {
                 self.tops
-                    .find_one(doc! { PERSISTENCE_ID: pid.as_str() })
+                    .find_one(doc! { PERSISTENCE_ID: &*pid })
                     .sort(doc! { SEQUENCE_NR: -1 })
                     .projection(doc! { SEQUENCE_NR: 1, WRITTEN_AT: 1, "_id": 0 })
             })
