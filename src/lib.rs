@@ -8,6 +8,7 @@ pub mod auth;
 pub mod cli;
 mod grpc;
 mod health;
+mod linger;
 mod metrics;
 pub mod ops;
 mod rpc_metrics;

@@ -15,12 +15,14 @@ use tokio::net::TcpListener;
 use tokio_stream::StreamExt;
 use tokio_stream::wrappers::TcpListenerStream;
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
 use crate::grpc::durable_state::DurableStateStoreService;
 use crate::grpc::journal::JournalService;
 use crate::grpc::read_journal::ReadJournalService;
 use crate::grpc::snapshot::SnapshotStoreService;
+use crate::linger::LingeringStream;
 use crate::metrics;
 
 /// Serves until `shutdown` is cancelled, then stops accepting calls and lets in-flight ones
@@ -111,11 +113,16 @@ pub async fn run(
     // Responses go out at once: with Nagle's algorithm on, a response written in more than one
     // segment waits for the client's delayed ACK (40 ms). tonic sets TCP_NODELAY only on
     // connections it accepts itself, not on an incoming stream like this one.
-    let incoming = TcpListenerStream::new(listener).map(|connection| {
-        connection.and_then(|connection| {
-            connection.set_nodelay(true)?;
-            Ok(connection)
-        })
+    // Connections the server ends linger until their client has read everything (see linger).
+    let lingering = TaskTracker::new();
+    let incoming = TcpListenerStream::new(listener).map({
+        let lingering = lingering.clone();
+        move |connection| {
+            connection.and_then(|connection| {
+                connection.set_nodelay(true)?;
+                Ok(LingeringStream::new(connection, lingering.clone()))
+            })
+        }
     });
     let serve = router.serve_with_incoming_shutdown(incoming, shutdown.clone().cancelled_owned());
     let grace_period = settings.server.shutdown_grace_period;
@@ -124,9 +131,18 @@ pub async fn run(
         tracing::info!(grace_period = %humantime_display(grace_period), "shutting down: finishing in-flight calls");
         tokio::time::sleep(grace_period).await;
     };
+    tokio::pin!(grace_over);
     tokio::select! {
-        served = serve => served.context("gRPC server failed")?,
-        () = grace_over => tracing::warn!("shutdown grace period over; exiting with calls still in flight"),
+        served = serve => {
+            served.context("gRPC server failed")?;
+            // The last responses reach their clients: wait for the lingering connections.
+            lingering.close();
+            tokio::select! {
+                () = lingering.wait() => {}
+                () = &mut grace_over => tracing::warn!("shutdown grace period over; closing connections whose clients are still reading"),
+            }
+        }
+        () = &mut grace_over => tracing::warn!("shutdown grace period over; exiting with calls still in flight"),
     }
     tracing::info!("eventjournal stopped");
     Ok(())

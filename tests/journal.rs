@@ -611,6 +611,26 @@ fn now_millis() -> i64 {
         .as_millis() as i64
 }
 
+/// Writes events 1..=`count` of `pid`, each with a payload of `bytes`, one AtomicWrite each.
+async fn write_big_events(
+    client: &mut proto::v1::journal_client::JournalClient<tonic::transport::Channel>,
+    pid: &str,
+    count: i64,
+    bytes: usize,
+) {
+    let big = |n: i64| {
+        let mut event = event(pid, n, "");
+        event.payload = Some(pb::Payload {
+            data: vec![n as u8; bytes],
+            serializer_id: 1,
+            manifest: String::new(),
+        });
+        atomic(vec![event])
+    };
+    let results = write(client, (1..=count).map(big).collect()).await;
+    assert!(results.iter().all(is_written), "{results:?}");
+}
+
 #[tokio::test]
 async fn shutdown_lets_in_flight_replays_finish() {
     const EVENTS: i64 = 200;
@@ -619,21 +639,7 @@ async fn shutdown_lets_in_flight_replays_finish() {
     let mongodb = server.mongodb().await;
     let mut client = server.journal().await;
     // 200 events of 64 KiB: far more than the stream buffers and one cursor batch hold.
-    let big = |n: i64| {
-        let mut event = event("f", n, "");
-        event.payload = Some(pb::Payload {
-            data: vec![n as u8; 64 * 1024],
-            serializer_id: 1,
-            manifest: String::new(),
-        });
-        atomic(vec![event])
-    };
-    assert!(
-        write(&mut client, (1..=EVENTS).map(big).collect())
-            .await
-            .iter()
-            .all(is_written)
-    );
+    write_big_events(&mut client, "f", EVENTS, 64 * 1024).await;
 
     let request = pb::ReplayEventsRequest {
         persistence_id: "f".into(),
@@ -682,6 +688,103 @@ async fn shutdown_lets_in_flight_replays_finish() {
         Some(pb::replay_events_response::Item::Event(_))
     ));
     assert_eq!(received, EVENTS);
+    assert_eq!(highest, Some(EVENTS));
+    stopping
+        .await
+        .unwrap()
+        .expect("server stopped with an error");
+}
+
+/// A client slower than the server: when the server stops, the last part of a long replay is
+/// still in the server's socket buffer while the client reads and acknowledges (HTTP/2 window
+/// updates) what came before. Closing a socket with unread input, or receiving input after
+/// closing it, makes the kernel reset the connection and drop the unsent tail, so the server
+/// must keep reading until the client closes. Driven with a raw HTTP/2 client to control its
+/// receive buffer and flow-control window.
+#[tokio::test]
+async fn a_slow_reader_gets_the_whole_replay_across_shutdown() {
+    use prost::Message;
+    const EVENTS: i64 = 200;
+    const EVENT_BYTES: usize = 64 * 1024;
+    let server = TestServer::start("slowreader").await;
+    let mut client = server.journal().await;
+    write_big_events(&mut client, "s", EVENTS, EVENT_BYTES).await;
+
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(64 * 1024).unwrap();
+    let io = socket.connect(server.address).await.unwrap();
+    let (mut h2, connection) = h2::client::Builder::new()
+        .initial_window_size(1 << 20)
+        .initial_connection_window_size(1 << 20)
+        .handshake::<_, bytes::Bytes>(io)
+        .await
+        .unwrap();
+    let mut connection = Box::pin(connection);
+    let request = http::Request::post(format!(
+        "http://{}/eventjournal.v1.Journal/ReplayEvents",
+        server.address
+    ))
+    .header("content-type", "application/grpc")
+    .header("te", "trailers")
+    .body(())
+    .unwrap();
+    let (response, mut send) = h2.send_request(request, false).unwrap();
+    let message = pb::ReplayEventsRequest {
+        persistence_id: "s".into(),
+        from_sequence_nr: 1,
+        to_sequence_nr: None,
+        max: None,
+    }
+    .encode_to_vec();
+    let mut frame = vec![0u8];
+    frame.extend((message.len() as u32).to_be_bytes());
+    frame.extend(message);
+    send.send_data(frame.into(), true).unwrap();
+    let response = tokio::select! {
+        response = response => response.unwrap(),
+        _ = &mut connection => panic!("connection closed before the response"),
+    };
+    assert_eq!(response.status(), 200);
+    let mut body = response.into_body();
+    let first = tokio::select! {
+        chunk = body.data() => chunk.unwrap().unwrap(),
+        _ = &mut connection => panic!("connection closed before the first event"),
+    };
+    body.flow_control().release_capacity(first.len()).unwrap();
+
+    let stopping = tokio::spawn(server.stop());
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    tokio::spawn(connection);
+    let mut received = first.to_vec();
+    while let Some(chunk) = body.data().await {
+        let chunk = chunk.unwrap_or_else(|error| {
+            panic!(
+                "the replay was cut off after {} of about {} bytes: {error}",
+                received.len(),
+                EVENTS as usize * EVENT_BYTES
+            )
+        });
+        body.flow_control().release_capacity(chunk.len()).unwrap();
+        received.extend_from_slice(&chunk);
+    }
+    let trailers = body.trailers().await.unwrap().expect("trailers");
+    assert_eq!(trailers.get("grpc-status").unwrap(), "0", "{trailers:?}");
+    let mut events = 0;
+    let mut highest = None;
+    let mut rest = &received[..];
+    while !rest.is_empty() {
+        let length = u32::from_be_bytes(rest[1..5].try_into().unwrap()) as usize;
+        let message = pb::ReplayEventsResponse::decode(&rest[5..5 + length]).unwrap();
+        rest = &rest[5 + length..];
+        match message.item.unwrap() {
+            pb::replay_events_response::Item::Event(event) => {
+                events += 1;
+                assert_eq!(event.sequence_nr, events, "in order");
+            }
+            pb::replay_events_response::Item::HighestSequenceNr(value) => highest = Some(value),
+        }
+    }
+    assert_eq!(events, EVENTS);
     assert_eq!(highest, Some(EVENTS));
     stopping
         .await

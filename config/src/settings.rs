@@ -123,6 +123,8 @@ pub struct ServerSettings {
     /// How often the server pings MongoDB to report `grpc.health.v1` SERVING or NOT_SERVING.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// Threads running the server's tasks; 0: one per CPU core.
+    pub worker_threads: usize,
     pub tls: ServerTlsSettings,
 }
 
@@ -134,6 +136,7 @@ impl Default for ServerSettings {
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             health_check_interval: Duration::from_secs(5),
+            worker_threads: 0,
             tls: ServerTlsSettings::default(),
         }
     }

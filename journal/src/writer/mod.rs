@@ -93,6 +93,9 @@ pub(crate) struct Ready {
 
 pub(crate) type Outcomes = Result<Vec<WriteOutcome>, JournalError>;
 
+/// How long after a batch of light producers they count as writing (see `Limits`).
+const LIGHT_ACTIVITY: Duration = Duration::from_millis(100);
+
 struct Submission {
     origin: Origin,
     writes: Vec<Prepared>,
@@ -120,7 +123,11 @@ impl Writer {
                 max_events: settings.max_batch_events as usize,
                 max_bytes: settings.max_batch_bytes.as_u64() as usize,
                 fair_share: settings.fair_share_events as usize,
+                light_active: false,
+                heavy_paused: false,
             },
+            light_seen: None,
+            heavy_resume: None,
             max_in_flight: settings.max_batches_in_flight as usize,
             validity: settings.sequence_nr_cache_validity,
             store,
@@ -177,6 +184,9 @@ struct Completed {
     pids: Vec<Pid>,
     producers: Vec<u64>,
     done: Done,
+    /// A heavy producer's batch, and when it started (for pacing).
+    heavy: bool,
+    started: Instant,
 }
 
 struct Committer {
@@ -190,6 +200,10 @@ struct Committer {
     max_in_flight: usize,
     validity: Duration,
     store: Arc<EventStore>,
+    /// When a batch of light producers was last formed.
+    light_seen: Option<Instant>,
+    /// Pacing: while light producers write, a heavy producer's next batch waits until then.
+    heavy_resume: Option<Instant>,
 }
 
 impl Committer {
@@ -206,10 +220,14 @@ impl Committer {
             }
             metrics::BATCHES_IN_FLIGHT.set(in_flight.len() as i64);
             metrics::QUEUED_EVENTS.set(self.schedule.queued_events() as i64);
+            let resume = self.heavy_resume.filter(|resume| *resume > Instant::now());
             tokio::select! {
                 biased;
                 Some(completed) = in_flight.next(), if !in_flight.is_empty() => {
                     self.complete(completed);
+                }
+                () = tokio::time::sleep_until(resume.unwrap_or_else(Instant::now).into()), if resume.is_some() => {
+                    self.heavy_resume = None;
                 }
                 received = inbox.recv(), if open => match received {
                     Some(submission) => {
@@ -296,11 +314,23 @@ impl Committer {
 
     /// The next admissible batch, as a future for [`Committer::run`] to poll.
     fn next_batch(&mut self) -> Option<BoxFuture<'static, Completed>> {
-        let admitted = self.schedule.next_batch(self.limits);
+        let now = Instant::now();
+        let light_active = self
+            .light_seen
+            .is_some_and(|seen| now.duration_since(seen) < LIGHT_ACTIVITY);
+        let limits = Limits {
+            light_active,
+            heavy_paused: light_active && self.heavy_resume.is_some_and(|resume| now < resume),
+            ..self.limits
+        };
+        let admitted = self.schedule.next_batch(limits);
         if admitted.is_empty() {
             return None;
         }
-        let now = Instant::now();
+        let heavy = !self.schedule.served_light();
+        if !heavy {
+            self.light_seen = Some(now);
+        }
         let mut heads = HashMap::new();
         let mut failures = HashMap::new();
         let mut pids: Vec<Pid> = Vec::new();
@@ -365,6 +395,8 @@ impl Committer {
                 pids,
                 producers,
                 done,
+                heavy,
+                started: now,
             }
         }))
     }
@@ -374,7 +406,15 @@ impl Committer {
             pids,
             producers,
             done,
+            heavy,
+            started,
         } = completed;
+        if heavy {
+            // Pacing: while light producers write, a heavy producer gets MongoDB at most half
+            // the time, so their writes do not queue behind its inserts for CPU and journal.
+            let took = started.elapsed();
+            self.heavy_resume = Some(Instant::now() + took);
+        }
         for (key, outcome) in done.outcomes {
             self.settle(key, outcome);
         }

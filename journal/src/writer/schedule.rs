@@ -46,6 +46,11 @@ pub(crate) struct Limits {
     pub max_bytes: usize,
     /// Waiting events from which a producer is heavy.
     pub fair_share: usize,
+    /// Light producers are writing: a heavy producer's batch holds at most `fair_share`
+    /// events, so the inserts running beside theirs in MongoDB stay short.
+    pub light_active: bool,
+    /// Heavy producers wait (see `writer`'s pacing).
+    pub heavy_paused: bool,
 }
 
 #[derive(Default)]
@@ -72,6 +77,8 @@ pub(crate) struct Schedule {
     queued_events: usize,
     /// When light and heavy producers both wait, whose turn it is.
     heavy_next: bool,
+    /// The last batch formed was of light producers.
+    served_light: bool,
 }
 
 impl Schedule {
@@ -89,6 +96,11 @@ impl Schedule {
             .push_back(write.key);
         self.queued_events += write.events;
         self.queued.insert(write.key, write);
+    }
+
+    /// Whether the last batch formed held light producers' writes.
+    pub fn served_light(&self) -> bool {
+        self.served_light
     }
 
     pub fn queued_events(&self) -> usize {
@@ -124,7 +136,7 @@ impl Schedule {
         for producer in &self.ring {
             match self.ready(*producer, limits.fair_share) {
                 Some(false) => light.push(*producer),
-                Some(true) if heavy.is_none() => heavy = Some(*producer),
+                Some(true) if heavy.is_none() && !limits.heavy_paused => heavy = Some(*producer),
                 _ => {}
             }
         }
@@ -137,6 +149,12 @@ impl Schedule {
                 if self.heavy_next { vec![heavy] } else { light }
             }
         };
+        self.served_light = heavy.is_none_or(|heavy| serve != [heavy]);
+        let max_events = if !self.served_light && limits.light_active {
+            limits.max_events.min(limits.fair_share)
+        } else {
+            limits.max_events
+        };
         let mut batch: Vec<Queued> = Vec::new();
         let (mut events, mut bytes) = (0, 0);
         'producers: for producer in serve {
@@ -148,7 +166,7 @@ impl Schedule {
                 }
                 let write = &self.queued[&key];
                 if !batch.is_empty()
-                    && (events + write.events > limits.max_events
+                    && (events + write.events > max_events
                         || bytes + write.bytes > limits.max_bytes)
                 {
                     break 'producers;
@@ -261,6 +279,8 @@ mod tests {
         max_events: 10,
         max_bytes: 1_000,
         fair_share: 5,
+        light_active: false,
+        heavy_paused: false,
     };
 
     fn write(key: WriteKey, producer: u64, pid: &str, events: usize) -> Queued {
@@ -331,6 +351,26 @@ mod tests {
         assert_eq!(
             keys(&schedule.next_batch(LIMITS)),
             (10..20).collect::<Vec<_>>()
+        );
+    }
+
+    #[test]
+    fn while_light_producers_write_a_heavy_batch_is_capped_at_the_fair_share() {
+        let mut schedule = Schedule::default();
+        for key in 0..20 {
+            schedule.push(write(key, 1, &format!("bulk{key}"), 1));
+        }
+        let limits = Limits {
+            light_active: true,
+            ..LIMITS
+        };
+        let batch = schedule.next_batch(limits);
+        assert_eq!(keys(&batch), (0..5).collect::<Vec<_>>());
+        assert!(!schedule.served_light());
+        release(&mut schedule, &batch);
+        assert_eq!(
+            keys(&schedule.next_batch(LIMITS)),
+            (5..15).collect::<Vec<_>>()
         );
     }
 
