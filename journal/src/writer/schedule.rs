@@ -15,7 +15,10 @@
 //!   `fair_share` events waiting is heavy: it gets batches of its own. The writes of the light
 //!   producers (fewer waiting) are combined into batches of their own, so a producer writing
 //!   now and then waits for one small insert, not for someone else's thousand events. When both
-//!   kinds wait, batches alternate between them, so neither starves.
+//!   kinds wait, batches alternate between them, so neither starves. While light producers
+//!   are writing, a heavy producer's batch holds at most `fair_share` events, and `writer`
+//!   pauses heavy producers after each of their batches for as long as it took (pacing), so
+//!   the light producers' inserts do not queue in MongoDB behind long ones.
 //!
 //! This module is plain data, no I/O: `writer` runs it, and its tests drive it with random
 //! interleavings.
