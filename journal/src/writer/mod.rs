@@ -96,6 +96,14 @@ pub(crate) type Outcomes = Result<Vec<WriteOutcome>, JournalError>;
 /// How long after a batch of light producers they count as writing (see `Limits`).
 const LIGHT_ACTIVITY: Duration = Duration::from_millis(100);
 
+/// While light producers write, a heavy producer's batch does not start beside one of theirs,
+/// unless its last batch started this long ago (so it is slowed down, never starved).
+const HEAVY_MAX_WAIT: Duration = Duration::from_millis(50);
+
+/// Pacing: while light producers write, a heavy producer waits this many times as long as its
+/// last batch took before the next one, so it has MongoDB at most 1 / (1 + this) of the time.
+const HEAVY_PAUSE_FACTOR: u32 = 3;
+
 struct Submission {
     origin: Origin,
     writes: Vec<Prepared>,
@@ -128,6 +136,8 @@ impl Writer {
             },
             light_seen: None,
             heavy_resume: None,
+            light_in_flight: 0,
+            heavy_started: None,
             max_in_flight: settings.max_batches_in_flight as usize,
             validity: settings.sequence_nr_cache_validity,
             store,
@@ -204,6 +214,10 @@ struct Committer {
     light_seen: Option<Instant>,
     /// Pacing: while light producers write, a heavy producer's next batch waits until then.
     heavy_resume: Option<Instant>,
+    /// Batches of light producers at MongoDB: no heavy batch starts beside them.
+    light_in_flight: usize,
+    /// When the last heavy batch started.
+    heavy_started: Option<Instant>,
 }
 
 impl Committer {
@@ -320,7 +334,12 @@ impl Committer {
             .is_some_and(|seen| now.duration_since(seen) < LIGHT_ACTIVITY);
         let limits = Limits {
             light_active,
-            heavy_paused: light_active && self.heavy_resume.is_some_and(|resume| now < resume),
+            heavy_paused: light_active
+                && (self.heavy_resume.is_some_and(|resume| now < resume)
+                    || self.light_in_flight > 0
+                        && self
+                            .heavy_started
+                            .is_some_and(|started| now.duration_since(started) < HEAVY_MAX_WAIT)),
             ..self.limits
         };
         let admitted = self.schedule.next_batch(limits);
@@ -328,8 +347,11 @@ impl Committer {
             return None;
         }
         let heavy = !self.schedule.served_light();
-        if !heavy {
+        if heavy {
+            self.heavy_started = Some(now);
+        } else {
             self.light_seen = Some(now);
+            self.light_in_flight += 1;
         }
         let mut heads = HashMap::new();
         let mut failures = HashMap::new();
@@ -409,11 +431,15 @@ impl Committer {
             heavy,
             started,
         } = completed;
+        if !heavy {
+            self.light_in_flight -= 1;
+        }
         if heavy {
-            // Pacing: while light producers write, a heavy producer gets MongoDB at most half
-            // the time, so their writes do not queue behind its inserts for CPU and journal.
+            // Pacing: while light producers write, a heavy producer gets MongoDB at most a
+            // quarter of the time, so their writes do not queue behind its inserts for CPU
+            // and journal.
             let took = started.elapsed();
-            self.heavy_resume = Some(Instant::now() + took);
+            self.heavy_resume = Some(Instant::now() + took * HEAVY_PAUSE_FACTOR);
         }
         for (key, outcome) in done.outcomes {
             self.settle(key, outcome);

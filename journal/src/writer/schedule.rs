@@ -17,8 +17,9 @@
 //!   now and then waits for one small insert, not for someone else's thousand events. When both
 //!   kinds wait, batches alternate between them, so neither starves. While light producers
 //!   are writing, a heavy producer's batch holds at most `fair_share` events, and `writer`
-//!   pauses heavy producers after each of their batches for as long as it took (pacing), so
-//!   the light producers' inserts do not queue in MongoDB behind long ones.
+//!   paces heavy producers: after each of their batches they pause three times as long as it
+//!   took, and do not start beside a light batch (unless their last batch started 50 ms ago),
+//!   so the light producers' inserts do not queue in MongoDB behind long ones.
 //!
 //! This module is plain data, no I/O: `writer` runs it, and its tests drive it with random
 //! interleavings.
