@@ -768,6 +768,104 @@ async fn an_invalidated_change_stream_restarts_and_subscribers_catch_up() {
     assert_eq!(ids(&take(&mut live, 1, 15).await), [("after".into(), 1)]);
 }
 
+#[tokio::test]
+async fn a_shared_change_stream_failing_before_its_first_event_loses_nothing() {
+    const APP: &str = "cs_fail_early";
+    let server = TestServer::start_with(APP, |settings| {
+        change_streams(settings);
+        // A restart long enough for writes to land while no shared stream is open.
+        settings.read_journal.change_stream_restart.min_backoff = Duration::from_millis(1500);
+        settings.read_journal.change_stream_restart.max_backoff = Duration::from_millis(1500);
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    })
+    .await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let mut live = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "early".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    // On an empty journal the queries and the private stream are done at once: the subscriber
+    // is on the shared stream, which has delivered nothing, so it holds no event's token.
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // The shared stream's next getMore fails with an error the driver does not resume from.
+    fail_next(APP, 1, "getMore", mongodb::bson::doc! { "errorCode": 2 }).await;
+    // The getMore waiting now returns empty within a second (the server's await time), and the
+    // next one fails: the stream fails before it ever saw an event.
+    tokio::time::sleep(Duration::from_millis(1200)).await;
+    // Writers keep writing through the failure and the restart.
+    let mut expected = BTreeSet::new();
+    for n in 1..=40 {
+        let outcome = write(&mut journal, vec![atomic(vec![tagged("e", n, &["early"])])]).await;
+        assert!(is_written(&outcome[0]));
+        expected.insert(("e".to_owned(), n));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    receive_each_once(&mut live, &expected, false).await;
+}
+
+/// A subscriber resuming from an old change offset reads its backlog through a private change
+/// stream while the shared one runs ahead: past the shared buffer (1,024 changes) it stops
+/// collecting the shared changes (memory stays bounded), catches up on its own, then joins
+/// the shared stream. The shared stream starting afresh for it publishes a gap while it is in
+/// step 2, which restarts step 2.
+#[tokio::test]
+async fn a_change_stream_subscriber_catching_up_from_far_behind_loses_nothing() {
+    let server = TestServer::start_with("cs_far_behind", change_streams).await;
+    let mut journal = server.journal().await;
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let request = |offset: &str| pb::EventsByTagRequest {
+        tag: "far".into(),
+        offset: offset.into(),
+    };
+    // 4 KiB events: the stalled subscriber's stream fills the HTTP/2 windows quickly.
+    let write_range = |from: i64, to: i64| {
+        (from..=to)
+            .map(|n| {
+                let mut event = tagged("far", n, &["far"]);
+                event.payload.as_mut().unwrap().data = vec![7; 4096];
+                atomic(vec![event])
+            })
+            .collect::<Vec<_>>()
+    };
+    let mut first = queries
+        .events_by_tag(request(""))
+        .await
+        .unwrap()
+        .into_inner();
+    assert!(
+        write(&mut journal, write_range(1, 1))
+            .await
+            .iter()
+            .all(is_written)
+    );
+    let offset = take(&mut first, 1, 10).await.remove(0).offset;
+    assert!(offset.starts_with("c1."), "{offset}");
+    drop(first);
+    // A backlog, then the subscriber from event 1's offset, not reading while more is written.
+    for chunk in 0..20 {
+        let from = 2 + chunk * 100;
+        let writes = write_range(from, from + 99);
+        assert!(write(&mut journal, writes).await.iter().all(is_written));
+    }
+    let mut behind = queries
+        .events_by_tag(request(&offset))
+        .await
+        .unwrap()
+        .into_inner();
+    for chunk in 0..15 {
+        let from = 2002 + chunk * 100;
+        let writes = write_range(from, from + 99);
+        assert!(write(&mut journal, writes).await.iter().all(is_written));
+    }
+    let expected: BTreeSet<_> = (2..=3501).map(|n| ("far".to_owned(), n)).collect();
+    receive_each_once(&mut behind, &expected, false).await;
+}
+
 /// Reads a live stream until it delivered `expected`, each once; with `in_position_order`
 /// (polling) offsets must increase too (change streams deliver in commit order).
 async fn receive_each_once(

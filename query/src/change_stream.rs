@@ -2,9 +2,10 @@
 //! stream on the journal per server feeds every live subscriber by tag or slice range, with the
 //! latency of a commit rather than of a polling window.
 //!
-//! The shared stream restarts from its resume token after an error, backing off between
-//! `min-backoff` and `max-backoff` with `random-factor` jitter. When it cannot resume (the
-//! resume point left the oplog, or the stream was invalidated) it publishes a gap.
+//! The shared stream restarts from its resume token (kept from the moment it opens) after an
+//! error, backing off between `min-backoff` and `max-backoff` with `random-factor` jitter.
+//! Whenever it opens without a resume point (at the start, or when the resume point left the
+//! oplog or the stream was invalidated) it publishes a gap.
 //!
 //! Events arrive in commit order, so each envelope's offset carries the change's resume token.
 //! A subscriber gets to the shared stream in three steps:
@@ -26,7 +27,6 @@ use std::sync::{Arc, Mutex, Weak};
 use std::time::Duration;
 
 use config::BackoffSettings;
-use futures::StreamExt;
 use journal::document::EventDocument;
 use model::PersistentEvent;
 use mongodb::Collection;
@@ -47,6 +47,10 @@ use crate::offset::{Offset, Position};
 const STREAM_BUFFER: usize = 1024;
 /// MongoDB's code for a resume point that left the oplog.
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
+/// Codes for a resume point a stream cannot be opened from: it left the oplog (286,
+/// ChangeStreamHistoryLost; 136, CappedPositionLost), or it is not one of this collection's
+/// (260, InvalidResumeToken; 280, ChangeStreamFatalError).
+const RESUME_POINT_LOST: [i32; 4] = [CHANGE_STREAM_HISTORY_LOST, 136, 260, 280];
 
 /// One journal change: the event, its position, and the change's resume token (hex).
 #[derive(Debug)]
@@ -280,17 +284,33 @@ impl ChangeStreams {
         // up at any time without dropping a driver call half-way.
         let (private_sender, mut private_changes) = mpsc::channel(PRIVATE_BUFFER);
         let reader = AbortOnDrop(tokio::spawn(read_private(private, private_sender)));
-        // Shared changes seen while the private stream catches up.
+        // Shared changes seen while the private stream catches up, at most STREAM_BUFFER: a
+        // subscriber further behind stops listening to the shared stream, follows its private
+        // one until it has caught up, and then starts step 2 again from there.
         let mut pending: VecDeque<Arc<Changed>> = VecDeque::new();
+        let mut listening = true;
         loop {
             let private_change = tokio::select! {
                 () = self.shutdown.cancelled() => return Step::Over,
                 () = subscriber.sink.closed() => return Step::Over,
-                received = changes.recv() => {
+                received = changes.recv(), if listening => {
                     match received {
-                        Ok(Change::Event(change)) => pending.push_back(change),
-                        Ok(Change::Gap) => {}
-                        Err(broadcast::error::RecvError::Lagged(_)) => return Step::Again,
+                        Ok(Change::Event(change)) if pending.len() < STREAM_BUFFER => {
+                            pending.push_back(change)
+                        }
+                        Ok(Change::Event(_)) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                            tracing::debug!(
+                                "change-stream subscriber past the shared buffer; catching up on its own"
+                            );
+                            pending.clear();
+                            listening = false;
+                        }
+                        // The shared stream may have missed changes after the ones pending:
+                        // start step 2 again, from what this subscriber has delivered.
+                        Ok(Change::Gap) => {
+                            tracing::debug!("gap in the shared change stream; the subscriber starts step 2 again");
+                            return Step::Again;
+                        }
                         Err(broadcast::error::RecvError::Closed) => return Step::Over,
                     }
                     continue;
@@ -320,6 +340,9 @@ impl ChangeStreams {
                 Some(Private::CaughtUp(seen)) => {
                     subscriber.seen_through(seen);
                     drop(reader);
+                    if !listening {
+                        return Step::Again;
+                    }
                     return Step::Done(pending.into_iter().collect());
                 }
                 Some(Private::HistoryLost) | Some(Private::Ended) | None => {
@@ -588,6 +611,12 @@ fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
 }
 
 /// The shared change stream.
+///
+/// It always holds a resume point from the moment it opens (the post-batch resume token of
+/// each batch, events or not), so a restart after an error resumes exactly. When it has to
+/// open without one (at the start, or after its resume point was lost) it opens at "now" and
+/// then publishes a gap: subscribers that followed it, or were about to, read what they may
+/// have missed from their own resume tokens.
 async fn watch_shared(
     events: Collection<EventDocument>,
     backoff: BackoffSettings,
@@ -597,6 +626,7 @@ async fn watch_shared(
     let mut resume: Option<ResumeToken> = None;
     let mut pause = backoff.min_backoff;
     loop {
+        let fresh = resume.is_none();
         let opened = events
             .watch()
             .pipeline(pipeline())
@@ -605,6 +635,10 @@ async fn watch_shared(
             .await;
         match opened {
             Ok(stream) => {
+                resume = stream.resume_token().or(resume);
+                if fresh {
+                    let _ = changes.send(Change::Gap);
+                }
                 let ended =
                     follow(stream, &changes, &stop, &mut resume, &mut pause, &backoff).await;
                 if ended.is_none() {
@@ -613,10 +647,9 @@ async fn watch_shared(
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot open the change stream; retrying");
-                if resume.is_some() {
-                    // The resume point may be gone: start afresh; subscribers resume on their own.
+                if resume_point_lost(&error) {
+                    // Start afresh (and publish a gap then).
                     resume = None;
-                    let _ = changes.send(Change::Gap);
                 }
             }
         }
@@ -630,7 +663,15 @@ async fn watch_shared(
     }
 }
 
-/// Publishes the stream's changes until it fails (`Some`) or `stop` (`None`).
+/// The resume point left the oplog, or belongs to a dropped or renamed collection.
+fn resume_point_lost(error: &mongodb::error::Error) -> bool {
+    mongo::error_codes(error)
+        .iter()
+        .any(|code| RESUME_POINT_LOST.contains(code))
+}
+
+/// Publishes the stream's changes until it fails (`Some`) or `stop` (`None`), keeping
+/// `resume` at the stream's latest resume point.
 async fn follow(
     mut stream: ChangeStream<ChangeStreamEvent<EventDocument>>,
     changes: &broadcast::Sender<Change>,
@@ -642,29 +683,32 @@ async fn follow(
     loop {
         let next = tokio::select! {
             () = stop.cancelled() => return None,
-            next = stream.next() => next,
+            next = stream.next_if_any() => next,
         };
         match next {
-            Some(Ok(change)) => {
+            Ok(Some(change)) => {
                 *pause = backoff.min_backoff;
-                *resume = stream.resume_token();
+                *resume = stream.resume_token().or(resume.take());
                 if let Some(change) = changed(change) {
                     metrics::observe_lag(metrics::CHANGE_STREAM, change.position.written_at_millis);
                     let _ = changes.send(Change::Event(Arc::new(change)));
                 }
             }
-            Some(Err(error)) => {
-                tracing::warn!(%error, "change stream failed; restarting");
-                if mongo::error_codes(&error).contains(&CHANGE_STREAM_HISTORY_LOST) {
-                    *resume = None;
-                    let _ = changes.send(Change::Gap);
-                }
-                return Some(());
+            // An empty batch: the stream has seen the oplog up to its post-batch token.
+            Ok(None) if stream.is_alive() => {
+                *pause = backoff.min_backoff;
+                *resume = stream.resume_token().or(resume.take());
             }
-            None => {
+            Ok(None) => {
                 tracing::warn!("change stream ended (invalidated); restarting");
                 *resume = None;
-                let _ = changes.send(Change::Gap);
+                return Some(());
+            }
+            Err(error) => {
+                tracing::warn!(%error, "change stream failed; restarting");
+                if resume_point_lost(&error) {
+                    *resume = None;
+                }
                 return Some(());
             }
         }
