@@ -400,25 +400,7 @@ async fn delete_to_hides_events_and_keeps_the_highest_sequence_number() {
     assert_eq!(common::highest(&mut client, "d").await, 5);
 
     // Purge the deleted events with a TTL index, as an operator would.
-    journal
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! { "deletedAt": 1 })
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .expire_after(Duration::ZERO)
-                        .build(),
-                )
-                .build(),
-        )
-        .await
-        .unwrap();
-    wait_until(
-        "TTL monitor purges the deleted events",
-        Duration::from_secs(90),
-        || async { journal.count_documents(doc! { "pid": "d" }).await.unwrap() == 0 },
-    )
-    .await;
+    purge_deleted_events(&server.mongodb().await, "d", Duration::from_secs(90)).await;
     assert_eq!(
         common::highest(&mut client, "d").await,
         5,

@@ -62,34 +62,6 @@ async fn delete_all(client: &mut JournalClient, pid: &str) {
 
 type JournalClient = proto::v1::journal_client::JournalClient<tonic::transport::Channel>;
 
-/// A TTL index removing deleted events as soon as they are purgeable, and the wait until
-/// majority reads (the server's) no longer see them.
-async fn purge(database: &mongodb::Database, pid: &str) {
-    let majority = mongodb::options::CollectionOptions::builder()
-        .read_concern(mongodb::options::ReadConcern::majority())
-        .build();
-    let journal = database.collection_with_options::<Document>("journal", majority);
-    journal
-        .create_index(
-            mongodb::IndexModel::builder()
-                .keys(doc! { "deletedAt": 1 })
-                .options(
-                    mongodb::options::IndexOptions::builder()
-                        .expire_after(Duration::ZERO)
-                        .build(),
-                )
-                .build(),
-        )
-        .await
-        .unwrap();
-    wait_until(
-        "the TTL monitor purges the deleted events",
-        Duration::from_secs(60),
-        || async { journal.count_documents(doc! { "pid": pid }).await.unwrap() == 0 },
-    )
-    .await;
-}
-
 #[tokio::test]
 async fn a_failed_write_stops_the_later_writes_of_its_pid_and_leaves_no_gap() {
     let server = TestServer::start_with("order_refused", fast).await;
@@ -347,7 +319,7 @@ async fn a_purged_sequence_number_is_never_written_again() {
         "deletedAt is {ahead} ms ahead"
     );
 
-    purge(&database, "p").await;
+    purge_deleted_events(&database, "p", Duration::from_secs(60)).await;
     assert_eq!(highest(&mut client, "p").await, 5, "the highest survives");
     let conflicts = [
         (
@@ -400,7 +372,7 @@ async fn a_stale_writer_on_another_server_cannot_resurrect_history() {
     .await;
     assert!(next.iter().all(is_written));
     delete_all(&mut through_current, "p").await;
-    purge(&database, "p").await;
+    purge_deleted_events(&database, "p", Duration::from_secs(60)).await;
     // The old incarnation writes its next event through its server: 6 is history.
     let outcome = write(&mut through_stale, vec![single("p", 6)]).await;
     assert!(

@@ -32,6 +32,23 @@ fn outcomes(response: &pb::WriteEventsResponse) -> Vec<String> {
         .collect()
 }
 
+/// Sends `requests` on one WriteEventsStream and returns the outcomes of every response.
+async fn stream_all(
+    client: &mut proto::v1::journal_client::JournalClient<tonic::transport::Channel>,
+    requests: Vec<pb::WriteEventsRequest>,
+) -> Vec<Vec<String>> {
+    let mut responses = client
+        .write_events_stream(tokio_stream::iter(requests))
+        .await
+        .unwrap()
+        .into_inner();
+    let mut answers = Vec::new();
+    while let Some(response) = responses.message().await.unwrap() {
+        answers.push(outcomes(&response));
+    }
+    answers
+}
+
 #[tokio::test]
 async fn responses_come_in_order_with_the_outcomes_write_events_gives() {
     let server = TestServer::start("stream_order").await;
@@ -53,15 +70,7 @@ async fn responses_come_in_order_with_the_outcomes_write_events_gives() {
         request(vec![atomic(vec![event("b", 2, "other")])]),
         request(vec![]),
     ];
-    let mut responses = client
-        .write_events_stream(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut answers = Vec::new();
-    while let Some(response) = responses.message().await.unwrap() {
-        answers.push(outcomes(&response));
-    }
+    let answers = stream_all(&mut client, requests).await;
     assert_eq!(answers.len(), 6, "one response per request: {answers:?}");
     assert_eq!(answers[0], ["written"]);
     assert_eq!(answers[1], ["written", "written"]);
@@ -97,15 +106,7 @@ async fn a_failure_stops_the_later_writes_of_its_pid_on_the_stream() {
         ]),
         request(vec![atomic(vec![event("p", 3, "stale")])]),
     ];
-    let mut responses = client
-        .write_events_stream(tokio_stream::iter(requests))
-        .await
-        .unwrap()
-        .into_inner();
-    let mut answers = Vec::new();
-    while let Some(response) = responses.message().await.unwrap() {
-        answers.push(outcomes(&response));
-    }
+    let answers = stream_all(&mut client, requests).await;
     assert_eq!(
         answers[0],
         [

@@ -188,6 +188,38 @@ where
     }
 }
 
+/// Purges `pid`'s deleted events as an operator would (a TTL index on `deletedAt`, expiring
+/// at once) and waits until majority reads (the server's) no longer see any event of it.
+pub async fn purge_deleted_events(
+    database: &mongodb::Database,
+    pid: &str,
+    timeout: std::time::Duration,
+) {
+    use mongodb::bson::{Document, doc};
+    let majority = mongodb::options::CollectionOptions::builder()
+        .read_concern(mongodb::options::ReadConcern::majority())
+        .build();
+    let journal = database.collection_with_options::<Document>("journal", majority);
+    let ttl = mongodb::options::IndexOptions::builder()
+        .expire_after(std::time::Duration::ZERO)
+        .build();
+    journal
+        .create_index(
+            mongodb::IndexModel::builder()
+                .keys(doc! { "deletedAt": 1 })
+                .options(ttl)
+                .build(),
+        )
+        .await
+        .unwrap();
+    wait_until(
+        "the TTL monitor purges the deleted events",
+        timeout,
+        || async { journal.count_documents(doc! { "pid": pid }).await.unwrap() == 0 },
+    )
+    .await;
+}
+
 /// Makes the test mongod fail this server's next `times` `command`s (only connections with
 /// `app_name`, so parallel tests are not affected), as CosmosDB does when over its throughput.
 pub async fn fail_next(
