@@ -204,8 +204,18 @@ async fn a_storage_failure_on_a_stream_leaves_a_gapless_prefix() {
     .await;
     let mut client = server.journal().await;
     let (sender, receiver) = tokio::sync::mpsc::channel(4);
+    // Writes after the fifth wait for the fault to be in place, so they cannot all land
+    // before it; from then on they are pipelined.
+    let (armed, fault_armed) = tokio::sync::oneshot::channel::<()>();
     tokio::spawn(async move {
+        let mut fault_armed = Some(fault_armed);
         for n in 1..=WRITES {
+            if n == 6
+                && let Some(fault_armed) = fault_armed.take()
+                && fault_armed.await.is_err()
+            {
+                return;
+            }
             let request = pb::WriteEventsRequest {
                 writes: vec![single("s", n)],
             };
@@ -214,6 +224,7 @@ async fn a_storage_failure_on_a_stream_leaves_a_gapless_prefix() {
             }
         }
     });
+    let mut armed = Some(armed);
     let mut responses = client
         .write_events_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
         .await
@@ -228,6 +239,9 @@ async fn a_storage_failure_on_a_stream_leaves_a_gapless_prefix() {
                 if acknowledged == 5 {
                     // The next insert fails for good (BadValue is not retried).
                     fail_next(APP, 1, "insert", doc! { "errorCode": 2 }).await;
+                    if let Some(armed) = armed.take() {
+                        let _ = armed.send(());
+                    }
                 }
             }
             Ok(None) => panic!("the stream ended without the injected failure"),
