@@ -201,6 +201,7 @@ async fn indexes_list_shows_missing_ones_and_create_makes_them() {
         "snapshots:",
         "durable_state:",
         "  ok       tag_writtenAt",
+        "  ok       writtenAt_id",
     ] {
         assert!(
             created.contains(expected),

@@ -577,6 +577,98 @@ async fn tag_queries_use_the_tag_index() {
     );
 }
 
+/// Keyset paging: a page after a position in a crowded millisecond (one AtomicWrite of 400
+/// events shares its `writtenAt`) reads only the events it returns, through each index a tag or
+/// slice query uses, rather than re-reading that millisecond from its start.
+#[tokio::test]
+async fn a_page_after_a_crowded_millisecond_reads_only_what_it_returns() {
+    use futures::TryStreamExt;
+    let server = start("rj_keyset").await;
+    let mut journal = server.journal().await;
+    let pid = "keyset-a";
+    let events = (1..=400).map(|n| tagged(pid, n, &["crowd"])).collect();
+    assert!(
+        write(&mut journal, vec![atomic(events)])
+            .await
+            .iter()
+            .all(is_written)
+    );
+    let database = server.mongodb().await;
+    let stored = database
+        .collection::<mongodb::bson::Document>("journal")
+        .find_one(mongodb::bson::doc! { "pid": pid, "seqNr": 1_i64 })
+        .await
+        .unwrap()
+        .unwrap();
+    let written_at = stored.get_datetime("writtenAt").unwrap().timestamp_millis();
+    let after = query::offset::Position {
+        written_at_millis: written_at,
+        persistence_id: pid.into(),
+        sequence_nr: 300,
+    };
+    let slice = model::PersistenceId::parse("pid", pid.to_owned())
+        .unwrap()
+        .slice();
+    for selector in [
+        query::feed::EventSelector::Tag("crowd".into()),
+        query::feed::EventSelector::Slices {
+            min: slice,
+            max: slice,
+        },
+        query::feed::EventSelector::Slices { min: 0, max: 1023 },
+        query::feed::EventSelector::All,
+    ] {
+        let (filter, sort, index) = query::feed::event_query(&selector, Some(&after), i64::MAX / 2);
+        let explain = database
+            .run_command(mongodb::bson::doc! {
+                "explain": {
+                    "find": "journal", "filter": &filter, "sort": &sort, "hint": &index, "limit": 50_i64,
+                },
+                "verbosity": "executionStats",
+            })
+            .await
+            .unwrap();
+        let stats = explain.get_document("executionStats").unwrap();
+        let plan = explain
+            .get_document("queryPlanner")
+            .unwrap()
+            .get_document("winningPlan")
+            .unwrap()
+            .to_string();
+        assert!(
+            !plan.contains("\"SORT\""),
+            "{selector:?}: a blocking sort: {plan}"
+        );
+        assert_eq!(stats.get_i32("nReturned").unwrap(), 50, "{selector:?}");
+        assert_eq!(
+            stats.get_i32("totalDocsExamined").unwrap(),
+            50,
+            "{selector:?} ({index}): only the returned events are fetched: {plan}"
+        );
+        let keys = stats.get_i32("totalKeysExamined").unwrap();
+        assert!(
+            keys <= 51,
+            "{selector:?}: {keys} index keys examined for a page of 50: the scan does not start at the position"
+        );
+        let page: Vec<mongodb::bson::Document> = database
+            .collection("journal")
+            .find(filter)
+            .sort(sort)
+            .hint(mongodb::options::Hint::Name(index))
+            .limit(50)
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let numbers: Vec<i64> = page
+            .iter()
+            .map(|event| event.get_i64("seqNr").unwrap())
+            .collect();
+        assert_eq!(numbers, (301..=350).collect::<Vec<_>>(), "{selector:?}");
+    }
+}
+
 #[tokio::test]
 async fn a_write_acknowledged_late_is_moved_forward_so_live_queries_do_not_pass_it_over() {
     let proxy = common::proxy::CuttableProxy::start(mongodb_address()).await;

@@ -109,15 +109,18 @@ impl Applied<'_> {
     }
 }
 
-/// The indexes the durable-state store needs: changes by tag, in change-query order.
+/// The indexes the durable-state store needs: changes by tag, in change-query order, and all
+/// changes in that order (the shared tail that feeds live change queries).
 pub fn index_models() -> Vec<IndexModel> {
-    let options = IndexOptions::builder()
-        .name("tag_writtenAt".to_owned())
-        .build();
+    let named = |name: &str| IndexOptions::builder().name(name.to_owned()).build();
     vec![
         IndexModel::builder()
             .keys(doc! { TAG: 1, WRITTEN_AT: 1, "_id": 1 })
-            .options(options)
+            .options(named("tag_writtenAt"))
+            .build(),
+        IndexModel::builder()
+            .keys(doc! { WRITTEN_AT: 1, "_id": 1 })
+            .options(named("writtenAt_id"))
             .build(),
     ]
 }

@@ -38,7 +38,7 @@ use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
 
 use crate::error::QueryError;
-use crate::feed::{EventFeed, EventSelector, Feed, event_with_position};
+use crate::feed::{EventFeed, Feed, event_with_position};
 use crate::live::{Polling, Sink};
 use crate::metrics;
 use crate::offset::{Offset, Position};
@@ -459,7 +459,7 @@ impl Subscriber {
         {
             return true;
         }
-        if !matches(&self.feed.selector, &change.event) {
+        if !self.feed.selector.matches(&change.event) {
             self.last = Some(Offset {
                 position: change.position.clone(),
                 change: Some(change.token.clone()),
@@ -563,14 +563,6 @@ impl Delivered {
             }
         }
         true
-    }
-}
-
-fn matches(selector: &EventSelector, event: &PersistentEvent) -> bool {
-    match selector {
-        EventSelector::Tag(tag) => event.tags.iter().any(|candidate| candidate.as_str() == tag),
-        EventSelector::Slices { min, max } => (*min..=*max).contains(&event.persistence_id.slice()),
-        EventSelector::FirstEvents => event.sequence_nr.get() == 1,
     }
 }
 

@@ -13,6 +13,7 @@ use mongodb::options::Hint;
 use serde::Deserialize;
 
 use crate::error::QueryError;
+use crate::live::Route;
 use crate::offset::Position;
 
 /// The largest slice range read through the slice index with `$in` (MongoDB merges up to 200
@@ -32,7 +33,7 @@ pub trait Feed: Clone + Send + Sync + 'static {
     ) -> impl Future<Output = Result<Vec<(Position, Self::Item)>, QueryError>> + Send;
 }
 
-/// Which events an event feed selects.
+/// Which events an event feed selects; also the key of a live subscription's hub.
 #[derive(Debug, Clone, PartialEq, Eq, Hash)]
 pub enum EventSelector {
     Tag(String),
@@ -43,6 +44,42 @@ pub enum EventSelector {
     /// The first event (sequence number 1) of each persistence id, deleted or not: how live
     /// `PersistenceIds` learns of new ids.
     FirstEvents,
+    /// Every event that is not deleted: the shared tail that feeds live tag and slice queries.
+    All,
+}
+
+impl EventSelector {
+    /// Whether `event` is one this selector selects.
+    pub fn matches(&self, event: &PersistentEvent) -> bool {
+        match self {
+            EventSelector::Tag(tag) => event.tags.iter().any(|candidate| candidate.as_str() == tag),
+            EventSelector::Slices { min, max } => {
+                (*min..=*max).contains(&event.persistence_id.slice())
+            }
+            EventSelector::FirstEvents => event.sequence_nr.get() == 1,
+            EventSelector::All => true,
+        }
+    }
+}
+
+impl Route for EventSelector {
+    type Item = PersistentEvent;
+
+    fn by_lookup(&self) -> bool {
+        matches!(self, EventSelector::Tag(_))
+    }
+
+    fn lookup_keys(event: &PersistentEvent) -> Vec<Self> {
+        event
+            .tags
+            .iter()
+            .map(|tag| EventSelector::Tag(tag.as_str().to_owned()))
+            .collect()
+    }
+
+    fn matches(&self, event: &PersistentEvent) -> bool {
+        EventSelector::matches(self, event)
+    }
 }
 
 #[derive(Clone)]
@@ -52,14 +89,14 @@ pub struct EventFeed {
     pub selector: EventSelector,
 }
 
-/// The filter, sort and index hint of an event query: events of the selector after the start
-/// of `after`'s millisecond (the rest of that millisecond is skipped in code), up to the horizon.
+/// The filter, sort and index hint of an event query: events of the selector strictly after
+/// `after` (keyset paging on the position, so a page never re-reads what the last one
+/// returned), up to the horizon.
 pub fn event_query(
     selector: &EventSelector,
     after: Option<&Position>,
     horizon_millis: i64,
 ) -> (Document, Document, String) {
-    let from = after.map_or(0, |position| position.written_at_millis);
     let mut filter = match selector {
         EventSelector::Tag(tag) => doc! { event_fields::TAGS: tag },
         EventSelector::Slices { min, max } if max - min < MAX_SLICES_MERGED => {
@@ -69,11 +106,17 @@ pub fn event_query(
             doc! { event_fields::SLICE: { "$gte": min, "$lte": max } }
         }
         EventSelector::FirstEvents => doc! { event_fields::SEQUENCE_NR: 1_i64 },
+        EventSelector::All => Document::new(),
     };
-    filter.insert(
-        event_fields::WRITTEN_AT,
-        doc! { "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(horizon_millis) },
-    );
+    filter.extend(after_position(
+        after,
+        horizon_millis,
+        [
+            event_fields::WRITTEN_AT,
+            event_fields::PERSISTENCE_ID,
+            event_fields::SEQUENCE_NR,
+        ],
+    ));
     // A persistence id exists even when its events are deleted.
     if *selector != EventSelector::FirstEvents {
         filter.insert(event_fields::DELETED_AT, doc! { "$exists": false });
@@ -81,37 +124,35 @@ pub fn event_query(
     let index = match selector {
         EventSelector::Tag(_) => "tags_writtenAt",
         EventSelector::Slices { min, max } if max - min < MAX_SLICES_MERGED => "slice_writtenAt",
-        EventSelector::Slices { .. } | EventSelector::FirstEvents => "writtenAt_pid_seqNr",
+        EventSelector::Slices { .. } | EventSelector::FirstEvents | EventSelector::All => {
+            "writtenAt_pid_seqNr"
+        }
     };
     let sort = doc! { event_fields::WRITTEN_AT: 1, event_fields::PERSISTENCE_ID: 1, event_fields::SEQUENCE_NR: 1 };
     (filter, sort, index.to_owned())
 }
 
-/// Reads sorted batches from `after`'s millisecond on and drops what is not strictly after
-/// `after`. Returns `limit` items unless fewer exist: a short result means "caught up", so a
-/// read that lost items to that millisecond is widened until it has `limit` or is complete.
-async fn fetch_after<T, F, Fut>(
+/// The keyset condition "position strictly after `after`, `writtenAt` at most the horizon" on
+/// the fields `[writtenAt, id, number]`. The `writtenAt` range bounds the index scan; the `$or`
+/// skips the rest of `after`'s millisecond, evaluated on the index keys (no document is
+/// fetched for it).
+fn after_position(
     after: Option<&Position>,
-    limit: usize,
-    mut read: F,
-) -> Result<Vec<(Position, T)>, QueryError>
-where
-    F: FnMut(i64) -> Fut,
-    Fut: Future<Output = Result<Vec<(Position, T)>, QueryError>>,
-{
-    let mut read_limit = limit;
-    loop {
-        let batch = read(read_limit as i64).await?;
-        let complete = batch.len() < read_limit;
-        let fresh: Vec<_> = batch
-            .into_iter()
-            .filter(|(position, _)| after.is_none_or(|after| position > after))
-            .take(limit)
-            .collect();
-        if fresh.len() == limit || complete {
-            return Ok(fresh);
-        }
-        read_limit = read_limit.saturating_mul(2);
+    horizon_millis: i64,
+    [written_at, id, number]: [&str; 3],
+) -> Document {
+    let horizon = DateTime::from_millis(horizon_millis);
+    let Some(after) = after else {
+        return doc! { written_at: { "$lte": horizon } };
+    };
+    let at = DateTime::from_millis(after.written_at_millis);
+    doc! {
+        written_at: { "$gte": at, "$lte": horizon },
+        "$or": [
+            { written_at: { "$gt": at } },
+            { id: { "$gt": &after.persistence_id } },
+            { id: &after.persistence_id, number: { "$gt": after.sequence_nr } },
+        ],
     }
 }
 
@@ -128,28 +169,22 @@ impl Feed for EventFeed {
             return Ok(Vec::new());
         }
         let (filter, sort, index) = event_query(&self.selector, after, horizon_millis);
-        fetch_after(after, limit, |read_limit| {
-            let (filter, sort, index) = (filter.clone(), sort.clone(), index.clone());
-            async move {
-                let operation = "read events";
-                let documents: Vec<EventDocument> = self
-                    .retry
-                    .run(operation, || async {
-                        self.events
-                            .find(filter.clone())
-                            .sort(sort.clone())
-                            .hint(Hint::Name(index.clone()))
-                            .limit(read_limit)
-                            .await?
-                            .try_collect()
-                            .await
-                    })
+        let operation = "read events";
+        let documents: Vec<EventDocument> = self
+            .retry
+            .run(operation, || async {
+                self.events
+                    .find(filter.clone())
+                    .sort(sort.clone())
+                    .hint(Hint::Name(index.clone()))
+                    .limit(limit as i64)
+                    .await?
+                    .try_collect()
                     .await
-                    .map_err(|error| self.retry.failure(operation, false, error))?;
-                documents.into_iter().map(event_with_position).collect()
-            }
-        })
-        .await
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))?;
+        documents.into_iter().map(event_with_position).collect()
     }
 }
 
@@ -173,6 +208,8 @@ pub struct StateChange {
     /// `None`: the object is deleted.
     pub value: Option<Payload>,
     pub timestamp_millis: i64,
+    /// The object's tag (how the shared tail finds its subscribers).
+    pub tag: Option<String>,
 }
 
 #[derive(Debug, Deserialize)]
@@ -187,13 +224,33 @@ struct StateDocument {
     written_at: DateTime,
     #[serde(rename = "deletedAt", default)]
     deleted_at: Option<DateTime>,
+    #[serde(default)]
+    tag: Option<String>,
+}
+
+/// Live durable-state change queries are keyed by tag.
+impl Route for String {
+    type Item = StateChange;
+
+    fn by_lookup(&self) -> bool {
+        true
+    }
+
+    fn lookup_keys(change: &StateChange) -> Vec<Self> {
+        change.tag.iter().cloned().collect()
+    }
+
+    fn matches(&self, change: &StateChange) -> bool {
+        change.tag.as_ref() == Some(self)
+    }
 }
 
 #[derive(Clone)]
 pub struct StateChangeFeed {
     pub(crate) objects: Collection<Document>,
     pub(crate) retry: Retry,
-    pub(crate) tag: String,
+    /// `None`: changes of every object (the shared tail).
+    pub(crate) tag: Option<String>,
 }
 
 impl Feed for StateChangeFeed {
@@ -208,34 +265,33 @@ impl Feed for StateChangeFeed {
         if after.is_some_and(|after| after.written_at_millis > horizon_millis) {
             return Ok(Vec::new());
         }
-        let from = after.map_or(0, |position| position.written_at_millis);
-        let filter = doc! {
-            durable_state::TAG: &self.tag,
-            durable_state::WRITTEN_AT: { "$gte": DateTime::from_millis(from), "$lte": DateTime::from_millis(horizon_millis) },
+        let (mut filter, index) = match &self.tag {
+            Some(tag) => (doc! { durable_state::TAG: tag }, "tag_writtenAt"),
+            None => (Document::new(), "writtenAt_id"),
         };
+        filter.extend(after_position(
+            after,
+            horizon_millis,
+            [durable_state::WRITTEN_AT, "_id", durable_state::REVISION],
+        ));
         let sort = doc! { durable_state::WRITTEN_AT: 1, "_id": 1 };
         let objects = self.objects.clone_with_type::<StateDocument>();
-        fetch_after(after, limit, |read_limit| {
-            let (filter, sort, objects) = (filter.clone(), sort.clone(), objects.clone());
-            async move {
-                let operation = "read durable-state changes";
-                let documents: Vec<StateDocument> = self
-                    .retry
-                    .run(operation, || async {
-                        objects
-                            .find(filter.clone())
-                            .sort(sort.clone())
-                            .limit(read_limit)
-                            .await?
-                            .try_collect()
-                            .await
-                    })
+        let operation = "read durable-state changes";
+        let documents: Vec<StateDocument> = self
+            .retry
+            .run(operation, || async {
+                objects
+                    .find(filter.clone())
+                    .sort(sort.clone())
+                    .hint(Hint::Name(index.to_owned()))
+                    .limit(limit as i64)
+                    .await?
+                    .try_collect()
                     .await
-                    .map_err(|error| self.retry.failure(operation, false, error))?;
-                documents.into_iter().map(change_with_position).collect()
-            }
-        })
-        .await
+            })
+            .await
+            .map_err(|error| self.retry.failure(operation, false, error))?;
+        documents.into_iter().map(change_with_position).collect()
     }
 }
 
@@ -258,43 +314,7 @@ fn change_with_position(document: StateDocument) -> Result<(Position, StateChang
             revision: document.revision,
             value,
             timestamp_millis: document.timestamp,
+            tag: document.tag,
         },
     ))
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    fn at(sequence_nr: i64) -> Position {
-        Position {
-            written_at_millis: 5,
-            persistence_id: "a".into(),
-            sequence_nr,
-        }
-    }
-
-    /// Ten items in one millisecond, read as MongoDB would: from that millisecond, sorted.
-    async fn read(limit: i64) -> Result<Vec<(Position, i64)>, QueryError> {
-        Ok((1..=10).take(limit as usize).map(|n| (at(n), n)).collect())
-    }
-
-    #[tokio::test]
-    async fn a_full_batch_is_returned_even_when_the_offset_millisecond_is_crowded() {
-        let after = at(3);
-        let batch = fetch_after(Some(&after), 2, read).await.unwrap();
-        assert_eq!(batch.iter().map(|(_, n)| *n).collect::<Vec<_>>(), [4, 5]);
-        let rest = fetch_after(Some(&at(8)), 5, read).await.unwrap();
-        assert_eq!(
-            rest.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
-            [9, 10],
-            "short only when complete"
-        );
-        assert!(
-            fetch_after(Some(&at(10)), 5, read)
-                .await
-                .unwrap()
-                .is_empty()
-        );
-    }
 }

@@ -1,7 +1,7 @@
 //! The read journal: live and current queries over the journal and the durable-state store.
 //!
-//! Where a live query is fed: [`live::Hubs::subscribe`] (one shared poller per tag or slice
-//! range, `live.rs`), reading through a [`feed::Feed`] (`feed.rs`), positioned by
+//! Where a live query is fed: [`live::Hubs::subscribe`] (one shared tail of the journal per
+//! server, dispatching to a hub per tag or slice range, `live.rs`), reading through a [`feed::Feed`] (`feed.rs`), positioned by
 //! [`offset::Position`] tokens (`offset.rs`). Queries by persistence id and of persistence ids
 //! are in `by_pid.rs`. `docs/READ_JOURNAL.md` explains the guarantees.
 
@@ -49,12 +49,23 @@ impl ReadJournal {
             batch_size: read.batch_size as usize,
         };
         let names = &settings.mongodb.collections;
+        let retry = Retry::new(&settings.mongodb.retry);
+        let journal_tail = EventFeed {
+            events: database.collection(&names.journal),
+            retry: retry.clone(),
+            selector: EventSelector::All,
+        };
+        let state_tail = StateChangeFeed {
+            objects: database.collection(&names.durable_state),
+            retry: retry.clone(),
+            tag: None,
+        };
         Self {
             events: database.collection(&names.journal),
             objects: database.collection(&names.durable_state),
-            retry: Retry::new(&settings.mongodb.retry),
+            retry,
             polling,
-            event_hubs: Hubs::new(polling, shutdown.clone()),
+            event_hubs: Hubs::new(journal_tail, polling, shutdown.clone()),
             change_streams: read.use_change_streams.then(|| {
                 change_stream::ChangeStreams::new(
                     database.collection(&names.journal),
@@ -63,12 +74,13 @@ impl ReadJournal {
                     shutdown.clone(),
                 )
             }),
-            state_hubs: Hubs::new(polling, shutdown.clone()),
+            state_hubs: Hubs::new(state_tail, polling, shutdown.clone()),
             shutdown,
         }
     }
 
-    /// How many shared pollers run (one per tag or slice range with live subscribers).
+    /// How many shared tails poll: one for the journal while it has live tag or slice
+    /// subscribers, one for durable state while it has live change subscribers.
     pub fn running_pollers(&self) -> usize {
         self.event_hubs.running() + self.state_hubs.running()
     }
@@ -157,7 +169,7 @@ impl ReadJournal {
         let feed = StateChangeFeed {
             objects: self.objects.clone(),
             retry: self.retry.clone(),
-            tag: tag.clone(),
+            tag: Some(tag.clone()),
         };
         if live {
             self.state_hubs.subscribe(tag, feed, start, sink).await;

@@ -1,9 +1,14 @@
-//! Live queries in polling mode: one shared poller (a hub) per query key, and the subscriber
-//! protocol that never misses an item and never repeats one.
+//! Live queries in polling mode: one shared tail per kind of query (journal events, durable-state
+//! changes) that reads everything new and dispatches it to hubs by key (tag, slice range), and
+//! the subscriber protocol that never misses an item and never repeats one.
 //!
-//! A subscriber subscribes to the hub's broadcast first, then catches up with its own bounded
+//! The tail reads the whole collection in position order up to the horizon, every poll
+//! interval, however many subscribers there are: its MongoDB work grows with what is written,
+//! not with subscribers. It hands each key's items to that key's hub, a bounded broadcast.
+//!
+//! A subscriber subscribes to its hub's broadcast first, then catches up with its own bounded
 //! queries up to the current horizon, then follows the hub's batches, dropping anything at or
-//! before the last position it delivered. Because the hub's previous horizon was computed before
+//! before the last position it delivered. Because the tail's previous horizon was computed before
 //! the subscription and the catch-up horizon after it, the two overlap and nothing falls between
 //! them. A subscriber that falls behind the hub's bounded broadcast (a slow reader) goes back to
 //! catching up with its own queries, paced by its client, so server memory does not grow with
@@ -11,7 +16,7 @@
 
 use std::collections::HashMap;
 use std::hash::Hash;
-use std::sync::{Arc, Mutex, Weak};
+use std::sync::{Arc, Mutex, MutexGuard, Weak};
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use tokio::sync::{broadcast, mpsc};
@@ -51,71 +56,108 @@ fn now_millis() -> i64 {
         .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
-/// One poller shared by every live subscriber of one key (tag, slice range, ...). It stops
-/// when the last subscriber drops it.
-pub struct Hub<T> {
-    batches: broadcast::Sender<Batch<T>>,
-    stop: CancellationToken,
-}
-
-impl<T> Drop for Hub<T> {
-    fn drop(&mut self) {
-        self.stop.cancel();
+/// The first position after everything written up to `horizon_millis` (a persistence id is
+/// never empty, so every real position of the next millisecond sorts after it).
+pub(crate) fn past(horizon_millis: i64) -> Position {
+    Position {
+        written_at_millis: horizon_millis + 1,
+        persistence_id: String::new(),
+        sequence_nr: 0,
     }
 }
 
-/// The running hubs of one kind of query, by key.
-pub struct Hubs<K, F: Feed> {
-    running: Mutex<HashMap<K, Weak<Hub<F::Item>>>>,
+/// How the tail finds the hubs an item goes to. Keys of a lookup kind (a tag) are found from
+/// the item; the others (slice ranges, few) are each matched against every item.
+pub trait Route: Eq + Hash + Clone + Send + Sync + 'static {
+    type Item: Clone + Send + Sync + 'static;
+
+    /// Whether hubs of this key are found by [`Route::lookup_keys`].
+    fn by_lookup(&self) -> bool;
+    /// The lookup keys `item` belongs to.
+    fn lookup_keys(item: &Self::Item) -> Vec<Self>;
+    /// Whether `item` belongs to this key.
+    fn matches(&self, item: &Self::Item) -> bool;
+}
+
+/// The live subscribers of one key (tag, slice range, ...): the tail's batches for that key.
+pub struct Hub<T> {
+    batches: broadcast::Sender<Batch<T>>,
+}
+
+struct Registry<K, T> {
+    hubs: HashMap<K, Weak<Hub<T>>>,
+    tail_running: bool,
+}
+
+/// The hubs of one kind of query, fed by one shared tail that runs while any hub has a
+/// subscriber.
+pub struct Hubs<K: Route, F: Feed<Item = K::Item>> {
+    registry: Arc<Mutex<Registry<K, F::Item>>>,
+    /// Reads everything of this kind in position order (the tail's feed).
+    everything: F,
     polling: Polling,
     shutdown: CancellationToken,
 }
 
-impl<K: Eq + Hash + Clone, F: Feed> Hubs<K, F> {
-    pub fn new(polling: Polling, shutdown: CancellationToken) -> Self {
+fn lock<K, T>(registry: &Mutex<Registry<K, T>>) -> MutexGuard<'_, Registry<K, T>> {
+    match registry.lock() {
+        Ok(registry) => registry,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+impl<K: Route, F: Feed<Item = K::Item>> Hubs<K, F> {
+    pub fn new(everything: F, polling: Polling, shutdown: CancellationToken) -> Self {
         Self {
-            running: Mutex::new(HashMap::new()),
+            registry: Arc::new(Mutex::new(Registry {
+                hubs: HashMap::new(),
+                tail_running: false,
+            })),
+            everything,
             polling,
             shutdown,
         }
     }
 
-    /// How many hubs poll right now (for tests and metrics).
+    /// How many tails poll right now: 1 while anyone subscribes, else 0 (for tests and metrics).
     pub fn running(&self) -> usize {
-        self.running.lock().map_or(0, |running| {
-            running
-                .values()
-                .filter(|hub| hub.strong_count() > 0)
-                .count()
-        })
+        usize::from(lock(&self.registry).tail_running)
     }
 
-    fn hub(&self, key: K, feed: &F) -> Arc<Hub<F::Item>> {
-        let mut running = match self.running.lock() {
-            Ok(running) => running,
-            Err(poisoned) => poisoned.into_inner(),
-        };
-        if let Some(hub) = running.get(&key).and_then(Weak::upgrade) {
+    /// Subscribers with a live hub, by key (for tests).
+    pub fn hubs(&self) -> usize {
+        lock(&self.registry)
+            .hubs
+            .values()
+            .filter(|hub| hub.strong_count() > 0)
+            .count()
+    }
+
+    fn hub(&self, key: K) -> Arc<Hub<F::Item>> {
+        let mut registry = lock(&self.registry);
+        if let Some(hub) = registry.hubs.get(&key).and_then(Weak::upgrade) {
             return hub;
         }
-        running.retain(|_, hub| hub.strong_count() > 0);
+        registry.hubs.retain(|_, hub| hub.strong_count() > 0);
         let (batches, _) = broadcast::channel(HUB_BATCHES);
-        let stop = self.shutdown.child_token();
-        tokio::spawn(poll(
-            feed.clone(),
-            self.polling,
-            batches.clone(),
-            stop.clone(),
-        ));
-        let hub = Arc::new(Hub { batches, stop });
-        running.insert(key, Arc::downgrade(&hub));
+        let hub = Arc::new(Hub { batches });
+        registry.hubs.insert(key, Arc::downgrade(&hub));
+        if !registry.tail_running {
+            registry.tail_running = true;
+            tokio::spawn(tail(
+                self.everything.clone(),
+                self.polling,
+                Arc::clone(&self.registry),
+                self.shutdown.child_token(),
+            ));
+        }
         hub
     }
 
     /// A live subscription from `start` (exclusive): runs until the client leaves or the server
-    /// shuts down.
+    /// shuts down. `feed` reads this key's items for catching up.
     pub async fn subscribe(&self, key: K, feed: F, start: Option<Position>, sink: Sink<F::Item>) {
-        let hub = self.hub(key, &feed);
+        let hub = self.hub(key);
         let polling = self.polling;
         let cancel = self.shutdown.clone();
         let mut last = start;
@@ -178,45 +220,58 @@ pub(crate) async fn deliver<T>(
     }
 }
 
-/// The hub's poller: every poll interval, publishes what was written since its last position
-/// up to the horizon, in batches.
-async fn poll<F: Feed>(
+/// The shared tail: every poll interval, reads what was written since its last position up to
+/// the horizon, in batches, and hands each hub its items. Stops when no hub is left.
+async fn tail<K: Route, F: Feed<Item = K::Item>>(
     feed: F,
     polling: Polling,
-    batches: broadcast::Sender<Batch<F::Item>>,
+    registry: Arc<Mutex<Registry<K, F::Item>>>,
     stop: CancellationToken,
 ) {
-    // Subscribers catch up on their own; the hub starts at the current horizon.
-    let mut last = Some(Position {
-        written_at_millis: polling.horizon_millis(),
-        persistence_id: String::new(),
-        sequence_nr: 0,
-    });
+    // Subscribers catch up on their own; the tail starts at the current horizon.
+    let mut last = past(polling.horizon_millis());
     loop {
         tokio::select! {
-            () = stop.cancelled() => return,
+            () = stop.cancelled() => {
+                lock(&registry).tail_running = false;
+                return;
+            }
             () = tokio::time::sleep(polling.poll_interval) => {}
+        }
+        {
+            let mut registry = lock(&registry);
+            registry.hubs.retain(|_, hub| hub.strong_count() > 0);
+            if registry.hubs.is_empty() {
+                registry.tail_running = false;
+                return;
+            }
         }
         let horizon = polling.horizon_millis();
         loop {
             let batch = tokio::select! {
-                () = stop.cancelled() => return,
-                batch = feed.fetch(last.as_ref(), horizon, polling.batch_size) => batch,
+                () = stop.cancelled() => {
+                    lock(&registry).tail_running = false;
+                    return;
+                }
+                batch = feed.fetch(Some(&last), horizon, polling.batch_size) => batch,
             };
             match batch {
-                Ok(batch) if batch.is_empty() => break,
                 Ok(batch) => {
                     let complete = batch.len() < polling.batch_size;
-                    last = batch.last().map(|(position, _)| position.clone());
+                    if let Some((position, _)) = batch.last() {
+                        last = position.clone();
+                    }
                     for (position, _) in &batch {
                         crate::metrics::observe_lag(
                             crate::metrics::POLLING,
                             position.written_at_millis,
                         );
                     }
-                    // No receiver right now is fine: a new subscriber catches up by itself.
-                    let _ = batches.send(Arc::new(batch));
+                    dispatch(&registry, batch);
                     if complete {
+                        // Everything up to the horizon is read: the next poll starts there,
+                        // found something or not.
+                        last = last.max(past(horizon));
                         break;
                     }
                 }
@@ -225,6 +280,43 @@ async fn poll<F: Feed>(
                     break;
                 }
             }
+        }
+    }
+}
+
+/// Hands each hub the items of its key. No hub for an item is fine: a subscriber that comes
+/// later catches up by itself.
+fn dispatch<K: Route>(registry: &Mutex<Registry<K, K::Item>>, batch: Vec<(Position, K::Item)>) {
+    if batch.is_empty() {
+        return;
+    }
+    let registry = lock(registry);
+    let matched: Vec<&K> = registry
+        .hubs
+        .keys()
+        .filter(|key| !key.by_lookup())
+        .collect();
+    let mut out: HashMap<&K, Vec<(Position, K::Item)>> = HashMap::new();
+    for (position, item) in batch {
+        for key in K::lookup_keys(&item) {
+            if let Some((key, _)) = registry.hubs.get_key_value(&key) {
+                out.entry(key)
+                    .or_default()
+                    .push((position.clone(), item.clone()));
+            }
+        }
+        for key in &matched {
+            if key.matches(&item) {
+                out.entry(*key)
+                    .or_default()
+                    .push((position.clone(), item.clone()));
+            }
+        }
+    }
+    for (key, items) in out {
+        if let Some(hub) = registry.hubs.get(key).and_then(Weak::upgrade) {
+            // No receiver right now is fine (see above).
+            let _ = hub.batches.send(Arc::new(items));
         }
     }
 }

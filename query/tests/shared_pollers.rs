@@ -1,4 +1,4 @@
-//! Many live subscribers of one tag share one poller; it stops when the last one leaves.
+//! Many live subscribers share one tail of the journal; it stops when the last one leaves.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -23,52 +23,135 @@ fn settings() -> Settings {
     settings
 }
 
+/// An event of `pid` with sequence number 1 and `tag`, stamped now.
+fn event(pid: &str, tag: &str) -> model::PersistentEvent {
+    model::PersistentEvent {
+        persistence_id: model::PersistenceId::parse("pid", pid.to_owned()).unwrap(),
+        sequence_nr: model::SequenceNr::parse("seqNr", 1).unwrap(),
+        payload: model::Payload {
+            data: pid.as_bytes().to_vec(),
+            serializer_id: 1,
+            manifest: String::new(),
+        },
+        writer_uuid: "w".into(),
+        timestamp_millis: 1,
+        tags: vec![model::Tag::parse("tag", tag.to_owned()).unwrap()],
+        metadata: None,
+    }
+}
+
+/// 1,000 subscribers on 100 tags and a few slice ranges: one tail of the journal feeds them all,
+/// each gets the event of its tag (or slice range) and nothing else, and the tail stops with the
+/// last subscriber.
 #[tokio::test]
-async fn a_thousand_subscribers_of_one_tag_share_one_poller() {
+async fn a_thousand_subscribers_on_a_hundred_tags_share_one_tail() {
     let settings = settings();
     let database = mongo::connect(&settings.mongodb).await.unwrap();
+    journal::Journal::new(&database, &settings)
+        .create_indexes()
+        .await
+        .unwrap();
     let queries = std::sync::Arc::new(ReadJournal::new(
         &database,
         &settings,
         CancellationToken::new(),
     ));
+    let run = std::process::id();
+    let tag = |n: usize| format!("tail-{run}-{n}");
+    let pid = |n: usize| format!("tail-{run}-pid-{n}");
     let mut receivers = Vec::new();
     for subscriber in 0..1_000 {
         let (sink, receiver) = tokio::sync::mpsc::channel(4);
-        let tag = if subscriber % 100 == 0 {
-            "other"
-        } else {
-            "shared"
+        let selector = EventSelector::Tag(tag(subscriber % 100));
+        let queries = queries.clone();
+        tokio::spawn(async move { queries.events(selector, None, true, sink).await });
+        receivers.push((subscriber % 100, receiver));
+    }
+    let slice = model::PersistenceId::parse("pid", pid(7)).unwrap().slice();
+    let mut slice_receivers = Vec::new();
+    for _ in 0..5 {
+        let (sink, receiver) = tokio::sync::mpsc::channel(200);
+        let selector = EventSelector::Slices {
+            min: slice,
+            max: slice,
         };
         let queries = queries.clone();
-        tokio::spawn(async move {
-            queries
-                .events(EventSelector::Tag(tag.into()), None, true, sink)
-                .await
-        });
-        receivers.push(receiver);
+        tokio::spawn(async move { queries.events(selector, None, true, sink).await });
+        slice_receivers.push(receiver);
     }
     let deadline = tokio::time::Instant::now() + Duration::from_secs(10);
-    while queries.running_pollers() < 2 {
+    while queries.running_pollers() < 1 {
         assert!(
             tokio::time::Instant::now() < deadline,
-            "pollers did not start"
+            "the tail did not start"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
     tokio::time::sleep(Duration::from_millis(200)).await;
     assert_eq!(
         queries.running_pollers(),
-        2,
-        "one poller per tag, not per subscriber"
+        1,
+        "one tail for every tag and slice range, not one per subscriber or per key"
     );
 
-    // Clients leaving free everything: the pollers stop with the last subscriber.
+    // One event per tag, each of its own persistence id.
+    let documents: Vec<_> = (0..100)
+        .map(|n| {
+            journal::document::EventDocument::new(
+                &event(&pid(n), &tag(n)),
+                mongodb::bson::DateTime::now(),
+            )
+        })
+        .collect();
+    database
+        .collection::<journal::document::EventDocument>(&settings.mongodb.collections.journal)
+        .insert_many(documents)
+        .await
+        .unwrap();
+    for (n, receiver) in &mut receivers {
+        let (_, event) = tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+            .await
+            .unwrap_or_else(|_| panic!("a subscriber of {} got nothing", tag(*n)))
+            .unwrap()
+            .unwrap();
+        assert_eq!(
+            event.persistence_id.as_str(),
+            pid(*n),
+            "the event of its own tag"
+        );
+    }
+    for receiver in &mut slice_receivers {
+        let mut pids = Vec::new();
+        while let Ok(Some(Ok((_, event)))) =
+            tokio::time::timeout(Duration::from_millis(300), receiver.recv()).await
+        {
+            pids.push(event.persistence_id.as_str().to_owned());
+        }
+        assert!(pids.contains(&pid(7)), "{pids:?}");
+        pids.sort();
+        let mut expected: Vec<String> = (0..100)
+            .map(pid)
+            .filter(|candidate| {
+                model::PersistenceId::parse("pid", candidate.clone())
+                    .unwrap()
+                    .slice()
+                    == slice
+            })
+            .collect();
+        expected.sort();
+        assert_eq!(pids, expected, "exactly the events of its slice, once");
+    }
+    for (_, receiver) in &mut receivers {
+        assert!(receiver.try_recv().is_err(), "one event per subscriber");
+    }
+
+    // Clients leaving free everything: the tail stops with the last subscriber.
     drop(receivers);
+    drop(slice_receivers);
     while queries.running_pollers() > 0 {
         assert!(
             tokio::time::Instant::now() < deadline + Duration::from_secs(10),
-            "pollers still running"
+            "the tail is still running"
         );
         tokio::time::sleep(Duration::from_millis(20)).await;
     }
