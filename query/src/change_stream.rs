@@ -45,6 +45,19 @@ use crate::offset::{Offset, Position};
 
 /// Changes a subscriber may be behind the shared stream before it reads a private one.
 const STREAM_BUFFER: usize = 1024;
+/// The shared stream keeps the changes of the last `2 x allowed-time-drift` plus this, so a
+/// subscriber that joins (or rejoins after a gap or after falling behind) starts from them
+/// rather than from a private change stream.
+const HISTORY_EXTRA: Duration = Duration::from_secs(10);
+/// At most this many bytes of recent changes (payloads included) are kept; past it the oldest
+/// go first and a subscriber that needs them reads a private stream.
+const HISTORY_BYTES: usize = 16 << 20;
+/// Private change streams open at once on a server; more subscribers catching up wait.
+const PRIVATE_STREAMS: usize = 8;
+/// A private stream's wait for new changes before it reports that it has caught up.
+const PRIVATE_AWAIT: Duration = Duration::from_millis(100);
+/// How long a subscriber waits for the shared stream to open before it reads a private one.
+const OPEN_WAIT: Duration = Duration::from_secs(10);
 /// MongoDB's code for a resume point that left the oplog.
 const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
 /// Codes for a resume point a stream cannot be opened from: it left the oplog (286,
@@ -52,12 +65,156 @@ const CHANGE_STREAM_HISTORY_LOST: i32 = 286;
 /// (260, InvalidResumeToken; 280, ChangeStreamFatalError).
 const RESUME_POINT_LOST: [i32; 4] = [CHANGE_STREAM_HISTORY_LOST, 136, 260, 280];
 
-/// One journal change: the event, its position, and the change's resume token (hex).
+/// A cluster time as (seconds, increment), ordered like MongoDB's timestamps.
+pub type ClusterTime = (u32, u32);
+
+/// One journal change: the event, its position, the change's resume token (hex) and cluster
+/// time.
 #[derive(Debug)]
 struct Changed {
     position: Position,
     event: PersistentEvent,
     token: String,
+    cluster_time: ClusterTime,
+}
+
+impl Changed {
+    /// Roughly the memory it holds.
+    fn bytes(&self) -> usize {
+        let event = &self.event;
+        256 + event.payload.data.len()
+            + event
+                .metadata
+                .as_ref()
+                .map_or(0, |metadata| metadata.data.len())
+            + self.token.len()
+            + 2 * event.persistence_id.as_str().len()
+            + event
+                .tags
+                .iter()
+                .map(|tag| tag.as_str().len() + 24)
+                .sum::<usize>()
+    }
+}
+
+/// The shared stream's recent changes, so joining subscribers start from memory.
+#[derive(Default)]
+struct History {
+    /// Every change with a cluster time at or after this one is in `changes`; `None` while the
+    /// stream is not open.
+    complete_from: Option<ClusterTime>,
+    changes: VecDeque<Arc<Changed>>,
+    bytes: usize,
+}
+
+/// What a joining subscriber needs from the shared stream.
+enum Need {
+    /// Every change at or after this cluster time.
+    Since(ClusterTime),
+    /// Every change after this resume token.
+    After(String),
+}
+
+impl History {
+    /// The changes `need` asks for, or `None` if some may be missing.
+    fn since(&self, need: &Need) -> Option<Vec<Arc<Changed>>> {
+        let from = self.complete_from?;
+        let covered = match need {
+            Need::Since(time) => *time >= from,
+            Need::After(token) => token_time(token).is_some_and(|time| time >= from),
+        };
+        if !covered {
+            return None;
+        }
+        Some(
+            self.changes
+                .iter()
+                .filter(|change| match need {
+                    Need::Since(time) => change.cluster_time >= *time,
+                    Need::After(token) => change.token > *token,
+                })
+                .cloned()
+                .collect(),
+        )
+    }
+
+    fn push(&mut self, change: Arc<Changed>, keep_since: ClusterTime) {
+        self.bytes += change.bytes();
+        self.changes.push_back(change);
+        while let Some(oldest) = self.changes.front() {
+            if oldest.cluster_time >= keep_since && self.bytes <= HISTORY_BYTES {
+                break;
+            }
+            let (seconds, increment) = oldest.cluster_time;
+            self.complete_from = Some((seconds, increment.saturating_add(1)));
+            self.bytes -= oldest.bytes();
+            self.changes.pop_front();
+        }
+    }
+
+    /// The stream (re)opened without its resume point: only changes from `from` on are known.
+    fn restart(&mut self, from: Option<ClusterTime>) {
+        self.changes.clear();
+        self.bytes = 0;
+        self.complete_from = from;
+    }
+}
+
+/// The state the shared stream's task and its subscribers share.
+struct Tail {
+    changes: broadcast::Sender<Change>,
+    history: Mutex<History>,
+    /// True once the stream has opened (the history has a start).
+    opened: tokio::sync::watch::Sender<bool>,
+}
+
+impl Tail {
+    fn history(&self) -> std::sync::MutexGuard<'_, History> {
+        match self.history.lock() {
+            Ok(history) => history,
+            Err(poisoned) => poisoned.into_inner(),
+        }
+    }
+
+    /// Publishes a change: kept in the history, then broadcast, under one lock so a joining
+    /// subscriber sees each change either in the history or on its receiver, never both or
+    /// neither.
+    fn publish(&self, change: Arc<Changed>, keep_since: ClusterTime) {
+        let mut history = self.history();
+        history.push(Arc::clone(&change), keep_since);
+        let _ = self.changes.send(Change::Event(change));
+    }
+
+    /// The stream opened without a resume point, complete from `from` on: history restarts
+    /// and subscribers hear of a gap.
+    fn gap(&self, from: ClusterTime) {
+        let mut history = self.history();
+        history.restart(Some(from));
+        let _ = self.changes.send(Change::Gap);
+        drop(history);
+        self.opened.send_replace(true);
+    }
+
+    /// The changes `need` asks for and a receiver for every later one, or `None` when the
+    /// history does not reach back far enough.
+    fn join(&self, need: &Need) -> Option<(Vec<Arc<Changed>>, broadcast::Receiver<Change>)> {
+        let history = self.history();
+        let backlog = history.since(need)?;
+        Some((backlog, self.changes.subscribe()))
+    }
+}
+
+/// The cluster time (seconds, increment) at the start of a resume token (hex `_data`): a
+/// KeyString starting with the timestamp type byte `0x82` and the timestamp's seconds and
+/// increment, big-endian. `None` for any other shape.
+pub fn token_time(hex: &str) -> Option<ClusterTime> {
+    let head = hex.get(..18)?;
+    if !head.starts_with("82") {
+        return None;
+    }
+    let seconds = u32::from_str_radix(&head[2..10], 16).ok()?;
+    let increment = u32::from_str_radix(&head[10..18], 16).ok()?;
+    Some((seconds, increment))
 }
 
 #[derive(Debug, Clone)]
@@ -68,7 +225,7 @@ enum Change {
 }
 
 struct SharedStream {
-    changes: broadcast::Sender<Change>,
+    tail: Arc<Tail>,
     stop: CancellationToken,
 }
 
@@ -86,16 +243,17 @@ pub struct ChangeStreams {
     polling: Polling,
     shutdown: CancellationToken,
     running: Mutex<Weak<SharedStream>>,
+    private_streams: Arc<tokio::sync::Semaphore>,
 }
 
 /// Where a private change stream starts.
 enum PrivateStart {
     /// Right after this change.
     After(String),
-    /// At this time (ms), skipping events the queries delivered: stamped at or before
-    /// `horizon`, or at or before the position the queries started after.
+    /// At this cluster time (seconds), skipping events the queries delivered: stamped at or
+    /// before `horizon`, or at or before the position the queries started after.
     At {
-        millis: i64,
+        seconds: u32,
         horizon: i64,
         after: Option<Position>,
     },
@@ -114,6 +272,7 @@ impl ChangeStreams {
             polling,
             shutdown,
             running: Mutex::new(Weak::new()),
+            private_streams: Arc::new(tokio::sync::Semaphore::new(PRIVATE_STREAMS)),
         }
     }
 
@@ -133,14 +292,20 @@ impl ChangeStreams {
             return shared;
         }
         let (changes, _) = broadcast::channel(STREAM_BUFFER);
+        let tail = Arc::new(Tail {
+            changes,
+            history: Mutex::new(History::default()),
+            opened: tokio::sync::watch::Sender::new(false),
+        });
         let stop = self.shutdown.child_token();
         tokio::spawn(watch_shared(
             self.events.clone(),
             self.backoff.clone(),
-            changes.clone(),
+            self.history_span(),
+            Arc::clone(&tail),
             stop.clone(),
         ));
-        let shared = Arc::new(SharedStream { changes, stop });
+        let shared = Arc::new(SharedStream { tail, stop });
         *running = Arc::downgrade(&shared);
         shared
     }
@@ -159,63 +324,122 @@ impl ChangeStreams {
             sink,
             cancel: self.shutdown.clone(),
             last: start,
+            seen: None,
             delivered: Delivered::new(2 * self.drift_millis()),
         };
         loop {
-            let mut changes = shared.changes.subscribe();
-            let from = match subscriber
+            subscriber.settle_seen();
+            let (need, skip) = match subscriber
                 .last
                 .as_ref()
                 .and_then(|last| last.change.clone())
             {
-                Some(token) => PrivateStart::After(token),
+                Some(token) => (Need::After(token), None),
                 None => {
                     let horizon = self.polling.horizon_millis();
                     let after = subscriber.last.as_ref().map(|last| last.position.clone());
                     if !subscriber.query(horizon, self.polling.batch_size).await {
                         return;
                     }
-                    PrivateStart::At {
-                        millis: horizon - self.drift_millis(),
-                        horizon,
-                        after,
-                    }
+                    // Cluster time counts seconds; a second earlier is safe (what the queries
+                    // delivered is skipped, and repeats are dropped).
+                    let millis = horizon - self.drift_millis();
+                    let seconds = u32::try_from(millis.div_euclid(1000) - 1).unwrap_or(0);
+                    (Need::Since((seconds, 0)), Some((horizon, after)))
                 }
             };
-            let caught_up = match self.private(&mut subscriber, from, &mut changes).await {
-                Step::Over => return,
-                Step::Again => continue,
-                Step::Done(pending) => pending,
+            // Step 2: from the shared stream's recent changes when they reach back far enough,
+            // else from a private change stream.
+            if !self.wait_until_open(&shared.tail, &subscriber).await {
+                return;
+            }
+            let Some((backlog, mut changes)) = shared.tail.join(&need) else {
+                let mut changes = shared.tail.changes.subscribe();
+                let from = match need {
+                    Need::After(token) => PrivateStart::After(token),
+                    Need::Since((seconds, _)) => {
+                        let (horizon, after) = skip.unwrap_or_default();
+                        PrivateStart::At {
+                            seconds,
+                            horizon,
+                            after,
+                        }
+                    }
+                };
+                let caught_up = match self.private(&mut subscriber, from, &mut changes).await {
+                    Step::Over => return,
+                    Step::Again => continue,
+                    Step::Done(pending) => pending,
+                };
+                for change in caught_up {
+                    if !subscriber.offer(&change).await {
+                        return;
+                    }
+                }
+                if !self.follow_shared(&mut subscriber, &mut changes).await {
+                    return;
+                }
+                continue;
             };
-            // The shared stream, from the change where the private one stopped.
-            for change in caught_up {
+            for change in backlog {
+                if skipped(&skip, &change) {
+                    continue;
+                }
                 if !subscriber.offer(&change).await {
                     return;
                 }
             }
-            loop {
-                let received = tokio::select! {
-                    () = self.shutdown.cancelled() => return,
-                    () = subscriber.sink.closed() => return,
-                    received = changes.recv() => received,
-                };
-                match received {
-                    Ok(Change::Event(change)) => {
-                        if !subscriber.offer(&change).await {
-                            return;
-                        }
-                    }
-                    Ok(Change::Gap) | Err(broadcast::error::RecvError::Lagged(_)) => {
-                        metrics::CHANGE_STREAM_FALLBACKS.inc();
-                        tracing::debug!(
-                            "change-stream subscriber resumes from its own resume token"
-                        );
-                        break;
-                    }
-                    Err(broadcast::error::RecvError::Closed) => return,
-                }
+            // Step 3.
+            if !self.follow_shared(&mut subscriber, &mut changes).await {
+                return;
             }
         }
+    }
+
+    /// Waits until the shared stream has opened (so its history says what it holds), at most
+    /// [`OPEN_WAIT`]; false when the subscription is over.
+    async fn wait_until_open(&self, tail: &Tail, subscriber: &Subscriber) -> bool {
+        let mut opened = tail.opened.subscribe();
+        tokio::select! {
+            () = self.shutdown.cancelled() => false,
+            () = subscriber.sink.closed() => false,
+            _ = tokio::time::timeout(OPEN_WAIT, opened.wait_for(|opened| *opened)) => true,
+        }
+    }
+
+    /// Step 3: the shared stream, until a gap or falling behind (true: rejoin) or the end of
+    /// the subscription (false).
+    async fn follow_shared(
+        &self,
+        subscriber: &mut Subscriber,
+        changes: &mut broadcast::Receiver<Change>,
+    ) -> bool {
+        loop {
+            let received = tokio::select! {
+                () = self.shutdown.cancelled() => return false,
+                () = subscriber.sink.closed() => return false,
+                received = changes.recv() => received,
+            };
+            match received {
+                Ok(Change::Event(change)) => {
+                    if !subscriber.offer(&change).await {
+                        return false;
+                    }
+                }
+                Ok(Change::Gap) | Err(broadcast::error::RecvError::Lagged(_)) => {
+                    metrics::CHANGE_STREAM_FALLBACKS.inc();
+                    tracing::debug!("change-stream subscriber rejoins from its own resume token");
+                    return true;
+                }
+                Err(broadcast::error::RecvError::Closed) => return false,
+            }
+        }
+    }
+
+    /// How far back the shared stream keeps changes: a joining subscriber reads from
+    /// `horizon - drift - 1 s`, with `horizon = now - drift`.
+    fn history_span(&self) -> Duration {
+        2 * self.polling.allowed_time_drift + HISTORY_EXTRA
     }
 
     fn drift_millis(&self) -> i64 {
@@ -235,27 +459,33 @@ impl ChangeStreams {
                 None => return subscriber.fall_back(self.drift_millis()),
             },
             PrivateStart::At {
-                millis,
+                seconds,
                 horizon,
                 after,
-            } => {
-                // Cluster time counts seconds; a second earlier is safe (duplicates are skipped).
-                let seconds = u32::try_from(millis.div_euclid(1000) - 1).unwrap_or(0);
-                (
-                    None,
-                    Some(Timestamp {
-                        time: seconds,
-                        increment: 0,
-                    }),
-                    Some((horizon, after)),
-                )
-            }
+            } => (
+                None,
+                Some(Timestamp {
+                    time: seconds,
+                    increment: 0,
+                }),
+                Some((horizon, after)),
+            ),
+        };
+        // Bounded: subscribers catching up never hold more than a few connections.
+        let permit = tokio::select! {
+            () = self.shutdown.cancelled() => return Step::Over,
+            () = subscriber.sink.closed() => return Step::Over,
+            permit = Arc::clone(&self.private_streams).acquire_owned() => permit,
+        };
+        let Ok(permit) = permit else {
+            return Step::Over;
         };
         let watch = self
             .events
             .watch()
             .pipeline(pipeline())
             .full_document(FullDocumentType::UpdateLookup)
+            .max_await_time(PRIVATE_AWAIT)
             .resume_after(resume_after);
         let opened = match start_at {
             Some(time) => watch.start_at_operation_time(time).await,
@@ -283,7 +513,10 @@ impl ChangeStreams {
         // The private stream is read by a task of its own, so waiting on it here can be given
         // up at any time without dropping a driver call half-way.
         let (private_sender, mut private_changes) = mpsc::channel(PRIVATE_BUFFER);
-        let reader = AbortOnDrop(tokio::spawn(read_private(private, private_sender)));
+        let reader = AbortOnDrop(tokio::spawn(async move {
+            read_private(private, private_sender).await;
+            drop(permit);
+        }));
         // Shared changes seen while the private stream catches up, at most STREAM_BUFFER: a
         // subscriber further behind stops listening to the shared stream, follows its private
         // one until it has caught up, and then starts step 2 again from there.
@@ -319,13 +552,7 @@ impl ChangeStreams {
             };
             match private_change {
                 Some(Private::Change(change)) => {
-                    let skipped = skip.as_ref().is_some_and(|(horizon, after)| {
-                        change.position.written_at_millis <= *horizon
-                            || after
-                                .as_ref()
-                                .is_some_and(|after| change.position <= *after)
-                    });
-                    if !skipped && !subscriber.offer(&change).await {
+                    if !skipped(&skip, &change) && !subscriber.offer(&change).await {
                         return Step::Over;
                     }
                     if pending
@@ -361,7 +588,7 @@ impl ChangeStreams {
 const PRIVATE_BUFFER: usize = 64;
 
 enum Private {
-    Change(Box<Changed>),
+    Change(Arc<Changed>),
     /// No change waits right now; the stream has seen everything up to this resume token.
     CaughtUp(String),
     HistoryLost,
@@ -385,7 +612,7 @@ async fn read_private(
     loop {
         let message = match stream.next_if_any().await {
             Ok(Some(change)) => match changed(change) {
-                Some(change) => Private::Change(Box::new(change)),
+                Some(change) => Private::Change(Arc::new(change)),
                 None => continue,
             },
             Ok(None) if !stream.is_alive() => Private::Ended,
@@ -409,6 +636,17 @@ async fn read_private(
     }
 }
 
+/// Whether a change joining step 2 was already delivered by the step 1 queries: stamped at or
+/// before their horizon, or at or before the position they started after.
+fn skipped(skip: &Option<(i64, Option<Position>)>, change: &Changed) -> bool {
+    skip.as_ref().is_some_and(|(horizon, after)| {
+        change.position.written_at_millis <= *horizon
+            || after
+                .as_ref()
+                .is_some_and(|after| change.position <= *after)
+    })
+}
+
 enum Step {
     Over,
     Again,
@@ -420,6 +658,9 @@ struct Subscriber {
     sink: Sink<PersistentEvent>,
     cancel: CancellationToken,
     last: Option<Offset>,
+    /// The latest change passed over (not for this subscriber) since `last`: folded into `last`
+    /// when needed, so following the shared stream costs no copy per change.
+    seen: Option<Arc<Changed>>,
     delivered: Delivered,
 }
 
@@ -450,22 +691,19 @@ impl Subscriber {
     }
 
     /// Delivers a change for this subscriber's selector unless it already went out.
-    async fn offer(&mut self, change: &Changed) -> bool {
-        if self
-            .last
-            .as_ref()
-            .and_then(|last| last.change.as_ref())
-            .is_some_and(|last| &change.token <= last)
-        {
+    async fn offer(&mut self, change: &Arc<Changed>) -> bool {
+        let newest = match &self.seen {
+            Some(seen) => Some(&seen.token),
+            None => self.last.as_ref().and_then(|last| last.change.as_ref()),
+        };
+        if newest.is_some_and(|newest| &change.token <= newest) {
             return true;
         }
         if !self.feed.selector.matches(&change.event) {
-            self.last = Some(Offset {
-                position: change.position.clone(),
-                change: Some(change.token.clone()),
-            });
+            self.seen = Some(Arc::clone(change));
             return true;
         }
+        self.seen = None;
         let offset = Offset {
             position: change.position.clone(),
             change: Some(change.token.clone()),
@@ -473,7 +711,18 @@ impl Subscriber {
         self.send(offset, change.event.clone()).await
     }
 
+    /// Folds the latest change passed over into `last`.
+    fn settle_seen(&mut self) {
+        if let Some(seen) = self.seen.take() {
+            self.last = Some(Offset {
+                position: seen.position.clone(),
+                change: Some(seen.token.clone()),
+            });
+        }
+    }
+
     async fn send(&mut self, offset: Offset, event: PersistentEvent) -> bool {
+        self.seen = None;
         let id = (
             event.persistence_id.as_str().to_owned(),
             event.sequence_nr.get(),
@@ -492,6 +741,7 @@ impl Subscriber {
     /// The private stream saw everything up to the resume token `seen`: shared changes up to it
     /// are not offered again.
     fn seen_through(&mut self, seen: String) {
+        self.settle_seen();
         match &mut self.last {
             Some(last) if last.change.as_ref().is_none_or(|change| *change < seen) => {
                 last.change = Some(seen)
@@ -516,6 +766,7 @@ impl Subscriber {
     /// a private stream from there. Events of that window this connection delivered are skipped;
     /// from a client's offset they can come again.
     fn fall_back(&mut self, drift_millis: i64) -> Step {
+        self.settle_seen();
         self.last = self.last.take().map(|last| {
             Offset::from(Position {
                 written_at_millis: last.position.written_at_millis.saturating_sub(drift_millis),
@@ -585,6 +836,10 @@ fn resume_token(hex: &str) -> Option<ResumeToken> {
 /// A live event's change, or `None` for a deleted event.
 fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
     let token = token_hex(&change.id)?;
+    let cluster_time = change
+        .cluster_time
+        .map(|time| (time.time, time.increment))
+        .or_else(|| token_time(&token))?;
     let document = change.full_document?;
     if document.deleted_at.is_some() {
         return None;
@@ -594,6 +849,7 @@ fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
             position,
             event,
             token,
+            cluster_time,
         }),
         Err(error) => {
             tracing::error!(%error, "change stream: corrupt journal document");
@@ -606,36 +862,75 @@ fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
 ///
 /// It always holds a resume point from the moment it opens (the post-batch resume token of
 /// each batch, events or not), so a restart after an error resumes exactly. When it has to
-/// open without one (at the start, or after its resume point was lost) it opens at "now" and
-/// then publishes a gap: subscribers that followed it, or were about to, read what they may
-/// have missed from their own resume tokens.
+/// open without one (at the start, or after its resume point was lost) it opens `span` in the
+/// past (or at "now" if the oplog does not reach back that far), restarts its history there and
+/// publishes a gap: subscribers that followed it rejoin from their own resume tokens.
 async fn watch_shared(
     events: Collection<EventDocument>,
     backoff: BackoffSettings,
-    changes: broadcast::Sender<Change>,
+    span: Duration,
+    tail: Arc<Tail>,
     stop: CancellationToken,
 ) {
     let mut resume: Option<ResumeToken> = None;
     let mut pause = backoff.min_backoff;
+    // Whether a fresh open starts `span` in the past (false after the oplog did not reach).
+    let mut look_back = true;
     loop {
         let fresh = resume.is_none();
-        let opened = events
+        let start = (fresh && look_back).then(|| {
+            let seconds = now_seconds().saturating_sub(span.as_secs() as u32);
+            Timestamp {
+                time: seconds,
+                increment: 0,
+            }
+        });
+        let watch = events
             .watch()
             .pipeline(pipeline())
             .full_document(FullDocumentType::UpdateLookup)
-            .resume_after(resume.clone())
-            .await;
+            .resume_after(resume.clone());
+        let opened = match start {
+            Some(start) => watch.start_at_operation_time(start).await,
+            None => watch.await,
+        };
         match opened {
             Ok(stream) => {
-                resume = stream.resume_token().or(resume);
                 if fresh {
-                    let _ = changes.send(Change::Gap);
+                    let from = match start {
+                        Some(start) => (start.time, start.increment),
+                        // Opened at "now": complete from its first resume point on.
+                        None => stream
+                            .resume_token()
+                            .as_ref()
+                            .and_then(token_hex)
+                            .and_then(|token| token_time(&token))
+                            .unwrap_or((u32::MAX, 0)),
+                    };
+                    tail.gap(from);
+                    look_back = true;
                 }
-                let ended =
-                    follow(stream, &changes, &stop, &mut resume, &mut pause, &backoff).await;
+                resume = stream.resume_token().or(resume);
+                let keep = span;
+                let ended = follow(
+                    stream,
+                    &tail,
+                    keep,
+                    &stop,
+                    &mut resume,
+                    &mut pause,
+                    &backoff,
+                )
+                .await;
                 if ended.is_none() {
                     return;
                 }
+            }
+            Err(error) if fresh && look_back && resume_point_lost(&error) => {
+                // The oplog does not reach back `span` (a young replica set): open at "now".
+                tracing::debug!(%error, "change stream: the oplog does not reach back; opening at now");
+                look_back = false;
+                continue;
             }
             Err(error) => {
                 tracing::warn!(%error, "cannot open the change stream; retrying");
@@ -655,6 +950,14 @@ async fn watch_shared(
     }
 }
 
+fn now_seconds() -> u32 {
+    std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |elapsed| {
+            u32::try_from(elapsed.as_secs()).unwrap_or(u32::MAX)
+        })
+}
+
 /// The resume point left the oplog, or belongs to a dropped or renamed collection.
 fn resume_point_lost(error: &mongodb::error::Error) -> bool {
     mongo::error_codes(error)
@@ -666,7 +969,8 @@ fn resume_point_lost(error: &mongodb::error::Error) -> bool {
 /// `resume` at the stream's latest resume point.
 async fn follow(
     mut stream: ChangeStream<ChangeStreamEvent<EventDocument>>,
-    changes: &broadcast::Sender<Change>,
+    tail: &Tail,
+    keep: Duration,
     stop: &CancellationToken,
     resume: &mut Option<ResumeToken>,
     pause: &mut Duration,
@@ -683,7 +987,8 @@ async fn follow(
                 *resume = stream.resume_token().or(resume.take());
                 if let Some(change) = changed(change) {
                     metrics::observe_lag(metrics::CHANGE_STREAM, change.position.written_at_millis);
-                    let _ = changes.send(Change::Event(Arc::new(change)));
+                    let keep_since = (now_seconds().saturating_sub(keep.as_secs() as u32), 0);
+                    tail.publish(Arc::new(change), keep_since);
                 }
             }
             // An empty batch: the stream has seen the oplog up to its post-batch token.

@@ -244,3 +244,40 @@ async fn open_change_streams(database: &mongodb::Database, namespace: &str) -> u
         .unwrap();
     operations.len()
 }
+
+/// The shared stream's history says which resume tokens it covers by the cluster time at the
+/// start of a token: check that reading against tokens MongoDB hands out.
+#[tokio::test]
+async fn resume_tokens_start_with_their_cluster_time() {
+    let settings = settings();
+    let database = mongo::connect(&settings.mongodb).await.unwrap();
+    let collection = database.collection::<mongodb::bson::Document>("token_times");
+    let mut stream = collection.watch().await.unwrap();
+    for n in 0..3 {
+        collection
+            .insert_one(mongodb::bson::doc! { "n": n })
+            .await
+            .unwrap();
+        let change = tokio::time::timeout(Duration::from_secs(10), async {
+            loop {
+                if let Some(change) = stream.next_if_any().await.unwrap() {
+                    return change;
+                }
+            }
+        })
+        .await
+        .unwrap();
+        let token = match mongodb::bson::to_bson(&change.id).unwrap() {
+            mongodb::bson::Bson::Document(document) => {
+                document.get_str("_data").unwrap().to_owned()
+            }
+            other => panic!("{other:?}"),
+        };
+        let time = change.cluster_time.unwrap();
+        assert_eq!(
+            query::change_stream::token_time(&token),
+            Some((time.time, time.increment)),
+            "{token}"
+        );
+    }
+}
