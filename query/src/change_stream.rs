@@ -480,6 +480,7 @@ impl ChangeStreams {
         let Ok(permit) = permit else {
             return Step::Over;
         };
+        metrics::PRIVATE_CHANGE_STREAMS.inc();
         let watch = self
             .events
             .watch()
@@ -926,9 +927,10 @@ async fn watch_shared(
                     return;
                 }
             }
-            Err(error) if fresh && look_back && resume_point_lost(&error) => {
-                // The oplog does not reach back `span` (a young replica set): open at "now".
-                tracing::debug!(%error, "change stream: the oplog does not reach back; opening at now");
+            Err(error) if fresh && look_back => {
+                // The oplog may not reach back `span` (a young replica set): open at "now"
+                // (and look back again after that open).
+                tracing::debug!(%error, "change stream: cannot open in the past; opening at now");
                 look_back = false;
                 continue;
             }

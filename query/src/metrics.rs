@@ -39,6 +39,15 @@ pub static CHANGE_STREAM_FALLBACKS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registered once")
 });
 
+pub static PRIVATE_CHANGE_STREAMS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "eventjournal_read_journal_private_change_streams_total",
+        "Private change streams opened by subscribers the shared stream's recent changes did not \
+         reach back for (an old offset, a long gap)"
+    )
+    .expect("metric registered once")
+});
+
 pub(crate) fn observe_lag(mode: &str, written_at_millis: i64) {
     let now = SystemTime::now()
         .duration_since(UNIX_EPOCH)

@@ -194,6 +194,14 @@ async fn subscribers_share_one_change_stream_which_stops_with_the_last() {
         0,
         "change-stream mode does not poll for live tag queries"
     );
+    // Every subscriber joins from the shared stream's recent changes: none opens a change stream
+    // of its own (the counter is process-wide, and no other test here uses change streams).
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    assert_eq!(
+        query::metrics::PRIVATE_CHANGE_STREAMS.get(),
+        0,
+        "subscribers opened private change streams"
+    );
     // Idle subscribers hand over to the shared stream: MongoDB holds about one change-stream
     // cursor on the journal, not one per subscriber.
     let namespace = format!(
