@@ -38,8 +38,23 @@ pub async fn run(
     let journal = Journal::new(&database, &settings);
     let snapshots = SnapshotStore::new(&database, &settings);
     let durable_state = DurableStateStore::new(&database, &settings);
+    // The read journal has a connection pool of its own (read-journal.max-pool-size), so
+    // subscribers catching up can never take the connections writes need.
+    let read_database = mongo::connect(&config::MongoSettings {
+        max_pool_size: settings.read_journal.max_pool_size,
+        min_pool_size: mongodb
+            .min_pool_size
+            .min(settings.read_journal.max_pool_size),
+        ..mongodb.clone()
+    })
+    .await
+    .context("invalid MongoDB connection settings")?;
     // Live queries end when the server shuts down, so graceful shutdown does not wait on them.
-    let queries = Arc::new(ReadJournal::new(&database, &settings, shutdown.clone()));
+    let queries = Arc::new(ReadJournal::new(
+        &read_database,
+        &settings,
+        shutdown.clone(),
+    ));
     if mongodb.create_indexes {
         crate::ops::indexes::create_missing(&database, &settings).await?;
     }

@@ -1237,3 +1237,94 @@ async fn a_subscriber_resuming_from_its_last_offset_gets_every_event_once() {
 async fn change_stream_subscriber_resuming_from_its_offset_gets_every_event_once() {
     resumes_exactly_once(Mode::ChangeStreams, "cs_resume").await;
 }
+
+/// The read journal has a connection pool of its own: 1,000 subscribers catching up at once
+/// (thousands of queries queued on its 2 connections) do not make writes wait for a connection.
+#[tokio::test]
+async fn a_thousand_subscribers_catching_up_do_not_slow_writes_down() {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicUsize, Ordering};
+    const EVENTS: i64 = 1_000;
+    const SUBSCRIBERS: usize = 1_000;
+    let server = TestServer::start_with("rj_pool", |settings| {
+        fast(settings);
+        settings.read_journal.max_pool_size = 2;
+    })
+    .await;
+    let mut journal = server.journal().await;
+    for first in (1..=EVENTS).step_by(50) {
+        let events = (first..first + 50)
+            .map(|n| tagged("busy-1", n, &["busy"]))
+            .collect();
+        assert!(
+            write(&mut journal, vec![atomic(events)])
+                .await
+                .iter()
+                .all(is_written)
+        );
+    }
+    settle().await;
+    let mut next = 1;
+    let mut timed_write = async || {
+        let started = std::time::Instant::now();
+        let outcome = write(
+            &mut journal,
+            vec![atomic(vec![event("quiet-1", next, "q")])],
+        )
+        .await;
+        assert!(is_written(&outcome[0]), "{outcome:?}");
+        next += 1;
+        started.elapsed()
+    };
+    let mut alone = Vec::new();
+    for _ in 0..10 {
+        alone.push(timed_write().await);
+    }
+
+    let finished = Arc::new(AtomicUsize::new(0));
+    let mut subscribers = Vec::new();
+    for _ in 0..10 {
+        let channel = server.channel().await;
+        for _ in 0..SUBSCRIBERS / 10 {
+            let mut queries = ReadJournalClient::new(channel.clone());
+            let finished = finished.clone();
+            subscribers.push(tokio::spawn(async move {
+                let mut stream = queries
+                    .events_by_tag(pb::EventsByTagRequest {
+                        tag: "busy".into(),
+                        offset: String::new(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner();
+                let mut received = 0;
+                while received < EVENTS {
+                    stream.message().await.unwrap().unwrap();
+                    received += 1;
+                }
+                finished.fetch_add(1, Ordering::Relaxed);
+            }));
+        }
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let mut busy = Vec::new();
+    for _ in 0..10 {
+        busy.push(timed_write().await);
+    }
+    let done = finished.load(Ordering::Relaxed);
+    alone.sort();
+    busy.sort();
+    let (alone_median, busy_median) = (alone[5], busy[5]);
+    assert!(
+        busy_median <= alone_median * 5 + Duration::from_millis(100)
+            && busy[9] < Duration::from_secs(2),
+        "writes next to 1,000 catching-up subscribers took {busy:?}, alone {alone:?}"
+    );
+    assert!(
+        done < SUBSCRIBERS / 2,
+        "{done} subscribers had caught up before the writes ended: the test measured nothing"
+    );
+    for subscriber in subscribers {
+        subscriber.abort();
+    }
+}

@@ -357,6 +357,10 @@ pub struct ReadJournalSettings {
     pub batch_size: u32,
     #[serde(with = "humantime_serde")]
     pub poll_interval: Duration,
+    /// Connections of the read journal's own pool (live and current queries), apart from
+    /// `mongodb.max-pool-size`: subscribers catching up wait for these, never for the
+    /// connections writes use.
+    pub max_pool_size: u32,
     pub change_stream_restart: BackoffSettings,
 }
 
@@ -367,6 +371,7 @@ impl Default for ReadJournalSettings {
             allowed_time_drift: Duration::from_secs(2),
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
+            max_pool_size: 10,
             change_stream_restart: BackoffSettings::default(),
         }
     }

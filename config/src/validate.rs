@@ -299,6 +299,12 @@ impl Settings {
             "must be 1 to 100000",
         );
         problems.positive("read-journal.poll-interval", read.poll_interval);
+        problems.check(
+            read.max_pool_size >= 1,
+            "read-journal.max-pool-size",
+            read.max_pool_size,
+            "must be at least 1",
+        );
         let backoff = &read.change_stream_restart;
         problems.positive(
             "read-journal.change-stream-restart.min-backoff",

@@ -52,8 +52,6 @@ const HISTORY_EXTRA: Duration = Duration::from_secs(10);
 /// At most this many bytes of recent changes (payloads included) are kept; past it the oldest
 /// go first and a subscriber that needs them reads a private stream.
 const HISTORY_BYTES: usize = 16 << 20;
-/// Private change streams open at once on a server; more subscribers catching up wait.
-const PRIVATE_STREAMS: usize = 8;
 /// A private stream's wait for new changes before it reports that it has caught up.
 const PRIVATE_AWAIT: Duration = Duration::from_millis(100);
 /// How long a subscriber waits for the shared stream to open before it reads a private one.
@@ -260,10 +258,13 @@ enum PrivateStart {
 }
 
 impl ChangeStreams {
+    /// `private_streams`: private change streams open at once (more subscribers catching up
+    /// wait), so they hold at most that many of the read pool's connections.
     pub fn new(
         events: Collection<EventDocument>,
         backoff: BackoffSettings,
         polling: Polling,
+        private_streams: usize,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -272,7 +273,7 @@ impl ChangeStreams {
             polling,
             shutdown,
             running: Mutex::new(Weak::new()),
-            private_streams: Arc::new(tokio::sync::Semaphore::new(PRIVATE_STREAMS)),
+            private_streams: Arc::new(tokio::sync::Semaphore::new(private_streams)),
         }
     }
 

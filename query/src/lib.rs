@@ -71,6 +71,9 @@ impl ReadJournal {
                     database.collection(&names.journal),
                     read.change_stream_restart.clone(),
                     polling,
+                    // Half the read pool, so queries and the shared tails always find a
+                    // connection.
+                    (read.max_pool_size as usize / 2).max(1),
                     shutdown.clone(),
                 )
             }),
