@@ -1328,3 +1328,112 @@ async fn a_thousand_subscribers_catching_up_do_not_slow_writes_down() {
         subscriber.abort();
     }
 }
+
+/// Persistence-id queries cost what they return: `CurrentPersistenceIds` reads a page of ids
+/// per round trip (an index seek per id, not a scan of each id's events), ids whose events were
+/// all deleted and purged are still listed (from the journal metadata), and a quiet live
+/// `PersistenceIds` does not re-read what it has passed. Measured with MongoDB's profiler.
+#[tokio::test]
+async fn persistence_id_queries_cost_what_they_return() {
+    use futures::TryStreamExt;
+    use mongodb::bson::{Document, doc};
+    let server = start("rj_pid_cost").await;
+    let mut journal = server.journal().await;
+    let pid = |n: usize| format!("pid-{n:02}");
+    let writes = (0..20)
+        .map(|n| atomic((1..=50).map(|seq| tagged(&pid(n), seq, &[])).collect()))
+        .collect();
+    assert!(write(&mut journal, writes).await.iter().all(is_written));
+    // pid-03's events are deleted and purged (as the TTL monitor would).
+    journal
+        .delete_events_to(pb::DeleteEventsToRequest {
+            persistence_id: pid(3),
+            to_sequence_nr: i64::MAX,
+        })
+        .await
+        .unwrap();
+    let database = server.mongodb().await;
+    let events = database.collection::<Document>("journal");
+    events.delete_many(doc! { "pid": pid(3) }).await.unwrap();
+
+    let mut queries = ReadJournalClient::new(server.channel().await);
+    let current = |after: &str, limit: Option<i64>| {
+        let mut queries = queries.clone();
+        let request = pb::CurrentPersistenceIdsRequest {
+            after_id: after.into(),
+            limit,
+        };
+        async move {
+            let mut stream = queries
+                .current_persistence_ids(request)
+                .await
+                .unwrap()
+                .into_inner();
+            let mut found = Vec::new();
+            while let Some(entry) = stream.message().await.unwrap() {
+                found.push(entry.persistence_id);
+            }
+            found
+        }
+    };
+    database.run_command(doc! { "profile": 2 }).await.unwrap();
+    let profiled = async |since: mongodb::bson::DateTime| -> (i64, i64, usize) {
+        let operations: Vec<Document> = database
+            .collection::<Document>("system.profile")
+            .find(doc! { "ns": format!("{}.journal", server.database), "ts": { "$gt": since } })
+            .await
+            .unwrap()
+            .try_collect()
+            .await
+            .unwrap();
+        let sum = |field: &str| {
+            operations
+                .iter()
+                .map(|operation| operation.get_i64(field).unwrap_or(0))
+                .sum::<i64>()
+        };
+        (sum("keysExamined"), sum("docsExamined"), operations.len())
+    };
+
+    let since = mongodb::bson::DateTime::now();
+    assert_eq!(
+        current("", Some(5)).await,
+        (0..5).map(pid).collect::<Vec<_>>()
+    );
+    let (keys, documents, operations) = profiled(since).await;
+    assert!(
+        operations == 1 && documents <= 5 && keys <= 2 * 5 + 2,
+        "5 of 20 ids: {operations} journal operations, {keys} keys and {documents} documents examined"
+    );
+    assert_eq!(
+        current("", None).await,
+        (0..20).map(pid).collect::<Vec<_>>()
+    );
+    assert_eq!(current("pid-02", Some(2)).await, [pid(3), pid(4)]);
+
+    // Live: once past the horizon, quiet polls examine nothing (they used to re-read from the
+    // last new id's first event on every poll).
+    let mut live = queries
+        .persistence_ids(pb::PersistenceIdsRequest {})
+        .await
+        .unwrap()
+        .into_inner();
+    for n in 0..20 {
+        let entry = tokio::time::timeout(Duration::from_secs(10), live.message())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert_eq!(entry.persistence_id, pid(n));
+    }
+    settle().await;
+    settle().await;
+    let since = mongodb::bson::DateTime::now();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let (keys, documents, operations) = profiled(since).await;
+    assert!(
+        operations >= 5 && keys <= operations as i64 && documents == 0,
+        "quiet live PersistenceIds: {operations} polls examined {keys} keys and {documents} documents"
+    );
+    database.run_command(doc! { "profile": 0 }).await.unwrap();
+}

@@ -8,6 +8,7 @@ use model::PersistentEvent;
 use mongo::Retry;
 use mongodb::Collection;
 use mongodb::bson::{Document, doc};
+use mongodb::options::Hint;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::QueryError;
@@ -98,14 +99,23 @@ pub async fn events(
     }
 }
 
-/// Distinct persistence ids after `after_id` in sorted order, at most `limit`: one index seek
-/// per id on `(pid, seqNr)`, so memory stays flat however many ids there are. Persistence ids
-/// whose events are all deleted are included: the actor still exists.
+/// Persistence ids read per round trip (and per collection) by `persistence_ids`.
+const IDS_PAGE: u64 = 1_000;
+
+/// Distinct persistence ids after `after_id` in sorted order, at most `limit`, paged so that
+/// the work is proportional to the ids returned, however many ids or events there are. Every
+/// persistence id starts at sequence number 1 (writes never leave a gap), so an id is either
+/// in the journal with its first event (an index seek per id on `(pid, seqNr)`, returned a
+/// page at a time), or its first event was deleted and purged, and then the journal metadata
+/// has it (`DeleteEventsTo` records the highest sequence number before marking). Persistence
+/// ids whose events are all deleted are included: the actor still exists.
 ///
 /// Returns `None` when the subscription is over, else the ids delivered whose first event was
 /// written after `recent_after` (a live query's overlap with what it reads next; few ids).
+#[allow(clippy::too_many_arguments)]
 pub async fn persistence_ids(
     events: Collection<Document>,
+    metadata: Collection<Document>,
     retry: Retry,
     after_id: String,
     limit: u64,
@@ -117,51 +127,116 @@ pub async fn persistence_ids(
     let mut delivered = 0;
     let mut recent = HashSet::new();
     while delivered < limit {
-        let operation = "read persistence ids";
-        let filter = doc! { fields::PERSISTENCE_ID: { "$gt": &last } };
-        let found = retry
-            .run(operation, || {
-                events
-                    .find_one(filter.clone())
-                    .sort(doc! { fields::PERSISTENCE_ID: 1, fields::SEQUENCE_NR: 1 })
-                    .projection(doc! { fields::PERSISTENCE_ID: 1, fields::WRITTEN_AT: 1, "_id": 0 })
-            })
-            .await;
-        let (pid, written_at) = match found {
-            Ok(Some(document)) => match (
-                document.get_str(fields::PERSISTENCE_ID),
-                document.get_datetime(fields::WRITTEN_AT),
-            ) {
-                (Ok(pid), Ok(written_at)) => (pid.to_owned(), written_at.timestamp_millis()),
-                _ => {
-                    let error = QueryError::Corrupt(format!(
-                        "journal document without pid or writtenAt: {document}"
-                    ));
-                    let _ = sink.send(Err(error)).await;
-                    return None;
-                }
-            },
-            Ok(None) => break,
+        let page = (limit - delivered).min(IDS_PAGE);
+        let found = match ids_page(&events, &metadata, &retry, &last, page).await {
+            Ok(found) => found,
             Err(error) => {
-                let _ = sink
-                    .send(Err(retry.failure(operation, false, error).into()))
-                    .await;
+                let _ = sink.send(Err(error)).await;
                 return None;
             }
         };
-        let position = Position {
-            written_at_millis: written_at,
-            persistence_id: pid.clone(),
-            sequence_nr: 0,
+        let Some(found) = found else {
+            break;
         };
-        if !deliver(&sink, &cancel, (position, pid.clone())).await {
-            return None;
+        for (pid, first_written_at) in found {
+            let position = Position {
+                written_at_millis: first_written_at.unwrap_or(0),
+                persistence_id: pid.clone(),
+                sequence_nr: 0,
+            };
+            if !deliver(&sink, &cancel, (position, pid.clone())).await {
+                return None;
+            }
+            if first_written_at.is_some_and(|written_at| written_at > recent_after) {
+                recent.insert(pid.clone());
+            }
+            last = pid;
+            delivered += 1;
         }
-        if written_at > recent_after {
-            recent.insert(pid.clone());
-        }
-        last = pid;
-        delivered += 1;
     }
     Some(recent)
+}
+
+/// The next ids after `last` in order, at most `page`, each with the `writtenAt` of its first
+/// event if the journal still has it; `None` when there are no more.
+async fn ids_page(
+    events: &Collection<Document>,
+    metadata: &Collection<Document>,
+    retry: &Retry,
+    last: &str,
+    page: u64,
+) -> Result<Option<Vec<(String, Option<i64>)>>, QueryError> {
+    let operation = "read persistence ids";
+    let first_events = doc! { fields::PERSISTENCE_ID: { "$gt": last }, fields::SEQUENCE_NR: 1_i64 };
+    let firsts: Vec<Document> = retry
+        .run(operation, || async {
+            events
+                .find(first_events.clone())
+                .sort(doc! { fields::PERSISTENCE_ID: 1, fields::SEQUENCE_NR: 1 })
+                .projection(doc! { fields::PERSISTENCE_ID: 1, fields::WRITTEN_AT: 1, "_id": 0 })
+                .hint(Hint::Name("pid_seqNr".to_owned()))
+                .limit(page as i64)
+                .await?
+                .try_collect()
+                .await
+        })
+        .await
+        .map_err(|error| QueryError::from(retry.failure(operation, false, error)))?;
+    let purged: Vec<Document> = retry
+        .run(operation, || async {
+            metadata
+                .find(doc! { "_id": { "$gt": last } })
+                .sort(doc! { "_id": 1 })
+                .projection(doc! { "_id": 1 })
+                .limit(page as i64)
+                .await?
+                .try_collect()
+                .await
+        })
+        .await
+        .map_err(|error| QueryError::from(retry.failure(operation, false, error)))?;
+    let mut ids = std::collections::BTreeMap::new();
+    for document in &firsts {
+        match (
+            document.get_str(fields::PERSISTENCE_ID),
+            document.get_datetime(fields::WRITTEN_AT),
+        ) {
+            (Ok(pid), Ok(written_at)) => {
+                ids.insert(pid.to_owned(), Some(written_at.timestamp_millis()));
+            }
+            _ => {
+                return Err(QueryError::Corrupt(format!(
+                    "journal document without pid or writtenAt: {document}"
+                )));
+            }
+        }
+    }
+    for document in &purged {
+        let Ok(pid) = document.get_str("_id") else {
+            return Err(QueryError::Corrupt(format!(
+                "journal metadata document without a string _id: {document}"
+            )));
+        };
+        ids.entry(pid.to_owned()).or_insert(None);
+    }
+    if ids.is_empty() {
+        return Ok(None);
+    }
+    // A full page may stop before ids the other one has: keep only what both pages cover.
+    let full = |documents: &[Document], key: &str| {
+        (documents.len() as u64 == page)
+            .then(|| documents.last().and_then(|last| last.get_str(key).ok()))
+            .flatten()
+            .map(str::to_owned)
+    };
+    let bound = [full(&firsts, fields::PERSISTENCE_ID), full(&purged, "_id")]
+        .into_iter()
+        .flatten()
+        .min();
+    Ok(Some(
+        ids.into_iter()
+            .filter(|(pid, _)| bound.as_ref().is_none_or(|bound| pid <= bound))
+            .take(page as usize)
+            .collect(),
+    ))
 }

@@ -31,6 +31,8 @@ use offset::{Offset, Position};
 pub struct ReadJournal {
     events: Collection<EventDocument>,
     objects: Collection<Document>,
+    /// The journal metadata: persistence ids whose first events were purged.
+    metadata: Collection<Document>,
     retry: Retry,
     polling: Polling,
     event_hubs: Hubs<EventSelector, EventFeed>,
@@ -63,6 +65,7 @@ impl ReadJournal {
         Self {
             events: database.collection(&names.journal),
             objects: database.collection(&names.durable_state),
+            metadata: database.collection(&names.journal_metadata),
             retry,
             polling,
             event_hubs: Hubs::new(journal_tail, polling, shutdown.clone()),
@@ -185,6 +188,7 @@ impl ReadJournal {
     pub async fn current_persistence_ids(&self, after_id: String, limit: u64, sink: Sink<String>) {
         by_pid::persistence_ids(
             self.events.clone_with_type(),
+            self.metadata.clone(),
             self.retry.clone(),
             after_id,
             limit,
@@ -203,6 +207,7 @@ impl ReadJournal {
         let start = self.polling.horizon_millis();
         let Some(already_delivered) = by_pid::persistence_ids(
             self.events.clone_with_type(),
+            self.metadata.clone(),
             self.retry.clone(),
             String::new(),
             u64::MAX,
@@ -223,10 +228,8 @@ impl ReadJournal {
             sequence_nr: 0,
         });
         loop {
-            let batch = match feed
-                .fetch(last.as_ref(), self.polling.horizon_millis(), batch_size)
-                .await
-            {
+            let horizon = self.polling.horizon_millis();
+            let batch = match feed.fetch(last.as_ref(), horizon, batch_size).await {
                 Ok(batch) => batch,
                 Err(error) => {
                     let _ = sink.send(Err(error)).await;
@@ -245,6 +248,9 @@ impl ReadJournal {
                 }
             }
             if complete {
+                // Everything up to the horizon is read: the next poll starts there, whether it
+                // found new ids or not.
+                last = last.max(Some(live::past(horizon)));
                 tokio::select! {
                     () = self.shutdown.cancelled() => return,
                     () = sink.closed() => return,
