@@ -1437,3 +1437,69 @@ async fn persistence_id_queries_cost_what_they_return() {
     );
     database.run_command(doc! { "profile": 0 }).await.unwrap();
 }
+
+/// 1,000 live `EventsByPersistenceId` queries cost one poll per interval, not one each, and a
+/// write wakes the query of its persistence id at once. Measured with MongoDB's profiler.
+#[tokio::test]
+async fn a_thousand_live_queries_by_persistence_id_share_one_poller() {
+    use futures::TryStreamExt;
+    use mongodb::bson::{Document, doc};
+    let server = start("rj_pid_live").await;
+    let mut journal = server.journal().await;
+    let pid = |n: usize| format!("live-{n:04}");
+    let mut streams = Vec::new();
+    for group in 0..10 {
+        let mut queries = ReadJournalClient::new(server.channel().await);
+        for n in group * 100..(group + 1) * 100 {
+            streams.push(
+                queries
+                    .events_by_persistence_id(pb::EventsByPersistenceIdRequest {
+                        persistence_id: pid(n),
+                        from_sequence_nr: 1,
+                        to_sequence_nr: None,
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            );
+        }
+    }
+    let database = server.mongodb().await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    database.run_command(doc! { "profile": 2 }).await.unwrap();
+    let since = mongodb::bson::DateTime::now();
+    tokio::time::sleep(Duration::from_millis(1_000)).await;
+    let operations: Vec<Document> = database
+        .collection::<Document>("system.profile")
+        .find(doc! { "ns": format!("{}.journal", server.database), "ts": { "$gt": since } })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    database.run_command(doc! { "profile": 0 }).await.unwrap();
+    // Polling every 50 ms: about 20 polls in a second, for all 1,000 queries together.
+    assert!(
+        operations.len() <= 40,
+        "{} journal operations in 1 s of 1,000 idle live queries by persistence id",
+        operations.len()
+    );
+
+    for n in [7, 512, 999] {
+        let started = std::time::Instant::now();
+        let outcome = write(&mut journal, vec![atomic(vec![tagged(&pid(n), 1, &[])])]).await;
+        assert!(is_written(&outcome[0]), "{outcome:?}");
+        let envelope = tokio::time::timeout(Duration::from_secs(5), streams[n].message())
+            .await
+            .expect("the query of the written persistence id was not woken")
+            .unwrap()
+            .unwrap();
+        let event = envelope.event.unwrap();
+        assert_eq!((event.persistence_id, event.sequence_nr), (pid(n), 1));
+        assert!(
+            started.elapsed() < Duration::from_secs(1),
+            "woken after {:?} (poll interval 50 ms)",
+            started.elapsed()
+        );
+    }
+}

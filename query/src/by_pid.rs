@@ -1,14 +1,16 @@
 //! Events of one persistence id in sequence order, and the persistence ids themselves.
 
-use std::collections::HashSet;
+use std::collections::{HashMap, HashSet};
+use std::sync::{Arc, Mutex, MutexGuard};
 
 use futures::TryStreamExt;
 use journal::document::{self as fields, EventDocument};
 use model::PersistentEvent;
 use mongo::Retry;
 use mongodb::Collection;
-use mongodb::bson::{Document, doc};
+use mongodb::bson::{DateTime, Document, doc};
 use mongodb::options::Hint;
+use tokio::sync::watch;
 use tokio_util::sync::CancellationToken;
 
 use crate::error::QueryError;
@@ -16,11 +18,151 @@ use crate::feed::event_with_position;
 use crate::live::{Polling, Sink, deliver};
 use crate::offset::Position;
 
-/// Events `from..=to` of `pid` in sequence order. Current: completes after what is stored now,
-/// skipping deleted events. Live: then stays open for new events. A live query does not skip a
-/// gap in the sequence numbers until the event after it is older than the allowed time drift,
-/// so an earlier event that commits late is not passed over; gaps of deleted events are
-/// skipped then.
+/// Wakes live by-persistence-id queries when their persistence id has new events: one poller
+/// per server (while anyone watches) reads which persistence ids were written lately, a covered
+/// scan of the `writtenAt` index, and wakes their watchers. Its MongoDB work grows with what is
+/// written, not with the number of watchers. Each poll reads from the previous one's start
+/// minus the allowed time drift, so a write that commits late (stamped earlier) still wakes.
+pub struct PidWatch {
+    registry: Arc<Mutex<WatchRegistry>>,
+    events: Collection<Document>,
+    retry: Retry,
+    polling: Polling,
+    shutdown: CancellationToken,
+}
+
+#[derive(Default)]
+struct WatchRegistry {
+    /// Per watched persistence id, a counter bumped when it has new events.
+    watched: HashMap<String, watch::Sender<u64>>,
+    running: bool,
+}
+
+impl PidWatch {
+    pub fn new(
+        events: Collection<Document>,
+        retry: Retry,
+        polling: Polling,
+        shutdown: CancellationToken,
+    ) -> Self {
+        Self {
+            registry: Arc::default(),
+            events,
+            retry,
+            polling,
+            shutdown,
+        }
+    }
+
+    fn registry(&self) -> MutexGuard<'_, WatchRegistry> {
+        lock_registry(&self.registry)
+    }
+
+    /// Whether the poller runs (for tests).
+    pub fn is_running(&self) -> bool {
+        self.registry().running
+    }
+
+    /// A receiver that changes when `pid` has new events, from now on.
+    fn watch(&self, pid: &str) -> watch::Receiver<u64> {
+        let mut registry = self.registry();
+        let receiver = registry
+            .watched
+            .entry(pid.to_owned())
+            .or_insert_with(|| watch::Sender::new(0))
+            .subscribe();
+        if !registry.running {
+            registry.running = true;
+            tokio::spawn(poll_written_pids(
+                self.events.clone(),
+                self.retry.clone(),
+                self.polling,
+                Arc::clone(&self.registry),
+                self.shutdown.child_token(),
+            ));
+        }
+        receiver
+    }
+}
+
+fn lock_registry(registry: &Mutex<WatchRegistry>) -> MutexGuard<'_, WatchRegistry> {
+    match registry.lock() {
+        Ok(registry) => registry,
+        Err(poisoned) => poisoned.into_inner(),
+    }
+}
+
+/// The watch's poller: stops when nobody watches.
+async fn poll_written_pids(
+    events: Collection<Document>,
+    retry: Retry,
+    polling: Polling,
+    registry: Arc<Mutex<WatchRegistry>>,
+    stop: CancellationToken,
+) {
+    let drift = polling.allowed_time_drift.as_millis() as i64;
+    let mut previous_start = crate::live::now_millis();
+    loop {
+        tokio::select! {
+            () = stop.cancelled() => {
+                lock_registry(&registry).running = false;
+                return;
+            }
+            () = tokio::time::sleep(polling.poll_interval) => {}
+        }
+        let pids: HashSet<String> = {
+            let mut registry = lock_registry(&registry);
+            registry
+                .watched
+                .retain(|_, sender| sender.receiver_count() > 0);
+            if registry.watched.is_empty() {
+                registry.running = false;
+                return;
+            }
+            registry.watched.keys().cloned().collect()
+        };
+        let start = crate::live::now_millis();
+        let from = DateTime::from_millis(previous_start - drift);
+        let operation = "read recently written persistence ids";
+        let written: Result<Vec<Document>, _> = retry
+            .run(operation, || async {
+                events
+                    .find(doc! { fields::WRITTEN_AT: { "$gte": from } })
+                    .projection(doc! { fields::PERSISTENCE_ID: 1, "_id": 0 })
+                    .hint(Hint::Name("writtenAt_pid_seqNr".to_owned()))
+                    .await?
+                    .try_collect()
+                    .await
+            })
+            .await;
+        let written = match written {
+            Ok(written) => written,
+            Err(error) => {
+                tracing::warn!(%error, "live by-persistence-id poll failed; trying again next interval");
+                continue;
+            }
+        };
+        previous_start = start;
+        let woken: HashSet<&str> = written
+            .iter()
+            .filter_map(|document| document.get_str(fields::PERSISTENCE_ID).ok())
+            .filter(|pid| pids.contains(*pid))
+            .collect();
+        let registry = lock_registry(&registry);
+        for pid in woken {
+            if let Some(sender) = registry.watched.get(pid) {
+                sender.send_modify(|version| *version += 1);
+            }
+        }
+    }
+}
+
+/// Events `from..=to` of `pid` in sequence order. Current (`watch` is `None`): completes after
+/// what is stored now, skipping deleted events. Live: then stays open for new events, reading
+/// again when the watch says `pid` was written. A live query does not skip a gap in the
+/// sequence numbers until the event after it is older than the allowed time drift, so an
+/// earlier event that commits late is not passed over; gaps of deleted events are skipped
+/// then.
 #[allow(clippy::too_many_arguments)]
 pub async fn events(
     events: Collection<EventDocument>,
@@ -28,11 +170,14 @@ pub async fn events(
     pid: String,
     from: i64,
     to: i64,
-    live: bool,
+    watch: Option<&PidWatch>,
     polling: Polling,
     sink: Sink<PersistentEvent>,
     cancel: CancellationToken,
 ) {
+    // Watching starts before the first read: a write after that read wakes it.
+    let mut written = watch.map(|watch| watch.watch(&pid));
+    let live = written.is_some();
     let mut next = from.max(1);
     loop {
         if next > to {
@@ -88,13 +233,26 @@ pub async fn events(
         if full && !waiting_on_gap {
             continue;
         }
-        if !live {
+        let Some(written) = written.as_mut() else {
             return;
-        }
+        };
+        // Waiting on a gap: read again when the event after it has aged past the drift.
+        let recheck = async {
+            if waiting_on_gap {
+                tokio::time::sleep(polling.poll_interval).await;
+            } else {
+                std::future::pending::<()>().await;
+            }
+        };
         tokio::select! {
             () = cancel.cancelled() => return,
             () = sink.closed() => return,
-            () = tokio::time::sleep(polling.poll_interval) => {}
+            () = recheck => {}
+            changed = written.changed() => {
+                if changed.is_err() {
+                    return;
+                }
+            }
         }
     }
 }

@@ -39,6 +39,8 @@ pub struct ReadJournal {
     /// `Some` in change-stream mode: feeds live queries by tag and slice range.
     change_streams: Option<change_stream::ChangeStreams>,
     state_hubs: Hubs<String, StateChangeFeed>,
+    /// Wakes live queries by persistence id.
+    pid_watch: by_pid::PidWatch,
     shutdown: CancellationToken,
 }
 
@@ -66,7 +68,7 @@ impl ReadJournal {
             events: database.collection(&names.journal),
             objects: database.collection(&names.durable_state),
             metadata: database.collection(&names.journal_metadata),
-            retry,
+            retry: retry.clone(),
             polling,
             event_hubs: Hubs::new(journal_tail, polling, shutdown.clone()),
             change_streams: read.use_change_streams.then(|| {
@@ -81,6 +83,12 @@ impl ReadJournal {
                 )
             }),
             state_hubs: Hubs::new(state_tail, polling, shutdown.clone()),
+            pid_watch: by_pid::PidWatch::new(
+                database.collection(&names.journal),
+                retry.clone(),
+                polling,
+                shutdown.clone(),
+            ),
             shutdown,
         }
     }
@@ -88,7 +96,9 @@ impl ReadJournal {
     /// How many shared tails poll: one for the journal while it has live tag or slice
     /// subscribers, one for durable state while it has live change subscribers.
     pub fn running_pollers(&self) -> usize {
-        self.event_hubs.running() + self.state_hubs.running()
+        self.event_hubs.running()
+            + self.state_hubs.running()
+            + usize::from(self.pid_watch.is_running())
     }
 
     /// The change stream of change-stream mode (`None` when polling).
@@ -155,7 +165,7 @@ impl ReadJournal {
             pid,
             from,
             to,
-            live,
+            live.then_some(&self.pid_watch),
             self.polling,
             sink,
             self.shutdown.clone(),
