@@ -900,14 +900,27 @@ async fn a_shared_change_stream_failing_before_its_first_event_loses_nothing() {
     receive_each_once(&mut live, &expected, false).await;
 }
 
-/// A subscriber resuming from an old change offset reads its backlog through a private change
-/// stream while the shared one runs ahead: past the shared buffer (1,024 changes) it stops
-/// collecting the shared changes (memory stays bounded), catches up on its own, then joins
-/// the shared stream. The shared stream starting afresh for it publishes a gap while it is in
-/// step 2, which restarts step 2.
+/// A subscriber resuming from an old change offset while the shared stream runs ahead, with the
+/// shared stream's recent changes reaching back to the offset (it joins from them) ...
 #[tokio::test]
 async fn a_change_stream_subscriber_catching_up_from_far_behind_loses_nothing() {
-    let server = TestServer::start_with("cs_far_behind", change_streams).await;
+    catching_up_from_far_behind("cs_far_behind", bytesize::ByteSize::mib(16)).await;
+}
+
+/// ... and not reaching back (64 KiB of them): it reads its backlog through a private change
+/// stream; past the shared buffer (1,024 changes) it stops collecting the shared changes
+/// (memory stays bounded), catches up on its own, then joins the shared stream.
+#[tokio::test]
+async fn a_change_stream_subscriber_catching_up_beyond_the_shared_history_loses_nothing() {
+    catching_up_from_far_behind("cs_beyond_history", bytesize::ByteSize::kib(64)).await;
+}
+
+async fn catching_up_from_far_behind(prefix: &str, history: bytesize::ByteSize) {
+    let server = TestServer::start_with(prefix, |settings| {
+        change_streams(settings);
+        settings.read_journal.change_stream_history = history;
+    })
+    .await;
     let mut journal = server.journal().await;
     let mut queries = ReadJournalClient::new(server.channel().await);
     let request = |offset: &str| pb::EventsByTagRequest {

@@ -361,6 +361,9 @@ pub struct ReadJournalSettings {
     /// `mongodb.max-pool-size`: subscribers catching up wait for these, never for the
     /// connections writes use.
     pub max_pool_size: u32,
+    /// Change-stream mode: memory for the shared stream's recent changes (payloads included),
+    /// from which subscribers join it; one further behind reads a private change stream.
+    pub change_stream_history: ByteSize,
     pub change_stream_restart: BackoffSettings,
 }
 
@@ -372,6 +375,7 @@ impl Default for ReadJournalSettings {
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
             max_pool_size: 10,
+            change_stream_history: ByteSize::mib(16),
             change_stream_restart: BackoffSettings::default(),
         }
     }

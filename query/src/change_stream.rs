@@ -49,9 +49,6 @@ const STREAM_BUFFER: usize = 1024;
 /// subscriber that joins (or rejoins after a gap or after falling behind) starts from them
 /// rather than from a private change stream.
 const HISTORY_EXTRA: Duration = Duration::from_secs(10);
-/// At most this many bytes of recent changes (payloads included) are kept; past it the oldest
-/// go first and a subscriber that needs them reads a private stream.
-const HISTORY_BYTES: usize = 16 << 20;
 /// A private stream's wait for new changes before it reports that it has caught up.
 const PRIVATE_AWAIT: Duration = Duration::from_millis(100);
 /// How long a subscriber waits for the shared stream to open before it reads a private one.
@@ -96,8 +93,10 @@ impl Changed {
 }
 
 /// The shared stream's recent changes, so joining subscribers start from memory.
-#[derive(Default)]
 struct History {
+    /// At most this many bytes of recent changes are kept (`read-journal.change-stream-history`);
+    /// past it the oldest go first and a subscriber that needs them reads a private stream.
+    max_bytes: usize,
     /// Every change with a cluster time at or after this one is in `changes`; `None` while the
     /// stream is not open.
     complete_from: Option<ClusterTime>,
@@ -140,7 +139,7 @@ impl History {
         self.bytes += change.bytes();
         self.changes.push_back(change);
         while let Some(oldest) = self.changes.front() {
-            if oldest.cluster_time >= keep_since && self.bytes <= HISTORY_BYTES {
+            if oldest.cluster_time >= keep_since && self.bytes <= self.max_bytes {
                 break;
             }
             let (seconds, increment) = oldest.cluster_time;
@@ -242,6 +241,7 @@ pub struct ChangeStreams {
     shutdown: CancellationToken,
     running: Mutex<Weak<SharedStream>>,
     private_streams: Arc<tokio::sync::Semaphore>,
+    history_bytes: usize,
 }
 
 /// Where a private change stream starts.
@@ -265,6 +265,7 @@ impl ChangeStreams {
         backoff: BackoffSettings,
         polling: Polling,
         private_streams: usize,
+        history_bytes: usize,
         shutdown: CancellationToken,
     ) -> Self {
         Self {
@@ -274,6 +275,7 @@ impl ChangeStreams {
             shutdown,
             running: Mutex::new(Weak::new()),
             private_streams: Arc::new(tokio::sync::Semaphore::new(private_streams)),
+            history_bytes,
         }
     }
 
@@ -295,7 +297,12 @@ impl ChangeStreams {
         let (changes, _) = broadcast::channel(STREAM_BUFFER);
         let tail = Arc::new(Tail {
             changes,
-            history: Mutex::new(History::default()),
+            history: Mutex::new(History {
+                max_bytes: self.history_bytes,
+                complete_from: None,
+                changes: VecDeque::new(),
+                bytes: 0,
+            }),
             opened: tokio::sync::watch::Sender::new(false),
         });
         let stop = self.shutdown.child_token();

@@ -79,6 +79,7 @@ impl ReadJournal {
                     // Half the read pool, so queries and the shared tails always find a
                     // connection.
                     (read.max_pool_size as usize / 2).max(1),
+                    read.change_stream_history.as_u64() as usize,
                     shutdown.clone(),
                 )
             }),
