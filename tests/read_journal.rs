@@ -16,9 +16,32 @@ async fn start(prefix: &str) -> TestServer {
     TestServer::start_with(prefix, fast).await
 }
 
-/// Waits until the allowed time drift has passed over everything written so far.
-async fn settle() {
-    tokio::time::sleep(Duration::from_millis(700)).await;
+/// Waits until a current query includes everything written so far: until the allowed time
+/// drift has passed over the latest `writtenAt` in the journal and the durable-state store (a
+/// write re-stamped because it was acknowledged late lies ahead of its acknowledgement, so a
+/// fixed pause after the writes is not enough).
+async fn settle(server: &TestServer) {
+    use mongodb::bson::{Document, doc};
+    let database = server.mongodb().await;
+    let mut latest = 0;
+    for collection in ["journal", "durable_state"] {
+        let newest = database
+            .collection::<Document>(collection)
+            .find_one(doc! {})
+            .sort(doc! { "writtenAt": -1 })
+            .await
+            .unwrap();
+        if let Some(written_at) =
+            newest.and_then(|document| document.get_datetime("writtenAt").ok().copied())
+        {
+            latest = latest.max(written_at.timestamp_millis());
+        }
+    }
+    let drift = server.settings.read_journal.allowed_time_drift.as_millis() as i64;
+    let wait = latest + drift + 10 - mongodb::bson::DateTime::now().timestamp_millis();
+    if wait > 0 {
+        tokio::time::sleep(Duration::from_millis(wait as u64)).await;
+    }
 }
 
 #[tokio::test]
@@ -31,7 +54,7 @@ async fn offsets_are_exclusive() {
             &write(&mut journal, vec![atomic(vec![tagged("a", n, &["blue"])])]).await[0]
         ));
     }
-    settle().await;
+    settle(&server).await;
     let all = current_by_tag(&mut queries, "blue", "").await;
     assert_eq!(
         ids(&all),
@@ -74,7 +97,7 @@ async fn events_by_tag_are_complete_exact_and_skip_deleted_ones() {
     assert!(is_written(
         &write(&mut journal, vec![atomic(vec![tagged("m", 4, &["red"])])]).await[0]
     ));
-    settle().await;
+    settle(&server).await;
 
     assert_eq!(
         ids(&current_by_tag(&mut queries, "red", "").await),
@@ -101,7 +124,7 @@ async fn events_by_tag_are_complete_exact_and_skip_deleted_ones() {
         )
         .await[0]
     ));
-    settle().await;
+    settle(&server).await;
     let found = current_by_tag(&mut queries, "red", "").await;
     let event = found
         .iter()
@@ -212,7 +235,7 @@ async fn events_by_slices_follow_akka_slices() {
     )
     .await;
     assert!(outcomes.iter().all(is_written));
-    settle().await;
+    settle(&server).await;
     let slices = |min, max| pb::EventsBySlicesRequest {
         min_slice: min,
         max_slice: max,
@@ -374,7 +397,7 @@ async fn durable_state_changes_give_the_latest_change_per_object() {
         })
         .await
         .unwrap();
-    settle().await;
+    settle(&server).await;
 
     let request = |offset: &str| pb::DurableStateChangesRequest {
         tag: "shop".into(),
@@ -734,7 +757,13 @@ async fn a_write_acknowledged_late_is_moved_forward_so_live_queries_do_not_pass_
 
 #[tokio::test]
 async fn change_streams_deliver_live_events_by_tag_and_slice_promptly() {
-    let server = TestServer::start_with("cs_basic", change_streams).await;
+    // A long drift: polling could not deliver an event before `writtenAt + drift`.
+    let drift = Duration::from_secs(5);
+    let server = TestServer::start_with("cs_basic", |settings| {
+        change_streams(settings);
+        settings.read_journal.allowed_time_drift = drift;
+    })
+    .await;
     let mut journal = server.journal().await;
     let mut queries = ReadJournalClient::new(server.channel().await);
     assert!(is_written(
@@ -766,7 +795,6 @@ async fn change_streams_deliver_live_events_by_tag_and_slice_promptly() {
         ids(&take(&mut by_slice, 1, 10).await),
         [("pid-1".into(), 1)]
     );
-    let written = std::time::Instant::now();
     let outcomes = write(
         &mut journal,
         vec![
@@ -777,19 +805,25 @@ async fn change_streams_deliver_live_events_by_tag_and_slice_promptly() {
     .await;
     assert!(outcomes.iter().all(is_written));
     // The two writes of one request run concurrently: either may commit first.
-    let mut both = ids(&take(&mut by_tag, 2, 10).await);
+    let by_tag = take(&mut by_tag, 2, 10).await;
+    let by_slice = take(&mut by_slice, 1, 10).await;
+    let received = mongodb::bson::DateTime::now().timestamp_millis();
+    let mut both = ids(&by_tag);
     both.sort();
     assert_eq!(both, [("other".into(), 1), ("pid-1".into(), 2)]);
-    assert_eq!(
-        ids(&take(&mut by_slice, 1, 10).await),
-        [("pid-1".into(), 2)]
-    );
-    // No polling window: well under the 500 ms allowed drift.
-    assert!(
-        written.elapsed() < Duration::from_millis(450),
-        "took {:?}",
-        written.elapsed()
-    );
+    assert_eq!(ids(&by_slice), [("pid-1".into(), 2)]);
+    // No polling window: each arrived before `writtenAt + drift`, when polling could first
+    // have delivered it.
+    for envelope in by_tag.iter().chain(&by_slice) {
+        let position = query::offset::Position::parse_offset("offset", &envelope.offset)
+            .unwrap()
+            .unwrap();
+        assert!(
+            received < position.written_at_millis + drift.as_millis() as i64,
+            "received {} ms after writtenAt",
+            received - position.written_at_millis
+        );
+    }
 }
 
 #[tokio::test]
@@ -815,6 +849,7 @@ async fn change_stream_subscriber_that_falls_behind_falls_back_and_loses_nothing
         expected.extend((1..=50).map(|n| ("bulk".to_owned(), chunk * 50 + n)));
     }
     receive_each_once(&mut stalled, &expected, false).await;
+    nothing_more_before_a_marker(&server, "bulk", &mut [&mut stalled]).await;
 }
 
 #[tokio::test]
@@ -898,6 +933,7 @@ async fn a_shared_change_stream_failing_before_its_first_event_loses_nothing() {
         tokio::time::sleep(Duration::from_millis(50)).await;
     }
     receive_each_once(&mut live, &expected, false).await;
+    nothing_more_before_a_marker(&server, "early", &mut [&mut live]).await;
 }
 
 /// A subscriber resuming from an old change offset while the shared stream runs ahead, with the
@@ -969,6 +1005,7 @@ async fn catching_up_from_far_behind(prefix: &str, history: bytesize::ByteSize) 
     }
     let expected: BTreeSet<_> = (2..=3501).map(|n| ("far".to_owned(), n)).collect();
     receive_each_once(&mut behind, &expected, false).await;
+    nothing_more_before_a_marker(&server, "far", &mut [&mut behind]).await;
 }
 
 /// Reads a live stream until it delivered `expected`, each once; with `in_position_order`
@@ -1014,9 +1051,54 @@ async fn receive_each_once(
             "{id:?} was not written with the tag"
         );
     }
-    // Nothing more arrives for the tag.
-    let extra = tokio::time::timeout(Duration::from_millis(800), stream.message()).await;
-    assert!(extra.is_err(), "unexpected extra envelope: {extra:?}");
+}
+
+/// Shows that nothing more than what each stream received arrives for `tag`: writes a marker
+/// event with the tag once no stored event's position can be after it (its stamp is later than
+/// every `writtenAt` in the journal), then reads each stream up to the marker. In position
+/// order (polling) every event, re-stamped ones included, comes before the marker; in commit
+/// order (change streams) every change committed before it does. So a late duplicate fails
+/// here, where a quiet pause could miss it.
+async fn nothing_more_before_a_marker(
+    server: &TestServer,
+    tag: &str,
+    streams: &mut [&mut Streaming<pb::EventEnvelope>],
+) {
+    use mongodb::bson::{Document, doc};
+    let newest = server
+        .mongodb()
+        .await
+        .collection::<Document>("journal")
+        .find_one(doc! {})
+        .sort(doc! { "writtenAt": -1 })
+        .await
+        .unwrap()
+        .map_or(0, |document| {
+            document
+                .get_datetime("writtenAt")
+                .unwrap()
+                .timestamp_millis()
+        });
+    while mongodb::bson::DateTime::now().timestamp_millis() <= newest {
+        tokio::time::sleep(Duration::from_millis(1)).await;
+    }
+    let marker = format!("marker-{}", uuid::Uuid::new_v4().simple());
+    let mut journal = server.journal().await;
+    let outcome = write(&mut journal, vec![atomic(vec![tagged(&marker, 1, &[tag])])]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+    for stream in streams.iter_mut() {
+        let envelope = tokio::time::timeout(Duration::from_secs(30), stream.message())
+            .await
+            .expect("the marker did not arrive")
+            .unwrap()
+            .unwrap();
+        let id = ids(&[envelope]).remove(0);
+        assert_eq!(
+            id,
+            (marker.clone(), 1),
+            "an extra envelope before the marker"
+        );
+    }
 }
 
 #[tokio::test]
@@ -1156,6 +1238,7 @@ async fn misses_nothing_under_concurrent_writers(mode: Mode, prefix: &str) {
     );
     receive_each_once(&mut early, &expected, mode.in_position_order()).await;
     receive_each_once(&mut late, &expected, mode.in_position_order()).await;
+    nothing_more_before_a_marker(&server, "t-a", &mut [&mut early, &mut late]).await;
 }
 
 /// 8 concurrent writers split over two servers on one database; a subscriber on each.
@@ -1179,6 +1262,7 @@ async fn misses_nothing_with_two_servers_writing(mode: Mode, prefix: &str) {
     let expected = concurrent_writes(vec![first.url(), second.url()], prefix.to_owned()).await;
     receive_each_once(&mut on_first, &expected, mode.in_position_order()).await;
     receive_each_once(&mut on_second, &expected, mode.in_position_order()).await;
+    nothing_more_before_a_marker(&first, "t-a", &mut [&mut on_first, &mut on_second]).await;
 }
 
 #[tokio::test]
@@ -1239,6 +1323,7 @@ async fn resumes_exactly_once(mode: Mode, prefix: &str) {
         .cloned()
         .collect();
     receive_each_once(&mut resumed, &rest, mode.in_position_order()).await;
+    nothing_more_before_a_marker(&server, "t-a", &mut [&mut resumed]).await;
 }
 
 #[tokio::test]
@@ -1276,7 +1361,7 @@ async fn a_thousand_subscribers_catching_up_do_not_slow_writes_down() {
                 .all(is_written)
         );
     }
-    settle().await;
+    settle(&server).await;
     let mut next = 1;
     let mut timed_write = async || {
         let started = std::time::Instant::now();
@@ -1439,8 +1524,8 @@ async fn persistence_id_queries_cost_what_they_return() {
             .unwrap();
         assert_eq!(entry.persistence_id, pid(n));
     }
-    settle().await;
-    settle().await;
+    settle(&server).await;
+    settle(&server).await;
     let since = mongodb::bson::DateTime::now();
     tokio::time::sleep(Duration::from_millis(1_000)).await;
     let (keys, documents, operations) = profiled(since).await;
