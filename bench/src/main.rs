@@ -1,14 +1,18 @@
-//! `eventjournal-bench`: the write benchmark. Starts the service (`server.rs`) against a
-//! MongoDB, runs each scenario (`scenarios.rs`) through the service and through the raw
-//! driver (`raw.rs`) doing the same inserts, in alternating rounds, and prints one markdown
-//! table of medians and their ratios against the targets.
+//! `eventjournal-bench`: the benchmark. The write scenarios start the service (`server.rs`)
+//! against a MongoDB, run each scenario (`scenarios.rs`) through the service and through the
+//! raw driver (`raw.rs`) doing the same inserts, in alternating rounds; the read scenarios
+//! (`read.rs`) measure many live subscribers on servers of their own, in both live-query
+//! modes. Everything ends in one markdown table of medians against the targets (`report.rs`).
 //!
-//! Machines running it are shared and noisy, so nothing here is judged by one absolute time:
-//! both sides run in the same process against the same mongod, interleaved, which side goes
-//! first alternates by round, and a target is a ratio of medians. `cargo xtask bench` starts a
-//! fresh mongod and runs this; `--check` makes a missed target the exit code.
+//! Machines running it are shared and noisy, so nothing here is judged by one absolute time
+//! where a comparison can be had: both sides run in the same process against the same mongod,
+//! interleaved, which side goes first alternates by round, and a write target is a ratio of
+//! medians. `cargo xtask bench` starts a fresh mongod and runs this; `--check` makes a missed
+//! target the exit code.
 
 mod raw;
+mod read;
+mod report;
 mod scenarios;
 mod server;
 mod service;
@@ -23,9 +27,10 @@ use std::sync::Arc;
 use std::time::{Duration, Instant};
 
 use anyhow::Context;
-use clap::Parser;
+use clap::{Parser, ValueEnum};
 
 use raw::RawDriver;
+use report::{Met, Row, number, optional_number, table};
 use scenarios::{Bench, FairnessRound, Measured, Scenario};
 use server::Server;
 use stats::median;
@@ -37,8 +42,9 @@ const WRITE_BATCH_METRICS: &str = "eventjournal_write_batch";
 #[derive(Parser)]
 #[command(
     name = "eventjournal-bench",
-    about = "The write benchmark: each scenario through the service and through the raw mongodb \
-             driver, in alternating rounds; prints medians and ratios against the targets"
+    about = "The benchmark: each write scenario through the service and through the raw mongodb \
+             driver, in alternating rounds, and the read scenarios' live subscribers in both \
+             live-query modes; prints medians and ratios against the targets"
 )]
 struct Args {
     /// MongoDB to run against (a replica set: the service needs transactions).
@@ -60,6 +66,10 @@ struct Args {
     /// fewer shorten a long run.
     #[arg(long, value_parser = clap::value_parser!(u32).range(1..))]
     fairness_rounds: Option<u32>,
+    /// Rounds of the read scenarios (r1k, r10k); each runs both live-query modes on fresh
+    /// servers and takes tens of seconds.
+    #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u32).range(1..))]
+    read_rounds: u32,
     /// Exit with 1 when a target is missed (or could not be measured); without it the exit
     /// code is 0 whenever the table was printed.
     #[arg(long)]
@@ -83,47 +93,117 @@ fn main() -> ExitCode {
 async fn run(args: Args) -> anyhow::Result<ExitCode> {
     let started = Instant::now();
     let mut scenarios = if args.scenarios.is_empty() {
-        vec![
-            Scenario::P1,
-            Scenario::P2,
-            Scenario::P3,
-            Scenario::P3s,
-            Scenario::Fairness,
-        ]
+        Scenario::value_variants().to_vec()
     } else {
         args.scenarios.clone()
     };
     scenarios.sort();
     scenarios.dedup();
-    let fairness_rounds = args.fairness_rounds.unwrap_or(args.rounds);
+    let (read_scenarios, write_scenarios): (Vec<Scenario>, Vec<Scenario>) =
+        scenarios.iter().partition(|scenario| scenario.is_read());
     let run_id = uuid::Uuid::new_v4().simple().to_string()[..8].to_owned();
     let service_database = format!("bench_{run_id}");
     let raw_database = format!("bench_raw_{run_id}");
 
     let raw = Arc::new(RawDriver::connect(&args.mongodb_uri, &raw_database).await?);
     let mongod_version = raw.mongod_version().await?;
+    let header = header(&args, &mongod_version, &service_database, &raw_database);
 
-    let mut server =
-        match Server::start(&args.server_binary, &args.mongodb_uri, &service_database).await {
-            Ok(server) => server,
+    let write = if write_scenarios.is_empty() {
+        print!("{header}");
+        None
+    } else {
+        let write = run_write_scenarios(
+            &args,
+            &raw,
+            &run_id,
+            &write_scenarios,
+            &header,
+            [&service_database, &raw_database],
+        )
+        .await;
+        match write {
+            Ok(write) => Some(write),
             Err(error) => {
                 drop_databases(&raw, [&service_database, &raw_database]).await;
-                return Err(error.context("starting the service"));
+                return Err(error);
             }
-        };
+        }
+    };
+    // After the write scenarios and their server are done, so neither disturbs the other.
+    let read = read::measure(
+        &read::Plan {
+            server_binary: &args.server_binary,
+            mongodb_uri: &args.mongodb_uri,
+            database: &service_database,
+            run_id: &run_id,
+            rounds: args.read_rounds,
+        },
+        &read_scenarios,
+    )
+    .await;
+    drop_databases(&raw, [&service_database, &raw_database]).await;
+
+    let mut rows = write
+        .as_ref()
+        .map(|write| rows(&write.results))
+        .unwrap_or_default();
+    rows.extend(read.rows());
+    println!();
+    print!("{}", table(&rows));
+    println!();
+    if let Some(write) = &write {
+        print!("{}", notes(&args, &write.results, write.fairness_rounds));
+    }
+    print!("{}", read.notes());
+    if let Some(write) = &write {
+        println!();
+        print_write_metrics(&write.metrics);
+    }
+    println!(
+        "\nTotal time: {:.0} s.",
+        started.elapsed().as_secs_f64().ceil()
+    );
+    let missed = rows.iter().filter(|row| row.met.missed()).count();
+    if args.check && missed > 0 {
+        eprintln!("eventjournal-bench: {missed} target(s) missed or not measured (--check)");
+        return Ok(ExitCode::FAILURE);
+    }
+    Ok(ExitCode::SUCCESS)
+}
+
+/// What the write scenarios leave for the report.
+struct WriteRun {
+    results: Results,
+    fairness_rounds: u32,
+    /// The server's Prometheus text at the end of the write scenarios.
+    metrics: anyhow::Result<String>,
+}
+
+/// The write scenarios on one server, started here and stopped before returning. Prints the
+/// header once the warm-up has shown both sides store the same documents.
+async fn run_write_scenarios(
+    args: &Args,
+    raw: &Arc<RawDriver>,
+    run_id: &str,
+    scenarios: &[Scenario],
+    header: &str,
+    [service_database, raw_database]: [&str; 2],
+) -> anyhow::Result<WriteRun> {
+    let fairness_rounds = args.fairness_rounds.unwrap_or(args.rounds);
+    let mut server = Server::start(&args.server_binary, &args.mongodb_uri, service_database)
+        .await
+        .context("starting the service")?;
     let measured = async {
-        let bench = Bench::new(Workload::new(&run_id), &server.url(), Arc::clone(&raw)).await?;
+        let bench = Bench::new(Workload::new(run_id), &server.url(), Arc::clone(raw)).await?;
         bench.warm_up().await.context("warming up")?;
         let service_shape = raw
-            .stored_shape(&service_database, &bench.warm_up_pid(Side::Service))
+            .stored_shape(service_database, &bench.warm_up_pid(Side::Service))
             .await?;
         let raw_shape = raw
-            .stored_shape(&raw_database, &bench.warm_up_pid(Side::Raw))
+            .stored_shape(raw_database, &bench.warm_up_pid(Side::Raw))
             .await?;
-        print!(
-            "{}",
-            header(&args, &mongod_version, &service_database, &raw_database)
-        );
+        print!("{header}");
         if service_shape == raw_shape {
             println!(
                 "- documents: the same shape on both sides ({} fields and types compared)",
@@ -137,20 +217,19 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
                 raw_shape.join(", ")
             );
         }
-        measure(&bench, &args, &scenarios, fairness_rounds, &mut server).await
+        measure(&bench, args, scenarios, fairness_rounds, &mut server).await
     }
     .await;
     let metrics = server.metrics().await;
     drop(server);
-    drop_databases(&raw, [&service_database, &raw_database]).await;
-    let results = measured?;
+    Ok(WriteRun {
+        results: measured?,
+        fairness_rounds,
+        metrics,
+    })
+}
 
-    let rows = rows(&results);
-    println!();
-    print!("{}", table(&rows));
-    println!();
-    print!("{}", notes(&args, &results, fairness_rounds));
-    println!();
+fn print_write_metrics(metrics: &anyhow::Result<String>) {
     match metrics {
         Ok(text) => {
             let lines: Vec<&str> = text
@@ -160,7 +239,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
             if lines.is_empty() {
                 println!("Server metrics: no {WRITE_BATCH_METRICS}* metrics exposed.");
             } else {
-                println!("Server metrics ({WRITE_BATCH_METRICS}*, whole run):\n```");
+                println!("Server metrics ({WRITE_BATCH_METRICS}*, write scenarios):\n```");
                 for line in lines {
                     println!("{line}");
                 }
@@ -169,16 +248,6 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
         }
         Err(error) => println!("Server metrics: not scraped: {error:#}"),
     }
-    println!(
-        "\nTotal time: {:.0} s.",
-        started.elapsed().as_secs_f64().ceil()
-    );
-    let missed = rows.iter().filter(|row| row.met != Met::Yes).count();
-    if args.check && missed > 0 {
-        eprintln!("eventjournal-bench: {missed} target(s) missed or not measured (--check)");
-        return Ok(ExitCode::FAILURE);
-    }
-    Ok(ExitCode::SUCCESS)
 }
 
 /// Leaves the MongoDB as the benchmark found it (it may be a shared one, not xtask's).
@@ -298,52 +367,6 @@ async fn measure(
     Ok(results)
 }
 
-#[derive(Debug, Clone, Copy, PartialEq, Eq)]
-enum Met {
-    Yes,
-    No,
-    /// Not measured (unimplemented, failed, or what it compares with was not run).
-    NotAvailable,
-}
-
-impl Met {
-    fn from(met: bool) -> Self {
-        if met { Met::Yes } else { Met::No }
-    }
-
-    fn label(self) -> &'static str {
-        match self {
-            Met::Yes => "yes",
-            Met::No => "**no**",
-            Met::NotAvailable => "n/a",
-        }
-    }
-}
-
-struct Row {
-    scenario: &'static str,
-    metric: String,
-    service: String,
-    raw: String,
-    ratio: String,
-    target: &'static str,
-    met: Met,
-}
-
-impl Row {
-    fn not_measured(scenario: &'static str, metric: &str, why: &str, target: &'static str) -> Self {
-        Self {
-            scenario,
-            metric: metric.to_owned(),
-            service: why.to_owned(),
-            raw: "n/a".to_owned(),
-            ratio: "n/a".to_owned(),
-            target,
-            met: Met::NotAvailable,
-        }
-    }
-}
-
 /// The table's rows, from the medians across rounds; ratios are of the medians.
 fn rows(results: &Results) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -386,12 +409,12 @@ fn rows(results: &Results) -> Vec<Row> {
         let row = match (service, raw, error) {
             (_, _, Some(_)) => Row::not_measured(name, metric, "FAILED (see below)", target),
             (Some(service), Some(raw), None) => Row {
-                scenario: name,
+                scenario: name.to_owned(),
                 metric: metric.to_owned(),
                 service: number(service),
                 raw: number(raw),
                 ratio: format!("{:.2}x", service / raw),
-                target,
+                target: target.to_owned(),
                 met: Met::from(met(service / raw)),
             },
             _ => Row::not_measured(name, metric, "no rounds", target),
@@ -401,12 +424,12 @@ fn rows(results: &Results) -> Vec<Row> {
             let target = ">= 20,000 events/s";
             rows.push(match (service, error) {
                 (Some(service), None) => Row {
-                    scenario: "P2",
+                    scenario: "P2".to_owned(),
                     metric: "events/s, absolute (this machine)".to_owned(),
                     service: number(service),
                     raw: "—".to_owned(),
                     ratio: "—".to_owned(),
-                    target,
+                    target: target.to_owned(),
                     met: Met::from(service >= 20_000.0),
                 },
                 _ => Row::not_measured("P2", "events/s, absolute", "n/a", target),
@@ -421,7 +444,7 @@ fn rows(results: &Results) -> Vec<Row> {
             (_, _, Some(_)) => Row::not_measured("P3s", metric, "FAILED (see below)", target),
             _ if unimplemented => Row::not_measured("P3s", metric, "n/a (UNIMPLEMENTED)", target),
             (Some(service), Some(raw), None) => Row {
-                scenario: "P3s",
+                scenario: "P3s".to_owned(),
                 metric: metric.to_owned(),
                 service: number(service),
                 raw: number(raw),
@@ -429,7 +452,7 @@ fn rows(results: &Results) -> Vec<Row> {
                     Some(p3) => format!("{:.2}x raw, {:.2}x P3", service / raw, service / p3),
                     None => format!("{:.2}x raw (P3 not run)", service / raw),
                 },
-                target,
+                target: target.to_owned(),
                 met: p3.map_or(Met::NotAvailable, |p3| Met::from(service / p3 >= 1.5)),
             },
             _ => Row::not_measured("P3s", metric, "no rounds", target),
@@ -443,12 +466,12 @@ fn rows(results: &Results) -> Vec<Row> {
         rows.push(match (alone, loaded, &results.fairness_error) {
             (_, _, Some(_)) => Row::not_measured("fairness", metric, "FAILED (see below)", target),
             (Some(alone), Some(loaded), None) => Row {
-                scenario: "fairness",
+                scenario: "fairness".to_owned(),
                 metric: metric.to_owned(),
                 service: format!("{} → {}", number(alone), number(loaded)),
                 raw: "n/a (service only)".to_owned(),
                 ratio: format!("{:.2}x", loaded / alone),
-                target,
+                target: target.to_owned(),
                 met: Met::from(loaded / alone <= 2.0),
             },
             _ => Row::not_measured("fairness", metric, "no rounds", target),
@@ -459,27 +482,6 @@ fn rows(results: &Results) -> Vec<Row> {
 
 fn field(rounds: &[FairnessRound], get: fn(&FairnessRound) -> f64) -> Vec<f64> {
     rounds.iter().map(get).collect()
-}
-
-fn table(rows: &[Row]) -> String {
-    let mut out = String::from(
-        "| scenario | metric | service | raw driver | ratio | target | met |\n\
-         |---|---|---:|---:|---:|---|---|\n",
-    );
-    for row in rows {
-        let _ = writeln!(
-            out,
-            "| {} | {} | {} | {} | {} | {} | {} |",
-            row.scenario,
-            row.metric,
-            row.service,
-            row.raw,
-            row.ratio,
-            row.target,
-            row.met.label()
-        );
-    }
-    out
 }
 
 /// What the table cannot say: round counts, fairness details, failures.
@@ -537,13 +539,13 @@ fn header(args: &Args, mongod_version: &str, service_database: &str, raw_databas
     let concern = &settings.write_concern;
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
     format!(
-        "# eventjournal write benchmark\n\n\
+        "# eventjournal benchmark\n\n\
          - machine: {cpus} CPUs (nproc), {}, {} memory\n\
          - mongod {mongod_version}, single-node replica set, {}\n\
          - write concern, both sides: w: {}, j: {}, wtimeout: {}\n\
          - service: {} (database {service_database}); raw driver: database {raw_database}, the \
          service's client options (max pool size {}) and journal indexes\n\
-         - workload: {PAYLOAD_BYTES}-byte payloads, 1 tag, one writer uuid, fresh persistence ids \
+         - write workload: {PAYLOAD_BYTES}-byte payloads, 1 tag, one writer uuid, fresh persistence ids \
          per round and side\n",
         cpu_model(),
         total_memory(),
@@ -579,40 +581,4 @@ fn total_memory() -> String {
             Some(format!("{:.1} GiB", kib / (1024.0 * 1024.0)))
         })
         .unwrap_or_else(|| "unknown".to_owned())
-}
-
-/// Whole numbers with thousands separators (`23,456`); small ones keep a decimal.
-fn number(value: f64) -> String {
-    if value.abs() < 100.0 {
-        return format!("{value:.1}");
-    }
-    let digits = format!("{:.0}", value.abs());
-    let mut grouped = String::new();
-    for (index, digit) in digits.chars().enumerate() {
-        if index > 0 && (digits.len() - index) % 3 == 0 {
-            grouped.push(',');
-        }
-        grouped.push(digit);
-    }
-    if value < 0.0 {
-        grouped.insert(0, '-');
-    }
-    grouped
-}
-
-fn optional_number(value: Option<f64>) -> String {
-    value.map_or("n/a".to_owned(), number)
-}
-
-#[cfg(test)]
-mod tests {
-    use super::number;
-
-    #[test]
-    fn numbers_are_grouped_by_thousands() {
-        assert_eq!(number(1234567.4), "1,234,567");
-        assert_eq!(number(999.6), "1,000");
-        assert_eq!(number(100.0), "100");
-        assert_eq!(number(12.34), "12.3");
-    }
 }

@@ -44,6 +44,10 @@ pub enum Scenario {
     P3,
     P3s,
     Fairness,
+    /// Read side (`read.rs`): 1,000 live `EventsByTag` subscribers, one per tag.
+    R1k,
+    /// Read side (`read.rs`): 10,000 live `EventsByTag` subscribers on 100 tags.
+    R10k,
 }
 
 impl Scenario {
@@ -54,7 +58,14 @@ impl Scenario {
             Scenario::P3 => "p3",
             Scenario::P3s => "p3s",
             Scenario::Fairness => "fairness",
+            Scenario::R1k => "r1k",
+            Scenario::R10k => "r10k",
         }
+    }
+
+    /// A read scenario: service only, on servers of its own (`read.rs`).
+    pub fn is_read(self) -> bool {
+        matches!(self, Scenario::R1k | Scenario::R10k)
     }
 
     /// The unit of the scenario's number, for progress lines.
@@ -62,6 +73,7 @@ impl Scenario {
         match self {
             Scenario::P1 | Scenario::Fairness => "µs",
             Scenario::P2 | Scenario::P3 | Scenario::P3s => "events/s",
+            Scenario::R1k | Scenario::R10k => "s",
         }
     }
 }
@@ -132,7 +144,8 @@ impl Bench {
         self.workload.pid("warm-up", 0, side, 0)
     }
 
-    /// One round of P1 to P3s on one side (fairness has its own method: it is service-only).
+    /// One round of P1 to P3s on one side (fairness has its own method, the read scenarios
+    /// their own module: they are service-only).
     pub async fn run(
         &self,
         scenario: Scenario,
@@ -145,6 +158,7 @@ impl Bench {
             Scenario::P3 => self.p3(side, round).await.map(Measured::Value),
             Scenario::P3s => self.p3s(side, round).await,
             Scenario::Fairness => Err(anyhow!("fairness runs through Bench::fairness")),
+            Scenario::R1k | Scenario::R10k => Err(anyhow!("read scenarios run through read.rs")),
         }
     }
 

@@ -34,6 +34,17 @@ impl Server {
     /// Starts `binary serve` on free local ports against `database` and waits until
     /// `grpc.health.v1` says SERVING.
     pub async fn start(binary: &Path, mongodb_uri: &str, database: &str) -> anyhow::Result<Self> {
+        Self::start_with_env(binary, mongodb_uri, database, &[]).await
+    }
+
+    /// [`Server::start`] with extra environment variables (settings such as
+    /// `EVENTJOURNAL_READ_JOURNAL__USE_CHANGE_STREAMS`), on top of the benchmark's own.
+    pub async fn start_with_env(
+        binary: &Path,
+        mongodb_uri: &str,
+        database: &str,
+        env: &[(&str, &str)],
+    ) -> anyhow::Result<Self> {
         let grpc_port = free_port()?;
         let metrics_port = free_port()?;
         let mut child = Command::new(binary)
@@ -45,6 +56,7 @@ impl Server {
                 format!("127.0.0.1:{metrics_port}"),
             )
             .env("RUST_LOG", "warn")
+            .envs(env.iter().copied())
             .stdin(Stdio::null())
             .stdout(Stdio::null())
             .stderr(Stdio::piped())
@@ -73,6 +85,11 @@ impl Server {
         };
         server.wait_until_serving().await?;
         Ok(server)
+    }
+
+    /// The server's process id, for its CPU time and memory in `/proc`.
+    pub fn pid(&self) -> u32 {
+        self.child.id()
     }
 
     pub fn url(&self) -> String {

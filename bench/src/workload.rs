@@ -59,6 +59,11 @@ impl Workload {
 
     /// One event as the client sends it; timestamp 0 lets the service stamp it.
     pub fn event(&self, pid: &str, sequence_nr: i64) -> pb::PersistentEvent {
+        self.tagged_event(pid, sequence_nr, TAG)
+    }
+
+    /// [`Workload::event`] with its own tag instead of the write scenarios' one.
+    pub fn tagged_event(&self, pid: &str, sequence_nr: i64, tag: &str) -> pb::PersistentEvent {
         pb::PersistentEvent {
             persistence_id: pid.to_owned(),
             sequence_nr,
@@ -69,7 +74,7 @@ impl Workload {
             }),
             writer_uuid: self.writer_uuid.clone(),
             timestamp_millis: 0,
-            tags: vec![TAG.to_owned()],
+            tags: vec![tag.to_owned()],
             metadata: None,
         }
     }
