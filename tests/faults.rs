@@ -5,11 +5,11 @@
 mod common;
 
 use std::collections::{BTreeMap, BTreeSet, HashMap};
-use std::process::{Child, Command, Stdio};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
 use common::own_mongod::OwnMongod;
+use common::process::{ServerProcess, wait_until_serving};
 use common::read::tagged;
 use common::*;
 use futures::TryStreamExt;
@@ -203,45 +203,6 @@ async fn kill_9_of_mongodb_under_load_loses_nothing_acknowledged() {
 
 /// The eventjournal binary as a separate process; killed when dropped, so a failing test
 /// leaves no server behind.
-struct ServerProcess(Child);
-
-impl ServerProcess {
-    /// SIGKILL, and wait until it is gone.
-    fn kill(&mut self) {
-        let _ = self.0.kill();
-        let _ = self.0.wait();
-    }
-}
-
-impl Drop for ServerProcess {
-    fn drop(&mut self) {
-        self.kill();
-    }
-}
-
-fn spawn_server(port: u16, database: &str) -> ServerProcess {
-    let child = Command::new(env!("CARGO_BIN_EXE_eventjournal"))
-        .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-        .args(["--mongodb-uri", &mongodb_uri(), "--database", database])
-        .env("RUST_LOG", "warn")
-        .env("EVENTJOURNAL_SERVER__METRICS_LISTEN", "127.0.0.1:0")
-        .env("EVENTJOURNAL_READ_JOURNAL__ALLOWED_TIME_DRIFT", "500ms")
-        .env("EVENTJOURNAL_READ_JOURNAL__POLL_INTERVAL", "50ms")
-        .stdout(Stdio::null())
-        .spawn()
-        .unwrap();
-    ServerProcess(child)
-}
-
-async fn wait_until_serving(url: &str) {
-    wait_until(
-        "the server answers health checks",
-        Duration::from_secs(30),
-        || answers_health(url),
-    )
-    .await;
-}
-
 /// `(pid, seqNr, writtenAt of the position it was delivered at)`, in delivery order.
 type Received = Arc<Mutex<Vec<(String, i64, i64)>>>;
 
@@ -297,7 +258,7 @@ async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() 
     let database = unique_database("kill9_server");
     let port = free_port();
     let url = format!("http://127.0.0.1:{port}");
-    let mut server = spawn_server(port, &database);
+    let mut server = ServerProcess::spawn(port, &database, &[]);
     wait_until_serving(&url).await;
 
     // Lazy channels reconnect by themselves once a server listens on the port again.
@@ -325,7 +286,7 @@ async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() 
     server.kill();
     let before_restart = acked_count(&record).await;
     tokio::time::sleep(Duration::from_millis(500)).await;
-    let _server = spawn_server(port, &database);
+    let _server = ServerProcess::spawn(port, &database, &[]);
     wait_until_serving(&url).await;
     wait_until(
         "writes after the restart",

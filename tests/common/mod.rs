@@ -5,6 +5,7 @@
 
 pub mod certificates;
 pub mod own_mongod;
+pub mod process;
 pub mod proxy;
 pub mod read;
 
