@@ -743,7 +743,7 @@ impl Subscriber {
         self.last = Some(offset.clone());
         tokio::select! {
             () = self.cancel.cancelled() => false,
-            sent = self.sink.send(Ok((offset, event))) => sent.is_ok(),
+            sent = self.sink.send(Ok(Box::new((offset, event)))) => sent.is_ok(),
         }
     }
 

@@ -1,10 +1,11 @@
 use mongo::{FailureKind, MongoError, StorageError};
 
-/// Failures of read-journal queries. Display texts are safe to send to clients.
+/// Failures of read-journal queries. Display texts are safe to send to clients. Small (the
+/// MongoDB error is boxed): every live query's channel has slots of this size.
 #[derive(Debug, thiserror::Error)]
 pub enum QueryError {
     #[error(transparent)]
-    Mongo(#[from] MongoError),
+    Mongo(Box<MongoError>),
     #[error("corrupt journal data: {0}")]
     Corrupt(String),
 }
@@ -15,5 +16,11 @@ impl StorageError for QueryError {
             Self::Mongo(error) => error.kind(),
             Self::Corrupt(_) => FailureKind::Internal,
         }
+    }
+}
+
+impl From<MongoError> for QueryError {
+    fn from(error: MongoError) -> Self {
+        Self::Mongo(Box::new(error))
     }
 }

@@ -30,8 +30,10 @@ use crate::offset::{Offset, Position};
 /// with its own queries.
 const HUB_BATCHES: usize = 16;
 
-/// Where each delivered item goes; a failed send means the client left.
-pub type Sink<T> = mpsc::Sender<Result<(Offset, T), QueryError>>;
+/// Where each delivered item goes; a failed send means the client left. Items are boxed: a
+/// channel allocates its first block of slots when it is created, and an idle live query
+/// should cost a block of pointers, not of events.
+pub type Sink<T> = mpsc::Sender<Result<Box<(Offset, T)>, QueryError>>;
 
 type Batch<T> = Arc<Vec<(Position, T)>>;
 
@@ -216,7 +218,7 @@ pub(crate) async fn deliver<T>(
 ) -> bool {
     tokio::select! {
         () = cancel.cancelled() => false,
-        sent = sink.send(Ok((position.into(), item))) => sent.is_ok(),
+        sent = sink.send(Ok(Box::new((position.into(), item)))) => sent.is_ok(),
     }
 }
 

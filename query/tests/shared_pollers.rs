@@ -109,7 +109,7 @@ async fn a_thousand_subscribers_on_a_hundred_tags_share_one_tail() {
         .await
         .unwrap();
     for (n, receiver) in &mut receivers {
-        let (_, event) = tokio::time::timeout(Duration::from_secs(10), receiver.recv())
+        let (_, event) = *tokio::time::timeout(Duration::from_secs(10), receiver.recv())
             .await
             .unwrap_or_else(|_| panic!("a subscriber of {} got nothing", tag(*n)))
             .unwrap()
@@ -122,9 +122,10 @@ async fn a_thousand_subscribers_on_a_hundred_tags_share_one_tail() {
     }
     for receiver in &mut slice_receivers {
         let mut pids = Vec::new();
-        while let Ok(Some(Ok((_, event)))) =
+        while let Ok(Some(Ok(delivered))) =
             tokio::time::timeout(Duration::from_millis(300), receiver.recv()).await
         {
+            let (_, event) = *delivered;
             pids.push(event.persistence_id.as_str().to_owned());
         }
         assert!(pids.contains(&pid(7)), "{pids:?}");

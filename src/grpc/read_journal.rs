@@ -52,7 +52,10 @@ where
     Box::pin(ReceiverStream::new(receiver).map(move |item| {
         let _open = &subscriber;
         match item {
-            Ok((offset, item)) => Ok(convert(offset, item)),
+            Ok(delivered) => {
+                let (offset, item) = *delivered;
+                Ok(convert(offset, item))
+            }
             Err(error) => Err(storage_status(rpc, error)),
         }
     }))
