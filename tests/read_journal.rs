@@ -1601,3 +1601,71 @@ async fn a_thousand_live_queries_by_persistence_id_share_one_poller() {
         );
     }
 }
+
+/// The first live subscriber of a server, joining after 12 s of steady writes (longer than the
+/// shared change stream looks back when it opens) while they go on, gets every event exactly
+/// once in both modes. The races it guards (the polling tail starting after the subscriber's
+/// catch-up horizon; a change stream opened in the past replaying what the queries delivered
+/// after the subscriber joined) depend on timing, which this test does not force.
+#[tokio::test]
+async fn the_first_subscriber_joining_steady_writes_gets_each_event_once() {
+    tokio::join!(
+        first_subscriber_joining_steady_writes(Mode::Polling, "rj_first"),
+        first_subscriber_joining_steady_writes(Mode::ChangeStreams, "cs_first"),
+    );
+}
+
+async fn first_subscriber_joining_steady_writes(mode: Mode, prefix: &str) {
+    use std::sync::Arc;
+    use std::sync::atomic::{AtomicBool, Ordering};
+    let server = TestServer::start_with(prefix, mode.settings()).await;
+    let mut journal = server.journal().await;
+    let stop = Arc::new(AtomicBool::new(false));
+    let writer = tokio::spawn({
+        let stop = stop.clone();
+        async move {
+            let mut written = 0;
+            while !stop.load(Ordering::Relaxed) {
+                written += 1;
+                let event = tagged("steady", written, &["steady"]);
+                let outcome = write(&mut journal, vec![atomic(vec![event])]).await;
+                assert!(is_written(&outcome[0]), "{outcome:?}");
+                tokio::time::sleep(Duration::from_millis(10)).await;
+            }
+            written
+        }
+    });
+    // Other events, many: a change stream opening in the past replays them all, so the
+    // subscriber's queries finish while it still replays.
+    let background = tokio::spawn({
+        let stop = stop.clone();
+        let mut journal = server.journal().await;
+        async move {
+            let mut next = 1;
+            while !stop.load(Ordering::Relaxed) {
+                let events = (next..next + 100)
+                    .map(|n| tagged("other", n, &["other"]))
+                    .collect();
+                let outcome = write(&mut journal, vec![atomic(events)]).await;
+                assert!(is_written(&outcome[0]), "{outcome:?}");
+                next += 100;
+            }
+        }
+    });
+    tokio::time::sleep(Duration::from_secs(12)).await;
+    let mut live = ReadJournalClient::new(server.channel().await)
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "steady".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_secs(2)).await;
+    stop.store(true, Ordering::Relaxed);
+    let written = writer.await.unwrap();
+    background.await.unwrap();
+    let expected: BTreeSet<_> = (1..=written).map(|n| ("steady".to_owned(), n)).collect();
+    receive_each_once(&mut live, &expected, mode.in_position_order()).await;
+    nothing_more_before_a_marker(&server, "steady", &mut [&mut live]).await;
+}

@@ -124,32 +124,37 @@ async fn poll_written_pids(
         let start = crate::live::now_millis();
         let from = DateTime::from_millis(previous_start - drift);
         let operation = "read recently written persistence ids";
-        let written: Result<Vec<Document>, _> = retry
+        // Streamed into a set of the watched ids: memory stays flat however long the window
+        // (after failed polls it reaches back to the last good one).
+        let woken: Result<HashSet<String>, _> = retry
             .run(operation, || async {
-                events
+                let mut cursor = events
                     .find(doc! { fields::WRITTEN_AT: { "$gte": from } })
                     .projection(doc! { fields::PERSISTENCE_ID: 1, "_id": 0 })
                     .hint(Hint::Name("writtenAt_pid_seqNr".to_owned()))
-                    .await?
-                    .try_collect()
-                    .await
+                    .await?;
+                let mut woken = HashSet::new();
+                while let Some(document) = cursor.try_next().await? {
+                    if let Ok(pid) = document.get_str(fields::PERSISTENCE_ID)
+                        && pids.contains(pid)
+                        && !woken.contains(pid)
+                    {
+                        woken.insert(pid.to_owned());
+                    }
+                }
+                Ok(woken)
             })
             .await;
-        let written = match written {
-            Ok(written) => written,
+        let woken = match woken {
+            Ok(woken) => woken,
             Err(error) => {
                 tracing::warn!(%error, "live by-persistence-id poll failed; trying again next interval");
                 continue;
             }
         };
         previous_start = start;
-        let woken: HashSet<&str> = written
-            .iter()
-            .filter_map(|document| document.get_str(fields::PERSISTENCE_ID).ok())
-            .filter(|pid| pids.contains(*pid))
-            .collect();
         let registry = lock_registry(&registry);
-        for pid in woken {
+        for pid in &woken {
             if let Some(sender) = registry.watched.get(pid) {
                 sender.send_modify(|version| *version += 1);
             }
@@ -269,7 +274,7 @@ const IDS_PAGE: u64 = 1_000;
 /// ids whose events are all deleted are included: the actor still exists.
 ///
 /// Returns `None` when the subscription is over, else the ids delivered whose first event was
-/// written after `recent_after` (a live query's overlap with what it reads next; few ids).
+/// written at or after `recent_after` (a live query's overlap with what it reads next; few ids).
 #[allow(clippy::too_many_arguments)]
 pub async fn persistence_ids(
     events: Collection<Document>,
@@ -305,7 +310,7 @@ pub async fn persistence_ids(
             if !deliver(&sink, &cancel, (position, pid.clone())).await {
                 return None;
             }
-            if first_written_at.is_some_and(|written_at| written_at > recent_after) {
+            if first_written_at.is_some_and(|written_at| written_at >= recent_after) {
                 recent.insert(pid.clone());
             }
             last = pid;

@@ -333,6 +333,7 @@ impl ChangeStreams {
             cancel: self.shutdown.clone(),
             last: start,
             seen: None,
+            skip: None,
             delivered: Delivered::new(2 * self.drift_millis()),
         };
         loop {
@@ -353,6 +354,10 @@ impl ChangeStreams {
                     // delivered is skipped, and repeats are dropped).
                     let millis = horizon - self.drift_millis();
                     let seconds = u32::try_from(millis.div_euclid(1000) - 1).unwrap_or(0);
+                    // From here on, changes the queries delivered are passed over, whatever
+                    // path brings them (the backlog, a private stream, the shared stream
+                    // replaying the past after it opened afresh).
+                    subscriber.skip = Some((horizon, after.clone()));
                     (Need::Since((seconds, 0)), Some((horizon, after)))
                 }
             };
@@ -390,9 +395,6 @@ impl ChangeStreams {
                 continue;
             };
             for change in backlog {
-                if skipped(&skip, &change) {
-                    continue;
-                }
                 if !subscriber.offer(&change).await {
                     return;
                 }
@@ -561,7 +563,7 @@ impl ChangeStreams {
             };
             match private_change {
                 Some(Private::Change(change)) => {
-                    if !skipped(&skip, &change) && !subscriber.offer(&change).await {
+                    if !subscriber.offer(&change).await {
                         return Step::Over;
                     }
                     if pending
@@ -645,8 +647,8 @@ async fn read_private(
     }
 }
 
-/// Whether a change joining step 2 was already delivered by the step 1 queries: stamped at or
-/// before their horizon, or at or before the position they started after.
+/// Whether a change was already delivered by the step 1 queries: stamped at or before their
+/// horizon, or at or before the position they started after.
 fn skipped(skip: &Option<(i64, Option<Position>)>, change: &Changed) -> bool {
     skip.as_ref().is_some_and(|(horizon, after)| {
         change.position.written_at_millis <= *horizon
@@ -670,6 +672,9 @@ struct Subscriber {
     /// The latest change passed over (not for this subscriber) since `last`: folded into `last`
     /// when needed, so following the shared stream costs no copy per change.
     seen: Option<Arc<Changed>>,
+    /// What the step 1 queries delivered: changes stamped at or before this horizon, or at or
+    /// before the position they started after, are passed over.
+    skip: Option<(i64, Option<Position>)>,
     delivered: Delivered,
 }
 
@@ -708,7 +713,7 @@ impl Subscriber {
         if newest.is_some_and(|newest| &change.token <= newest) {
             return true;
         }
-        if !self.feed.selector.matches(&change.event) {
+        if !self.feed.selector.matches(&change.event) || skipped(&self.skip, change) {
             self.seen = Some(Arc::clone(change));
             return true;
         }
@@ -778,13 +783,27 @@ impl Subscriber {
         self.settle_seen();
         self.last = self.last.take().map(|last| {
             Offset::from(Position {
-                written_at_millis: last.position.written_at_millis.saturating_sub(drift_millis),
+                written_at_millis: resume_millis(&last).saturating_sub(drift_millis),
                 persistence_id: String::new(),
                 sequence_nr: 0,
             })
         });
         Step::Again
     }
+}
+
+/// Where position-ordered reading resumes for a change offset, before going back by the drift:
+/// its position, or its change's cluster time if earlier (a re-stamped event's position lies
+/// ahead of when it committed, and events committed after it may be stamped before it).
+pub fn resume_millis(offset: &Offset) -> i64 {
+    let committed = offset
+        .change
+        .as_deref()
+        .and_then(token_time)
+        .map(|(seconds, _)| i64::from(seconds) * 1000);
+    committed.map_or(offset.position.written_at_millis, |committed| {
+        committed.min(offset.position.written_at_millis)
+    })
 }
 
 /// What a subscriber delivered lately, by (pid, seqNr): skips repeats where a fallback re-reads
@@ -914,6 +933,8 @@ async fn watch_shared(
                             .as_ref()
                             .and_then(token_hex)
                             .and_then(|token| token_time(&token))
+                            // Strictly after it: a change at that very time may be before it.
+                            .map(|(seconds, increment)| (seconds, increment.saturating_add(1)))
                             .unwrap_or((u32::MAX, 0)),
                     };
                     tail.gap(from);
@@ -1055,6 +1076,84 @@ mod tests {
             1,
             "entries older than the window are dropped"
         );
+    }
+
+    fn change(millis: i64, token: &str) -> Arc<Changed> {
+        Arc::new(Changed {
+            position: Position {
+                written_at_millis: millis,
+                persistence_id: "p".into(),
+                sequence_nr: millis,
+            },
+            event: PersistentEvent {
+                persistence_id: model::PersistenceId::parse("pid", "p".into()).unwrap(),
+                sequence_nr: model::SequenceNr::parse("seqNr", millis).unwrap(),
+                payload: model::Payload::default(),
+                writer_uuid: String::new(),
+                timestamp_millis: 0,
+                tags: vec![model::Tag::parse("tag", "t".into()).unwrap()],
+                metadata: None,
+            },
+            token: token.into(),
+            cluster_time: token_time(token).unwrap(),
+        })
+    }
+
+    /// Changes the step 1 queries delivered (stamped at or before their horizon) are passed over
+    /// whatever brings them, also the shared stream after the subscriber joined it (a stream
+    /// opened in the past replays them), and still move the subscriber's resume point on.
+    #[tokio::test]
+    async fn changes_the_queries_delivered_are_passed_over_on_every_path() {
+        let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1")
+            .await
+            .unwrap();
+        let (sink, mut delivered) = mpsc::channel(8);
+        let mut subscriber = Subscriber {
+            feed: EventFeed {
+                events: client.database("unused").collection("journal"),
+                retry: mongo::Retry::new(&config::RetrySettings::default()),
+                selector: crate::feed::EventSelector::Tag("t".into()),
+            },
+            sink,
+            cancel: CancellationToken::new(),
+            last: None,
+            seen: None,
+            skip: Some((1_000, None)),
+            delivered: Delivered::new(100),
+        };
+        let old = change(900, "8200000001000000012B");
+        let new = change(1_100, "8200000002000000012B");
+        assert!(subscriber.offer(&old).await);
+        assert!(
+            delivered.try_recv().is_err(),
+            "delivered by the queries already"
+        );
+        assert_eq!(
+            subscriber.seen.as_ref().map(|seen| seen.token.as_str()),
+            Some(old.token.as_str())
+        );
+        assert!(subscriber.offer(&new).await);
+        let (offset, event) = *delivered.try_recv().unwrap().unwrap();
+        assert_eq!(
+            (offset.change.as_deref(), event.sequence_nr.get()),
+            (Some(new.token.as_str()), 1_100)
+        );
+    }
+
+    /// A fallback from a change offset goes back from the change's commit (its token's cluster
+    /// time) when that is earlier than its position (a re-stamped event lies ahead).
+    #[test]
+    fn a_fallback_goes_back_from_the_earlier_of_position_and_commit() {
+        let restamped = Offset {
+            position: at(1_000_000 * 1000),
+            change: Some("8200000064000000012B".into()),
+        };
+        assert_eq!(resume_millis(&restamped), 100 * 1000);
+        let plain = Offset {
+            position: at(99_500),
+            change: Some("8200000064000000012B".into()),
+        };
+        assert_eq!(resume_millis(&plain), 99_500);
     }
 
     #[test]

@@ -143,7 +143,7 @@ impl ReadJournal {
         match offset.change {
             None => offset.position,
             Some(_) => Position {
-                written_at_millis: offset.position.written_at_millis
+                written_at_millis: change_stream::resume_millis(&offset)
                     - self.polling.allowed_time_drift.as_millis() as i64,
                 persistence_id: String::new(),
                 sequence_nr: 0,

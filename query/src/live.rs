@@ -146,9 +146,13 @@ impl<K: Route, F: Feed<Item = K::Item>> Hubs<K, F> {
         registry.hubs.insert(key, Arc::downgrade(&hub));
         if !registry.tail_running {
             registry.tail_running = true;
+            // The tail starts at the horizon of now, before this subscriber takes its own
+            // catch-up horizon: the two overlap (the task might first run only after that).
+            let start = past(self.polling.horizon_millis());
             tokio::spawn(tail(
                 self.everything.clone(),
                 self.polling,
+                start,
                 Arc::clone(&self.registry),
                 self.shutdown.child_token(),
             ));
@@ -227,11 +231,12 @@ pub(crate) async fn deliver<T>(
 async fn tail<K: Route, F: Feed<Item = K::Item>>(
     feed: F,
     polling: Polling,
+    start: Position,
     registry: Arc<Mutex<Registry<K, F::Item>>>,
     stop: CancellationToken,
 ) {
-    // Subscribers catch up on their own; the tail starts at the current horizon.
-    let mut last = past(polling.horizon_millis());
+    // Subscribers catch up on their own; the tail starts at the horizon when it was started.
+    let mut last = start;
     loop {
         tokio::select! {
             () = stop.cancelled() => {
