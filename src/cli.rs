@@ -1,4 +1,5 @@
-//! The command line: `eventjournal serve`, and the operator commands `indexes` and `purge`.
+//! The command line: `eventjournal serve`, and the operator commands `indexes`, `purge`,
+//! `backup` and `restore`.
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
@@ -30,6 +31,125 @@ pub enum Command {
     /// Set up and inspect purging of deleted events, old snapshots and deleted objects.
     #[command(subcommand)]
     Purge(PurgeCommand),
+    /// Back up the journal, its metadata, snapshots and durable state (or a selection) into the
+    /// backup directory, compressed and optionally encrypted; prints where it went. Also
+    /// `backup list`, `backup verify <ID>` and `backup prune`. See docs/BACKUP.md.
+    Backup(Box<BackupArgs>),
+    /// Restore a backup into a database (empty, unless --drop), recreate the indexes and check
+    /// what was restored against the backup's manifest.
+    Restore(RestoreArgs),
+}
+
+#[derive(Debug, Args)]
+#[command(args_conflicts_with_subcommands = true)]
+pub struct BackupArgs {
+    #[command(subcommand)]
+    pub action: Option<BackupAction>,
+    #[command(flatten)]
+    pub create: CreateBackupArgs,
+}
+
+#[derive(Debug, Subcommand)]
+pub enum BackupAction {
+    /// List the complete backups, oldest first.
+    List(BackupStoreArgs),
+    /// Read, decrypt, decompress and check every part of a backup without restoring it.
+    Verify {
+        /// The backup's id (see `backup list`).
+        id: String,
+        #[command(flatten)]
+        store: BackupStoreArgs,
+        #[command(flatten)]
+        identity: IdentityArgs,
+    },
+    /// Delete the backups the retention policy (backup.keep-last, backup.keep-within) does not
+    /// keep.
+    Prune {
+        #[command(flatten)]
+        store: BackupStoreArgs,
+        /// Keep the newest N backups; overrides backup.keep-last.
+        #[arg(long, value_name = "N")]
+        keep_last: Option<u32>,
+        /// Keep every backup younger than this, e.g. 7d; overrides backup.keep-within.
+        #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]
+        keep_within: Option<Duration>,
+        /// Only list what would be deleted.
+        #[arg(long)]
+        dry_run: bool,
+    },
+}
+
+/// Where backups are.
+#[derive(Debug, Args)]
+pub struct BackupStoreArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// The backup directory; overrides backup.directory.
+    #[arg(long, value_name = "DIR")]
+    pub directory: Option<PathBuf>,
+}
+
+#[derive(Debug, Args)]
+pub struct IdentityArgs {
+    /// File of age identities (AGE-SECRET-KEY-1..., one per line, as age-keygen writes) for an
+    /// encrypted backup.
+    #[arg(long, value_name = "FILE")]
+    pub identity_file: Option<PathBuf>,
+}
+
+/// The collections a backup can hold.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum BackedUp {
+    Journal,
+    JournalMetadata,
+    Snapshots,
+    DurableState,
+}
+
+impl BackedUp {
+    pub fn role(self) -> &'static str {
+        match self {
+            Self::Journal => "journal",
+            Self::JournalMetadata => "journal_metadata",
+            Self::Snapshots => "snapshots",
+            Self::DurableState => "durable_state",
+        }
+    }
+}
+
+#[derive(Debug, Args)]
+pub struct CreateBackupArgs {
+    #[command(flatten)]
+    pub store: BackupStoreArgs,
+    /// zstd, gzip or none; overrides backup.compression.
+    #[arg(long, value_name = "NAME")]
+    pub compression: Option<String>,
+    /// Encrypt to this age public key (age1...); repeatable; replaces backup.recipients.
+    #[arg(long = "recipient", value_name = "AGE1...")]
+    pub recipients: Vec<String>,
+    /// Back up only these collections (repeatable); default: all four.
+    #[arg(long = "collection", value_enum, value_name = "COLLECTION")]
+    pub collections: Vec<BackedUp>,
+    /// Only persistence ids starting with this.
+    #[arg(long, value_name = "PREFIX")]
+    pub pid_prefix: Option<String>,
+    /// Only events and durable-state objects with this tag (no metadata, no snapshots).
+    #[arg(long, value_name = "TAG")]
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Args)]
+pub struct RestoreArgs {
+    /// The backup's id (see `backup list`).
+    pub id: String,
+    /// The target database and where backups are (--database names the target).
+    #[command(flatten)]
+    pub store: BackupStoreArgs,
+    #[command(flatten)]
+    pub identity: IdentityArgs,
+    /// Drop the target's journal, metadata, snapshot and durable-state collections first.
+    #[arg(long)]
+    pub drop: bool,
 }
 
 #[derive(Debug, Subcommand)]

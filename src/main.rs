@@ -3,7 +3,7 @@ use std::process::ExitCode;
 
 use anyhow::Context;
 use clap::Parser;
-use eventjournal::cli::{Cli, Command, IndexesCommand, PurgeCommand, ServeArgs};
+use eventjournal::cli::{BackupArgs, Cli, Command, IndexesCommand, PurgeCommand, ServeArgs};
 use eventjournal::ops;
 use tokio_util::sync::CancellationToken;
 use tracing_subscriber::EnvFilter;
@@ -27,6 +27,8 @@ fn main() -> ExitCode {
         Command::Serve(args) => serve(args),
         Command::Indexes(command) => indexes(command),
         Command::Purge(command) => purge(command),
+        Command::Backup(args) => backup(args),
+        Command::Restore(args) => run_printing(ops::backup::restore(&args)),
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -36,6 +38,21 @@ fn main() -> ExitCode {
             ExitCode::FAILURE
         }
     }
+}
+
+fn backup(args: Box<BackupArgs>) -> anyhow::Result<()> {
+    match &args.action {
+        Some(action) => run_printing(ops::backup::action(action)),
+        None => run_printing(ops::backup::create(&args.create)),
+    }
+}
+
+/// Runs an operator command on a runtime of its own and prints what it returns on stdout.
+fn run_printing(command: impl Future<Output = anyhow::Result<String>>) -> anyhow::Result<()> {
+    let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+    let out = runtime.block_on(command)?;
+    print!("{out}");
+    Ok(())
 }
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {

@@ -20,6 +20,39 @@ pub struct Settings {
     pub write_journal: WriteJournalSettings,
     pub read_journal: ReadJournalSettings,
     pub auth: AuthSettings,
+    pub backup: BackupSettings,
+}
+
+/// Backups (`eventjournal backup`, `restore`).
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct BackupSettings {
+    /// Where backups go: a local directory, one subdirectory per backup.
+    pub directory: PathBuf,
+    /// zstd, gzip or none.
+    pub compression: String,
+    /// age X25519 public keys (`age1...`) the backups are encrypted to; empty: not encrypted.
+    pub recipients: Vec<String>,
+    /// Stored bytes per part of a collection.
+    pub part_size: ByteSize,
+    /// `backup prune`: keep the newest this many backups (0: no count rule) ...
+    pub keep_last: u32,
+    /// ... and every backup younger than this.
+    #[serde(with = "humantime_serde")]
+    pub keep_within: Duration,
+}
+
+impl Default for BackupSettings {
+    fn default() -> Self {
+        Self {
+            directory: PathBuf::from("backups"),
+            compression: "zstd".to_owned(),
+            recipients: Vec::new(),
+            part_size: ByteSize::mib(64),
+            keep_last: 0,
+            keep_within: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
 }
 
 /// Bearer-token authentication of gRPC calls (health stays open).

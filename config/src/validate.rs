@@ -291,6 +291,19 @@ impl Settings {
             "must be at least twice write-journal.sequence-nr-cache-validity",
         );
 
+        problems.check(
+            ["zstd", "gzip", "none"].contains(&self.backup.compression.as_str()),
+            "backup.compression",
+            &self.backup.compression,
+            "must be zstd, gzip or none",
+        );
+        problems.check(
+            self.backup.part_size.as_u64() >= 1024,
+            "backup.part-size",
+            self.backup.part_size,
+            "must be at least 1KiB",
+        );
+
         let read = &self.read_journal;
         problems.check(
             (1..=100_000).contains(&read.batch_size),

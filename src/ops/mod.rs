@@ -1,6 +1,7 @@
 //! Operator commands: index management and purging. Each takes the same connection settings
 //! as `serve` and prints what it did on stdout.
 
+pub mod backup;
 pub mod indexes;
 pub mod migrate;
 pub mod purge;

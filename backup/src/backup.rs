@@ -1,0 +1,293 @@
+//! Taking a backup: per collection, the source (a cursor in a snapshot session, so every
+//! collection is read at one cluster time), the encode step (raw BSON back to back, chunked),
+//! compression and encryption on a blocking thread, and the store, all at once over bounded
+//! channels.
+
+use std::io::{self, Write};
+
+use futures::TryStreamExt as _;
+use mongodb::bson::RawDocumentBuf;
+use mongodb::{ClientSession, Database};
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::Collections;
+use crate::compress::{Compression, Finish};
+use crate::encrypt;
+use crate::error::BackupError;
+use crate::manifest::{
+    ClusterTime, CollectionManifest, FORMAT_VERSION, MANIFEST, Manifest, Part, SelectionManifest,
+};
+use crate::store::Store;
+
+/// Encoded bytes handed from the cursor to compression at a time.
+const CHUNK_BYTES: usize = 1 << 20;
+/// Chunks and parts in flight between stages: what bounds memory.
+const CHUNKS_IN_FLIGHT: usize = 4;
+const PARTS_IN_FLIGHT: usize = 2;
+
+/// What to back up: every collection unless narrowed.
+#[derive(Debug, Clone, Default, PartialEq, Eq)]
+pub struct Selection {
+    /// Roles to back up (journal, journal_metadata, snapshots, durable_state); empty: all.
+    pub collections: Vec<String>,
+    pub pid_prefix: Option<String>,
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Clone)]
+pub struct BackupOptions {
+    pub collections: Collections,
+    pub selection: Selection,
+    pub compression: Compression,
+    /// age X25519 public keys (`age1...`); empty: not encrypted.
+    pub recipients: Vec<String>,
+    /// Stored bytes per part.
+    pub part_bytes: usize,
+}
+
+/// Takes one backup of `database` into `store` and returns its manifest. On failure nothing
+/// complete-looking is left: the parts written are removed, and the manifest (written last)
+/// was never stored.
+pub async fn backup<S: Store>(
+    database: &Database,
+    store: &S,
+    options: &BackupOptions,
+) -> Result<Manifest, BackupError> {
+    let recipients = encrypt::recipients(&options.recipients)?;
+    let created = std::time::SystemTime::now();
+    let id = format!(
+        "{}-{}",
+        humantime::format_rfc3339_seconds(created)
+            .to_string()
+            .replace([':', '-'], ""),
+        &uuid::Uuid::new_v4().simple().to_string()[..8]
+    );
+    let taken = take(database, store, options, &recipients, &id, created).await;
+    if taken.is_err()
+        && let Err(error) = store.delete_backup(&id).await
+    {
+        tracing::warn!(%error, backup = %id, "could not remove the parts of a failed backup");
+    }
+    taken
+}
+
+async fn take<S: Store>(
+    database: &Database,
+    store: &S,
+    options: &BackupOptions,
+    recipients: &[age::x25519::Recipient],
+    id: &str,
+    created: std::time::SystemTime,
+) -> Result<Manifest, BackupError> {
+    let mut session = database
+        .client()
+        .start_session()
+        .snapshot(true)
+        .await
+        .map_err(|error| BackupError::mongo("start a snapshot session", error))?;
+    let mut collections = Vec::new();
+    for (role, name) in options.collections.all() {
+        let Some(filter) = crate::source::filter(role, &options.selection) else {
+            continue;
+        };
+        let collection = back_up_collection(
+            database,
+            &mut session,
+            store,
+            options,
+            recipients,
+            id,
+            role,
+            name,
+            filter,
+        )
+        .await?;
+        eprintln!(
+            "backup {id}: {role} ({name}): {} documents, {} bytes in {} part(s)",
+            collection.documents,
+            collection.bytes,
+            collection.parts.len()
+        );
+        collections.push(collection);
+    }
+    let cluster_time = session
+        .snapshot_time()
+        .or_else(|| session.operation_time())
+        .map(|time| ClusterTime {
+            seconds: time.time,
+            increment: time.increment,
+        })
+        .ok_or_else(|| {
+            BackupError::Mongo("the snapshot session reported no cluster time".to_owned())
+        })?;
+    let manifest = Manifest {
+        format_version: FORMAT_VERSION,
+        id: id.to_owned(),
+        created_at: humantime::format_rfc3339_seconds(created).to_string(),
+        source_database: database.name().to_owned(),
+        cluster_time,
+        compression: options.compression,
+        recipients: options.recipients.clone(),
+        selection: SelectionManifest {
+            pid_prefix: options.selection.pid_prefix.clone(),
+            tag: options.selection.tag.clone(),
+        },
+        collections,
+    };
+    let json = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other);
+    let json = json.map_err(BackupError::io("encode the manifest"))?;
+    store
+        .put(&format!("{id}/{MANIFEST}"), json)
+        .await
+        .map_err(BackupError::io(format!("store {}", store.describe(id))))?;
+    Ok(manifest)
+}
+
+#[allow(clippy::too_many_arguments)]
+async fn back_up_collection<S: Store>(
+    database: &Database,
+    session: &mut ClientSession,
+    store: &S,
+    options: &BackupOptions,
+    recipients: &[age::x25519::Recipient],
+    id: &str,
+    role: &str,
+    name: &str,
+    filter: mongodb::bson::Document,
+) -> Result<CollectionManifest, BackupError> {
+    let (chunks, mut chunks_in) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
+    let (parts, mut parts_in) = mpsc::channel::<Vec<u8>>(PARTS_IN_FLIGHT);
+    // Compress and encrypt: CPU work, on a thread of its own.
+    let compression = options.compression;
+    let recipients = recipients.to_vec();
+    let part_bytes = options.part_bytes.max(1);
+    let transform = tokio::task::spawn_blocking(move || -> io::Result<()> {
+        let splitter = PartSplitter {
+            buffer: Vec::new(),
+            part_bytes,
+            parts,
+        };
+        let mut writer =
+            compression.compress(encrypt::encrypt(&recipients, Box::new(splitter))?)?;
+        while let Some(chunk) = chunks_in.blocking_recv() {
+            writer.write_all(&chunk)?;
+        }
+        writer.finish()
+    });
+    // Store the parts as they come.
+    let stored = async {
+        let mut stored = Vec::new();
+        while let Some(bytes) = parts_in.recv().await {
+            let name = format!("{role}.{:05}.part", stored.len() + 1);
+            let part = Part {
+                sha256: hex::encode(Sha256::digest(&bytes)),
+                bytes: bytes.len() as u64,
+                name,
+            };
+            store
+                .put(&format!("{id}/{}", part.name), bytes)
+                .await
+                .map_err(BackupError::io(format!(
+                    "store {}/{}",
+                    store.describe(id),
+                    part.name
+                )))?;
+            stored.push(part);
+        }
+        Ok::<_, BackupError>(stored)
+    };
+    // Read and encode.
+    let read = async {
+        let collection = database.collection::<RawDocumentBuf>(name);
+        let what = format!("read {name}");
+        let mut cursor = collection
+            .find(filter)
+            .session(&mut *session)
+            .await
+            .map_err(|error| BackupError::mongo(&what, error))?;
+        let mut hasher = Sha256::new();
+        let (mut documents, mut bytes) = (0_u64, 0_u64);
+        let mut chunk = Vec::with_capacity(CHUNK_BYTES);
+        let mut stream = cursor.stream(&mut *session);
+        while let Some(document) = stream
+            .try_next()
+            .await
+            .map_err(|error| BackupError::mongo(&what, error))?
+        {
+            let raw = document.as_bytes();
+            hasher.update(raw);
+            documents += 1;
+            bytes += raw.len() as u64;
+            chunk.extend_from_slice(raw);
+            if chunk.len() >= CHUNK_BYTES {
+                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
+                if chunks.send(full).await.is_err() {
+                    break;
+                }
+            }
+        }
+        if !chunk.is_empty() {
+            let _ = chunks.send(chunk).await;
+        }
+        drop(chunks);
+        Ok::<_, BackupError>((documents, bytes, hex::encode(hasher.finalize())))
+    };
+    let (read, stored) = tokio::join!(read, stored);
+    let transformed = transform
+        .await
+        .map_err(|error| BackupError::Mongo(format!("compression thread: {error}")))?;
+    let (documents, bytes, sha256) = read?;
+    let parts = stored?;
+    transformed.map_err(BackupError::io(format!("compress and encrypt {name}")))?;
+    Ok(CollectionManifest {
+        role: role.to_owned(),
+        name: name.to_owned(),
+        documents,
+        bytes,
+        sha256,
+        parts,
+    })
+}
+
+/// The last writer of the chain: cuts the stored stream into parts of `part_bytes` and hands
+/// them to the store.
+struct PartSplitter {
+    buffer: Vec<u8>,
+    part_bytes: usize,
+    parts: mpsc::Sender<Vec<u8>>,
+}
+
+impl PartSplitter {
+    fn send(&mut self) -> io::Result<()> {
+        let part = std::mem::take(&mut self.buffer);
+        self.parts
+            .blocking_send(part)
+            .map_err(|_| io::Error::other("the store stopped"))
+    }
+}
+
+impl Write for PartSplitter {
+    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
+        let room = self.part_bytes - self.buffer.len();
+        let taken = buf.len().min(room);
+        self.buffer.extend_from_slice(&buf[..taken]);
+        if self.buffer.len() == self.part_bytes {
+            self.send()?;
+        }
+        Ok(taken)
+    }
+
+    fn flush(&mut self) -> io::Result<()> {
+        Ok(())
+    }
+}
+
+impl Finish for PartSplitter {
+    fn finish(mut self: Box<Self>) -> io::Result<()> {
+        if !self.buffer.is_empty() {
+            self.send()?;
+        }
+        Ok(())
+    }
+}

@@ -1,0 +1,31 @@
+use std::io;
+
+/// What can go wrong in a backup, restore or verify; each message says what and where.
+#[derive(Debug, thiserror::Error)]
+pub enum BackupError {
+    #[error("{0}")]
+    Mongo(String),
+    #[error("{what}: {source}")]
+    Io {
+        what: String,
+        #[source]
+        source: io::Error,
+    },
+    #[error("no backup {0} (no manifest: missing, or not complete)")]
+    NotFound(String),
+    #[error("backup {backup}: {problem}")]
+    Invalid { backup: String, problem: String },
+    #[error("{0}")]
+    Refused(String),
+}
+
+impl BackupError {
+    pub(crate) fn io(what: impl Into<String>) -> impl FnOnce(io::Error) -> Self {
+        let what = what.into();
+        move |source| Self::Io { what, source }
+    }
+
+    pub(crate) fn mongo(what: &str, error: mongodb::error::Error) -> Self {
+        Self::Mongo(format!("{what}: {error}"))
+    }
+}

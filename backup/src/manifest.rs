@@ -1,0 +1,89 @@
+//! The manifest: what a backup holds and how to read it back. Stored last, as
+//! `<backup>/manifest.json`: a backup without one is not complete and is never listed.
+
+use serde::{Deserialize, Serialize};
+
+use crate::compress::Compression;
+use crate::error::BackupError;
+
+/// The format this version writes and the newest it reads.
+pub const FORMAT_VERSION: u32 = 1;
+pub const MANIFEST: &str = "manifest.json";
+
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase", deny_unknown_fields)]
+pub struct Manifest {
+    pub format_version: u32,
+    pub id: String,
+    /// When the backup started (RFC 3339).
+    pub created_at: String,
+    pub source_database: String,
+    /// The MongoDB cluster time every collection was read at (a snapshot read).
+    pub cluster_time: ClusterTime,
+    pub compression: Compression,
+    /// The age X25519 recipients (public keys) the parts are encrypted to; empty: not encrypted.
+    pub recipients: Vec<String>,
+    pub selection: SelectionManifest,
+    pub collections: Vec<CollectionManifest>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct ClusterTime {
+    pub seconds: u32,
+    pub increment: u32,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct SelectionManifest {
+    pub pid_prefix: Option<String>,
+    pub tag: Option<String>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct CollectionManifest {
+    /// journal, journal_metadata, snapshots or durable_state.
+    pub role: String,
+    /// The collection's name in the source database.
+    pub name: String,
+    pub documents: u64,
+    /// BSON bytes of the documents, back to back, before compression.
+    pub bytes: u64,
+    /// SHA-256 (hex) of those bytes: what a restore must read back.
+    pub sha256: String,
+    pub parts: Vec<Part>,
+}
+
+#[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "camelCase")]
+pub struct Part {
+    pub name: String,
+    pub bytes: u64,
+    /// SHA-256 (hex) of the stored part: verify names a corrupted or truncated part by it.
+    pub sha256: String,
+}
+
+impl Manifest {
+    /// Parses a stored manifest; a newer format than this version reads is refused by name.
+    pub fn parse(backup: &str, bytes: &[u8]) -> Result<Self, BackupError> {
+        let invalid = |problem: String| BackupError::Invalid {
+            backup: backup.to_owned(),
+            problem,
+        };
+        let loose: serde_json::Value = serde_json::from_slice(bytes)
+            .map_err(|error| invalid(format!("manifest is not JSON: {error}")))?;
+        let version = loose
+            .get("formatVersion")
+            .and_then(serde_json::Value::as_u64)
+            .ok_or_else(|| invalid("manifest has no formatVersion".to_owned()))?;
+        if version > u64::from(FORMAT_VERSION) {
+            return Err(invalid(format!(
+                "manifest format version {version} is newer than this eventjournal reads \
+                 ({FORMAT_VERSION}); restore it with a newer eventjournal"
+            )));
+        }
+        serde_json::from_value(loose).map_err(|error| invalid(format!("manifest: {error}")))
+    }
+}

@@ -1,0 +1,286 @@
+//! Restore and verify: the backup's stages backwards. Per collection, the parts are fetched
+//! (each checked against its SHA-256 in the manifest, so a corrupted or truncated part is named),
+//! decrypted, decompressed and split into BSON documents on a blocking thread, and inserted in
+//! batches; what was read is checked against the manifest's count and SHA-256.
+
+use std::io::{self, Read};
+
+use age::x25519::Identity;
+use mongodb::Database;
+use mongodb::bson::RawDocumentBuf;
+use sha2::{Digest, Sha256};
+use tokio::sync::mpsc;
+
+use crate::error::BackupError;
+use crate::manifest::{CollectionManifest, MANIFEST, Manifest};
+use crate::store::Store;
+use crate::{Collections, encrypt};
+
+/// Documents (or bytes) inserted per `insert_many`.
+const BATCH_DOCUMENTS: usize = 1_000;
+const BATCH_BYTES: usize = 8 << 20;
+
+#[derive(Debug, Clone)]
+pub struct RestoreOptions {
+    /// The collection names in the target database, by role.
+    pub collections: Collections,
+    /// Drop the target's collections first; without it a non-empty target is refused.
+    pub drop: bool,
+}
+
+/// Reads a backup's manifest.
+pub async fn read_manifest<S: Store>(store: &S, id: &str) -> Result<Manifest, BackupError> {
+    let bytes = store
+        .get(&format!("{id}/{MANIFEST}"))
+        .await
+        .map_err(|error| match error.kind() {
+            io::ErrorKind::NotFound => BackupError::NotFound(id.to_owned()),
+            _ => BackupError::Io {
+                what: format!("read the manifest of {}", store.describe(id)),
+                source: error,
+            },
+        })?;
+    Manifest::parse(id, &bytes)
+}
+
+/// Reads, decrypts, decompresses and checks every part of backup `id` without restoring.
+pub async fn verify<S: Store>(
+    store: &S,
+    id: &str,
+    identities: &[Identity],
+) -> Result<Manifest, BackupError> {
+    let manifest = read_manifest(store, id).await?;
+    check_identities(&manifest, identities)?;
+    for collection in &manifest.collections {
+        read_collection(store, &manifest, collection, identities, None).await?;
+    }
+    Ok(manifest)
+}
+
+/// Restores backup `id` into `database` and checks what it restored against the manifest.
+/// The caller creates the indexes afterwards.
+pub async fn restore<S: Store>(
+    store: &S,
+    id: &str,
+    identities: &[Identity],
+    database: &Database,
+    options: &RestoreOptions,
+) -> Result<Manifest, BackupError> {
+    let manifest = read_manifest(store, id).await?;
+    check_identities(&manifest, identities)?;
+    let targets = options.collections.all();
+    for (role, name) in targets {
+        let collection = database.collection::<RawDocumentBuf>(name);
+        if options.drop {
+            collection
+                .drop()
+                .await
+                .map_err(|error| BackupError::mongo(&format!("drop {name}"), error))?;
+        } else if collection
+            .estimated_document_count()
+            .await
+            .map_err(|error| BackupError::mongo(&format!("count {name}"), error))?
+            > 0
+        {
+            return Err(BackupError::Refused(format!(
+                "the target database {} is not empty ({role} collection {name} has documents); \
+                 restore into an empty database, or pass --drop to replace its collections",
+                database.name()
+            )));
+        }
+    }
+    for collection in &manifest.collections {
+        let Some((_, name)) = targets.iter().find(|(role, _)| *role == collection.role) else {
+            return Err(BackupError::Invalid {
+                backup: id.to_owned(),
+                problem: format!("unknown collection role {:?}", collection.role),
+            });
+        };
+        let target = database.collection::<RawDocumentBuf>(name);
+        read_collection(store, &manifest, collection, identities, Some(target)).await?;
+        eprintln!(
+            "restore {id}: {} ({name}): {} documents",
+            collection.role, collection.documents
+        );
+    }
+    Ok(manifest)
+}
+
+fn check_identities(manifest: &Manifest, identities: &[Identity]) -> Result<(), BackupError> {
+    if !manifest.recipients.is_empty() && identities.is_empty() {
+        return Err(BackupError::Refused(format!(
+            "backup {} is encrypted (to {}): give an identity file with one of its keys",
+            manifest.id,
+            manifest.recipients.join(", ")
+        )));
+    }
+    Ok(())
+}
+
+/// Reads one collection's parts through the stages; inserts into `target` if given.
+async fn read_collection<S: Store>(
+    store: &S,
+    manifest: &Manifest,
+    collection: &CollectionManifest,
+    identities: &[Identity],
+    target: Option<mongodb::Collection<RawDocumentBuf>>,
+) -> Result<(), BackupError> {
+    let id = manifest.id.clone();
+    let invalid = |problem: String| BackupError::Invalid {
+        backup: id.clone(),
+        problem,
+    };
+    let (parts, parts_in) = mpsc::channel::<io::Result<Vec<u8>>>(2);
+    let (batches, mut batches_in) = mpsc::channel::<Vec<RawDocumentBuf>>(2);
+    let fetch = async {
+        // Owned here, so the channel closes when the last part is sent.
+        let parts = parts;
+        for part in &collection.parts {
+            let fetched = match store.get(&format!("{}/{}", manifest.id, part.name)).await {
+                Err(error) => Err(invalid(format!("part {}: {error}", part.name))),
+                Ok(bytes) if bytes.len() as u64 != part.bytes => Err(invalid(format!(
+                    "part {} is {} bytes, the manifest says {} (truncated or replaced)",
+                    part.name,
+                    bytes.len(),
+                    part.bytes
+                ))),
+                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) != part.sha256 => {
+                    Err(invalid(format!(
+                        "part {} is corrupted (its SHA-256 differs from the manifest's)",
+                        part.name
+                    )))
+                }
+                Ok(bytes) => Ok(bytes),
+            };
+            match fetched {
+                Ok(bytes) => {
+                    if parts.send(Ok(bytes)).await.is_err() {
+                        break;
+                    }
+                }
+                Err(error) => {
+                    let _ = parts.send(Err(io::Error::other("part check failed"))).await;
+                    return Err(error);
+                }
+            }
+        }
+        Ok(())
+    };
+    let recipients = !manifest.recipients.is_empty();
+    let identities = identities.to_vec();
+    let compression = manifest.compression;
+    let decode = tokio::task::spawn_blocking(move || -> Result<(u64, String), String> {
+        let input: Box<dyn Read + Send> = Box::new(PartsReader {
+            parts: parts_in,
+            current: io::Cursor::new(Vec::new()),
+        });
+        let input = if recipients {
+            encrypt::decrypt(&identities, input)?
+        } else {
+            input
+        };
+        let mut input = compression
+            .decompress(input)
+            .map_err(|error| format!("decompress: {error}"))?;
+        let mut hasher = Sha256::new();
+        let mut documents = 0;
+        let mut batch = Vec::new();
+        let mut batch_bytes = 0;
+        loop {
+            let mut length = [0_u8; 4];
+            match read_exact_or_end(&mut input, &mut length) {
+                Ok(false) => break,
+                Ok(true) => {}
+                Err(error) => return Err(format!("read: {error}")),
+            }
+            let size = i32::from_le_bytes(length);
+            if !(5..=48 << 20).contains(&size) {
+                return Err(format!("a document of {size} bytes: not BSON"));
+            }
+            let mut bytes = vec![0_u8; size as usize];
+            bytes[..4].copy_from_slice(&length);
+            input
+                .read_exact(&mut bytes[4..])
+                .map_err(|error| format!("read: {error}"))?;
+            hasher.update(&bytes);
+            documents += 1;
+            let document =
+                RawDocumentBuf::from_bytes(bytes).map_err(|error| format!("not BSON: {error}"))?;
+            batch_bytes += document.as_bytes().len();
+            batch.push(document);
+            if batch.len() >= BATCH_DOCUMENTS || batch_bytes >= BATCH_BYTES {
+                batch_bytes = 0;
+                if batches.blocking_send(std::mem::take(&mut batch)).is_err() {
+                    return Err("the restore stopped".to_owned());
+                }
+            }
+        }
+        if !batch.is_empty() {
+            let _ = batches.blocking_send(batch);
+        }
+        Ok((documents, hex::encode(hasher.finalize())))
+    });
+    let insert = async {
+        while let Some(batch) = batches_in.recv().await {
+            if let Some(target) = &target {
+                target.insert_many(batch).await.map_err(|error| {
+                    BackupError::mongo(&format!("insert into {}", target.name()), error)
+                })?;
+            }
+        }
+        Ok::<_, BackupError>(())
+    };
+    let (fetched, inserted) = tokio::join!(fetch, insert);
+    let decoded = decode
+        .await
+        .map_err(|error| invalid(format!("decode thread: {error}")))?;
+    fetched?;
+    inserted?;
+    let (documents, sha256) = decoded.map_err(|problem| {
+        invalid(format!(
+            "{} ({}): {problem}",
+            collection.role, collection.name
+        ))
+    })?;
+    if documents != collection.documents || sha256 != collection.sha256 {
+        return Err(invalid(format!(
+            "{}: read {documents} documents (SHA-256 {sha256}), the manifest says {} ({})",
+            collection.role, collection.documents, collection.sha256
+        )));
+    }
+    Ok(())
+}
+
+/// Fills `buffer` unless the input ends right at its start (false).
+fn read_exact_or_end(input: &mut impl Read, buffer: &mut [u8]) -> io::Result<bool> {
+    let mut filled = 0;
+    while filled < buffer.len() {
+        match input.read(&mut buffer[filled..])? {
+            0 if filled == 0 => return Ok(false),
+            0 => return Err(io::Error::new(io::ErrorKind::UnexpectedEof, "truncated")),
+            read => filled += read,
+        }
+    }
+    Ok(true)
+}
+
+/// The parts of a collection as one reader.
+struct PartsReader {
+    parts: mpsc::Receiver<io::Result<Vec<u8>>>,
+    current: io::Cursor<Vec<u8>>,
+}
+
+impl Read for PartsReader {
+    fn read(&mut self, buf: &mut [u8]) -> io::Result<usize> {
+        loop {
+            let read = self.current.read(buf)?;
+            if read > 0 || buf.is_empty() {
+                return Ok(read);
+            }
+            match self.parts.blocking_recv() {
+                Some(part) => self.current = io::Cursor::new(part?),
+                None => return Ok(0),
+            }
+        }
+    }
+}

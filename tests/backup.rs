@@ -1,0 +1,501 @@
+//! Backups end to end through the binary: `eventjournal backup`, `backup list|verify|prune` and
+//! `restore`, against the test mongod, into a temporary directory.
+
+mod common;
+
+use std::path::{Path, PathBuf};
+use std::process::{Command, Output};
+use std::time::Duration;
+
+use common::read::tagged;
+use common::*;
+use futures::TryStreamExt;
+use mongodb::bson::{Document, doc};
+use proto::v1 as pb;
+
+const BINARY: &str = env!("CARGO_BIN_EXE_eventjournal");
+const COLLECTIONS: [&str; 4] = ["journal", "journal_metadata", "snapshots", "durable_state"];
+
+fn run(database: &str, args: &[&str]) -> Output {
+    Command::new(BINARY)
+        .args(args)
+        .args(["--mongodb-uri", &mongodb_uri(), "--database", database])
+        .env("RUST_LOG", "off")
+        // Small parts: every collection spans several.
+        .env("EVENTJOURNAL_BACKUP__PART_SIZE", "1KiB")
+        .output()
+        .unwrap()
+}
+
+fn succeeded(output: &Output) -> String {
+    assert!(
+        output.status.success(),
+        "failed: {}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    String::from_utf8(output.stdout.clone()).unwrap()
+}
+
+/// The one `error:` line of a failed command.
+fn failed(output: &Output) -> String {
+    assert!(
+        !output.status.success(),
+        "succeeded: {}",
+        String::from_utf8_lossy(&output.stdout)
+    );
+    String::from_utf8(output.stderr.clone()).unwrap()
+}
+
+fn scratch(name: &str) -> PathBuf {
+    let directory = std::env::temp_dir().join(format!(
+        "ej_backup_{name}_{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(&directory).unwrap();
+    directory
+}
+
+/// The backup id from `backup`'s output line.
+fn backup_id(out: &str) -> String {
+    out.split_whitespace().nth(1).unwrap().to_owned()
+}
+
+/// An age identity and its recipient, as `age-keygen` would make them.
+fn key_pair(directory: &Path) -> (PathBuf, String) {
+    let identity = age::x25519::Identity::generate();
+    let recipient = identity.to_public().to_string();
+    let file = directory.join("key.txt");
+    use age::secrecy::ExposeSecret;
+    std::fs::write(
+        &file,
+        format!("# test key\n{}\n", identity.to_string().expose_secret()),
+    )
+    .unwrap();
+    (file, recipient)
+}
+
+/// Events (some deleted, leaving metadata), snapshots and durable state, through the service.
+async fn populate(server: &TestServer) {
+    let mut journal = server.journal().await;
+    for pid in ["a", "b", "c"] {
+        let writes = (1..=100)
+            .map(|n| atomic(vec![tagged(pid, n, &["t", pid])]))
+            .collect();
+        assert!(write(&mut journal, writes).await.iter().all(is_written));
+    }
+    journal
+        .delete_events_to(pb::DeleteEventsToRequest {
+            persistence_id: "b".into(),
+            to_sequence_nr: 5,
+        })
+        .await
+        .unwrap();
+    let mut snapshots =
+        proto::v1::snapshot_store_client::SnapshotStoreClient::new(server.channel().await);
+    for (pid, sequence_nr) in [("a", 10), ("c", 20)] {
+        snapshots
+            .save_snapshot(pb::SaveSnapshotRequest {
+                metadata: Some(pb::SnapshotMetadata {
+                    persistence_id: pid.into(),
+                    sequence_nr,
+                    timestamp_millis: 0,
+                    metadata: None,
+                }),
+                snapshot: Some(payload(&format!("{pid}-{sequence_nr}"))),
+            })
+            .await
+            .unwrap();
+    }
+    let mut state =
+        proto::v1::durable_state_store_client::DurableStateStoreClient::new(server.channel().await);
+    for (pid, tag) in [("s1", "t"), ("s2", "")] {
+        state
+            .upsert_object(pb::UpsertObjectRequest {
+                persistence_id: pid.into(),
+                revision: 1,
+                value: Some(payload(pid)),
+                tag: tag.into(),
+            })
+            .await
+            .unwrap();
+    }
+}
+
+async fn documents(database: &str, collection: &str) -> Vec<Document> {
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database(database)
+        .collection::<Document>(collection)
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap()
+}
+
+/// Every document of every collection, field by field with its type, is what it was.
+async fn assert_same(original: &str, restored: &str) {
+    for collection in COLLECTIONS {
+        let before = documents(original, collection).await;
+        let after = documents(restored, collection).await;
+        assert!(!before.is_empty(), "{collection} has test data");
+        assert_eq!(after, before, "{collection} restored bit-exact");
+    }
+}
+
+#[tokio::test]
+async fn a_compressed_encrypted_backup_restores_bit_exact_and_verifies() {
+    let server = TestServer::start("bk_roundtrip").await;
+    populate(&server).await;
+    let directory = scratch("roundtrip");
+    let dir = directory.to_str().unwrap();
+    let (key, recipient) = key_pair(&directory);
+    for (compression, encrypted) in [("zstd", true), ("gzip", false)] {
+        let mut args = vec!["backup", "--directory", dir, "--compression", compression];
+        if encrypted {
+            args.extend(["--recipient", &recipient]);
+        }
+        let out = succeeded(&run(&server.database, &args));
+        assert!(out.contains("complete:") && out.contains(dir), "{out}");
+        let id = backup_id(&out);
+        let journal_parts = std::fs::read_dir(directory.join(&id))
+            .unwrap()
+            .filter(|entry| {
+                entry
+                    .as_ref()
+                    .unwrap()
+                    .file_name()
+                    .to_string_lossy()
+                    .starts_with("journal.")
+            })
+            .count();
+        assert!(journal_parts > 1, "{journal_parts} journal parts");
+        let listed = succeeded(&run(
+            &server.database,
+            &["backup", "list", "--directory", dir],
+        ));
+        assert!(listed.contains(&id), "{listed}");
+        let key_args = ["--identity-file", key.to_str().unwrap()];
+        let mut verify = vec!["backup", "verify", &id, "--directory", dir];
+        if encrypted {
+            verify.extend(key_args);
+        }
+        assert!(succeeded(&run(&server.database, &verify)).contains("verified"));
+        let target = unique_database(&format!("bk_rt_{compression}"));
+        let mut restore = vec!["restore", &id, "--directory", dir];
+        if encrypted {
+            restore.extend(key_args);
+        }
+        let out = succeeded(&run(&target, &restore));
+        assert!(out.contains("checked against the manifest"), "{out}");
+        assert_same(&server.database, &target).await;
+        let indexes = succeeded(&run(&target, &["indexes", "list"]));
+        assert!(!indexes.contains("missing"), "{indexes}");
+    }
+    std::fs::remove_dir_all(directory).unwrap();
+}
+
+#[tokio::test]
+async fn bad_keys_bad_parts_and_bad_targets_are_clear_errors_and_change_nothing() {
+    let server = TestServer::start("bk_faults").await;
+    populate(&server).await;
+    let directory = scratch("faults");
+    let dir = directory.to_str().unwrap();
+    let (key, recipient) = key_pair(&directory);
+    let out = succeeded(&run(
+        &server.database,
+        &["backup", "--directory", dir, "--recipient", &recipient],
+    ));
+    let id = backup_id(&out);
+
+    // No key, and a key that is not a recipient.
+    let error = failed(&run(
+        &server.database,
+        &["backup", "verify", &id, "--directory", dir],
+    ));
+    assert!(
+        error.contains("is encrypted") && error.contains(&recipient),
+        "{error}"
+    );
+    let other = scratch("other_key");
+    let (other_key, _) = key_pair(&other);
+    let error = failed(&run(
+        &server.database,
+        &[
+            "backup",
+            "verify",
+            &id,
+            "--directory",
+            dir,
+            "--identity-file",
+            other_key.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        error.contains("none of the given identities is a recipient"),
+        "{error}"
+    );
+
+    // A non-empty target without --drop is refused, and left as it was.
+    let error = failed(&run(
+        &server.database,
+        &[
+            "restore",
+            &id,
+            "--directory",
+            dir,
+            "--identity-file",
+            key.to_str().unwrap(),
+        ],
+    ));
+    assert!(
+        error.contains("is not empty") && error.contains("--drop"),
+        "{error}"
+    );
+    assert_eq!(documents(&server.database, "journal").await.len(), 300);
+
+    // A corrupted part and a truncated one are named.
+    let part = directory.join(&id).join("journal.00001.part");
+    let original = std::fs::read(&part).unwrap();
+    let mut corrupted = original.clone();
+    let middle = corrupted.len() / 2;
+    corrupted[middle] ^= 0xff;
+    std::fs::write(&part, &corrupted).unwrap();
+    let key_arg = ["--identity-file", key.to_str().unwrap()];
+    let verify = |args: &[&str]| run(&server.database, args);
+    let error = failed(&verify(
+        &[
+            &["backup", "verify", &id, "--directory", dir][..],
+            &key_arg[..],
+        ]
+        .concat(),
+    ));
+    assert!(
+        error.contains("part journal.00001.part is corrupted"),
+        "{error}"
+    );
+    std::fs::write(&part, &original[..original.len() - 10]).unwrap();
+    let error = failed(&verify(
+        &[
+            &["backup", "verify", &id, "--directory", dir][..],
+            &key_arg[..],
+        ]
+        .concat(),
+    ));
+    assert!(
+        error.contains("part journal.00001.part is") && error.contains("truncated"),
+        "{error}"
+    );
+    // A restore of the damaged backup stops with the same message.
+    let target = unique_database("bk_damaged");
+    let error = failed(&run(
+        &target,
+        &[&["restore", &id, "--directory", dir][..], &key_arg[..]].concat(),
+    ));
+    assert!(error.contains("journal.00001.part"), "{error}");
+    std::fs::write(&part, &original).unwrap();
+
+    // A manifest of a newer format is refused by name.
+    let manifest = directory.join(&id).join("manifest.json");
+    let text = std::fs::read_to_string(&manifest).unwrap();
+    std::fs::write(
+        &manifest,
+        text.replace("\"formatVersion\": 1", "\"formatVersion\": 2"),
+    )
+    .unwrap();
+    let error = failed(&verify(
+        &[
+            &["backup", "verify", &id, "--directory", dir][..],
+            &key_arg[..],
+        ]
+        .concat(),
+    ));
+    assert!(error.contains("format version 2 is newer"), "{error}");
+
+    // An unknown backup.
+    let error = failed(&run(
+        &server.database,
+        &["backup", "verify", "nope", "--directory", dir],
+    ));
+    assert!(error.contains("no backup nope"), "{error}");
+    std::fs::remove_dir_all(directory).unwrap();
+    std::fs::remove_dir_all(other).unwrap();
+}
+
+/// Writers keep writing during the backup: every persistence id restores to a gapless prefix
+/// of its events (the collections are read at one cluster time).
+#[tokio::test]
+async fn a_backup_under_concurrent_writes_restores_gapless_prefixes() {
+    let server = TestServer::start("bk_load").await;
+    let directory = scratch("load");
+    let dir = directory.to_str().unwrap().to_owned();
+    let stop = std::sync::Arc::new(std::sync::atomic::AtomicBool::new(false));
+    let mut writers = Vec::new();
+    for writer in 0..4 {
+        let mut journal = server.journal().await;
+        let stop = stop.clone();
+        writers.push(tokio::spawn(async move {
+            let pid = format!("w{writer}");
+            let mut next = 1;
+            while !stop.load(std::sync::atomic::Ordering::Relaxed) {
+                let size = 1 + next % 3;
+                let events = (next..next + size)
+                    .map(|n| tagged(&pid, n, &["load"]))
+                    .collect();
+                let outcome = write(&mut journal, vec![atomic(events)]).await;
+                assert!(is_written(&outcome[0]), "{outcome:?}");
+                next += size;
+            }
+        }));
+    }
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    let database = server.database.clone();
+    let out = tokio::task::spawn_blocking(move || {
+        succeeded(&run(
+            &database,
+            &["backup", "--directory", &dir, "--compression", "none"],
+        ))
+    })
+    .await
+    .unwrap();
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    stop.store(true, std::sync::atomic::Ordering::Relaxed);
+    for writer in writers {
+        writer.await.unwrap();
+    }
+    let target = unique_database("bk_load_restored");
+    succeeded(&run(
+        &target,
+        &[
+            "restore",
+            &backup_id(&out),
+            "--directory",
+            directory.to_str().unwrap(),
+        ],
+    ));
+    let restored = documents(&target, "journal").await;
+    let mut by_pid: std::collections::BTreeMap<String, Vec<i64>> = Default::default();
+    for event in &restored {
+        by_pid
+            .entry(event.get_str("pid").unwrap().to_owned())
+            .or_default()
+            .push(event.get_i64("seqNr").unwrap());
+    }
+    let written = documents(&server.database, "journal").await.len();
+    assert!(
+        restored.len() < written,
+        "the writers went on after the backup's cluster time"
+    );
+    for (pid, mut numbers) in by_pid {
+        numbers.sort();
+        assert_eq!(
+            numbers,
+            (1..=numbers.len() as i64).collect::<Vec<_>>(),
+            "{pid}: a gapless prefix"
+        );
+    }
+    std::fs::remove_dir_all(directory).unwrap();
+}
+
+#[tokio::test]
+async fn a_selection_backs_up_only_what_it_names() {
+    let server = TestServer::start("bk_select").await;
+    populate(&server).await;
+    let directory = scratch("select");
+    let dir = directory.to_str().unwrap();
+    let out = succeeded(&run(
+        &server.database,
+        &[
+            "backup",
+            "--directory",
+            dir,
+            "--collection",
+            "journal",
+            "--pid-prefix",
+            "a",
+        ],
+    ));
+    let target = unique_database("bk_select_restored");
+    succeeded(&run(
+        &target,
+        &["restore", &backup_id(&out), "--directory", dir],
+    ));
+    let restored = documents(&target, "journal").await;
+    assert_eq!(restored.len(), 100);
+    assert!(
+        restored
+            .iter()
+            .all(|event| event.get_str("pid").unwrap() == "a")
+    );
+    assert!(documents(&target, "snapshots").await.is_empty());
+    std::fs::remove_dir_all(directory).unwrap();
+}
+
+/// Retention with a clock moved forward: keep-last and keep-within keep exactly what they say.
+#[tokio::test]
+async fn prune_keeps_what_the_policy_says() {
+    let server = TestServer::start("bk_prune").await;
+    populate(&server).await;
+    let directory = scratch("prune");
+    let dir = directory.to_str().unwrap();
+    let mut ids = Vec::new();
+    for _ in 0..3 {
+        ids.push(backup_id(&succeeded(&run(
+            &server.database,
+            &["backup", "--directory", dir],
+        ))));
+        // Backup times have second resolution.
+        tokio::time::sleep(Duration::from_millis(1_100)).await;
+    }
+    let store = backup::store::LocalDirectory::new(&directory);
+    let now = std::time::SystemTime::now();
+    let hour = Duration::from_secs(3600);
+    let prunable = |keep_last, keep_within, now| {
+        eventjournal::ops::backup::prunable(&store, keep_last, keep_within, now)
+    };
+    assert!(
+        prunable(0, hour, now).await.unwrap().is_empty(),
+        "all younger than an hour"
+    );
+    assert_eq!(
+        prunable(1, hour, now + 2 * hour).await.unwrap(),
+        ids[..2],
+        "keep the last one"
+    );
+    assert_eq!(
+        prunable(0, hour, now + 2 * hour).await.unwrap(),
+        ids,
+        "all too old"
+    );
+    assert_eq!(
+        prunable(5, hour, now + 2 * hour).await.unwrap(),
+        Vec::<String>::new()
+    );
+    // The command deletes what the policy does not keep.
+    let out = succeeded(&run(
+        &server.database,
+        &[
+            "backup",
+            "prune",
+            "--directory",
+            dir,
+            "--keep-last",
+            "1",
+            "--keep-within",
+            "0s",
+        ],
+    ));
+    assert_eq!(out.lines().count(), 2, "{out}");
+    let listed = succeeded(&run(
+        &server.database,
+        &["backup", "list", "--directory", dir],
+    ));
+    assert!(
+        listed.contains(&ids[2]) && !listed.contains(&ids[0]),
+        "{listed}"
+    );
+    std::fs::remove_dir_all(directory).unwrap();
+}
