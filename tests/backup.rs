@@ -499,3 +499,50 @@ async fn prune_keeps_what_the_policy_says() {
     );
     std::fs::remove_dir_all(directory).unwrap();
 }
+
+/// MongoDB failing mid-backup (the third collection's read, after the journal's parts were
+/// stored): the backup fails with the error, and nothing of it is left or listed.
+#[tokio::test]
+async fn a_backup_failing_midway_leaves_nothing_that_looks_complete() {
+    let server = TestServer::start("bk_midway").await;
+    populate(&server).await;
+    let directory = scratch("midway");
+    let dir = directory.to_str().unwrap();
+    let app = format!("bk_midway_{}", std::process::id());
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+        .run_command(doc! {
+            "configureFailPoint": "failCommand",
+            "mode": { "skip": 2 },
+            "data": { "failCommands": ["find"], "appName": &app, "errorCode": 2 },
+        })
+        .await
+        .unwrap();
+    let separator = if mongodb_uri().contains('?') { '&' } else { '?' };
+    let uri = format!("{}{separator}appName={app}", mongodb_uri());
+    let output = Command::new(BINARY)
+        .args(["backup", "--directory", dir, "--mongodb-uri", &uri])
+        .args(["--database", &server.database])
+        .env("RUST_LOG", "off")
+        .env("EVENTJOURNAL_BACKUP__PART_SIZE", "1KiB")
+        .output()
+        .unwrap();
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+        .run_command(doc! { "configureFailPoint": "failCommand", "mode": "off" })
+        .await
+        .unwrap();
+    let error = failed(&output);
+    assert!(error.contains("read snapshots"), "{error}");
+    let stderr = String::from_utf8_lossy(&output.stderr);
+    assert!(stderr.contains("journal (journal)"), "the journal was stored first: {stderr}");
+    let left: Vec<_> = std::fs::read_dir(&directory).unwrap().collect();
+    assert!(left.is_empty(), "parts of the failed backup were left: {left:?}");
+    let listed = succeeded(&run(&server.database, &["backup", "list", "--directory", dir]));
+    assert!(listed.is_empty(), "{listed}");
+    std::fs::remove_dir_all(directory).unwrap();
+}
