@@ -28,7 +28,10 @@ fn main() -> ExitCode {
         Command::Indexes(command) => indexes(command),
         Command::Purge(command) => purge(command),
         Command::Backup(args) => backup(args),
-        Command::Restore(args) => run_printing(ops::backup::restore(&args)),
+        Command::Restore(args) => {
+            purge_freed_memory_at_once();
+            run_printing(ops::backup::restore(&args))
+        }
     };
     match result {
         Ok(()) => ExitCode::SUCCESS,
@@ -40,7 +43,19 @@ fn main() -> ExitCode {
     }
 }
 
+/// mimalloc's `purge_delay` option (index 15 in both of its versions' `mi_option_e`).
+const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
+
+/// Backups and restores stream gigabytes through buffers freed on other threads than the ones
+/// that allocated them; mimalloc holds such memory a while before returning it, which doubled
+/// their resident memory. They return it at once instead.
+fn purge_freed_memory_at_once() {
+    // SAFETY: sets a mimalloc option (an integer) before the command's work starts.
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
 fn backup(args: Box<BackupArgs>) -> anyhow::Result<()> {
+    purge_freed_memory_at_once();
     match &args.action {
         Some(action) => run_printing(ops::backup::action(action)),
         None => run_printing(ops::backup::create(&args.create)),

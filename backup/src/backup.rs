@@ -20,11 +20,14 @@ use crate::manifest::{
 };
 use crate::store::Store;
 
+/// Documents per cursor batch: MongoDB's batches otherwise grow to 16 MiB, which the driver
+/// holds twice (the reply and its documents).
+const BATCH_DOCUMENTS: u32 = 200;
 /// Encoded bytes handed from the cursor to compression at a time.
 const CHUNK_BYTES: usize = 1 << 20;
 /// Chunks and parts in flight between stages: what bounds memory.
 const CHUNKS_IN_FLIGHT: usize = 4;
-const PARTS_IN_FLIGHT: usize = 2;
+const PARTS_IN_FLIGHT: usize = 1;
 
 /// What to back up: every collection unless narrowed.
 #[derive(Debug, Clone, Default, PartialEq, Eq)]
@@ -164,7 +167,7 @@ async fn back_up_collection<S: Store>(
     let part_bytes = options.part_bytes.max(1);
     let transform = tokio::task::spawn_blocking(move || -> io::Result<()> {
         let splitter = PartSplitter {
-            buffer: Vec::new(),
+            buffer: Vec::with_capacity(part_bytes),
             part_bytes,
             parts,
         };
@@ -203,6 +206,7 @@ async fn back_up_collection<S: Store>(
         let what = format!("read {name}");
         let mut cursor = collection
             .find(filter)
+            .batch_size(BATCH_DOCUMENTS)
             .session(&mut *session)
             .await
             .map_err(|error| BackupError::mongo(&what, error))?;
@@ -260,7 +264,7 @@ struct PartSplitter {
 
 impl PartSplitter {
     fn send(&mut self) -> io::Result<()> {
-        let part = std::mem::take(&mut self.buffer);
+        let part = std::mem::replace(&mut self.buffer, Vec::with_capacity(self.part_bytes));
         self.parts
             .blocking_send(part)
             .map_err(|_| io::Error::other("the store stopped"))

@@ -16,9 +16,10 @@ use crate::manifest::{CollectionManifest, MANIFEST, Manifest};
 use crate::store::Store;
 use crate::{Collections, encrypt};
 
-/// Documents (or bytes) inserted per `insert_many`.
+/// Documents (or bytes) inserted per `insert_many`; with a part and a batch waiting between
+/// stages, what bounds a restore's memory.
 const BATCH_DOCUMENTS: usize = 1_000;
-const BATCH_BYTES: usize = 8 << 20;
+const BATCH_BYTES: usize = 2 << 20;
 
 #[derive(Debug, Clone)]
 pub struct RestoreOptions {
@@ -130,8 +131,8 @@ async fn read_collection<S: Store>(
         backup: id.clone(),
         problem,
     };
-    let (parts, parts_in) = mpsc::channel::<io::Result<Vec<u8>>>(2);
-    let (batches, mut batches_in) = mpsc::channel::<Vec<RawDocumentBuf>>(2);
+    let (parts, parts_in) = mpsc::channel::<io::Result<Vec<u8>>>(1);
+    let (batches, mut batches_in) = mpsc::channel::<Vec<RawDocumentBuf>>(1);
     let fetch = async {
         // Owned here, so the channel closes when the last part is sent.
         let parts = parts;

@@ -37,7 +37,11 @@ impl Store for LocalDirectory {
             tokio::fs::create_dir_all(parent).await?;
         }
         let partial = target.with_extension("partial");
-        tokio::fs::write(&partial, bytes).await?;
+        // Moved to the blocking thread, not copied (tokio::fs::write would copy the part).
+        let written = partial.clone();
+        tokio::task::spawn_blocking(move || std::fs::write(written, bytes))
+            .await
+            .map_err(io::Error::other)??;
         tokio::fs::rename(&partial, &target).await
     }
 

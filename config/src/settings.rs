@@ -48,7 +48,7 @@ impl Default for BackupSettings {
             directory: PathBuf::from("backups"),
             compression: "zstd".to_owned(),
             recipients: Vec::new(),
-            part_size: ByteSize::mib(64),
+            part_size: ByteSize::mib(5),
             keep_last: 0,
             keep_within: Duration::from_secs(7 * 24 * 3600),
         }
