@@ -38,7 +38,11 @@ pub struct Selection {
     pub tag: Option<String>,
 }
 
-#[derive(Debug, Clone)]
+/// Told, as a backup goes, of each collection's documents and bytes read so far (about once
+/// a MiB), for a progress display.
+pub type Progress = std::sync::Arc<dyn Fn(&str, u64, u64) + Send + Sync>;
+
+#[derive(Clone)]
 pub struct BackupOptions {
     pub collections: Collections,
     pub selection: Selection,
@@ -47,6 +51,7 @@ pub struct BackupOptions {
     pub recipients: Vec<String>,
     /// Stored bytes per part.
     pub part_bytes: usize,
+    pub progress: Option<Progress>,
 }
 
 /// Takes one backup of `database` into `store` and returns its manifest. On failure nothing
@@ -225,11 +230,17 @@ async fn back_up_collection<S: Store>(
             bytes += raw.len() as u64;
             chunk.extend_from_slice(raw);
             if chunk.len() >= CHUNK_BYTES {
+                if let Some(progress) = &options.progress {
+                    progress(role, documents, bytes);
+                }
                 let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
                 if chunks.send(full).await.is_err() {
                     break;
                 }
             }
+        }
+        if let Some(progress) = &options.progress {
+            progress(role, documents, bytes);
         }
         if !chunk.is_empty() {
             let _ = chunks.send(chunk).await;

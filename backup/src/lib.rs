@@ -19,7 +19,7 @@ mod restore;
 mod source;
 pub mod store;
 
-pub use backup::{BackupOptions, Selection, backup};
+pub use backup::{BackupOptions, Progress, Selection, backup};
 pub use error::BackupError;
 pub use manifest::Manifest;
 pub use restore::{RestoreOptions, read_manifest, restore, verify};

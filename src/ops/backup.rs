@@ -7,6 +7,7 @@ use anyhow::{Context, bail};
 use backup::store::{LocalDirectory, Store};
 use backup::{BackupOptions, Collections, RestoreOptions, Selection};
 use config::Settings;
+use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::{BackupAction, CreateBackupArgs, IdentityArgs, RestoreArgs};
 
@@ -66,6 +67,7 @@ pub async fn create(args: &CreateBackupArgs) -> anyhow::Result<String> {
         compression,
         recipients,
         part_bytes: settings.backup.part_size.as_u64() as usize,
+        progress: progress_display(),
     };
     let database = super::connect(&settings).await?;
     let store = store(&settings, args.store.directory.as_deref());
@@ -74,6 +76,35 @@ pub async fn create(args: &CreateBackupArgs) -> anyhow::Result<String> {
         "backup {} complete: {}\n",
         manifest.id,
         store.describe(&manifest.id)
+    ))
+}
+
+/// A spinner per collection with documents and bytes read, when stderr is a terminal; otherwise
+/// nothing here (the backup prints a line per collection as it completes).
+fn progress_display() -> Option<backup::Progress> {
+    use std::io::IsTerminal;
+    if !std::io::stderr().is_terminal() {
+        return None;
+    }
+    let bars = std::sync::Mutex::new(std::collections::HashMap::<String, ProgressBar>::new());
+    Some(std::sync::Arc::new(
+        move |role: &str, documents: u64, bytes: u64| {
+            let mut bars = bars.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+            let bar = bars.entry(role.to_owned()).or_insert_with(|| {
+                let bar = ProgressBar::with_draw_target(None, ProgressDrawTarget::stderr());
+                bar.set_style(
+                    ProgressStyle::with_template("{spinner} {prefix}: {msg} ({elapsed})")
+                        .unwrap_or_else(|_| ProgressStyle::default_spinner()),
+                );
+                bar.set_prefix(role.to_owned());
+                bar
+            });
+            bar.set_message(format!(
+                "{documents} documents, {}",
+                indicatif::HumanBytes(bytes)
+            ));
+            bar.tick();
+        },
     ))
 }
 
