@@ -40,47 +40,44 @@ impl std::fmt::Display for Compression {
     }
 }
 
-struct Zstd(zstd::stream::write::Encoder<'static, Box<dyn Finish>>);
-struct Gzip(flate2::write::GzEncoder<Box<dyn Finish>>);
+/// A stage's writer around the next stage's: finishing it finishes its own stream (`end`,
+/// which hands back the next writer) and then the next one.
+pub struct Layer<W> {
+    writer: W,
+    end: fn(W) -> io::Result<Box<dyn Finish>>,
+}
 
-impl Write for Zstd {
+impl<W: Write + Send + 'static> Layer<W> {
+    pub fn boxed(writer: W, end: fn(W) -> io::Result<Box<dyn Finish>>) -> Box<dyn Finish> {
+        Box::new(Self { writer, end })
+    }
+}
+
+impl<W: Write + Send> Write for Layer<W> {
     fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
+        self.writer.write(buf)
     }
     fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
+        self.writer.flush()
     }
 }
 
-impl Finish for Zstd {
+impl<W: Write + Send> Finish for Layer<W> {
     fn finish(self: Box<Self>) -> io::Result<()> {
-        self.0.finish()?.finish()
-    }
-}
-
-impl Write for Gzip {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
-impl Finish for Gzip {
-    fn finish(self: Box<Self>) -> io::Result<()> {
-        self.0.finish()?.finish()
+        (self.end)(self.writer)?.finish()
     }
 }
 
 impl Compression {
     pub fn compress(self, output: Box<dyn Finish>) -> io::Result<Box<dyn Finish>> {
         Ok(match self {
-            Self::Zstd => Box::new(Zstd(zstd::stream::write::Encoder::new(output, 3)?)),
-            Self::Gzip => Box::new(Gzip(flate2::write::GzEncoder::new(
-                output,
-                flate2::Compression::default(),
-            ))),
+            Self::Zstd => Layer::boxed(zstd::stream::write::Encoder::new(output, 3)?, |zstd| {
+                zstd.finish()
+            }),
+            Self::Gzip => Layer::boxed(
+                flate2::write::GzEncoder::new(output, flate2::Compression::default()),
+                |gzip| gzip.finish(),
+            ),
             Self::None => output,
         })
     }

@@ -1,11 +1,11 @@
 //! The encrypt stage: age, to X25519 recipients (public keys only: backing up never needs a
 //! private key), or none. Restoring and verifying need one of the recipients' identities.
 
-use std::io::{self, Read, Write};
+use std::io::{self, Read};
 
 use age::x25519::{Identity, Recipient};
 
-use crate::compress::Finish;
+use crate::compress::{Finish, Layer};
 use crate::error::BackupError;
 
 /// Parses `age1...` recipients.
@@ -38,23 +38,6 @@ pub fn identities(text: &str) -> Result<Vec<Identity>, BackupError> {
         .collect()
 }
 
-struct Encrypted(age::stream::StreamWriter<Box<dyn Finish>>);
-
-impl Write for Encrypted {
-    fn write(&mut self, buf: &[u8]) -> io::Result<usize> {
-        self.0.write(buf)
-    }
-    fn flush(&mut self) -> io::Result<()> {
-        self.0.flush()
-    }
-}
-
-impl Finish for Encrypted {
-    fn finish(self: Box<Self>) -> io::Result<()> {
-        self.0.finish()?.finish()
-    }
-}
-
 /// Wraps `output` so that what is written is encrypted to `recipients` (none: unchanged).
 pub fn encrypt(recipients: &[Recipient], output: Box<dyn Finish>) -> io::Result<Box<dyn Finish>> {
     if recipients.is_empty() {
@@ -66,9 +49,8 @@ pub fn encrypt(recipients: &[Recipient], output: Box<dyn Finish>) -> io::Result<
             .map(|recipient| recipient as &dyn age::Recipient),
     )
     .map_err(io::Error::other)?;
-    Ok(Box::new(Encrypted(
-        encryptor.wrap_output(output).map_err(io::Error::other)?,
-    )))
+    let writer = encryptor.wrap_output(output).map_err(io::Error::other)?;
+    Ok(Layer::boxed(writer, |age| age.finish()))
 }
 
 /// Wraps `input`, encrypted to one of `identities`' recipients.

@@ -244,19 +244,6 @@ pub struct ChangeStreams {
     history_bytes: usize,
 }
 
-/// Where a private change stream starts.
-enum PrivateStart {
-    /// Right after this change.
-    After(String),
-    /// At this cluster time (seconds), skipping events the queries delivered: stamped at or
-    /// before `horizon`, or at or before the position the queries started after.
-    At {
-        seconds: u32,
-        horizon: i64,
-        after: Option<Position>,
-    },
-}
-
 impl ChangeStreams {
     /// `private_streams`: private change streams open at once (more subscribers catching up
     /// wait), so they hold at most that many of the read pool's connections.
@@ -338,12 +325,12 @@ impl ChangeStreams {
         };
         loop {
             subscriber.settle_seen();
-            let (need, skip) = match subscriber
+            let need = match subscriber
                 .last
                 .as_ref()
                 .and_then(|last| last.change.clone())
             {
-                Some(token) => (Need::After(token), None),
+                Some(token) => Need::After(token),
                 None => {
                     let horizon = self.polling.horizon_millis();
                     let after = subscriber.last.as_ref().map(|last| last.position.clone());
@@ -357,8 +344,8 @@ impl ChangeStreams {
                     // From here on, changes the queries delivered are passed over, whatever
                     // path brings them (the backlog, a private stream, the shared stream
                     // replaying the past after it opened afresh).
-                    subscriber.skip = Some((horizon, after.clone()));
-                    (Need::Since((seconds, 0)), Some((horizon, after)))
+                    subscriber.skip = Some((horizon, after));
+                    Need::Since((seconds, 0))
                 }
             };
             // Step 2: from the shared stream's recent changes when they reach back far enough,
@@ -368,18 +355,7 @@ impl ChangeStreams {
             }
             let Some((backlog, mut changes)) = shared.tail.join(&need) else {
                 let mut changes = shared.tail.changes.subscribe();
-                let from = match need {
-                    Need::After(token) => PrivateStart::After(token),
-                    Need::Since((seconds, _)) => {
-                        let (horizon, after) = skip.unwrap_or_default();
-                        PrivateStart::At {
-                            seconds,
-                            horizon,
-                            after,
-                        }
-                    }
-                };
-                let caught_up = match self.private(&mut subscriber, from, &mut changes).await {
+                let caught_up = match self.private(&mut subscriber, need, &mut changes).await {
                     Step::Over => return,
                     Step::Again => continue,
                     Step::Done(pending) => pending,
@@ -456,31 +432,22 @@ impl ChangeStreams {
         self.polling.allowed_time_drift.as_millis() as i64
     }
 
-    /// Step 2: a private change stream until it reaches what the shared stream sends.
+    /// Step 2: a private change stream from `need` until it reaches what the shared stream
+    /// sends.
     async fn private(
         &self,
         subscriber: &mut Subscriber,
-        from: PrivateStart,
+        need: Need,
         changes: &mut broadcast::Receiver<Change>,
     ) -> Step {
-        let (resume_after, start_at, skip) = match from {
-            PrivateStart::After(token) => match resume_token(&token) {
-                Some(token) => (Some(token), None, None),
+        let (resume_after, start_at) = match need {
+            Need::After(token) => match resume_token(&token) {
+                Some(token) => (Some(token), None),
                 None => return subscriber.fall_back(self.drift_millis()),
             },
-            PrivateStart::At {
-                seconds,
-                horizon,
-                after,
-            } => (
-                None,
-                Some(Timestamp {
-                    time: seconds,
-                    increment: 0,
-                }),
-                Some((horizon, after)),
-            ),
+            Need::Since((time, increment)) => (None, Some(Timestamp { time, increment })),
         };
+        let resuming = resume_after.is_some();
         // Bounded: subscribers catching up never hold more than a few connections.
         let permit = tokio::select! {
             () = self.shutdown.cancelled() => return Step::Over,
@@ -502,7 +469,6 @@ impl ChangeStreams {
             Some(time) => watch.start_at_operation_time(time).await,
             None => watch.await,
         };
-        let resuming = skip.is_none();
         let private = match opened {
             Ok(stream) => stream,
             // The resume point left the oplog, or belongs to a dropped or renamed collection.

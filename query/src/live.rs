@@ -126,15 +126,6 @@ impl<K: Route, F: Feed<Item = K::Item>> Hubs<K, F> {
         usize::from(lock(&self.registry).tail_running)
     }
 
-    /// Subscribers with a live hub, by key (for tests).
-    pub fn hubs(&self) -> usize {
-        lock(&self.registry)
-            .hubs
-            .values()
-            .filter(|hub| hub.strong_count() > 0)
-            .count()
-    }
-
     fn hub(&self, key: K) -> Arc<Hub<F::Item>> {
         let mut registry = lock(&self.registry);
         if let Some(hub) = registry.hubs.get(&key).and_then(Weak::upgrade) {
