@@ -84,9 +84,14 @@ pub enum BackupAction {
 pub struct BackupStoreArgs {
     #[command(flatten)]
     pub connection: ConnectionArgs,
-    /// The backup directory; overrides backup.directory.
-    #[arg(long, value_name = "DIR")]
+    /// The backup directory; overrides backup.store and backup.directory.
+    #[arg(long, value_name = "DIR", conflicts_with = "s3")]
     pub directory: Option<PathBuf>,
+    /// An S3 bucket and key prefix, s3://BUCKET[/PREFIX]; overrides backup.store and
+    /// backup.s3.bucket/prefix (endpoint, region and credentials from [backup.s3] or the AWS
+    /// environment).
+    #[arg(long, value_name = "s3://BUCKET/PREFIX")]
+    pub s3: Option<String>,
 }
 
 #[derive(Debug, Args)]

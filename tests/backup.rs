@@ -7,6 +7,7 @@ use std::path::{Path, PathBuf};
 use std::process::{Command, Output};
 use std::time::Duration;
 
+use common::proxy::CuttableProxy;
 use common::read::tagged;
 use common::*;
 use futures::TryStreamExt;
@@ -53,6 +54,12 @@ fn scratch(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(&directory).unwrap();
     directory
+}
+
+/// A local backup's manifest.
+fn manifest(directory: &Path, id: &str) -> serde_json::Value {
+    serde_json::from_slice(&std::fs::read(directory.join(id).join("manifest.json")).unwrap())
+        .unwrap()
 }
 
 /// The backup id from `backup`'s output line.
@@ -161,17 +168,10 @@ async fn a_compressed_encrypted_backup_restores_bit_exact_and_verifies() {
         let out = succeeded(&run(&server.database, &args));
         assert!(out.contains("complete:") && out.contains(dir), "{out}");
         let id = backup_id(&out);
-        let journal_parts = std::fs::read_dir(directory.join(&id))
+        let journal_parts = manifest(&directory, &id)["collections"][0]["parts"]
+            .as_array()
             .unwrap()
-            .filter(|entry| {
-                entry
-                    .as_ref()
-                    .unwrap()
-                    .file_name()
-                    .to_string_lossy()
-                    .starts_with("journal.")
-            })
-            .count();
+            .len();
         assert!(journal_parts > 1, "{journal_parts} journal parts");
         let listed = succeeded(&run(
             &server.database,
@@ -258,7 +258,7 @@ async fn bad_keys_bad_parts_and_bad_targets_are_clear_errors_and_change_nothing(
     assert_eq!(documents(&server.database, "journal").await.len(), 300);
 
     // A corrupted part and a truncated one are named.
-    let part = directory.join(&id).join("journal.00001.part");
+    let part = directory.join(&id).join("journal.bson.zst.age");
     let original = std::fs::read(&part).unwrap();
     let mut corrupted = original.clone();
     let middle = corrupted.len() / 2;
@@ -274,7 +274,22 @@ async fn bad_keys_bad_parts_and_bad_targets_are_clear_errors_and_change_nothing(
         .concat(),
     ));
     assert!(
-        error.contains("part journal.00001.part is corrupted"),
+        error.contains("journal.bson.zst.age") && error.contains("is corrupted"),
+        "{error}"
+    );
+    // The corrupted byte's part, by number and byte range.
+    let parts = manifest(&directory, &id)["collections"][0]["parts"].clone();
+    let broken = parts
+        .as_array()
+        .unwrap()
+        .iter()
+        .position(|part| {
+            let offset = part["offset"].as_u64().unwrap() as usize;
+            (offset..offset + part["bytes"].as_u64().unwrap() as usize).contains(&middle)
+        })
+        .unwrap();
+    assert!(
+        error.contains(&format!("part {} of journal.bson.zst.age", broken + 1)),
         "{error}"
     );
     std::fs::write(&part, &original[..original.len() - 10]).unwrap();
@@ -285,8 +300,10 @@ async fn bad_keys_bad_parts_and_bad_targets_are_clear_errors_and_change_nothing(
         ]
         .concat(),
     ));
+    let last = parts.as_array().unwrap().len();
     assert!(
-        error.contains("part journal.00001.part is") && error.contains("truncated"),
+        error.contains(&format!("part {last} of journal.bson.zst.age"))
+            && error.contains("truncated"),
         "{error}"
     );
     // A restore of the damaged backup stops with the same message.
@@ -295,7 +312,10 @@ async fn bad_keys_bad_parts_and_bad_targets_are_clear_errors_and_change_nothing(
         &target,
         &[&["restore", &id, "--directory", dir][..], &key_arg[..]].concat(),
     ));
-    assert!(error.contains("journal.00001.part"), "{error}");
+    assert!(
+        error.contains("journal.bson.zst.age") && error.contains("truncated"),
+        "{error}"
+    );
     std::fs::write(&part, &original).unwrap();
 
     // A manifest of a newer format is refused by name.
@@ -500,15 +520,10 @@ async fn prune_keeps_what_the_policy_says() {
     std::fs::remove_dir_all(directory).unwrap();
 }
 
-/// MongoDB failing mid-backup (the third collection's read, after the journal's parts were
-/// stored): the backup fails with the error, and nothing of it is left or listed.
-#[tokio::test]
-async fn a_backup_failing_midway_leaves_nothing_that_looks_complete() {
-    let server = TestServer::start("bk_midway").await;
-    populate(&server).await;
-    let directory = scratch("midway");
-    let dir = directory.to_str().unwrap();
-    let app = format!("bk_midway_{}", std::process::id());
+/// Makes MongoDB fail the third `find` of clients named by the connection string returned (a
+/// backup's third collection: the journal and its metadata are read first).
+async fn fail_third_find(name: &str) -> String {
+    let app = format!("{name}_{}", std::process::id());
     mongodb::Client::with_uri_str(mongodb_uri())
         .await
         .unwrap()
@@ -525,14 +540,10 @@ async fn a_backup_failing_midway_leaves_nothing_that_looks_complete() {
     } else {
         '?'
     };
-    let uri = format!("{}{separator}appName={app}", mongodb_uri());
-    let output = Command::new(BINARY)
-        .args(["backup", "--directory", dir, "--mongodb-uri", &uri])
-        .args(["--database", &server.database])
-        .env("RUST_LOG", "off")
-        .env("EVENTJOURNAL_BACKUP__PART_SIZE", "1KiB")
-        .output()
-        .unwrap();
+    format!("{}{separator}appName={app}", mongodb_uri())
+}
+
+async fn failpoint_off() {
     mongodb::Client::with_uri_str(mongodb_uri())
         .await
         .unwrap()
@@ -540,6 +551,25 @@ async fn a_backup_failing_midway_leaves_nothing_that_looks_complete() {
         .run_command(doc! { "configureFailPoint": "failCommand", "mode": "off" })
         .await
         .unwrap();
+}
+
+/// MongoDB failing mid-backup (the third collection's read, after the journal's parts were
+/// stored): the backup fails with the error, and nothing of it is left or listed.
+#[tokio::test]
+async fn a_backup_failing_midway_leaves_nothing_that_looks_complete() {
+    let server = TestServer::start("bk_midway").await;
+    populate(&server).await;
+    let directory = scratch("midway");
+    let dir = directory.to_str().unwrap();
+    let uri = fail_third_find("bk_midway").await;
+    let output = Command::new(BINARY)
+        .args(["backup", "--directory", dir, "--mongodb-uri", &uri])
+        .args(["--database", &server.database])
+        .env("RUST_LOG", "off")
+        .env("EVENTJOURNAL_BACKUP__PART_SIZE", "1KiB")
+        .output()
+        .unwrap();
+    failpoint_off().await;
     let error = failed(&output);
     assert!(error.contains("read snapshots"), "{error}");
     let stderr = String::from_utf8_lossy(&output.stderr);
@@ -646,4 +676,293 @@ mod rand_like {
             (self.0 >> 32) as u8
         }
     }
+}
+
+/// The S3-compatible test server (`cargo xtask test` starts moto and sets this).
+fn s3_endpoint() -> String {
+    std::env::var("EVENTJOURNAL_TEST_S3_ENDPOINT").expect(
+        "EVENTJOURNAL_TEST_S3_ENDPOINT is not set: run the suite with `cargo xtask test` \
+         (it starts the S3 test server)",
+    )
+}
+
+/// A new bucket on the S3 test server (which does not check signatures: plain requests do).
+async fn new_bucket(name: &str) -> String {
+    let bucket = format!("{name}-{}", &uuid::Uuid::new_v4().simple().to_string()[..8]);
+    let response = http()
+        .put(format!("{}/{bucket}", s3_endpoint()))
+        .send()
+        .await
+        .unwrap();
+    assert!(response.status().is_success(), "{response:?}");
+    bucket
+}
+
+/// A plain HTTP client (reqwest's TLS, unused here, wants the process's crypto provider).
+fn http() -> reqwest::Client {
+    let _ = rustls::crypto::ring::default_provider().install_default();
+    reqwest::Client::new()
+}
+
+async fn s3_text(url: String) -> String {
+    http().get(url).send().await.unwrap().text().await.unwrap()
+}
+
+/// Multipart uploads begun and neither completed nor aborted in `bucket`.
+async fn uploads_in_progress(bucket: &str) -> Vec<String> {
+    let listing = s3_text(format!("{}/{bucket}?uploads", s3_endpoint())).await;
+    listing
+        .split("<Upload>")
+        .skip(1)
+        .map(|upload| upload.split("</Upload>").next().unwrap().to_owned())
+        .collect()
+}
+
+/// The keys of the objects under `prefix` in `bucket`.
+async fn s3_keys(bucket: &str, prefix: &str) -> Vec<String> {
+    let listing = s3_text(format!(
+        "{}/{bucket}?list-type=2&prefix={prefix}",
+        s3_endpoint()
+    ))
+    .await;
+    listing
+        .split("<Key>")
+        .skip(1)
+        .map(|key| key.split("</Key>").next().unwrap().to_owned())
+        .collect()
+}
+
+/// The binary with an S3 store at `endpoint` (credentials from the AWS environment variables,
+/// as a deployment would give them), parts of 5 MiB (S3's smallest).
+fn s3_command(database: &str, endpoint: &str, args: &[&str]) -> Command {
+    s3_command_on(&mongodb_uri(), database, endpoint, args)
+}
+
+fn s3_command_on(uri: &str, database: &str, endpoint: &str, args: &[&str]) -> Command {
+    let mut command = Command::new(BINARY);
+    command
+        .args(args)
+        .args(["--mongodb-uri", uri, "--database", database])
+        .env("RUST_LOG", "off")
+        .env("EVENTJOURNAL_BACKUP__S3__ENDPOINT", endpoint)
+        .env("EVENTJOURNAL_BACKUP__S3__RETRY_TIMEOUT", "3s")
+        .env("AWS_ACCESS_KEY_ID", "test")
+        .env("AWS_SECRET_ACCESS_KEY", "test")
+        .env("AWS_REGION", "us-east-1");
+    command
+}
+
+fn run_s3(database: &str, args: &[&str]) -> Output {
+    s3_command(database, &s3_endpoint(), args).output().unwrap()
+}
+
+/// `count` events of 64 KiB of noise for `pid`: about 6 MB per 100, so a collection spans
+/// several 5 MiB parts even compressed.
+async fn write_noise(server: &TestServer, pid: &str, count: i64) {
+    use rand_like::Noise;
+    let mut noise = Noise(0x2545_f491_4f6c_dd1d ^ count as u64);
+    let mut journal = server.journal().await;
+    for from in (1..=count).step_by(20) {
+        let writes = (from..(from + 20).min(count + 1))
+            .map(|n| {
+                let mut event = tagged(pid, n, &["noise"]);
+                event.payload = Some(pb::Payload {
+                    data: (0..64 * 1024).map(|_| noise.byte()).collect(),
+                    serializer_id: 1,
+                    manifest: String::new(),
+                });
+                atomic(vec![event])
+            })
+            .collect();
+        assert!(write(&mut journal, writes).await.iter().all(is_written));
+    }
+}
+
+/// The same round trip to an S3-compatible server: the backup is uploaded as multipart uploads
+/// of 5 MiB parts, listed, verified and restored bit-exact from the bucket.
+#[tokio::test]
+async fn a_backup_to_s3_restores_bit_exact_and_verifies() {
+    let server = TestServer::start("bk_s3").await;
+    populate(&server).await;
+    write_noise(&server, "big", 200).await;
+    let bucket = new_bucket("roundtrip").await;
+    let location = format!("s3://{bucket}/nightly");
+    let keys = scratch("s3_keys");
+    let (key, recipient) = key_pair(&keys);
+    let out = succeeded(&run_s3(
+        &server.database,
+        &["backup", "--s3", &location, "--recipient", &recipient],
+    ));
+    assert!(out.contains(&format!("{location}/")), "{out}");
+    let id = backup_id(&out);
+    // One object per collection, the journal's a multipart upload of several parts (S3 gives
+    // a multipart object the ETag "<md5 of the parts' md5s>-<parts>").
+    let listing = s3_text(format!(
+        "{}/{bucket}?list-type=2&prefix=nightly/{id}/",
+        s3_endpoint()
+    ))
+    .await;
+    let journal = listing
+        .split("<Contents>")
+        .find(|object| object.contains("/journal.bson.zst.age</Key>"))
+        .unwrap_or_else(|| panic!("no journal object: {listing}"));
+    let parts: u32 = journal
+        .split("<ETag>")
+        .nth(1)
+        .and_then(|etag| etag.split("</ETag>").next())
+        .and_then(|etag| etag.trim_end_matches("&#34;").rsplit('-').next())
+        .and_then(|parts| parts.parse().ok())
+        .unwrap_or_else(|| panic!("not a multipart object: {journal}"));
+    assert!(parts >= 2, "{parts} parts: {journal}");
+    assert_eq!(s3_keys(&bucket, &format!("nightly/{id}/")).await.len(), 5);
+    assert!(uploads_in_progress(&bucket).await.is_empty());
+
+    let listed = succeeded(&run_s3(
+        &server.database,
+        &["backup", "list", "--s3", &location],
+    ));
+    assert!(listed.contains(&id), "{listed}");
+    let key_args = ["--identity-file", key.to_str().unwrap()];
+    let verified = succeeded(&run_s3(
+        &server.database,
+        &[
+            &["backup", "verify", &id, "--s3", &location][..],
+            &key_args[..],
+        ]
+        .concat(),
+    ));
+    assert!(verified.contains("verified"), "{verified}");
+    let target = unique_database("bk_s3_restored");
+    let out = succeeded(&run_s3(
+        &target,
+        &[&["restore", &id, "--s3", &location][..], &key_args[..]].concat(),
+    ));
+    assert!(out.contains("checked against the manifest"), "{out}");
+    assert_same(&server.database, &target).await;
+    std::fs::remove_dir_all(keys).unwrap();
+}
+
+/// MongoDB failing mid-backup with an S3 store: the upload under way is aborted (no
+/// multipart upload left), the objects already stored are deleted, nothing is listed.
+#[tokio::test]
+async fn a_failed_backup_to_s3_aborts_its_upload_and_leaves_nothing() {
+    let server = TestServer::start("bk_s3_fail").await;
+    populate(&server).await;
+    let bucket = new_bucket("failing").await;
+    let location = format!("s3://{bucket}/b");
+    let uri = fail_third_find("bk_s3_fail").await;
+    let output = s3_command_on(
+        &uri,
+        &server.database,
+        &s3_endpoint(),
+        &["backup", "--s3", &location],
+    )
+    .output()
+    .unwrap();
+    failpoint_off().await;
+    let error = failed(&output);
+    assert!(error.contains("read snapshots"), "{error}");
+    assert!(
+        error.contains("aborting the upload of snapshots.bson.zst"),
+        "{error}"
+    );
+    assert!(uploads_in_progress(&bucket).await.is_empty());
+    assert_eq!(s3_keys(&bucket, "b/").await, Vec::<String>::new());
+    let listed = succeeded(&run_s3(
+        &server.database,
+        &["backup", "list", "--s3", &location],
+    ));
+    assert!(listed.is_empty(), "{listed}");
+}
+
+/// The S3 store becoming unreachable while a part is uploading: the backup fails naming the
+/// store, aborts its multipart upload once the store answers again, and nothing of it is
+/// listed or left in the bucket.
+#[tokio::test]
+async fn an_s3_store_unreachable_mid_upload_leaves_no_complete_backup() {
+    use std::io::BufRead as _;
+    let server = TestServer::start("bk_s3_cut").await;
+    write_noise(&server, "big", 300).await;
+    let bucket = new_bucket("cut").await;
+    let location = format!("s3://{bucket}/b");
+    let moto: std::net::SocketAddr = s3_endpoint().trim_start_matches("http://").parse().unwrap();
+    let proxy = CuttableProxy::start(moto).await;
+    // Parts one at a time, slowed down: the cut falls between the first part and the last.
+    proxy.set_delay(Duration::from_millis(20));
+    let mut child = s3_command(
+        &server.database,
+        &format!("http://{}", proxy.address),
+        &["backup", "--s3", &location],
+    )
+    .env("EVENTJOURNAL_BACKUP__UPLOAD_PARALLELISM", "1")
+    .stderr(std::process::Stdio::piped())
+    .stdout(std::process::Stdio::piped())
+    .spawn()
+    .unwrap();
+    let (lines, mut lines_in) = tokio::sync::mpsc::unbounded_channel();
+    let stderr = child.stderr.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stderr).lines() {
+            let _ = lines.send(line.unwrap());
+        }
+    });
+    // Wait until the journal's upload holds a part, then cut.
+    wait_until("a part uploaded", Duration::from_secs(60), || async {
+        let uploads = uploads_in_progress(&bucket).await;
+        let Some(upload) = uploads.first() else {
+            return false;
+        };
+        let field = |name: &str| {
+            upload
+                .split(&format!("<{name}>"))
+                .nth(1)
+                .and_then(|rest| rest.split(&format!("</{name}>")).next())
+                .unwrap()
+                .to_owned()
+        };
+        let parts = s3_text(format!(
+            "{}/{bucket}/{}?uploadId={}",
+            s3_endpoint(),
+            field("Key"),
+            field("UploadId")
+        ))
+        .await;
+        parts.contains("<Part>")
+    })
+    .await;
+    proxy.cut();
+    let mut seen = Vec::new();
+    loop {
+        let line = tokio::time::timeout(Duration::from_secs(60), lines_in.recv())
+            .await
+            .expect("the backup reports its failure")
+            .expect("the backup reports its failure before exiting");
+        seen.push(line.clone());
+        if line.contains("aborting the upload") {
+            break;
+        }
+    }
+    // The store answers again: the abort and the clean-up go through.
+    proxy.restore();
+    proxy.set_delay(Duration::ZERO);
+    let status = tokio::task::spawn_blocking(move || child.wait())
+        .await
+        .unwrap()
+        .unwrap();
+    while let Ok(Some(line)) = tokio::time::timeout(Duration::from_secs(5), lines_in.recv()).await {
+        seen.push(line);
+    }
+    let stderr = seen.join("\n");
+    assert!(!status.success(), "{stderr}");
+    assert!(
+        stderr.contains("error:") && stderr.contains(&format!("s3://{bucket}/b/")),
+        "{stderr}"
+    );
+    assert!(uploads_in_progress(&bucket).await.is_empty(), "{stderr}");
+    assert_eq!(s3_keys(&bucket, "b/").await, Vec::<String>::new());
+    let listed = succeeded(&run_s3(
+        &server.database,
+        &["backup", "list", "--s3", &location],
+    ));
+    assert!(listed.is_empty(), "{listed}");
 }

@@ -20,9 +20,10 @@ const EVENT_BYTES: usize = 20 * 1024;
 /// What the server may keep meanwhile: its bounded buffers (polling: 16 batches of 50 events
 /// per tag hub; change streams: the last 1,024 changes, shared by the broadcast, the recent
 /// history and a catching-up subscriber, about 20 MiB of these events) and the stalled stream's
-/// HTTP/2 window, plus the allocator's cache of freed pages (measured: 37 to 49 MiB). A server
-/// that buffered what the subscriber has not read would grow by the 200 MiB written.
-const ALLOWED_GROWTH: u64 = 80 << 20;
+/// HTTP/2 window, plus the allocator's cache of freed pages (measured: 37 to 66 MiB here; 88 MiB
+/// once on a loaded CI machine, where freed pages are returned later). A server that buffered
+/// what the subscriber has not read would grow by the 200 MiB written.
+const ALLOWED_GROWTH: u64 = 120 << 20;
 
 #[tokio::test]
 async fn a_subscriber_that_stops_reading_does_not_make_the_server_grow_in_either_mode() {

@@ -18,7 +18,7 @@ use crate::error::BackupError;
 use crate::manifest::{
     ClusterTime, CollectionManifest, FORMAT_VERSION, MANIFEST, Manifest, Part, SelectionManifest,
 };
-use crate::store::Store;
+use crate::store::{Store, Upload as _};
 
 /// Documents per cursor batch: MongoDB's batches otherwise grow to 16 MiB, which the driver
 /// holds twice (the reply and its documents).
@@ -165,9 +165,10 @@ async fn back_up_collection<S: Store>(
     filter: mongodb::bson::Document,
 ) -> Result<CollectionManifest, BackupError> {
     let (chunks, mut chunks_in) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
-    let (parts, mut parts_in) = mpsc::channel::<Vec<u8>>(PARTS_IN_FLIGHT);
+    let (parts, parts_in) = mpsc::channel::<Vec<u8>>(PARTS_IN_FLIGHT);
     // Compress and encrypt: CPU work, on a thread of its own.
     let compression = options.compression;
+    let recipients_given = !recipients.is_empty();
     let recipients = recipients.to_vec();
     let part_bytes = options.part_bytes.max(1);
     let transform = tokio::task::spawn_blocking(move || -> io::Result<()> {
@@ -183,27 +184,34 @@ async fn back_up_collection<S: Store>(
         }
         writer.finish()
     });
-    // Store the parts as they come.
+    // Store the parts as they come, as one object.
+    let object = format!(
+        "{role}.bson{}{}",
+        options.compression.extension(),
+        if recipients_given { ".age" } else { "" }
+    );
+    let path = format!("{id}/{object}");
+    let where_to = || format!("store {}/{object}", store.describe(id));
+    let mut upload = store
+        .upload(&path)
+        .await
+        .map_err(BackupError::io(where_to()))?;
     let stored = async {
+        // Owned here: if storing fails, the compression thread sees the channel close.
+        let mut parts_in = parts_in;
         let mut stored = Vec::new();
+        let mut offset = 0;
         while let Some(bytes) = parts_in.recv().await {
-            let name = format!("{role}.{:05}.part", stored.len() + 1);
             let part = Part {
-                sha256: hex::encode(Sha256::digest(&bytes)),
+                offset,
                 bytes: bytes.len() as u64,
-                name,
+                sha256: hex::encode(Sha256::digest(&bytes)),
             };
-            store
-                .put(&format!("{id}/{}", part.name), bytes)
-                .await
-                .map_err(BackupError::io(format!(
-                    "store {}/{}",
-                    store.describe(id),
-                    part.name
-                )))?;
+            offset += part.bytes;
+            upload.part(bytes).await?;
             stored.push(part);
         }
-        Ok::<_, BackupError>(stored)
+        Ok::<_, io::Error>(stored)
     };
     // Read and encode.
     let read = async {
@@ -251,13 +259,33 @@ async fn back_up_collection<S: Store>(
     let (read, stored) = tokio::join!(read, stored);
     let transformed = transform
         .await
-        .map_err(|error| BackupError::Mongo(format!("compression thread: {error}")))?;
-    let (documents, bytes, sha256) = read?;
-    let parts = stored?;
-    transformed.map_err(BackupError::io(format!("compress and encrypt {name}")))?;
+        .map_err(|error| BackupError::Mongo(format!("compression thread: {error}")));
+    // The object is complete only when every stage was: otherwise its upload is aborted.
+    let outcome = (|| {
+        let (documents, bytes, sha256) = read?;
+        let parts = stored.map_err(BackupError::io(where_to()))?;
+        transformed?.map_err(BackupError::io(format!("compress and encrypt {name}")))?;
+        Ok::<_, BackupError>((documents, bytes, sha256, parts))
+    })();
+    let (documents, bytes, sha256, parts) = match outcome {
+        Ok(outcome) => outcome,
+        Err(error) => {
+            eprintln!("backup {id}: {role} failed ({error}); aborting the upload of {object}");
+            if let Err(abort) = upload.abort().await {
+                eprintln!(
+                    "backup {id}: could not abort the upload of {} ({abort}): its parts stay \
+                     stored until the store expires incomplete uploads",
+                    store.describe(id)
+                );
+            }
+            return Err(error);
+        }
+    };
+    upload.finish().await.map_err(BackupError::io(where_to()))?;
     Ok(CollectionManifest {
         role: role.to_owned(),
         name: name.to_owned(),
+        object,
         documents,
         bytes,
         sha256,

@@ -40,6 +40,17 @@ impl std::fmt::Display for Compression {
     }
 }
 
+impl Compression {
+    /// The file name extension of what it writes.
+    pub fn extension(self) -> &'static str {
+        match self {
+            Self::Zstd => ".zst",
+            Self::Gzip => ".gz",
+            Self::None => "",
+        }
+    }
+}
+
 /// A stage's writer around the next stage's: finishing it finishes its own stream (`end`,
 /// which hands back the next writer) and then the next one.
 pub struct Layer<W> {

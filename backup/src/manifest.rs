@@ -53,13 +53,17 @@ pub struct CollectionManifest {
     pub bytes: u64,
     /// SHA-256 (hex) of those bytes: what a restore must read back.
     pub sha256: String,
+    /// The object holding the collection (`<role>.bson[.zst|.gz][.age]`): the parts back to
+    /// back, one compressed (and encrypted) stream.
+    pub object: String,
     pub parts: Vec<Part>,
 }
 
 #[derive(Debug, Clone, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "camelCase")]
 pub struct Part {
-    pub name: String,
+    /// Where the part starts in the object.
+    pub offset: u64,
     pub bytes: u64,
     /// SHA-256 (hex) of the stored part: verify names a corrupted or truncated part by it.
     pub sha256: String,

@@ -136,21 +136,28 @@ async fn read_collection<S: Store>(
     let fetch = async {
         // Owned here, so the channel closes when the last part is sent.
         let parts = parts;
-        for part in &collection.parts {
-            let fetched = match store.get(&format!("{}/{}", manifest.id, part.name)).await {
-                Err(error) => Err(invalid(format!("part {}: {error}", part.name))),
+        let object = format!("{}/{}", manifest.id, collection.object);
+        for (number, part) in collection.parts.iter().enumerate() {
+            let named = format!(
+                "part {} of {} (bytes {}..{})",
+                number + 1,
+                collection.object,
+                part.offset,
+                part.offset + part.bytes
+            );
+            let fetched = match store
+                .get_range(&object, part.offset..part.offset + part.bytes)
+                .await
+            {
+                Err(error) => Err(invalid(format!("{named}: {error}"))),
                 Ok(bytes) if bytes.len() as u64 != part.bytes => Err(invalid(format!(
-                    "part {} is {} bytes, the manifest says {} (truncated or replaced)",
-                    part.name,
+                    "{named} is truncated: {} bytes stored, the manifest says {}",
                     bytes.len(),
                     part.bytes
                 ))),
-                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) != part.sha256 => {
-                    Err(invalid(format!(
-                        "part {} is corrupted (its SHA-256 differs from the manifest's)",
-                        part.name
-                    )))
-                }
+                Ok(bytes) if hex::encode(Sha256::digest(&bytes)) != part.sha256 => Err(invalid(
+                    format!("{named} is corrupted (its SHA-256 differs from the manifest's)"),
+                )),
                 Ok(bytes) => Ok(bytes),
             };
             match fetched {

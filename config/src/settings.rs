@@ -27,8 +27,13 @@ pub struct Settings {
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
 #[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
 pub struct BackupSettings {
-    /// Where backups go: a local directory, one subdirectory per backup.
+    /// Where backups go: `directory` (below) or `s3` (`[backup.s3]`).
+    pub store: BackupStoreKind,
+    /// The local directory backups go to, one subdirectory per backup.
     pub directory: PathBuf,
+    /// Parts of an object uploaded at once (S3 multipart upload).
+    pub upload_parallelism: usize,
+    pub s3: S3Settings,
     /// zstd, gzip or none.
     pub compression: String,
     /// age X25519 public keys (`age1...`) the backups are encrypted to; empty: not encrypted.
@@ -45,13 +50,75 @@ pub struct BackupSettings {
 impl Default for BackupSettings {
     fn default() -> Self {
         Self {
+            store: BackupStoreKind::Directory,
             directory: PathBuf::from("backups"),
+            upload_parallelism: 4,
+            s3: S3Settings::default(),
             compression: "zstd".to_owned(),
             recipients: Vec::new(),
             part_size: ByteSize::mib(5),
             keep_last: 0,
             keep_within: Duration::from_secs(7 * 24 * 3600),
         }
+    }
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "lowercase")]
+pub enum BackupStoreKind {
+    #[default]
+    Directory,
+    S3,
+}
+
+/// An S3-compatible bucket for backups. Unset credentials and region come from the usual AWS
+/// environment variables (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
+/// `AWS_REGION`, `AWS_ENDPOINT_URL`) or the instance's role.
+#[derive(Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct S3Settings {
+    pub bucket: String,
+    /// Key prefix the backups go under, e.g. `eventjournal/prod`; empty: the bucket's root.
+    pub prefix: String,
+    pub region: Option<String>,
+    /// A custom endpoint for S3-compatible stores (MinIO, Ceph, R2, ...); `http://` allowed.
+    pub endpoint: Option<String>,
+    pub access_key_id: Option<String>,
+    pub secret_access_key: Option<String>,
+    /// How long a failing request (a part, the manifest, an abort) is retried before the
+    /// backup gives up.
+    #[serde(with = "humantime_serde")]
+    pub retry_timeout: Duration,
+}
+
+impl Default for S3Settings {
+    fn default() -> Self {
+        Self {
+            bucket: String::new(),
+            prefix: String::new(),
+            region: None,
+            endpoint: None,
+            access_key_id: None,
+            secret_access_key: None,
+            retry_timeout: Duration::from_secs(180),
+        }
+    }
+}
+
+impl std::fmt::Debug for S3Settings {
+    fn fmt(&self, f: &mut std::fmt::Formatter<'_>) -> std::fmt::Result {
+        f.debug_struct("S3Settings")
+            .field("bucket", &self.bucket)
+            .field("prefix", &self.prefix)
+            .field("region", &self.region)
+            .field("endpoint", &self.endpoint)
+            .field("access_key_id", &self.access_key_id)
+            .field(
+                "secret_access_key",
+                &self.secret_access_key.as_ref().map(|_| "<redacted>"),
+            )
+            .field("retry_timeout", &self.retry_timeout)
+            .finish()
     }
 }
 

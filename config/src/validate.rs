@@ -303,6 +303,26 @@ impl Settings {
             self.backup.part_size,
             "must be at least 1KiB",
         );
+        problems.check(
+            (1..=64).contains(&self.backup.upload_parallelism),
+            "backup.upload-parallelism",
+            self.backup.upload_parallelism,
+            "must be 1 to 64",
+        );
+        if self.backup.store == crate::settings::BackupStoreKind::S3 {
+            problems.check(
+                !self.backup.s3.bucket.is_empty(),
+                "backup.s3.bucket",
+                &self.backup.s3.bucket,
+                "must name the bucket when backup.store is s3",
+            );
+            problems.check(
+                self.backup.part_size.as_u64() >= 5 << 20,
+                "backup.part-size",
+                self.backup.part_size,
+                "must be at least 5MiB when backup.store is s3 (S3's smallest multipart part)",
+            );
+        }
 
         let read = &self.read_journal;
         problems.check(

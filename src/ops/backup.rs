@@ -1,15 +1,14 @@
 //! `eventjournal backup` and `restore`: the CLI side of the `backup` crate.
 
-use std::path::Path;
 use std::time::{Duration, SystemTime};
 
 use anyhow::{Context, bail};
-use backup::store::{LocalDirectory, Store};
+use backup::store::{AnyStore, LocalDirectory, S3, S3Options, Store};
 use backup::{BackupOptions, Collections, RestoreOptions, Selection};
-use config::Settings;
+use config::{BackupStoreKind, Settings};
 use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
-use crate::cli::{BackupAction, CreateBackupArgs, IdentityArgs, RestoreArgs};
+use crate::cli::{BackupAction, BackupStoreArgs, CreateBackupArgs, IdentityArgs, RestoreArgs};
 
 fn collections(settings: &Settings) -> Collections {
     let names = &settings.mongodb.collections;
@@ -21,8 +20,42 @@ fn collections(settings: &Settings) -> Collections {
     }
 }
 
-fn store(settings: &Settings, directory: Option<&Path>) -> LocalDirectory {
-    LocalDirectory::new(directory.unwrap_or(&settings.backup.directory))
+/// The store the flags or the configuration name.
+pub fn store(settings: &Settings, args: &BackupStoreArgs) -> anyhow::Result<AnyStore> {
+    let backup = &settings.backup;
+    if let Some(directory) = &args.directory {
+        return Ok(AnyStore::Local(LocalDirectory::new(directory)));
+    }
+    let (bucket, prefix) = match &args.s3 {
+        Some(url) => {
+            let Some(rest) = url.strip_prefix("s3://").filter(|rest| !rest.is_empty()) else {
+                bail!("--s3 {url:?}: expected s3://BUCKET or s3://BUCKET/PREFIX");
+            };
+            let (bucket, prefix) = rest.split_once('/').unwrap_or((rest, ""));
+            (bucket.to_owned(), prefix.to_owned())
+        }
+        None if backup.store == BackupStoreKind::S3 => {
+            (backup.s3.bucket.clone(), backup.s3.prefix.clone())
+        }
+        None => return Ok(AnyStore::Local(LocalDirectory::new(&backup.directory))),
+    };
+    if backup.part_size.as_u64() < 5 << 20 {
+        bail!(
+            "backup.part-size is {}: S3 needs parts of at least 5MiB",
+            backup.part_size
+        );
+    }
+    let s3 = S3::new(&S3Options {
+        bucket,
+        prefix,
+        region: backup.s3.region.clone(),
+        endpoint: backup.s3.endpoint.clone(),
+        access_key_id: backup.s3.access_key_id.clone(),
+        secret_access_key: backup.s3.secret_access_key.clone(),
+        parallelism: backup.upload_parallelism,
+        retry_timeout: Some(backup.s3.retry_timeout),
+    })?;
+    Ok(AnyStore::S3(s3))
 }
 
 fn identities(args: &IdentityArgs) -> anyhow::Result<Vec<age::x25519::Identity>> {
@@ -70,7 +103,7 @@ pub async fn create(args: &CreateBackupArgs) -> anyhow::Result<String> {
         progress: progress_display(),
     };
     let database = super::connect(&settings).await?;
-    let store = store(&settings, args.store.directory.as_deref());
+    let store = store(&settings, &args.store)?;
     let manifest = backup::backup(&database, &store, &options).await?;
     Ok(format!(
         "backup {} complete: {}\n",
@@ -113,7 +146,7 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
     match action {
         BackupAction::List(args) => {
             let settings = args.connection.settings(None)?;
-            let store = store(&settings, args.directory.as_deref());
+            let store = store(&settings, args)?;
             let mut out = String::new();
             for id in store.complete_backups().await.context("listing backups")? {
                 let manifest = backup::read_manifest(&store, &id).await?;
@@ -144,7 +177,7 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
             identity,
         } => {
             let settings = args.connection.settings(None)?;
-            let store = store(&settings, args.directory.as_deref());
+            let store = store(&settings, args)?;
             let manifest = backup::verify(&store, id, &identities(identity)?).await?;
             let parts: usize = manifest.collections.iter().map(|c| c.parts.len()).sum();
             Ok(format!(
@@ -160,7 +193,7 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
             dry_run,
         } => {
             let settings = args.connection.settings(None)?;
-            let store = store(&settings, args.directory.as_deref());
+            let store = store(&settings, args)?;
             let keep_last = keep_last.unwrap_or(settings.backup.keep_last);
             let keep_within = keep_within.unwrap_or(settings.backup.keep_within);
             let mut out = String::new();
@@ -211,7 +244,7 @@ pub async fn prunable<S: Store>(
 /// `eventjournal restore <id>`.
 pub async fn restore(args: &RestoreArgs) -> anyhow::Result<String> {
     let settings = args.store.connection.settings(None)?;
-    let store = store(&settings, args.store.directory.as_deref());
+    let store = store(&settings, &args.store)?;
     let identities = identities(&args.identity)?;
     let database = super::connect(&settings).await?;
     let options = RestoreOptions {

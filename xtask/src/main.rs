@@ -7,6 +7,7 @@
 //! work.
 
 mod mongod;
+mod s3;
 
 use std::io::{BufRead, BufReader};
 use std::path::PathBuf;
@@ -39,7 +40,8 @@ enum Task {
         #[arg(long, default_value = "dev")]
         instance: String,
     },
-    /// Run the whole test suite against a fresh `test` mongod, stopping it afterwards.
+    /// Run the whole test suite against a fresh `test` mongod and an S3 test server (moto),
+    /// stopping both afterwards.
     /// Arguments after `--` go to `cargo test`.
     Test {
         #[arg(last = true)]
@@ -79,11 +81,16 @@ struct Totals {
 
 /// Runs `cargo test --workspace`, passing its output through, and adds up its
 /// `test result: ... N passed; M failed; ...` lines.
-fn cargo_test(cargo_args: &[String], uri: &str) -> anyhow::Result<(ExitStatus, Totals)> {
+fn cargo_test(
+    cargo_args: &[String],
+    uri: &str,
+    s3_endpoint: &str,
+) -> anyhow::Result<(ExitStatus, Totals)> {
     let mut child = Command::new(env!("CARGO"))
         .args(["test", "--workspace"])
         .args(cargo_args)
         .env("EVENTJOURNAL_TEST_MONGODB_URI", uri)
+        .env("EVENTJOURNAL_TEST_S3_ENDPOINT", s3_endpoint)
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;
@@ -126,7 +133,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
             let instance = Instance::new("test")?;
             let uri = runtime.block_on(instance.start(true))?;
             eprintln!("xtask: test mongod at {uri}");
-            let outcome = cargo_test(&cargo_args, &uri);
+            let outcome = s3::S3TestServer::start().and_then(|s3| {
+                eprintln!("xtask: S3 test server at {}", s3.endpoint);
+                cargo_test(&cargo_args, &uri, &s3.endpoint)
+            });
             let stopped = instance.stop();
             let (status, totals) = outcome?;
             stopped?;

