@@ -141,6 +141,10 @@ pub struct CreateBackupArgs {
     /// Only events and durable-state objects with this tag (no metadata, no snapshots).
     #[arg(long, value_name = "TAG")]
     pub tag: Option<String>,
+    /// Only what changed since the newest backup of the same database and selection (read
+    /// from the oplog, which must still reach back to it); restoring it restores that chain.
+    #[arg(long)]
+    pub incremental: bool,
 }
 
 #[derive(Debug, Args)]

@@ -356,10 +356,14 @@ async fn a_backup_under_concurrent_writes_restores_gapless_prefixes() {
     let mut writers = Vec::new();
     for writer in 0..4 {
         let mut journal = server.journal().await;
+        let mut state = proto::v1::durable_state_store_client::DurableStateStoreClient::new(
+            server.channel().await,
+        );
         let stop = stop.clone();
         writers.push(tokio::spawn(async move {
             let pid = format!("w{writer}");
             let mut next = 1;
+            let mut revision = 1;
             while !stop.load(std::sync::atomic::Ordering::Relaxed) {
                 let size = 1 + next % 3;
                 let events = (next..next + size)
@@ -368,6 +372,17 @@ async fn a_backup_under_concurrent_writes_restores_gapless_prefixes() {
                 let outcome = write(&mut journal, vec![atomic(events)]).await;
                 assert!(is_written(&outcome[0]), "{outcome:?}");
                 next += size;
+                // A second collection changing all the while.
+                state
+                    .upsert_object(pb::UpsertObjectRequest {
+                        persistence_id: pid.clone(),
+                        revision,
+                        value: Some(payload(&format!("{pid} at {next}"))),
+                        tag: String::new(),
+                    })
+                    .await
+                    .unwrap();
+                revision += 1;
             }
         }));
     }
@@ -417,7 +432,55 @@ async fn a_backup_under_concurrent_writes_restores_gapless_prefixes() {
             "{pid}: a gapless prefix"
         );
     }
+    // Every collection is the source as it was at the manifest's cluster time: one point in
+    // time for all, not each read when its turn came.
+    let time = &manifest(&directory, &backup_id(&out))["clusterTime"];
+    let at = mongodb::bson::Timestamp {
+        time: time["seconds"].as_u64().unwrap() as u32,
+        increment: time["increment"].as_u64().unwrap() as u32,
+    };
+    for collection in ["journal", "durable_state"] {
+        let then = documents_at(&server.database, collection, at).await;
+        let restored = documents(&target, collection).await;
+        assert!(!then.is_empty(), "{collection} had documents");
+        assert!(
+            then == restored,
+            "{collection}: {} documents at the backup's time, {} restored",
+            then.len(),
+            restored.len()
+        );
+    }
     std::fs::remove_dir_all(directory).unwrap();
+}
+
+/// A collection's documents as they were at cluster time `at` (a snapshot read).
+async fn documents_at(
+    database: &str,
+    collection: &str,
+    at: mongodb::bson::Timestamp,
+) -> Vec<Document> {
+    let client = mongodb::Client::with_uri_str(mongodb_uri()).await.unwrap();
+    let mut session = client
+        .start_session()
+        .snapshot(true)
+        .snapshot_time(at)
+        .await
+        .unwrap();
+    let collection = client
+        .database(database)
+        .collection_with_options::<Document>(
+            collection,
+            mongodb::options::CollectionOptions::builder()
+                .read_concern(mongodb::options::ReadConcern::snapshot())
+                .build(),
+        );
+    let mut cursor = collection
+        .find(doc! {})
+        .sort(doc! { "_id": 1 })
+        .session(&mut session)
+        .await
+        .unwrap();
+    cursor.stream(&mut session).try_collect().await.unwrap()
 }
 
 #[tokio::test]
@@ -965,4 +1028,207 @@ async fn an_s3_store_unreachable_mid_upload_leaves_no_complete_backup() {
         &["backup", "list", "--s3", &location],
     ));
     assert!(listed.is_empty(), "{listed}");
+}
+
+/// Incremental backups: a chain full -> incremental -> incremental, with new events, deleted and
+/// purged events, saved and deleted snapshots, changed and deleted durable state between them,
+/// restores to the same state as a full backup taken at the same moment (and as the source);
+/// retention keeps every base of a kept incremental; a missing base is a clear error.
+#[tokio::test]
+async fn an_incremental_chain_restores_what_a_full_backup_restores() {
+    let server = TestServer::start("bk_incr").await;
+    let directory = scratch("incremental");
+    let dir = directory.to_str().unwrap();
+    let backup = |args: &[&str]| {
+        let mut all = vec!["backup", "--directory", dir];
+        all.extend_from_slice(args);
+        backup_id(&succeeded(&run(&server.database, &all)))
+    };
+    // Nothing to build on yet.
+    let error = failed(&run(
+        &server.database,
+        &["backup", "--directory", dir, "--incremental"],
+    ));
+    assert!(error.contains("take a full backup first"), "{error}");
+
+    populate(&server).await;
+    let full = backup(&[]);
+
+    let mut journal = server.journal().await;
+    let mut snapshots =
+        proto::v1::snapshot_store_client::SnapshotStoreClient::new(server.channel().await);
+    let mut state =
+        proto::v1::durable_state_store_client::DurableStateStoreClient::new(server.channel().await);
+    let more = |pid: &'static str, range: std::ops::RangeInclusive<i64>| {
+        range
+            .map(|n| atomic(vec![tagged(pid, n, &["t", pid])]))
+            .collect::<Vec<_>>()
+    };
+    assert!(
+        write(&mut journal, more("a", 101..=150))
+            .await
+            .iter()
+            .all(is_written)
+    );
+    assert!(
+        write(&mut journal, more("d", 1..=20))
+            .await
+            .iter()
+            .all(is_written)
+    );
+    journal
+        .delete_events_to(pb::DeleteEventsToRequest {
+            persistence_id: "c".into(),
+            to_sequence_nr: 50,
+        })
+        .await
+        .unwrap();
+    let snapshot = |pid: &str, sequence_nr| pb::SnapshotMetadata {
+        persistence_id: pid.into(),
+        sequence_nr,
+        timestamp_millis: 0,
+        metadata: None,
+    };
+    snapshots
+        .save_snapshot(pb::SaveSnapshotRequest {
+            metadata: Some(snapshot("a", 120)),
+            snapshot: Some(payload("a-120")),
+        })
+        .await
+        .unwrap();
+    snapshots
+        .delete_snapshot(pb::DeleteSnapshotRequest {
+            metadata: Some(snapshot("c", 20)),
+        })
+        .await
+        .unwrap();
+    state
+        .upsert_object(pb::UpsertObjectRequest {
+            persistence_id: "s1".into(),
+            revision: 2,
+            value: Some(payload("s1 again")),
+            tag: "t".into(),
+        })
+        .await
+        .unwrap();
+    state
+        .delete_object(pb::DeleteObjectRequest {
+            persistence_id: "s2".into(),
+            revision: 0,
+        })
+        .await
+        .unwrap();
+    let first = backup(&["--incremental"]);
+
+    // Events written, deleted and purged by TTL between the two incrementals.
+    assert!(
+        write(&mut journal, more("e", 1..=10))
+            .await
+            .iter()
+            .all(is_written)
+    );
+    journal
+        .delete_events_to(pb::DeleteEventsToRequest {
+            persistence_id: "e".into(),
+            to_sequence_nr: 10,
+        })
+        .await
+        .unwrap();
+    let database = server.mongodb().await;
+    purge_deleted_events(&database, "e", Duration::from_secs(60)).await;
+    let deleted = database.collection::<Document>("journal");
+    wait_until(
+        "every deleted event purged",
+        Duration::from_secs(60),
+        || async {
+            deleted
+                .count_documents(doc! { "deletedAt": { "$exists": true } })
+                .await
+                .unwrap()
+                == 0
+        },
+    )
+    .await;
+    assert!(
+        write(&mut journal, more("a", 151..=160))
+            .await
+            .iter()
+            .all(is_written)
+    );
+    state
+        .upsert_object(pb::UpsertObjectRequest {
+            persistence_id: "s3".into(),
+            revision: 1,
+            value: Some(payload("s3")),
+            tag: String::new(),
+        })
+        .await
+        .unwrap();
+    let second = backup(&["--incremental"]);
+    let full_now = backup(&[]);
+
+    // Each incremental names its base and holds only what changed.
+    let first_manifest = manifest(&directory, &first);
+    assert_eq!(first_manifest["base"], full.as_str());
+    assert_eq!(manifest(&directory, &second)["base"], first.as_str());
+    let journal_records = first_manifest["collections"][0]["documents"]
+        .as_u64()
+        .unwrap();
+    assert_eq!(journal_records, 50 + 20 + 50, "new a, new d, deleted c");
+    let snapshot_records = &first_manifest["collections"][2];
+    assert_eq!(snapshot_records["deleted"], 1, "{snapshot_records}");
+    let listed = succeeded(&run(
+        &server.database,
+        &["backup", "list", "--directory", dir],
+    ));
+    assert!(
+        listed.contains(&format!("{second}  "))
+            && listed.contains(&format!("incremental on {first}")),
+        "{listed}"
+    );
+
+    // The chain restores to what the full backup restores, which is the source.
+    let verified = succeeded(&run(
+        &server.database,
+        &["backup", "verify", &second, "--directory", dir],
+    ));
+    assert!(
+        verified.contains("and the 2 backups it builds on"),
+        "{verified}"
+    );
+    let chained = unique_database("bk_incr_chain");
+    let out = succeeded(&run(&chained, &["restore", &second, "--directory", dir]));
+    assert!(out.contains("incremental: with the 2 backups"), "{out}");
+    let whole = unique_database("bk_incr_full");
+    succeeded(&run(&whole, &["restore", &full_now, "--directory", dir]));
+    assert_same(&whole, &chained).await;
+    assert_same(&server.database, &chained).await;
+
+    // Retention keeps the bases of a kept incremental.
+    let store = backup::store::LocalDirectory::new(&directory);
+    let later = std::time::SystemTime::now() + Duration::from_secs(3600);
+    let prunable =
+        |keep_last| eventjournal::ops::backup::prunable(&store, keep_last, Duration::ZERO, later);
+    assert_eq!(
+        prunable(2).await.unwrap(),
+        Vec::<String>::new(),
+        "the second needs both"
+    );
+    let mut not_needed = vec![full.clone(), first.clone(), second.clone()];
+    not_needed.sort();
+    let mut pruned = prunable(1).await.unwrap();
+    pruned.sort();
+    assert_eq!(pruned, not_needed, "only the newest full backup is kept");
+
+    // A chain with a missing link is refused by name.
+    std::fs::remove_dir_all(directory.join(&first)).unwrap();
+    let error = failed(&run(
+        &unique_database("bk_incr_broken"),
+        &["restore", &second, "--directory", dir],
+    ));
+    assert!(
+        error.contains(&format!("is incremental on {first}, which is missing")),
+        "{error}"
+    );
+    std::fs::remove_dir_all(directory).unwrap();
 }

@@ -52,6 +52,8 @@ pub struct BackupOptions {
     /// Stored bytes per part.
     pub part_bytes: usize,
     pub progress: Option<Progress>,
+    /// Only what changed since the newest backup of the same database and selection.
+    pub incremental: bool,
 }
 
 /// Takes one backup of `database` into `store` and returns its manifest. On failure nothing
@@ -88,18 +90,74 @@ async fn take<S: Store>(
     id: &str,
     created: std::time::SystemTime,
 ) -> Result<Manifest, BackupError> {
+    let selected: Vec<_> = options
+        .collections
+        .all()
+        .into_iter()
+        .filter_map(|(role, name)| {
+            crate::source::filter(role, &options.selection).map(|filter| (role, name, filter))
+        })
+        .collect();
+    let base = if options.incremental {
+        let roles: Vec<_> = selected.iter().map(|(role, _, _)| *role).collect();
+        Some(
+            crate::incremental::find_base(store, database.name(), &options.selection, &roles)
+                .await?,
+        )
+    } else {
+        None
+    };
+    // The point in time every collection is read at: the cluster's time now, given to the
+    // snapshot session explicitly (a session left to pick its time at its first read gets none
+    // when that read finds no collection).
+    let snapshot_time = {
+        let mut probe = database
+            .client()
+            .start_session()
+            .await
+            .map_err(|error| BackupError::mongo("start a session", error))?;
+        database
+            .run_command(mongodb::bson::doc! { "ping": 1 })
+            .session(&mut probe)
+            .await
+            .map_err(|error| BackupError::mongo("read the cluster time", error))?;
+        probe.operation_time().ok_or_else(|| {
+            BackupError::Mongo(
+                "MongoDB reported no cluster time (a replica set is needed for backups)".to_owned(),
+            )
+        })?
+    };
     let mut session = database
         .client()
         .start_session()
         .snapshot(true)
+        .snapshot_time(snapshot_time)
         .await
         .map_err(|error| BackupError::mongo("start a snapshot session", error))?;
+    let span = match &base {
+        Some(base) => {
+            let since = crate::incremental::timestamp(base.cluster_time);
+            crate::incremental::check_oplog_reaches(database, since, &base.id).await?;
+            Some(crate::incremental::Span {
+                since,
+                until: snapshot_time,
+            })
+        }
+        None => None,
+    };
     let mut collections = Vec::new();
-    for (role, name) in options.collections.all() {
-        let Some(filter) = crate::source::filter(role, &options.selection) else {
-            continue;
+    for (role, name, filter) in selected {
+        let total = match span {
+            Some(_) => Some(
+                snapshot_read(database, name)
+                    .count_documents(filter.clone())
+                    .session(&mut session)
+                    .await
+                    .map_err(|error| BackupError::mongo(&format!("count {name}"), error))?,
+            ),
+            None => None,
         };
-        let collection = back_up_collection(
+        let mut collection = back_up_collection(
             database,
             &mut session,
             store,
@@ -109,26 +167,27 @@ async fn take<S: Store>(
             role,
             name,
             filter,
+            span.as_ref(),
         )
         .await?;
+        collection.total = total;
         eprintln!(
-            "backup {id}: {role} ({name}): {} documents, {} bytes in {} part(s)",
+            "backup {id}: {role} ({name}): {} documents{}, {} bytes in {} part(s)",
             collection.documents,
+            if span.is_some() {
+                format!(" changed ({} deleted)", collection.deleted)
+            } else {
+                String::new()
+            },
             collection.bytes,
             collection.parts.len()
         );
         collections.push(collection);
     }
-    let cluster_time = session
-        .snapshot_time()
-        .or_else(|| session.operation_time())
-        .map(|time| ClusterTime {
-            seconds: time.time,
-            increment: time.increment,
-        })
-        .ok_or_else(|| {
-            BackupError::Mongo("the snapshot session reported no cluster time".to_owned())
-        })?;
+    let cluster_time = ClusterTime {
+        seconds: snapshot_time.time,
+        increment: snapshot_time.increment,
+    };
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         id: id.to_owned(),
@@ -141,6 +200,8 @@ async fn take<S: Store>(
             pid_prefix: options.selection.pid_prefix.clone(),
             tag: options.selection.tag.clone(),
         },
+        base: base.as_ref().map(|base| base.id.clone()),
+        since: base.as_ref().map(|base| base.cluster_time),
         collections,
     };
     let json = serde_json::to_vec_pretty(&manifest).map_err(io::Error::other);
@@ -163,6 +224,7 @@ async fn back_up_collection<S: Store>(
     role: &str,
     name: &str,
     filter: mongodb::bson::Document,
+    changes: Option<&crate::incremental::Span>,
 ) -> Result<CollectionManifest, BackupError> {
     let (chunks, mut chunks_in) = mpsc::channel::<Vec<u8>>(CHUNKS_IN_FLIGHT);
     let (parts, parts_in) = mpsc::channel::<Vec<u8>>(PARTS_IN_FLIGHT);
@@ -213,48 +275,42 @@ async fn back_up_collection<S: Store>(
         }
         Ok::<_, io::Error>(stored)
     };
-    // Read and encode.
+    // Read and encode: the whole collection, or what changed since the base.
     let read = async {
-        let collection = database.collection::<RawDocumentBuf>(name);
+        let mut encoder = Encoder::new(chunks, role, options.progress.as_ref());
         let what = format!("read {name}");
-        let mut cursor = collection
-            .find(filter)
-            .batch_size(BATCH_DOCUMENTS)
-            .session(&mut *session)
-            .await
-            .map_err(|error| BackupError::mongo(&what, error))?;
-        let mut hasher = Sha256::new();
-        let (mut documents, mut bytes) = (0_u64, 0_u64);
-        let mut chunk = Vec::with_capacity(CHUNK_BYTES);
-        let mut stream = cursor.stream(&mut *session);
-        while let Some(document) = stream
-            .try_next()
-            .await
-            .map_err(|error| BackupError::mongo(&what, error))?
-        {
-            let raw = document.as_bytes();
-            hasher.update(raw);
-            documents += 1;
-            bytes += raw.len() as u64;
-            chunk.extend_from_slice(raw);
-            if chunk.len() >= CHUNK_BYTES {
-                if let Some(progress) = &options.progress {
-                    progress(role, documents, bytes);
-                }
-                let full = std::mem::replace(&mut chunk, Vec::with_capacity(CHUNK_BYTES));
-                if chunks.send(full).await.is_err() {
-                    break;
+        match changes {
+            None => {
+                let mut cursor = snapshot_read(database, name)
+                    .find(filter)
+                    .batch_size(BATCH_DOCUMENTS)
+                    .session(&mut *session)
+                    .await
+                    .map_err(|error| BackupError::mongo(&what, error))?;
+                let mut stream = cursor.stream(&mut *session);
+                while let Some(document) = stream
+                    .try_next()
+                    .await
+                    .map_err(|error| BackupError::mongo(&what, error))?
+                {
+                    if !encoder.push(document.as_bytes()).await {
+                        break;
+                    }
                 }
             }
+            Some(span) => {
+                crate::incremental::read_changes(
+                    database,
+                    session,
+                    name,
+                    filter,
+                    span,
+                    &mut encoder,
+                )
+                .await?;
+            }
         }
-        if let Some(progress) = &options.progress {
-            progress(role, documents, bytes);
-        }
-        if !chunk.is_empty() {
-            let _ = chunks.send(chunk).await;
-        }
-        drop(chunks);
-        Ok::<_, BackupError>((documents, bytes, hex::encode(hasher.finalize())))
+        Ok::<_, BackupError>(encoder.finish().await)
     };
     let (read, stored) = tokio::join!(read, stored);
     let transformed = transform
@@ -262,12 +318,12 @@ async fn back_up_collection<S: Store>(
         .map_err(|error| BackupError::Mongo(format!("compression thread: {error}")));
     // The object is complete only when every stage was: otherwise its upload is aborted.
     let outcome = (|| {
-        let (documents, bytes, sha256) = read?;
+        let encoded = read?;
         let parts = stored.map_err(BackupError::io(where_to()))?;
         transformed?.map_err(BackupError::io(format!("compress and encrypt {name}")))?;
-        Ok::<_, BackupError>((documents, bytes, sha256, parts))
+        Ok::<_, BackupError>((encoded, parts))
     })();
-    let (documents, bytes, sha256, parts) = match outcome {
+    let (encoded, parts) = match outcome {
         Ok(outcome) => outcome,
         Err(error) => {
             eprintln!("backup {id}: {role} failed ({error}); aborting the upload of {object}");
@@ -286,11 +342,99 @@ async fn back_up_collection<S: Store>(
         role: role.to_owned(),
         name: name.to_owned(),
         object,
-        documents,
-        bytes,
-        sha256,
+        documents: encoded.documents,
+        deleted: encoded.deleted,
+        total: None,
+        bytes: encoded.bytes,
+        sha256: encoded.sha256,
         parts,
     })
+}
+
+/// `name` read in the snapshot session: the read concern must say `snapshot` itself, or the
+/// driver keeps the database's (e.g. `majority`) and the reads are not at one point in time.
+pub(crate) fn snapshot_read(
+    database: &Database,
+    name: &str,
+) -> mongodb::Collection<RawDocumentBuf> {
+    database.collection_with_options(
+        name,
+        mongodb::options::CollectionOptions::builder()
+            .read_concern(mongodb::options::ReadConcern::snapshot())
+            .build(),
+    )
+}
+
+/// The encode stage: documents back to back, in chunks handed to compression, counted and
+/// hashed as they go.
+pub(crate) struct Encoder<'a> {
+    chunks: mpsc::Sender<Vec<u8>>,
+    chunk: Vec<u8>,
+    hasher: Sha256,
+    documents: u64,
+    deleted: u64,
+    bytes: u64,
+    role: &'a str,
+    progress: Option<&'a Progress>,
+}
+
+pub(crate) struct Encoded {
+    documents: u64,
+    deleted: u64,
+    bytes: u64,
+    sha256: String,
+}
+
+impl<'a> Encoder<'a> {
+    fn new(chunks: mpsc::Sender<Vec<u8>>, role: &'a str, progress: Option<&'a Progress>) -> Self {
+        Self {
+            chunks,
+            chunk: Vec::with_capacity(CHUNK_BYTES),
+            hasher: Sha256::new(),
+            documents: 0,
+            deleted: 0,
+            bytes: 0,
+            role,
+            progress,
+        }
+    }
+
+    /// Adds a document (raw BSON); false when the later stages stopped (their error says why).
+    pub(crate) async fn push(&mut self, raw: &[u8]) -> bool {
+        self.hasher.update(raw);
+        self.documents += 1;
+        self.bytes += raw.len() as u64;
+        self.chunk.extend_from_slice(raw);
+        if self.chunk.len() < CHUNK_BYTES {
+            return true;
+        }
+        if let Some(progress) = self.progress {
+            progress(self.role, self.documents, self.bytes);
+        }
+        let full = std::mem::replace(&mut self.chunk, Vec::with_capacity(CHUNK_BYTES));
+        self.chunks.send(full).await.is_ok()
+    }
+
+    /// Adds a deletion record (an incremental backup's tombstone).
+    pub(crate) async fn push_deleted(&mut self, raw: &[u8]) -> bool {
+        self.deleted += 1;
+        self.push(raw).await
+    }
+
+    async fn finish(mut self) -> Encoded {
+        if let Some(progress) = self.progress {
+            progress(self.role, self.documents, self.bytes);
+        }
+        if !self.chunk.is_empty() {
+            let _ = self.chunks.send(std::mem::take(&mut self.chunk)).await;
+        }
+        Encoded {
+            documents: self.documents,
+            deleted: self.deleted,
+            bytes: self.bytes,
+            sha256: hex::encode(self.hasher.finalize()),
+        }
+    }
 }
 
 /// The last writer of the chain: cuts the stored stream into parts of `part_bytes` and hands

@@ -14,6 +14,7 @@ mod backup;
 pub mod compress;
 pub mod encrypt;
 mod error;
+mod incremental;
 pub mod manifest;
 mod restore;
 mod source;
@@ -22,7 +23,7 @@ pub mod store;
 pub use backup::{BackupOptions, Progress, Selection, backup};
 pub use error::BackupError;
 pub use manifest::Manifest;
-pub use restore::{RestoreOptions, read_manifest, restore, verify};
+pub use restore::{RestoreOptions, chain, read_manifest, restore, verify};
 
 /// The collections a backup holds, by the role they play (their names come from the config).
 #[derive(Debug, Clone, PartialEq, Eq)]

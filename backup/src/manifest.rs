@@ -24,6 +24,12 @@ pub struct Manifest {
     /// The age X25519 recipients (public keys) the parts are encrypted to; empty: not encrypted.
     pub recipients: Vec<String>,
     pub selection: SelectionManifest,
+    /// An incremental backup: the backup it builds on (full or incremental), whose cluster time
+    /// is `since`. Restoring it restores that chain first.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub base: Option<String>,
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub since: Option<ClusterTime>,
     pub collections: Vec<CollectionManifest>,
 }
 
@@ -48,7 +54,15 @@ pub struct CollectionManifest {
     pub role: String,
     /// The collection's name in the source database.
     pub name: String,
+    /// Records stored: documents, and in an incremental backup the tombstones
+    /// (`{"$deleted": <_id>}`) of documents deleted since the base, `deleted` of them.
     pub documents: u64,
+    #[serde(default)]
+    pub deleted: u64,
+    /// An incremental backup: the collection's documents (in the selection) at its cluster
+    /// time, which a restored chain must have.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub total: Option<u64>,
     /// BSON bytes of the documents, back to back, before compression.
     pub bytes: u64,
     /// SHA-256 (hex) of those bytes: what a restore must read back.

@@ -11,7 +11,12 @@ use mongodb::bson::RawDocumentBuf;
 use sha2::{Digest, Sha256};
 use tokio::sync::mpsc;
 
+use std::collections::HashMap;
+
+use mongodb::bson::Bson;
+
 use crate::error::BackupError;
+use crate::incremental::DELETED;
 use crate::manifest::{CollectionManifest, MANIFEST, Manifest};
 use crate::store::Store;
 use crate::{Collections, encrypt};
@@ -44,22 +49,58 @@ pub async fn read_manifest<S: Store>(store: &S, id: &str) -> Result<Manifest, Ba
     Manifest::parse(id, &bytes)
 }
 
-/// Reads, decrypts, decompresses and checks every part of backup `id` without restoring.
+/// Reads, decrypts, decompresses and checks every part of backup `id` without restoring; of an
+/// incremental backup, of its whole chain.
 pub async fn verify<S: Store>(
     store: &S,
     id: &str,
     identities: &[Identity],
 ) -> Result<Manifest, BackupError> {
-    let manifest = read_manifest(store, id).await?;
-    check_identities(&manifest, identities)?;
-    for collection in &manifest.collections {
-        read_collection(store, &manifest, collection, identities, None).await?;
+    let mut chain = chain(store, id).await?;
+    for manifest in &chain {
+        check_identities(manifest, identities)?;
+        for collection in &manifest.collections {
+            read_collection(store, manifest, collection, identities, None).await?;
+        }
     }
-    Ok(manifest)
+    chain
+        .pop()
+        .ok_or_else(|| BackupError::NotFound(id.to_owned()))
 }
 
-/// Restores backup `id` into `database` and checks what it restored against the manifest.
-/// The caller creates the indexes afterwards.
+/// The backups to restore for `id`, oldest first: the full backup its chain starts with, then
+/// each incremental on the one before, `id` last.
+pub async fn chain<S: Store>(store: &S, id: &str) -> Result<Vec<Manifest>, BackupError> {
+    let mut chain = vec![read_manifest(store, id).await?];
+    while let Some(base) = chain.last().and_then(|last| last.base.clone()) {
+        if chain.len() > 10_000 || chain.iter().any(|manifest| manifest.id == base) {
+            return Err(BackupError::Invalid {
+                backup: id.to_owned(),
+                problem: format!("its chain of bases loops at {base}"),
+            });
+        }
+        let builds_on = chain.last().map(|last| last.id.clone()).unwrap_or_default();
+        let manifest = read_manifest(store, &base)
+            .await
+            .map_err(|error| match error {
+                BackupError::NotFound(_) => BackupError::Invalid {
+                    backup: id.to_owned(),
+                    problem: format!(
+                        "{builds_on} is incremental on {base}, which is missing (deleted, or not \
+                     complete): the chain cannot be restored"
+                    ),
+                },
+                other => other,
+            })?;
+        chain.push(manifest);
+    }
+    chain.reverse();
+    Ok(chain)
+}
+
+/// Restores backup `id` into `database` (an incremental one: its whole chain, the full backup
+/// first) and checks what it restored against the manifests. The caller creates the indexes
+/// afterwards.
 pub async fn restore<S: Store>(
     store: &S,
     id: &str,
@@ -67,8 +108,10 @@ pub async fn restore<S: Store>(
     database: &Database,
     options: &RestoreOptions,
 ) -> Result<Manifest, BackupError> {
-    let manifest = read_manifest(store, id).await?;
-    check_identities(&manifest, identities)?;
+    let mut chain = chain(store, id).await?;
+    for manifest in &chain {
+        check_identities(manifest, identities)?;
+    }
     let targets = options.collections.all();
     for (role, name) in targets {
         let collection = database.collection::<RawDocumentBuf>(name);
@@ -90,21 +133,109 @@ pub async fn restore<S: Store>(
             )));
         }
     }
-    for collection in &manifest.collections {
-        let Some((_, name)) = targets.iter().find(|(role, _)| *role == collection.role) else {
-            return Err(BackupError::Invalid {
-                backup: id.to_owned(),
-                problem: format!("unknown collection role {:?}", collection.role),
-            });
-        };
-        let target = database.collection::<RawDocumentBuf>(name);
-        read_collection(store, &manifest, collection, identities, Some(target)).await?;
-        eprintln!(
-            "restore {id}: {} ({name}): {} documents",
-            collection.role, collection.documents
-        );
+    for manifest in &chain {
+        let apply = manifest.base.is_some();
+        for collection in &manifest.collections {
+            let Some((_, name)) = targets.iter().find(|(role, _)| *role == collection.role) else {
+                return Err(BackupError::Invalid {
+                    backup: manifest.id.clone(),
+                    problem: format!("unknown collection role {:?}", collection.role),
+                });
+            };
+            let target = Target {
+                collection: database.collection::<RawDocumentBuf>(name),
+                apply,
+            };
+            read_collection(store, manifest, collection, identities, Some(target)).await?;
+            if let Some(total) = collection.total {
+                let restored = database
+                    .collection::<RawDocumentBuf>(name)
+                    .count_documents(mongodb::bson::doc! {})
+                    .await
+                    .map_err(|error| BackupError::mongo(&format!("count {name}"), error))?;
+                if restored != total {
+                    return Err(BackupError::Invalid {
+                        backup: manifest.id.clone(),
+                        problem: format!(
+                            "{} holds {restored} documents after applying it, the manifest says \
+                             {total}",
+                            collection.role
+                        ),
+                    });
+                }
+            }
+            eprintln!(
+                "restore {}: {} ({name}): {} documents{}",
+                manifest.id,
+                collection.role,
+                collection.documents,
+                if apply {
+                    format!(" changed ({} deleted)", collection.deleted)
+                } else {
+                    String::new()
+                }
+            );
+        }
     }
-    Ok(manifest)
+    chain
+        .pop()
+        .ok_or_else(|| BackupError::NotFound(id.to_owned()))
+}
+
+/// Where a collection's records go: inserted (a full backup), or applied over what is there (an
+/// incremental one: each record replaces the document of its `_id`, a tombstone deletes it).
+struct Target {
+    collection: mongodb::Collection<RawDocumentBuf>,
+    apply: bool,
+}
+
+impl Target {
+    async fn write(&self, batch: Vec<RawDocumentBuf>) -> Result<(), BackupError> {
+        let name = self.collection.name();
+        let failed = |error| BackupError::mongo(&format!("write into {name}"), error);
+        if !self.apply {
+            self.collection.insert_many(batch).await.map_err(failed)?;
+            return Ok(());
+        }
+        // The last record of an _id wins (the same _id twice holds the same state anyway).
+        let mut latest: HashMap<Vec<u8>, Option<RawDocumentBuf>> = HashMap::new();
+        let mut ids = Vec::new();
+        for record in batch {
+            let (id, deleted) = match record.get(DELETED) {
+                Ok(Some(id)) => (id.to_raw_bson(), true),
+                _ => match record.get("_id") {
+                    Ok(Some(id)) => (id.to_raw_bson(), false),
+                    _ => {
+                        return Err(BackupError::Mongo(format!(
+                            "a record without _id for {name}"
+                        )));
+                    }
+                },
+            };
+            let mut key = RawDocumentBuf::new();
+            key.append("k", id.clone());
+            let key = key.into_bytes();
+            if !latest.contains_key(&key) {
+                ids.push(id);
+            }
+            latest.insert(key, (!deleted).then_some(record));
+        }
+        let ids = ids
+            .into_iter()
+            .map(Bson::try_from)
+            .collect::<Result<Vec<_>, _>>()
+            .map_err(|error| BackupError::Mongo(format!("an _id of {name}: {error}")))?;
+        let filter = mongodb::bson::doc! { "_id": { "$in": ids } };
+        self.collection.delete_many(filter).await.map_err(failed)?;
+        let documents: Vec<_> = latest.into_values().flatten().collect();
+        if !documents.is_empty() {
+            self.collection
+                .insert_many(documents)
+                .await
+                .map_err(failed)?;
+        }
+        Ok(())
+    }
 }
 
 fn check_identities(manifest: &Manifest, identities: &[Identity]) -> Result<(), BackupError> {
@@ -124,7 +255,7 @@ async fn read_collection<S: Store>(
     manifest: &Manifest,
     collection: &CollectionManifest,
     identities: &[Identity],
-    target: Option<mongodb::Collection<RawDocumentBuf>>,
+    target: Option<Target>,
 ) -> Result<(), BackupError> {
     let id = manifest.id.clone();
     let invalid = |problem: String| BackupError::Invalid {
@@ -231,9 +362,7 @@ async fn read_collection<S: Store>(
     let insert = async {
         while let Some(batch) = batches_in.recv().await {
             if let Some(target) = &target {
-                target.insert_many(batch).await.map_err(|error| {
-                    BackupError::mongo(&format!("insert into {}", target.name()), error)
-                })?;
+                target.write(batch).await?;
             }
         }
         Ok::<_, BackupError>(())

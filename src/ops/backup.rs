@@ -101,6 +101,7 @@ pub async fn create(args: &CreateBackupArgs) -> anyhow::Result<String> {
         recipients,
         part_bytes: settings.backup.part_size.as_u64() as usize,
         progress: progress_display(),
+        incremental: args.incremental,
     };
     let database = super::connect(&settings).await?;
     let store = store(&settings, &args.store)?;
@@ -158,7 +159,7 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
                     .map(|part| part.bytes)
                     .sum();
                 out.push_str(&format!(
-                    "{id}  {}  {}  {documents} documents  {bytes} bytes stored  {}{}\n",
+                    "{id}  {}  {}  {documents} documents  {bytes} bytes stored  {}{}{}\n",
                     manifest.created_at,
                     manifest.source_database,
                     manifest.compression,
@@ -166,6 +167,10 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
                         ""
                     } else {
                         "  encrypted"
+                    },
+                    match &manifest.base {
+                        Some(base) => format!("  incremental on {base}"),
+                        None => "  full".to_owned(),
                     }
                 ));
             }
@@ -180,9 +185,16 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
             let store = store(&settings, args)?;
             let manifest = backup::verify(&store, id, &identities(identity)?).await?;
             let parts: usize = manifest.collections.iter().map(|c| c.parts.len()).sum();
+            let chain = match &manifest.base {
+                Some(_) => format!(
+                    " (and the {} backups it builds on)",
+                    backup::chain(&store, id).await?.len() - 1
+                ),
+                None => String::new(),
+            };
             Ok(format!(
-                "backup {id} verified: {} collections, {parts} parts, every document as the \
-                 manifest says\n",
+                "backup {id} verified{chain}: {} collections, {parts} parts, every document as \
+                 the manifest says\n",
                 manifest.collections.len()
             ))
         }
@@ -214,8 +226,9 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
     }
 }
 
-/// The backups the policy does not keep: not among the newest `keep_last`, and older than
-/// `keep_within` at `now`.
+/// The backups the policy does not keep: not among the newest `keep_last`, older than
+/// `keep_within` at `now`, and not a base that a kept incremental backup builds on (directly or
+/// through other incrementals).
 pub async fn prunable<S: Store>(
     store: &S,
     keep_last: u32,
@@ -223,22 +236,39 @@ pub async fn prunable<S: Store>(
     now: SystemTime,
 ) -> anyhow::Result<Vec<String>> {
     let mut backups = Vec::new();
+    let mut bases = std::collections::HashMap::new();
     for id in store.complete_backups().await.context("listing backups")? {
         let manifest = backup::read_manifest(store, &id).await?;
         let created = humantime::parse_rfc3339(&manifest.created_at)
             .with_context(|| format!("backup {id}: createdAt"))?;
+        if let Some(base) = manifest.base {
+            bases.insert(id.clone(), base);
+        }
         backups.push((created, id));
     }
     backups.sort();
     let newest_kept = backups.len().saturating_sub(keep_last as usize);
-    Ok(backups
-        .into_iter()
-        .enumerate()
-        .filter(|(index, (created, _))| {
-            *index < newest_kept && now.duration_since(*created).unwrap_or_default() > keep_within
-        })
-        .map(|(_, (_, id))| id)
-        .collect())
+    let (mut prunable, kept): (Vec<_>, Vec<_>) =
+        backups
+            .into_iter()
+            .enumerate()
+            .partition(|(index, (created, _))| {
+                *index < newest_kept
+                    && now.duration_since(*created).unwrap_or_default() > keep_within
+            });
+    // Every base of a kept backup is kept, and the bases of those.
+    let mut needed = std::collections::HashSet::new();
+    for (_, (_, id)) in &kept {
+        let mut next = bases.get(id);
+        while let Some(base) = next {
+            if !needed.insert(base.clone()) {
+                break;
+            }
+            next = bases.get(base);
+        }
+    }
+    prunable.retain(|(_, (_, id))| !needed.contains(id));
+    Ok(prunable.into_iter().map(|(_, (_, id))| id).collect())
 }
 
 /// `eventjournal restore <id>`.
@@ -255,10 +285,17 @@ pub async fn restore(args: &RestoreArgs) -> anyhow::Result<String> {
     super::indexes::create_missing(&database, &settings)
         .await
         .context("recreating the indexes")?;
+    let chain = match &manifest.base {
+        Some(_) => format!(
+            " (incremental: with the {} backups it builds on)",
+            backup::chain(&store, &args.id).await?.len() - 1
+        ),
+        None => String::new(),
+    };
     let documents: u64 = manifest.collections.iter().map(|c| c.documents).sum();
     Ok(format!(
-        "restored backup {} into {}: {documents} documents, checked against the manifest; \
-         indexes created\n",
+        "restored backup {}{chain} into {}: {documents} documents, checked against the \
+         manifest; indexes created\n",
         manifest.id,
         database.name()
     ))
