@@ -62,6 +62,10 @@ pub enum BackupAction {
         #[command(flatten)]
         identity: IdentityArgs,
     },
+    /// Take backups on the schedule of [backup.schedule] (cron expressions for full and
+    /// incremental backups, UTC) until SIGTERM or SIGINT, pruning after each; missed runs are
+    /// logged and counted in the metrics on backup.schedule.metrics-listen.
+    Schedule(BackupStoreArgs),
     /// Delete the backups the retention policy (backup.keep-last, backup.keep-within) does not
     /// keep.
     Prune {
@@ -145,6 +149,10 @@ pub struct CreateBackupArgs {
     /// from the oplog, which must still reach back to it); restoring it restores that chain.
     #[arg(long)]
     pub incremental: bool,
+    /// After the backup, delete what the retention policy does not keep (as `backup prune`):
+    /// a one-shot for a Kubernetes CronJob.
+    #[arg(long)]
+    pub prune: bool,
 }
 
 #[derive(Debug, Args)]

@@ -13,6 +13,7 @@ mod metrics;
 pub mod ops;
 mod rpc_metrics;
 pub mod server;
+pub mod signal;
 mod status;
 
 pub use server::run;

@@ -90,7 +90,7 @@ fn serve(args: ServeArgs) -> anyhow::Result<()> {
                 )
             })?;
         let shutdown = CancellationToken::new();
-        tokio::spawn(cancel_on_signal(shutdown.clone()));
+        tokio::spawn(eventjournal::signal::cancel_on_signal(shutdown.clone()));
         eventjournal::run(settings, listener, shutdown).await
     })
 }
@@ -166,24 +166,4 @@ fn purge(command: PurgeCommand) -> anyhow::Result<()> {
             })
         }
     }
-}
-
-/// SIGTERM or SIGINT starts a graceful shutdown.
-async fn cancel_on_signal(shutdown: CancellationToken) {
-    let terminate = async {
-        match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-            Ok(mut signal) => {
-                signal.recv().await;
-            }
-            Err(error) => {
-                tracing::warn!(%error, "cannot listen for SIGTERM");
-                std::future::pending::<()>().await;
-            }
-        }
-    };
-    tokio::select! {
-        _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT received"),
-        () = terminate => tracing::info!("SIGTERM received"),
-    }
-    shutdown.cancel();
 }

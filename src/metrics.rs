@@ -121,3 +121,47 @@ pub(crate) mod server {
         }
     }
 }
+
+/// `eventjournal backup schedule`'s metrics (`kind`: full or incremental).
+pub(crate) mod backup {
+    use std::sync::LazyLock;
+
+    use prometheus::{GaugeVec, IntCounterVec, register_gauge_vec, register_int_counter_vec};
+
+    /// `outcome`: success or failure.
+    pub(crate) static RUNS: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "eventjournal_backup_runs_total",
+            "Scheduled backups run",
+            &["kind", "outcome"]
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) static MISSED: LazyLock<IntCounterVec> = LazyLock::new(|| {
+        register_int_counter_vec!(
+            "eventjournal_backup_missed_runs_total",
+            "Scheduled backups not run because an earlier run or a stall of the process took past their time",
+            &["kind"]
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) static LAST_SUCCESS: LazyLock<GaugeVec> = LazyLock::new(|| {
+        register_gauge_vec!(
+            "eventjournal_backup_last_success_timestamp_seconds",
+            "When the last scheduled backup of the kind completed (Unix time)",
+            &["kind"]
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) static LAST_DURATION: LazyLock<GaugeVec> = LazyLock::new(|| {
+        register_gauge_vec!(
+            "eventjournal_backup_last_duration_seconds",
+            "How long the last scheduled backup of the kind took",
+            &["kind"]
+        )
+        .expect("metric registered once")
+    });
+}

@@ -1232,3 +1232,134 @@ async fn an_incremental_chain_restores_what_a_full_backup_restores() {
     );
     std::fs::remove_dir_all(directory).unwrap();
 }
+
+/// `backup schedule`: full backups every 3 s and incremental ones every second (cron with
+/// seconds), pruned to the last 3 and their bases after each. The process is stopped (SIGSTOP)
+/// for a few seconds: the runs it slept through are logged and counted as missed, and it goes
+/// on. SIGTERM ends it.
+#[tokio::test]
+async fn the_schedule_takes_full_and_incremental_backups_and_counts_missed_runs() {
+    let server = TestServer::start("bk_schedule").await;
+    populate(&server).await;
+    let directory = scratch("schedule");
+    let dir = directory.to_str().unwrap();
+    let port = free_port();
+    let log = directory.join("schedule.log");
+    let child = Command::new(BINARY)
+        .args(["backup", "schedule", "--directory", dir])
+        .args([
+            "--mongodb-uri",
+            &mongodb_uri(),
+            "--database",
+            &server.database,
+        ])
+        .env("RUST_LOG", "off")
+        .env("EVENTJOURNAL_BACKUP__PART_SIZE", "1KiB")
+        .env("EVENTJOURNAL_BACKUP__SCHEDULE__FULL", "*/3 * * * * *")
+        .env("EVENTJOURNAL_BACKUP__SCHEDULE__INCREMENTAL", "* * * * * *")
+        .env(
+            "EVENTJOURNAL_BACKUP__SCHEDULE__METRICS_LISTEN",
+            format!("127.0.0.1:{port}"),
+        )
+        .env("EVENTJOURNAL_BACKUP__KEEP_LAST", "3")
+        .env("EVENTJOURNAL_BACKUP__KEEP_WITHIN", "0s")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::fs::File::create(&log).unwrap())
+        .spawn()
+        .unwrap();
+    let list = || {
+        succeeded(&run(
+            &server.database,
+            &["backup", "list", "--directory", dir],
+        ))
+    };
+    wait_until(
+        "full and incremental backups",
+        Duration::from_secs(60),
+        || async {
+            let listed = list();
+            listed.contains("  full") && listed.contains("incremental on")
+        },
+    )
+    .await;
+    let pid = child.id().to_string();
+    let signal = |name: &str| {
+        assert!(
+            Command::new("kill")
+                .args([name, &pid])
+                .status()
+                .unwrap()
+                .success()
+        );
+    };
+    signal("-STOP");
+    tokio::time::sleep(Duration::from_millis(3_500)).await;
+    signal("-CONT");
+    let missed = |metrics: &str| {
+        ["full", "incremental"]
+            .iter()
+            .filter_map(|kind| {
+                metric(
+                    metrics,
+                    &format!("eventjournal_backup_missed_runs_total{{kind=\"{kind}\"}}"),
+                )
+            })
+            .sum::<f64>()
+    };
+    let deadline = std::time::Instant::now() + Duration::from_secs(30);
+    let metrics = loop {
+        let metrics = fetch_metrics(port).await;
+        if missed(&metrics) >= 2.0 {
+            break metrics;
+        }
+        assert!(
+            std::time::Instant::now() < deadline,
+            "no missed runs: {metrics}"
+        );
+        tokio::time::sleep(Duration::from_millis(200)).await;
+    };
+    let ran = |kind: &str, outcome: &str| {
+        metric(
+            &metrics,
+            &format!("eventjournal_backup_runs_total{{kind=\"{kind}\",outcome=\"{outcome}\"}}"),
+        )
+        .unwrap_or(0.0)
+    };
+    assert!(ran("full", "success") >= 1.0, "{metrics}");
+    assert!(ran("incremental", "success") >= 1.0, "{metrics}");
+    assert_eq!(ran("full", "failure") + ran("incremental", "failure"), 0.0);
+
+    signal("-TERM");
+    let output = tokio::task::spawn_blocking(move || child.wait_with_output())
+        .await
+        .unwrap()
+        .unwrap();
+    let log = std::fs::read_to_string(&log).unwrap();
+    assert!(output.status.success(), "{log}");
+    assert!(
+        String::from_utf8_lossy(&output.stdout).contains("backup schedule stopped"),
+        "{log}"
+    );
+    assert!(log.contains("missed the"), "{log}");
+    // Pruned after each run: the last three, and every base a kept incremental needs.
+    let listed = list();
+    let ids: Vec<&str> = listed
+        .lines()
+        .map(|line| line.split("  ").next().unwrap())
+        .collect();
+    for line in listed.lines() {
+        if let Some(base) = line.split("incremental on ").nth(1) {
+            assert!(ids.contains(&base.trim()), "{base} pruned: {listed}");
+        }
+    }
+    let newest = ids.last().unwrap();
+    assert!(
+        ids.len() < 10,
+        "pruned to the last 3 and their bases: {listed}"
+    );
+    succeeded(&run(
+        &server.database,
+        &["backup", "verify", newest, "--directory", dir],
+    ));
+    std::fs::remove_dir_all(directory).unwrap();
+}

@@ -17,6 +17,12 @@ pub enum BackupError {
     Invalid { backup: String, problem: String },
     #[error("{0}")]
     Refused(String),
+    /// An incremental backup with no backup to build on.
+    #[error(
+        "no complete backup of database {0} with the same selection to build an incremental \
+         backup on: take a full backup first (without --incremental)"
+    )]
+    NoBase(String),
 }
 
 impl BackupError {

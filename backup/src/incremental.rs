@@ -84,10 +84,7 @@ pub(crate) async fn find_base<S: Store>(
     if let Some(base) = newest {
         return Ok(base);
     }
-    Err(BackupError::Refused(format!(
-        "no complete backup of database {database} with the same selection to build an \
-         incremental backup on: take a full backup first (without --incremental)"
-    )))
+    Err(BackupError::NoBase(database.to_owned()))
 }
 
 /// Fails unless the oplog still holds every entry after `since`.

@@ -34,6 +34,8 @@ pub struct BackupSettings {
     /// Parts of an object uploaded at once (S3 multipart upload).
     pub upload_parallelism: usize,
     pub s3: S3Settings,
+    /// `eventjournal backup schedule`.
+    pub schedule: BackupScheduleSettings,
     /// zstd, gzip or none.
     pub compression: String,
     /// age X25519 public keys (`age1...`) the backups are encrypted to; empty: not encrypted.
@@ -54,11 +56,52 @@ impl Default for BackupSettings {
             directory: PathBuf::from("backups"),
             upload_parallelism: 4,
             s3: S3Settings::default(),
+            schedule: BackupScheduleSettings::default(),
             compression: "zstd".to_owned(),
             recipients: Vec::new(),
             part_size: ByteSize::mib(5),
             keep_last: 0,
             keep_within: Duration::from_secs(7 * 24 * 3600),
+        }
+    }
+}
+
+/// When `eventjournal backup schedule` takes backups: cron expressions (5 fields, or 6 with
+/// seconds first), in UTC; empty: never.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct BackupScheduleSettings {
+    pub full: String,
+    pub incremental: String,
+    /// Prune per the retention policy after each successful backup.
+    pub prune: bool,
+    /// HTTP listener serving the scheduler's Prometheus metrics on `/metrics`; unset: none.
+    pub metrics_listen: Option<SocketAddr>,
+}
+
+/// A schedule's cron expression parsed; `None` when empty (never).
+pub fn cron(expression: &str) -> Result<Option<croner::Cron>, String> {
+    if expression.trim().is_empty() {
+        return Ok(None);
+    }
+    expression
+        .parse::<croner::Cron>()
+        .map(Some)
+        .map_err(|error| {
+            format!(
+                "is not a cron expression ({error}): 5 fields (minute hour day month weekday) or 6 \
+             with seconds first, e.g. \"0 2 * * *\""
+            )
+        })
+}
+
+impl Default for BackupScheduleSettings {
+    fn default() -> Self {
+        Self {
+            full: "0 2 * * *".to_owned(),
+            incremental: String::new(),
+            prune: true,
+            metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9465))),
         }
     }
 }

@@ -309,6 +309,17 @@ impl Settings {
             self.backup.upload_parallelism,
             "must be 1 to 64",
         );
+        for (key, expression) in [
+            ("backup.schedule.full", &self.backup.schedule.full),
+            (
+                "backup.schedule.incremental",
+                &self.backup.schedule.incremental,
+            ),
+        ] {
+            if let Err(error) = crate::settings::cron(expression) {
+                problems.check(false, key, expression, &error);
+            }
+        }
         if self.backup.store == crate::settings::BackupStoreKind::S3 {
             problems.check(
                 !self.backup.s3.bucket.is_empty(),

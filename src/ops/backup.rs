@@ -106,11 +106,53 @@ pub async fn create(args: &CreateBackupArgs) -> anyhow::Result<String> {
     let database = super::connect(&settings).await?;
     let store = store(&settings, &args.store)?;
     let manifest = backup::backup(&database, &store, &options).await?;
-    Ok(format!(
+    let mut out = format!(
         "backup {} complete: {}\n",
         manifest.id,
         store.describe(&manifest.id)
-    ))
+    );
+    if args.prune {
+        out.push_str(&prune(&store, &settings).await?);
+    }
+    Ok(out)
+}
+
+/// The options of a backup of everything as the configuration says (a scheduled one).
+pub fn configured_options(settings: &Settings, incremental: bool) -> anyhow::Result<BackupOptions> {
+    Ok(BackupOptions {
+        collections: collections(settings),
+        selection: Selection::default(),
+        compression: settings
+            .backup
+            .compression
+            .parse()
+            .map_err(|error: String| anyhow::anyhow!("backup.compression: {error}"))?,
+        recipients: settings.backup.recipients.clone(),
+        part_bytes: settings.backup.part_size.as_u64() as usize,
+        progress: None,
+        incremental,
+    })
+}
+
+/// Deletes what the configured retention policy does not keep; one line per backup deleted.
+pub async fn prune<S: Store>(store: &S, settings: &Settings) -> anyhow::Result<String> {
+    let mut out = String::new();
+    let now = SystemTime::now();
+    for id in prunable(
+        store,
+        settings.backup.keep_last,
+        settings.backup.keep_within,
+        now,
+    )
+    .await?
+    {
+        store
+            .delete_backup(&id)
+            .await
+            .with_context(|| format!("deleting {}", store.describe(&id)))?;
+        out.push_str(&format!("deleted {id}\n"));
+    }
+    Ok(out)
 }
 
 /// A spinner per collection with documents and bytes read, when stderr is a terminal; otherwise
@@ -198,6 +240,7 @@ pub async fn action(action: &BackupAction) -> anyhow::Result<String> {
                 manifest.collections.len()
             ))
         }
+        BackupAction::Schedule(args) => super::schedule::run(args).await,
         BackupAction::Prune {
             store: args,
             keep_last,

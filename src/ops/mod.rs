@@ -5,6 +5,7 @@ pub mod backup;
 pub mod indexes;
 pub mod migrate;
 pub mod purge;
+pub mod schedule;
 
 use anyhow::Context;
 use config::{Settings, redact_uri};
