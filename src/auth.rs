@@ -35,6 +35,7 @@ fn required(path: &str) -> Access {
         | ("eventjournal.v1.DurableStateStore", "UpsertObject" | "DeleteObject") => {
             Access::Needs(Role::Write)
         }
+        ("eventjournal.v1.BackupService", _) => Access::Needs(Role::Admin),
         (
             "eventjournal.v1.Journal"
             | "eventjournal.v1.SnapshotStore"
@@ -210,6 +211,14 @@ mod tests {
             (
                 "/eventjournal.v1.ReadJournal/EventsByTag",
                 Needs(Role::Read),
+            ),
+            (
+                "/eventjournal.v1.BackupService/StartBackup",
+                Needs(Role::Admin),
+            ),
+            (
+                "/eventjournal.v1.BackupService/ListBackups",
+                Needs(Role::Admin),
             ),
             (
                 "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",

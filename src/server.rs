@@ -4,6 +4,7 @@ use anyhow::Context;
 use config::Settings;
 use durable_state::DurableStateStore;
 use journal::Journal;
+use proto::v1::backup_service_server::BackupServiceServer;
 use proto::v1::durable_state_store_server::DurableStateStoreServer;
 use proto::v1::journal_server::JournalServer;
 use proto::v1::read_journal_server::ReadJournalServer;
@@ -18,6 +19,7 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 use tonic::transport::{Certificate, Identity, Server, ServerTlsConfig};
 
+use crate::grpc::backup::BackupService;
 use crate::grpc::durable_state::DurableStateStoreService;
 use crate::grpc::journal::JournalService;
 use crate::grpc::read_journal::ReadJournalService;
@@ -111,7 +113,10 @@ pub async fn run(
         .add_service(
             ReadJournalServer::new(ReadJournalService::new(queries))
                 .max_encoding_message_size(max_message_size),
-        );
+        )
+        .add_service(BackupServiceServer::new(BackupService::new(
+            &settings, &database,
+        )));
 
     if let Some(address) = settings.server.metrics_listen {
         let metrics = TcpListener::bind(address)

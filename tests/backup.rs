@@ -1363,3 +1363,172 @@ async fn the_schedule_takes_full_and_incremental_backups_and_counts_missed_runs(
     ));
     std::fs::remove_dir_all(directory).unwrap();
 }
+
+/// The gRPC `BackupService`, admin role only: a backup started over gRPC runs as a job with
+/// progress, is listed, and restores (as a job too) into another database bit-exact; bad
+/// requests are clear errors.
+#[tokio::test]
+async fn the_backup_service_backs_up_and_restores_for_admins_only() {
+    use config::auth::{Role, Token};
+    use proto::v1::backup_service_client::BackupServiceClient;
+    use tonic::{Code, Request};
+    const ADMIN: &str = "admin-token-0123456789";
+    const READER: &str = "reader-token-0123456789";
+    let writer = TestServer::start("bk_grpc").await;
+    populate(&writer).await;
+    let directory = scratch("grpc");
+    let mut settings = test_settings(&writer.database);
+    settings.auth.enabled = true;
+    settings.auth.tokens = vec![
+        Token::new("projector", &[Role::Read], READER),
+        Token::new("ops", &[Role::Admin], ADMIN),
+    ];
+    settings.backup.directory = directory.clone();
+    settings.backup.part_size = bytesize::ByteSize::kib(1);
+    let server = TestServer::start_on_database(settings).await;
+    let mut client = BackupServiceClient::new(server.channel().await);
+    fn with<T>(token: &str, message: T) -> Request<T> {
+        let mut request = Request::new(message);
+        request
+            .metadata_mut()
+            .insert("authorization", format!("Bearer {token}").parse().unwrap());
+        request
+    }
+
+    let denied = client
+        .start_backup(with(READER, pb::StartBackupRequest::default()))
+        .await
+        .unwrap_err();
+    assert_eq!(denied.code(), Code::PermissionDenied, "{denied:?}");
+    assert!(denied.message().contains("admin"), "{denied:?}");
+
+    let job = client
+        .start_backup(with(ADMIN, pb::StartBackupRequest::default()))
+        .await
+        .unwrap()
+        .into_inner();
+    assert_eq!(
+        (job.kind.as_str(), job.state.as_str()),
+        ("backup", "running")
+    );
+    let finished = |client: &mut BackupServiceClient<tonic::transport::Channel>, id: String| {
+        let mut client = client.clone();
+        async move {
+            let deadline = std::time::Instant::now() + Duration::from_secs(60);
+            loop {
+                let job = client
+                    .get_job(with(ADMIN, pb::GetJobRequest { job_id: id.clone() }))
+                    .await
+                    .unwrap()
+                    .into_inner();
+                if job.state != "running" {
+                    return job;
+                }
+                assert!(std::time::Instant::now() < deadline, "{job:?}");
+                tokio::time::sleep(Duration::from_millis(100)).await;
+            }
+        }
+    };
+    let done = finished(&mut client, job.job_id.clone()).await;
+    assert_eq!(done.state, "succeeded", "{done:?}");
+    assert!(done.finished_at_millis >= done.started_at_millis);
+    let journal = done
+        .progress
+        .iter()
+        .find(|progress| progress.collection == "journal")
+        .unwrap_or_else(|| panic!("{done:?}"));
+    assert_eq!(journal.documents, 300);
+
+    let listed = client
+        .list_backups(with(ADMIN, pb::ListBackupsRequest {}))
+        .await
+        .unwrap()
+        .into_inner()
+        .backups;
+    assert_eq!(listed.len(), 1);
+    assert_eq!(listed[0].id, done.backup_id);
+    assert_eq!(listed[0].source_database, writer.database);
+
+    // Bad requests: the served database, no target, an unknown backup, an unknown job.
+    for (request, code, says) in [
+        (
+            pb::StartRestoreRequest {
+                backup_id: done.backup_id.clone(),
+                target_database: writer.database.clone(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "is the database this server serves",
+        ),
+        (
+            pb::StartRestoreRequest {
+                backup_id: done.backup_id.clone(),
+                ..Default::default()
+            },
+            Code::InvalidArgument,
+            "target_database",
+        ),
+        (
+            pb::StartRestoreRequest {
+                backup_id: "20260101T000000Z-00000000".into(),
+                target_database: "elsewhere".into(),
+                ..Default::default()
+            },
+            Code::NotFound,
+            "no complete backup",
+        ),
+    ] {
+        let error = client
+            .start_restore(with(ADMIN, request))
+            .await
+            .unwrap_err();
+        assert_eq!(error.code(), code, "{error:?}");
+        assert!(error.message().contains(says), "{error:?}");
+    }
+    let error = client
+        .get_job(with(
+            ADMIN,
+            pb::GetJobRequest {
+                job_id: "nope".into(),
+            },
+        ))
+        .await
+        .unwrap_err();
+    assert_eq!(error.code(), Code::NotFound, "{error:?}");
+
+    let target = unique_database("bk_grpc_restored");
+    let job = client
+        .start_restore(with(
+            ADMIN,
+            pb::StartRestoreRequest {
+                backup_id: done.backup_id.clone(),
+                target_database: target.clone(),
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let restored = finished(&mut client, job.job_id).await;
+    assert_eq!(restored.state, "succeeded", "{restored:?}");
+    assert_same(&writer.database, &target).await;
+    let indexes = succeeded(&run(&target, &["indexes", "list"]));
+    assert!(!indexes.contains("missing"), "{indexes}");
+    // Into a database that now has data: the job fails, saying why.
+    let job = client
+        .start_restore(with(
+            ADMIN,
+            pb::StartRestoreRequest {
+                backup_id: done.backup_id,
+                target_database: target,
+                ..Default::default()
+            },
+        ))
+        .await
+        .unwrap()
+        .into_inner();
+    let failed_job = finished(&mut client, job.job_id).await;
+    assert_eq!(failed_job.state, "failed");
+    assert!(failed_job.error.contains("is not empty"), "{failed_job:?}");
+    std::fs::remove_dir_all(directory).unwrap();
+}

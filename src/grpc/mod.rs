@@ -1,5 +1,6 @@
 //! gRPC handlers, one module per service.
 
+pub(crate) mod backup;
 pub(crate) mod durable_state;
 pub(crate) mod journal;
 pub(crate) mod read_journal;

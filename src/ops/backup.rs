@@ -10,7 +10,7 @@ use indicatif::{ProgressBar, ProgressDrawTarget, ProgressStyle};
 
 use crate::cli::{BackupAction, BackupStoreArgs, CreateBackupArgs, IdentityArgs, RestoreArgs};
 
-fn collections(settings: &Settings) -> Collections {
+pub fn collections(settings: &Settings) -> Collections {
     let names = &settings.mongodb.collections;
     Collections {
         journal: names.journal.clone(),
@@ -22,11 +22,24 @@ fn collections(settings: &Settings) -> Collections {
 
 /// The store the flags or the configuration name.
 pub fn store(settings: &Settings, args: &BackupStoreArgs) -> anyhow::Result<AnyStore> {
+    store_at(settings, args.directory.as_deref(), args.s3.as_deref())
+}
+
+/// The store the configuration names.
+pub fn configured_store(settings: &Settings) -> anyhow::Result<AnyStore> {
+    store_at(settings, None, None)
+}
+
+fn store_at(
+    settings: &Settings,
+    directory: Option<&std::path::Path>,
+    s3: Option<&str>,
+) -> anyhow::Result<AnyStore> {
     let backup = &settings.backup;
-    if let Some(directory) = &args.directory {
+    if let Some(directory) = directory {
         return Ok(AnyStore::Local(LocalDirectory::new(directory)));
     }
-    let (bucket, prefix) = match &args.s3 {
+    let (bucket, prefix) = match s3 {
         Some(url) => {
             let Some(rest) = url.strip_prefix("s3://").filter(|rest| !rest.is_empty()) else {
                 bail!("--s3 {url:?}: expected s3://BUCKET or s3://BUCKET/PREFIX");
