@@ -1267,6 +1267,15 @@ async fn the_schedule_takes_full_and_incremental_backups_and_counts_missed_runs(
         .stderr(std::fs::File::create(&log).unwrap())
         .spawn()
         .unwrap();
+    let pid = child.id().to_string();
+    // A failing assertion must not leave the scheduler running.
+    struct KillOnDrop(String);
+    impl Drop for KillOnDrop {
+        fn drop(&mut self) {
+            let _ = Command::new("kill").args(["-9", &self.0]).status();
+        }
+    }
+    let _guard = KillOnDrop(pid.clone());
     let list = || {
         succeeded(&run(
             &server.database,
@@ -1282,7 +1291,6 @@ async fn the_schedule_takes_full_and_incremental_backups_and_counts_missed_runs(
         },
     )
     .await;
-    let pid = child.id().to_string();
     let signal = |name: &str| {
         assert!(
             Command::new("kill")

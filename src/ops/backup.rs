@@ -118,7 +118,10 @@ pub async fn create(args: &CreateBackupArgs) -> anyhow::Result<String> {
     };
     let database = super::connect(&settings).await?;
     let store = store(&settings, &args.store)?;
-    let manifest = backup::backup(&database, &store, &options).await?;
+    let taken = backup::backup(&database, &store, &options).await;
+    // Ended here, on the runtime: a client dropped as the runtime stops panicked in the driver.
+    database.client().clone().shutdown().await;
+    let manifest = taken?;
     let mut out = format!(
         "backup {} complete: {}\n",
         manifest.id,
@@ -337,10 +340,16 @@ pub async fn restore(args: &RestoreArgs) -> anyhow::Result<String> {
         collections: collections(&settings),
         drop: args.drop,
     };
-    let manifest = backup::restore(&store, &args.id, &identities, &database, &options).await?;
-    super::indexes::create_missing(&database, &settings)
-        .await
-        .context("recreating the indexes")?;
+    let restored = async {
+        let manifest = backup::restore(&store, &args.id, &identities, &database, &options).await?;
+        super::indexes::create_missing(&database, &settings)
+            .await
+            .context("recreating the indexes")?;
+        anyhow::Ok(manifest)
+    }
+    .await;
+    database.client().clone().shutdown().await;
+    let manifest = restored?;
     let chain = match &manifest.base {
         Some(_) => format!(
             " (incremental: with the {} backups it builds on)",

@@ -173,6 +173,7 @@ pub async fn run(args: &BackupStoreArgs) -> anyhow::Result<String> {
             break;
         }
     }
+    database.client().clone().shutdown().await;
     Ok(format!(
         "backup schedule stopped: {taken} backups taken, {failed} failed\n"
     ))

@@ -107,20 +107,19 @@ impl Store for LocalDirectory {
 }
 
 impl Upload for LocalUpload {
-    async fn part(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+    async fn part(&mut self, bytes: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
         let mut file = self
             .file
             .take()
             .ok_or_else(|| io::Error::other("an earlier part failed"))?;
-        // The part is moved to the blocking thread, not copied.
-        self.file = Some(
-            blocking(move || {
-                file.write_all(&bytes)?;
-                Ok(file)
-            })
-            .await?,
-        );
-        Ok(())
+        // The part is moved to the blocking thread and back, not copied.
+        let (file, bytes) = blocking(move || {
+            file.write_all(&bytes)?;
+            Ok((file, bytes))
+        })
+        .await?;
+        self.file = Some(file);
+        Ok(Some(bytes))
     }
 
     async fn finish(mut self) -> io::Result<()> {

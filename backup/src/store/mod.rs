@@ -43,8 +43,9 @@ pub trait Store: Clone + Send + Sync + 'static {
 /// One object being written, part after part.
 pub trait Upload: Send + 'static {
     /// Adds the next part; returns once the store accepted it for writing (an S3 upload writes
-    /// a few parts at once, and waits here while that many are in flight).
-    fn part(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<()>> + Send;
+    /// a few parts at once, and waits here while that many are in flight), with the buffer when
+    /// the store is done with it, for reuse.
+    fn part(&mut self, bytes: Vec<u8>) -> impl Future<Output = io::Result<Option<Vec<u8>>>> + Send;
     /// Waits for every part and makes the object readable.
     fn finish(self) -> impl Future<Output = io::Result<()>> + Send;
     /// Gives up: nothing of the object stays (an S3 multipart upload is aborted, its parts
@@ -118,7 +119,7 @@ impl Store for AnyStore {
 }
 
 impl Upload for AnyUpload {
-    async fn part(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+    async fn part(&mut self, bytes: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
         match self {
             Self::Local(upload) => upload.part(bytes).await,
             Self::S3(upload) => upload.part(bytes).await,

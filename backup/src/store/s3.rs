@@ -214,13 +214,14 @@ impl Store for S3 {
 }
 
 impl Upload for S3Upload {
-    async fn part(&mut self, bytes: Vec<u8>) -> io::Result<()> {
+    async fn part(&mut self, bytes: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
         while self.in_flight.len() >= self.parallelism {
             self.wait_for_one().await?;
         }
+        // The payload owns the buffer until the part is uploaded: none to give back.
         self.in_flight
             .spawn(self.upload.put_part(PutPayload::from(bytes)));
-        Ok(())
+        Ok(None)
     }
 
     async fn finish(mut self) -> io::Result<()> {
