@@ -1272,7 +1272,10 @@ async fn the_schedule_takes_full_and_incremental_backups_and_counts_missed_runs(
     struct KillOnDrop(String);
     impl Drop for KillOnDrop {
         fn drop(&mut self) {
-            let _ = Command::new("kill").args(["-9", &self.0]).status();
+            let _ = Command::new("kill")
+                .args(["-9", &self.0])
+                .stderr(std::process::Stdio::null())
+                .status();
         }
     }
     let _guard = KillOnDrop(pid.clone());

@@ -303,7 +303,12 @@ pub async fn prunable<S: Store>(
         if let Some(base) = manifest.base {
             bases.insert(id.clone(), base);
         }
-        backups.push((created, id));
+        // Newest by the cluster time it was read at: creation times have second resolution.
+        let time = (
+            manifest.cluster_time.seconds,
+            manifest.cluster_time.increment,
+        );
+        backups.push((time, created, id));
     }
     backups.sort();
     let newest_kept = backups.len().saturating_sub(keep_last as usize);
@@ -311,13 +316,13 @@ pub async fn prunable<S: Store>(
         backups
             .into_iter()
             .enumerate()
-            .partition(|(index, (created, _))| {
+            .partition(|(index, (_, created, _))| {
                 *index < newest_kept
                     && now.duration_since(*created).unwrap_or_default() > keep_within
             });
     // Every base of a kept backup is kept, and the bases of those.
     let mut needed = std::collections::HashSet::new();
-    for (_, (_, id)) in &kept {
+    for (_, (_, _, id)) in &kept {
         let mut next = bases.get(id);
         while let Some(base) = next {
             if !needed.insert(base.clone()) {
@@ -326,8 +331,8 @@ pub async fn prunable<S: Store>(
             next = bases.get(base);
         }
     }
-    prunable.retain(|(_, (_, id))| !needed.contains(id));
-    Ok(prunable.into_iter().map(|(_, (_, id))| id).collect())
+    prunable.retain(|(_, (_, _, id))| !needed.contains(id));
+    Ok(prunable.into_iter().map(|(_, (_, _, id))| id).collect())
 }
 
 /// `eventjournal restore <id>`.
