@@ -1,0 +1,89 @@
+//! What a call can fail with.
+
+use tonic::Code;
+
+/// A failed call, by what the caller can do about it.
+#[derive(Debug, thiserror::Error)]
+pub enum Error {
+    /// The request was wrong (the message names what); retrying cannot help.
+    #[error("invalid argument: {0}")]
+    InvalidArgument(String),
+    /// The stored state is not what the call expected (a durable-state revision, a sequence
+    /// number taken): read, decide again.
+    #[error("conflict: {0}")]
+    Conflict(String),
+    /// What the call names does not exist.
+    #[error("not found: {0}")]
+    NotFound(String),
+    /// The service or MongoDB could not be reached, after the configured retries.
+    #[error("unavailable after {attempts} attempt(s): {message}")]
+    Unavailable {
+        /// Attempts made, the first included.
+        attempts: u32,
+        /// The last failure.
+        message: String,
+    },
+    /// No bearer token, or one the service does not know.
+    #[error("unauthenticated: {0}")]
+    Unauthenticated(String),
+    /// The token lacks the role the call needs (read, write, admin).
+    #[error("permission denied: {0}")]
+    PermissionDenied(String),
+    /// The call took longer than the client's call timeout.
+    #[error("deadline exceeded: {0}")]
+    DeadlineExceeded(String),
+    /// Anything else the service answered.
+    #[error("{code:?}: {message}")]
+    Other {
+        /// The gRPC status code.
+        code: Code,
+        /// The service's message.
+        message: String,
+    },
+    /// The endpoint or TLS settings cannot be used.
+    #[error("configuration: {0}")]
+    Configuration(String),
+}
+
+impl Error {
+    /// Whether a status means the call may not have reached the service: `UNAVAILABLE`, or a
+    /// connection broken under the call (tonic's `UNKNOWN` "transport error" or `CANCELLED`
+    /// "operation was canceled", which carry the transport's error as their source; the
+    /// service's own statuses carry none).
+    pub(crate) fn unreachable(status: &tonic::Status) -> bool {
+        match status.code() {
+            Code::Unavailable => true,
+            Code::Unknown | Code::Cancelled => std::error::Error::source(status).is_some(),
+            _ => false,
+        }
+    }
+
+    pub(crate) fn from_status(status: tonic::Status, attempts: u32) -> Self {
+        let message = status.message().to_owned();
+        if Self::unreachable(&status) {
+            return Self::Unavailable { attempts, message };
+        }
+        match status.code() {
+            Code::InvalidArgument | Code::OutOfRange => Self::InvalidArgument(message),
+            Code::Aborted | Code::AlreadyExists | Code::FailedPrecondition => {
+                Self::Conflict(message)
+            }
+            Code::NotFound => Self::NotFound(message),
+            Code::Unavailable => Self::Unavailable { attempts, message },
+            Code::Unauthenticated => Self::Unauthenticated(message),
+            Code::PermissionDenied => Self::PermissionDenied(message),
+            Code::DeadlineExceeded => Self::DeadlineExceeded(message),
+            code => Self::Other { code, message },
+        }
+    }
+
+    /// Whether the same call may be sent again: the service was not reached, or answered that
+    /// it could not reach MongoDB. Every write of the contract is idempotent, so a retry of
+    /// one whose first attempt was in fact applied gets the same answer.
+    pub fn is_retryable(&self) -> bool {
+        matches!(self, Self::Unavailable { .. })
+    }
+}
+
+/// A call's result.
+pub type Result<T, E = Error> = std::result::Result<T, E>;

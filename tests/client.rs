@@ -1,0 +1,295 @@
+//! The Rust client crate (`client/`, `eventjournal-client`) against a real server and mongod:
+//! every service through the typed API, errors by kind, bearer tokens, and retries through an
+//! outage that are safe because writes are idempotent.
+
+mod common;
+
+use std::time::Duration;
+
+use common::proxy::CuttableProxy;
+use common::*;
+use config::auth::{Role, Token};
+use eventjournal_client::{
+    Client, Error, Event, Offset, Payload, Replayed, RetryPolicy, SnapshotCriteria,
+    SnapshotMetadata, WriteOutcome,
+};
+use futures::TryStreamExt as _;
+
+fn event(pid: &str, sequence_nr: i64, text: &str) -> Event {
+    Event::new(
+        pid,
+        sequence_nr,
+        Payload::new(text.as_bytes().to_vec(), 1, "Text"),
+    )
+    .tagged(["t"])
+}
+
+#[tokio::test]
+async fn every_service_through_the_typed_client() {
+    let server = TestServer::start_with("client", common::read::fast).await;
+    let client = Client::builder(server.url()).connect().await.unwrap();
+
+    // Journal: writes, a conflict, replay, highest, delete.
+    let outcomes = client
+        .write_events(vec![
+            vec![event("c1", 1, "one"), event("c1", 2, "two")],
+            vec![event("c2", 1, "other")],
+        ])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![WriteOutcome::Written, WriteOutcome::Written]);
+    let outcomes = client
+        .write_events(vec![vec![event("c1", 2, "not two")]])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], WriteOutcome::Conflict(reason) if !reason.is_empty()),
+        "{outcomes:?}"
+    );
+    let replayed: Vec<Replayed> = client
+        .replay("c1", 1, None, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(replayed.len(), 3, "{replayed:?}");
+    match (&replayed[0], &replayed[2]) {
+        (Replayed::Event(first), Replayed::HighestSequenceNr(2)) => {
+            assert_eq!(first.payload.data, b"one");
+            assert_eq!(first.tags, vec!["t".to_owned()]);
+            assert!(first.timestamp_millis > 0, "stamped by the service");
+        }
+        other => panic!("{other:?}"),
+    }
+    assert_eq!(client.highest_sequence_nr("c1").await.unwrap(), 2);
+    client.delete_events_to("c1", 1).await.unwrap();
+    let left: Vec<Replayed> = client
+        .replay("c1", 1, None, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(matches!(&left[0], Replayed::Event(event) if event.sequence_nr == 2));
+
+    // Read journal: current and live by tag, from an offset. A current query sees a write
+    // once the allowed time drift has passed (issue 15 shortens that).
+    tokio::time::sleep(
+        server.settings.read_journal.allowed_time_drift + Duration::from_millis(200),
+    )
+    .await;
+    let current: Vec<_> = client
+        .current_events_by_tag("t", Offset::start())
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    let mut ids: Vec<_> = current
+        .iter()
+        .map(|envelope| {
+            (
+                envelope.event.persistence_id.clone(),
+                envelope.event.sequence_nr,
+            )
+        })
+        .collect();
+    ids.sort();
+    assert!(ids.contains(&("c2".to_owned(), 1)), "{ids:?}");
+    let mut live = client
+        .events_by_tag("t", current.last().unwrap().offset.clone())
+        .await
+        .unwrap();
+    client
+        .write_events(vec![vec![event("c3", 1, "live")]])
+        .await
+        .unwrap();
+    let next = tokio::time::timeout(Duration::from_secs(20), live.try_next())
+        .await
+        .expect("the live event arrives")
+        .unwrap()
+        .unwrap();
+    assert_eq!(next.event.persistence_id, "c3");
+
+    // Snapshots.
+    let stored = client
+        .save_snapshot(
+            SnapshotMetadata {
+                persistence_id: "c1".into(),
+                sequence_nr: 2,
+                ..Default::default()
+            },
+            Payload::new(b"state at 2".to_vec(), 1, "Cart"),
+        )
+        .await
+        .unwrap();
+    assert!(stored.timestamp_millis > 0);
+    let loaded = client
+        .load_snapshot("c1", SnapshotCriteria::all())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(loaded.snapshot.data, b"state at 2");
+    assert_eq!(
+        client
+            .load_snapshot("c1", SnapshotCriteria::up_to(1))
+            .await
+            .unwrap(),
+        None
+    );
+    client
+        .delete_snapshots("c1", SnapshotCriteria::all())
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .load_snapshot("c1", SnapshotCriteria::all())
+            .await
+            .unwrap(),
+        None
+    );
+
+    // Durable state: revisions and a conflict by kind.
+    assert_eq!(client.get_object("s1").await.unwrap().revision, 0);
+    client
+        .upsert_object("s1", 1, Payload::new(b"v1".to_vec(), 1, "V"), "")
+        .await
+        .unwrap();
+    let conflict = client
+        .upsert_object("s1", 1, Payload::new(b"other".to_vec(), 1, "V"), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(conflict, Error::Conflict(_)), "{conflict:?}");
+    let object = client.get_object("s1").await.unwrap();
+    assert_eq!(
+        (object.revision, object.value.unwrap().data),
+        (1, b"v1".to_vec())
+    );
+    client.delete_object("s1", 0).await.unwrap();
+    assert_eq!(client.get_object("s1").await.unwrap().value, None);
+
+    // Bad input: a write is rejected naming what was wrong; a bad call is an error by kind.
+    let outcomes = client
+        .write_events(vec![vec![event("", 1, "no id")]])
+        .await
+        .unwrap();
+    assert!(
+        matches!(&outcomes[0], WriteOutcome::Rejected(reason) if reason.contains("persistence_id")),
+        "{outcomes:?}"
+    );
+    let invalid = client
+        .upsert_object("", 1, Payload::default(), "")
+        .await
+        .unwrap_err();
+    assert!(matches!(invalid, Error::InvalidArgument(_)), "{invalid:?}");
+}
+
+#[tokio::test]
+async fn bearer_tokens_are_sent_and_roles_are_errors_by_kind() {
+    const WRITER: &str = "writer-token-0123456789";
+    const READER: &str = "reader-token-0123456789";
+    let server = TestServer::start_with("client_auth", |settings| {
+        settings.auth.enabled = true;
+        settings.auth.tokens = vec![
+            Token::new("app", &[Role::Write], WRITER),
+            Token::new("projector", &[Role::Read], READER),
+        ];
+    })
+    .await;
+    let writer = Client::builder(server.url())
+        .bearer_token(WRITER)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        writer
+            .write_events(vec![vec![event("a1", 1, "x")]])
+            .await
+            .unwrap(),
+        vec![WriteOutcome::Written]
+    );
+    let reader = Client::builder(server.url())
+        .bearer_token(READER)
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(reader.highest_sequence_nr("a1").await.unwrap(), 1);
+    let denied = reader
+        .write_events(vec![vec![event("a1", 2, "y")]])
+        .await
+        .unwrap_err();
+    assert!(matches!(denied, Error::PermissionDenied(_)), "{denied:?}");
+    let anonymous = Client::builder(server.url()).connect().await.unwrap();
+    let error = anonymous.highest_sequence_nr("a1").await.unwrap_err();
+    assert!(matches!(error, Error::Unauthenticated(_)), "{error:?}");
+}
+
+/// The service out of reach for a while: calls are retried with backoff and succeed once it is
+/// back; a write retried after its first attempt was applied (the reply lost) gets the same
+/// answer, and nothing is stored twice. With too few attempts, the error says unavailable.
+#[tokio::test]
+async fn calls_are_retried_through_an_outage_and_retried_writes_are_idempotent() {
+    let server = TestServer::start("client_retry").await;
+    let proxy = CuttableProxy::start(server.address).await;
+    let client = Client::builder(format!("http://{}", proxy.address))
+        .retry(RetryPolicy {
+            max_attempts: 50,
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(200),
+        })
+        .connect()
+        .await
+        .unwrap();
+    assert_eq!(
+        client
+            .write_events(vec![vec![event("r1", 1, "before")]])
+            .await
+            .unwrap(),
+        vec![WriteOutcome::Written]
+    );
+    proxy.cut();
+    let restore = tokio::spawn(async move {
+        tokio::time::sleep(Duration::from_millis(800)).await;
+        proxy.restore();
+        proxy
+    });
+    let outcomes = client
+        .write_events(vec![vec![event("r1", 2, "through the outage")]])
+        .await
+        .unwrap();
+    assert_eq!(outcomes, vec![WriteOutcome::Written]);
+    let proxy = restore.await.unwrap();
+    // A retry of a write that was applied (the same events again) is answered Written.
+    assert_eq!(
+        client
+            .write_events(vec![vec![event("r1", 2, "through the outage")]])
+            .await
+            .unwrap(),
+        vec![WriteOutcome::Written]
+    );
+    let events: Vec<Replayed> = client
+        .replay("r1", 1, None, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(events.len(), 3, "two events and the highest: {events:?}");
+
+    let impatient = Client::builder(format!("http://{}", proxy.address))
+        .retry(RetryPolicy {
+            max_attempts: 2,
+            first_backoff: Duration::from_millis(10),
+            max_backoff: Duration::from_millis(10),
+        })
+        .connect()
+        .await
+        .unwrap();
+    proxy.cut();
+    let error = impatient.highest_sequence_nr("r1").await.unwrap_err();
+    assert!(
+        matches!(error, Error::Unavailable { attempts: 2, .. }) && error.is_retryable(),
+        "{error:?}"
+    );
+}
