@@ -323,7 +323,7 @@ async fn bad_keys_bad_parts_and_bad_targets_are_clear_errors_and_change_nothing(
     let text = std::fs::read_to_string(&manifest).unwrap();
     std::fs::write(
         &manifest,
-        text.replace("\"formatVersion\": 1", "\"formatVersion\": 2"),
+        text.replace("\"formatVersion\": 2", "\"formatVersion\": 3"),
     )
     .unwrap();
     let error = failed(&verify(
@@ -333,7 +333,7 @@ async fn bad_keys_bad_parts_and_bad_targets_are_clear_errors_and_change_nothing(
         ]
         .concat(),
     ));
-    assert!(error.contains("format version 2 is newer"), "{error}");
+    assert!(error.contains("format version 3 is newer"), "{error}");
 
     // An unknown backup.
     let error = failed(&run(
@@ -1541,5 +1541,59 @@ async fn the_backup_service_backs_up_and_restores_for_admins_only() {
     let failed_job = finished(&mut client, job.job_id).await;
     assert_eq!(failed_job.state, "failed");
     assert!(failed_job.error.contains("is not empty"), "{failed_job:?}");
+    std::fs::remove_dir_all(directory).unwrap();
+}
+
+/// MongoDB failing an insert in the middle of a restore: the restore stops with the error
+/// (it used to wait for ever, its decoding thread blocked on a batch nobody would take).
+#[tokio::test]
+async fn a_restore_failing_midway_reports_the_failure_and_does_not_hang() {
+    let server = TestServer::start("bk_restore_fail").await;
+    write_noise(&server, "big", 200).await;
+    let directory = scratch("restore_fail");
+    let dir = directory.to_str().unwrap();
+    let id = backup_id(&succeeded(&run(
+        &server.database,
+        &["backup", "--directory", dir],
+    )));
+    let app = format!("bk_restore_fail_{}", std::process::id());
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+        .run_command(doc! {
+            "configureFailPoint": "failCommand",
+            "mode": { "skip": 1 },
+            "data": { "failCommands": ["insert"], "appName": &app, "errorCode": 2 },
+        })
+        .await
+        .unwrap();
+    let separator = if mongodb_uri().contains('?') {
+        '&'
+    } else {
+        '?'
+    };
+    let uri = format!("{}{separator}appName={app}", mongodb_uri());
+    let target = unique_database("bk_restore_fail_target");
+    let mut child = Command::new(BINARY)
+        .args(["restore", &id, "--directory", dir])
+        .args(["--mongodb-uri", &uri, "--database", &target])
+        .env("RUST_LOG", "off")
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() && std::time::Instant::now() < deadline {
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    failpoint_off().await;
+    if child.try_wait().unwrap().is_none() {
+        child.kill().unwrap();
+        panic!("the restore did not end within 60 s of MongoDB failing an insert");
+    }
+    let output = child.wait_with_output().unwrap();
+    let error = failed(&output);
+    assert!(error.contains("write into journal"), "{error}");
     std::fs::remove_dir_all(directory).unwrap();
 }

@@ -139,6 +139,7 @@ async fn take<S: Store>(
             let since = crate::incremental::timestamp(base.cluster_time);
             crate::incremental::check_oplog_reaches(database, since, &base.id).await?;
             Some(crate::incremental::Span {
+                base: base.id.clone(),
                 since,
                 until: snapshot_time,
             })
@@ -191,7 +192,8 @@ async fn take<S: Store>(
     let manifest = Manifest {
         format_version: FORMAT_VERSION,
         id: id.to_owned(),
-        created_at: humantime::format_rfc3339_seconds(created).to_string(),
+        // Milliseconds: two backups of one unchanged database share their cluster time.
+        created_at: humantime::format_rfc3339_millis(created).to_string(),
         source_database: database.name().to_owned(),
         cluster_time,
         compression: options.compression,
@@ -316,6 +318,9 @@ async fn back_up_collection<S: Store>(
                     &mut encoder,
                 )
                 .await?;
+                // The oplog may have been truncated past the base while this was read: then
+                // entries were gone before they were seen.
+                crate::incremental::check_oplog_reaches(database, span.since, &span.base).await?;
             }
         }
         Ok::<_, BackupError>(encoder.finish().await)

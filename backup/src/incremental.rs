@@ -29,8 +29,10 @@ const LOOKUP_BATCH: usize = 1_000;
 pub const DELETED: &str = "$deleted";
 
 /// The interval an incremental backup covers.
-#[derive(Debug, Clone, Copy)]
+#[derive(Debug, Clone)]
 pub struct Span {
+    /// The base backup.
+    pub base: String,
     pub since: Timestamp,
     pub until: Timestamp,
 }
@@ -67,10 +69,12 @@ pub(crate) async fn find_base<S: Store>(
             && manifest.selection.pid_prefix == selection.pid_prefix
             && manifest.selection.tag == selection.tag
             && same_roles;
+        // Two backups of an unchanged database share their cluster time: then the later one.
         let time = |manifest: &Manifest| {
             (
                 manifest.cluster_time.seconds,
                 manifest.cluster_time.increment,
+                humantime::parse_rfc3339(&manifest.created_at).ok(),
             )
         };
         if matches
@@ -87,16 +91,26 @@ pub(crate) async fn find_base<S: Store>(
     Err(BackupError::NoBase(database.to_owned()))
 }
 
+/// The oplog, read on the primary: the backup's time T is majority-committed, so the primary
+/// holds every entry up to T (a lagging secondary might not).
+fn oplog(database: &Database) -> mongodb::Collection<Document> {
+    database.client().database("local").collection_with_options(
+        "oplog.rs",
+        mongodb::options::CollectionOptions::builder()
+            .selection_criteria(mongodb::options::SelectionCriteria::ReadPreference(
+                mongodb::options::ReadPreference::Primary,
+            ))
+            .build(),
+    )
+}
+
 /// Fails unless the oplog still holds every entry after `since`.
 pub(crate) async fn check_oplog_reaches(
     database: &Database,
     since: Timestamp,
     base: &str,
 ) -> Result<(), BackupError> {
-    let oplog = database
-        .client()
-        .database("local")
-        .collection::<Document>("oplog.rs");
+    let oplog = oplog(database);
     let first = oplog
         .find_one(doc! {})
         .sort(doc! { "$natural": 1 })
@@ -137,10 +151,7 @@ pub(crate) async fn read_changes(
     let namespace = format!("{}.{name}", database.name());
     let commands = format!("{}.$cmd", database.name());
     let what = format!("read the oplog for {name}");
-    let oplog = database
-        .client()
-        .database("local")
-        .collection::<Document>("oplog.rs");
+    let oplog = oplog(database);
     let mut entries = oplog
         .find(doc! {
             "ts": { "$gt": span.since, "$lte": span.until },

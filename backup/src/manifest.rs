@@ -6,8 +6,10 @@ use serde::{Deserialize, Serialize};
 use crate::compress::Compression;
 use crate::error::BackupError;
 
-/// The format this version writes and the newest it reads.
-pub const FORMAT_VERSION: u32 = 1;
+/// The format this version writes and the newest it reads. 2: one object per collection, parts
+/// as byte ranges of it; incremental backups. (1, parts as files of their own, was a
+/// development format never released.)
+pub const FORMAT_VERSION: u32 = 2;
 pub const MANIFEST: &str = "manifest.json";
 
 #[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
@@ -96,6 +98,12 @@ impl Manifest {
             .get("formatVersion")
             .and_then(serde_json::Value::as_u64)
             .ok_or_else(|| invalid("manifest has no formatVersion".to_owned()))?;
+        if version < 2 {
+            return Err(invalid(format!(
+                "manifest format version {version} (parts as separate files) was a development \
+                 format this eventjournal does not read"
+            )));
+        }
         if version > u64::from(FORMAT_VERSION) {
             return Err(invalid(format!(
                 "manifest format version {version} is newer than this eventjournal reads \

@@ -263,7 +263,7 @@ async fn read_collection<S: Store>(
         problem,
     };
     let (parts, parts_in) = mpsc::channel::<io::Result<Vec<u8>>>(1);
-    let (batches, mut batches_in) = mpsc::channel::<Vec<RawDocumentBuf>>(1);
+    let (batches, batches_in) = mpsc::channel::<Vec<RawDocumentBuf>>(1);
     let fetch = async {
         // Owned here, so the channel closes when the last part is sent.
         let parts = parts;
@@ -360,6 +360,9 @@ async fn read_collection<S: Store>(
         Ok((documents, hex::encode(hasher.finalize())))
     });
     let insert = async {
+        // Owned here: if a write fails, the decode thread sees the channel close (borrowed, it
+        // blocked on a full channel for ever, and the fetch behind it).
+        let mut batches_in = batches_in;
         while let Some(batch) = batches_in.recv().await {
             if let Some(target) = &target {
                 target.write(batch).await?;

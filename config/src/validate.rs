@@ -328,10 +328,10 @@ impl Settings {
                 "must name the bucket when backup.store is s3",
             );
             problems.check(
-                self.backup.part_size.as_u64() >= 5 << 20,
+                (5 << 20..=5 << 30).contains(&self.backup.part_size.as_u64()),
                 "backup.part-size",
                 self.backup.part_size,
-                "must be at least 5MiB when backup.store is s3 (S3's smallest multipart part)",
+                "must be 5MiB to 5GiB when backup.store is s3 (S3's multipart part sizes)",
             );
         }
 

@@ -13,6 +13,8 @@ use crate::ops::backup as ops;
 
 /// Finished jobs kept for `GetJob`; the oldest go first.
 const FINISHED_JOBS_KEPT: usize = 1_000;
+/// Jobs running at once on one server: each holds a pipeline's buffers and blocking threads.
+const RUNNING_JOBS: usize = 2;
 
 pub(crate) struct BackupService {
     settings: Arc<config::Settings>,
@@ -51,17 +53,25 @@ impl BackupService {
     }
 
     /// Registers a running job and runs `work` for it; its outcome (the backup's id) ends it.
+    /// `RESOURCE_EXHAUSTED` when this server already runs its share of jobs.
     fn spawn(
         &self,
         mut job: pb::BackupJob,
         work: impl Future<Output = anyhow::Result<String>> + Send + 'static,
-    ) -> pb::BackupJob {
+    ) -> Result<pb::BackupJob, Status> {
         job.job_id = uuid::Uuid::new_v4().simple().to_string();
         job.state = "running".to_owned();
         job.started_at_millis = now_millis();
         let jobs = self.jobs.clone();
         {
             let mut jobs = lock(&jobs);
+            let running = jobs.values().filter(|job| job.state == "running").count();
+            if running >= RUNNING_JOBS {
+                return Err(Status::resource_exhausted(format!(
+                    "{running} backup or restore jobs are running on this server (at most \
+                     {RUNNING_JOBS}); start this one when one of them has finished"
+                )));
+            }
             if jobs.len() >= FINISHED_JOBS_KEPT
                 && let Some(oldest) = jobs
                     .values()
@@ -75,7 +85,11 @@ impl BackupService {
         }
         let id = job.job_id.clone();
         tokio::spawn(async move {
-            let outcome = work.await;
+            // A panic in the work fails the job rather than leaving it running for ever.
+            let outcome = match tokio::spawn(work).await {
+                Ok(outcome) => outcome,
+                Err(error) => Err(anyhow::anyhow!("the job stopped: {error}")),
+            };
             let mut jobs = lock(&jobs);
             if let Some(job) = jobs.get_mut(&id) {
                 job.finished_at_millis = now_millis();
@@ -92,7 +106,7 @@ impl BackupService {
                 }
             }
         });
-        job
+        Ok(job)
     }
 }
 
@@ -157,6 +171,7 @@ impl pb::backup_service_server::BackupService for BackupService {
                 Ok(manifest.id)
             },
         );
+        let job = job?;
         *lock(&job_id) = job.job_id.clone();
         Ok(Response::new(job))
     }
@@ -223,6 +238,11 @@ impl pb::backup_service_server::BackupService for BackupService {
         if target.is_empty() {
             return Err(Status::invalid_argument("target_database: empty"));
         }
+        if ["admin", "local", "config"].contains(&target.as_str()) {
+            return Err(Status::invalid_argument(format!(
+                "target_database: {target} is one of MongoDB's own databases"
+            )));
+        }
         if target == self.database.name() {
             return Err(Status::invalid_argument(format!(
                 "target_database: {target} is the database this server serves; restore into \
@@ -231,6 +251,17 @@ impl pb::backup_service_server::BackupService for BackupService {
         }
         let identities = backup::encrypt::identities(&request.identities)
             .map_err(|error| Status::invalid_argument(format!("identities: {error}")))?;
+        let id = &request.backup_id;
+        if id.is_empty()
+            || !id
+                .chars()
+                .all(|c| c.is_ascii_alphanumeric() || c == '-' || c == '_')
+        {
+            return Err(Status::invalid_argument(format!(
+                "backup_id {id:?}: not a backup id (letters, digits, '-' and '_', as \
+                 ListBackups gives them)"
+            )));
+        }
         // An unknown backup is an error of the call, not of a job.
         match backup::read_manifest(&store, &request.backup_id).await {
             Ok(_) => {}
@@ -258,7 +289,7 @@ impl pb::backup_service_server::BackupService for BackupService {
                 crate::ops::indexes::create_missing(&database, &settings).await?;
                 Ok(id)
             },
-        );
+        )?;
         Ok(Response::new(job))
     }
 }

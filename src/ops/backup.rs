@@ -52,9 +52,9 @@ fn store_at(
         }
         None => return Ok(AnyStore::Local(LocalDirectory::new(&backup.directory))),
     };
-    if backup.part_size.as_u64() < 5 << 20 {
+    if !(5 << 20..=5 << 30).contains(&backup.part_size.as_u64()) {
         bail!(
-            "backup.part-size is {}: S3 needs parts of at least 5MiB",
+            "backup.part-size is {}: S3 needs parts of 5MiB to 5GiB",
             backup.part_size
         );
     }
@@ -303,7 +303,8 @@ pub async fn prunable<S: Store>(
         if let Some(base) = manifest.base {
             bases.insert(id.clone(), base);
         }
-        // Newest by the cluster time it was read at: creation times have second resolution.
+        // Newest by the cluster time it was read at, then (the same time: nothing changed in
+        // between) by when it was taken.
         let time = (
             manifest.cluster_time.seconds,
             manifest.cluster_time.increment,

@@ -116,6 +116,8 @@ pub async fn run(args: &BackupStoreArgs) -> anyhow::Result<String> {
     }
     let (mut taken, mut failed) = (0_u64, 0_u64);
     let mut from = Utc::now();
+    // A full backup missed while the previous one ran makes the next run a full one.
+    let mut full_missed = false;
     while let Some((at, mut kind)) = plan.next(from) {
         tracing::info!(at = %at, kind = kind.name(), "next scheduled backup");
         let wait = (at - Utc::now()).to_std().unwrap_or(Duration::ZERO);
@@ -124,10 +126,10 @@ pub async fn run(args: &BackupStoreArgs) -> anyhow::Result<String> {
             () = tokio::time::sleep(wait) => {}
         }
         // Times that passed while this process could not run (stopped, starved).
-        if missed(&plan, at, Utc::now(), "the process was not running") {
+        let started = Utc::now();
+        if missed(&plan, at, started, "the process was not running") || full_missed {
             kind = Kind::Full;
         }
-        let started = Utc::now();
         let outcome = take(&database, &store, &settings, kind).await;
         let finished = Utc::now();
         if let Ok((taken_kind, _)) = &outcome {
@@ -162,9 +164,9 @@ pub async fn run(args: &BackupStoreArgs) -> anyhow::Result<String> {
                 eprintln!("scheduled {} backup failed: {error:#}", kind.name());
             }
         }
-        missed(
+        full_missed = missed(
             &plan,
-            at,
+            started,
             finished,
             "the backup before it was still running",
         );
@@ -201,8 +203,13 @@ async fn take(
 ) -> anyhow::Result<(Kind, String)> {
     let options = super::backup::configured_options(settings, kind == Kind::Incremental)?;
     let manifest = match backup::backup(database, store, &options).await {
-        Err(backup::BackupError::NoBase(_)) => {
-            tracing::info!("no backup to build an incremental one on: taking a full one");
+        // Nothing to build on, or the oplog no longer reaches the base, or a collection was
+        // dropped since: a full backup is what can be taken.
+        Err(error @ (backup::BackupError::NoBase(_) | backup::BackupError::Refused(_)))
+            if kind == Kind::Incremental =>
+        {
+            tracing::info!(%error, "cannot take an incremental backup: taking a full one");
+            eprintln!("cannot take an incremental backup ({error}): taking a full one");
             let options = super::backup::configured_options(settings, false)?;
             backup::backup(database, store, &options).await?
         }
@@ -220,7 +227,17 @@ async fn take(
         backup::store::Store::describe(store, &manifest.id)
     );
     if settings.backup.schedule.prune {
-        line.push_str(&super::backup::prune(store, settings).await?);
+        // The backup is taken whatever pruning does: a failure here is logged, not the run's.
+        match super::backup::prune(store, settings).await {
+            Ok(pruned) => line.push_str(&pruned),
+            Err(error) => {
+                tracing::error!(
+                    error = format!("{error:#}"),
+                    "pruning after a backup failed"
+                );
+                line.push_str(&format!("pruning failed: {error:#}\n"));
+            }
+        }
     }
     Ok((taken, line))
 }

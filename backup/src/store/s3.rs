@@ -15,6 +15,9 @@ use tokio::task::JoinSet;
 use super::{Store, Upload};
 use crate::manifest::MANIFEST;
 
+/// S3's most parts in one multipart upload.
+const MAX_PARTS: usize = 10_000;
+
 /// Where and how to reach the bucket. Unset credentials and region come from the usual AWS
 /// environment (`AWS_ACCESS_KEY_ID`, `AWS_SECRET_ACCESS_KEY`, `AWS_SESSION_TOKEN`,
 /// `AWS_REGION`, `AWS_ENDPOINT_URL`, web identity or instance metadata).
@@ -114,6 +117,7 @@ impl S3 {
 /// An S3 multipart upload with up to `parallelism` parts in flight.
 pub struct S3Upload {
     upload: Box<dyn MultipartUpload>,
+    parts: usize,
     retry_timeout: std::time::Duration,
     in_flight: JoinSet<object_store::Result<()>>,
     parallelism: usize,
@@ -139,6 +143,7 @@ impl Store for S3 {
             .map_err(to_io)?;
         Ok(S3Upload {
             upload,
+            parts: 0,
             retry_timeout: self.retry_timeout,
             in_flight: JoinSet::new(),
             parallelism: self.parallelism,
@@ -215,6 +220,13 @@ impl Store for S3 {
 
 impl Upload for S3Upload {
     async fn part(&mut self, bytes: Vec<u8>) -> io::Result<Option<Vec<u8>>> {
+        self.parts += 1;
+        if self.parts > MAX_PARTS {
+            return Err(io::Error::other(format!(
+                "more than {MAX_PARTS} parts, S3's limit for one object: raise backup.part-size \
+                 (the collection is larger than {MAX_PARTS} times it)"
+            )));
+        }
         while self.in_flight.len() >= self.parallelism {
             self.wait_for_one().await?;
         }
@@ -225,13 +237,30 @@ impl Upload for S3Upload {
     }
 
     async fn finish(mut self) -> io::Result<()> {
-        while !self.in_flight.is_empty() {
-            self.wait_for_one().await?;
+        let finished = async {
+            while !self.in_flight.is_empty() {
+                self.wait_for_one().await?;
+            }
+            self.upload.complete().await.map(drop).map_err(to_io)
         }
-        self.upload.complete().await.map(drop).map_err(to_io)
+        .await;
+        if let Err(error) = finished {
+            // A part or the completion failed: the upload goes, or its parts stay stored.
+            if let Err(abort) = self.abort_upload().await {
+                tracing::warn!(error = %abort, "could not abort a failed multipart upload");
+            }
+            return Err(error);
+        }
+        Ok(())
     }
 
     async fn abort(mut self) -> io::Result<()> {
+        self.abort_upload().await
+    }
+}
+
+impl S3Upload {
+    async fn abort_upload(&mut self) -> io::Result<()> {
         self.in_flight.abort_all();
         while self.in_flight.join_next().await.is_some() {}
         // The store may be failing right now (that is often why the upload is given up):
