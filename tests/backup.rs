@@ -586,6 +586,12 @@ async fn prune_keeps_what_the_policy_says() {
 /// Makes MongoDB fail the third `find` of clients named by the connection string returned (a
 /// backup's third collection: the journal and its metadata are read first).
 async fn fail_third_find(name: &str) -> String {
+    fail_command_after(name, "find", 2).await
+}
+
+/// Makes MongoDB fail `command` after `skip` successes, for clients named by the connection
+/// string returned.
+async fn fail_command_after(name: &str, command: &str, skip: u32) -> String {
     let app = format!("{name}_{}", std::process::id());
     mongodb::Client::with_uri_str(mongodb_uri())
         .await
@@ -593,8 +599,8 @@ async fn fail_third_find(name: &str) -> String {
         .database("admin")
         .run_command(doc! {
             "configureFailPoint": "failCommand",
-            "mode": { "skip": 2 },
-            "data": { "failCommands": ["find"], "appName": &app, "errorCode": 2 },
+            "mode": { "skip": skip },
+            "data": { "failCommands": [command], "appName": &app, "errorCode": 2 },
         })
         .await
         .unwrap();
@@ -1556,24 +1562,7 @@ async fn a_restore_failing_midway_reports_the_failure_and_does_not_hang() {
         &server.database,
         &["backup", "--directory", dir],
     )));
-    let app = format!("bk_restore_fail_{}", std::process::id());
-    mongodb::Client::with_uri_str(mongodb_uri())
-        .await
-        .unwrap()
-        .database("admin")
-        .run_command(doc! {
-            "configureFailPoint": "failCommand",
-            "mode": { "skip": 1 },
-            "data": { "failCommands": ["insert"], "appName": &app, "errorCode": 2 },
-        })
-        .await
-        .unwrap();
-    let separator = if mongodb_uri().contains('?') {
-        '&'
-    } else {
-        '?'
-    };
-    let uri = format!("{}{separator}appName={app}", mongodb_uri());
+    let uri = fail_command_after("bk_restore_fail", "insert", 1).await;
     let target = unique_database("bk_restore_fail_target");
     let mut child = Command::new(BINARY)
         .args(["restore", &id, "--directory", dir])
