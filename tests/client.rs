@@ -293,3 +293,108 @@ async fn calls_are_retried_through_an_outage_and_retried_writes_are_idempotent()
         "{error:?}"
     );
 }
+
+/// A projection over a tag: handles every event once, commits its offset in the service's
+/// durable-state store, resumes after a stop and after an abort (as a crash) with nothing
+/// missed and nothing handled twice, and reports its lag.
+#[tokio::test]
+async fn a_projection_resumes_from_its_stored_offset_after_a_stop_and_a_crash() {
+    use eventjournal_client::projection::{Projection, Source};
+    use std::sync::{Arc, Mutex};
+    let server = TestServer::start_with("client_projection", common::read::fast).await;
+    let client = Client::builder(server.url()).connect().await.unwrap();
+    let write_tagged = |from: i64, to: i64| {
+        let client = client.clone();
+        async move {
+            let writes = (from..=to)
+                .map(|n| {
+                    vec![Event::new("sale", n, Payload::new(vec![1], 1, "E")).tagged(["sales"])]
+                })
+                .collect();
+            assert!(
+                client
+                    .write_events(writes)
+                    .await
+                    .unwrap()
+                    .iter()
+                    .all(|outcome| *outcome == WriteOutcome::Written)
+            );
+        }
+    };
+    type Handled = Arc<Mutex<Vec<(String, i64, Offset)>>>;
+    let handled: Handled = Arc::default();
+    let start = || {
+        let handled = handled.clone();
+        let client = client.clone();
+        async move {
+            Projection::new("sales-total", Source::Tag("sales".into()))
+                .commit_every(1)
+                .run(
+                    client,
+                    move |envelope: eventjournal_client::EventEnvelope| {
+                        handled.lock().unwrap().push((
+                            envelope.event.persistence_id.clone(),
+                            envelope.event.sequence_nr,
+                            envelope.offset.clone(),
+                        ));
+                        async { Ok(()) }
+                    },
+                )
+                .await
+                .unwrap()
+        }
+    };
+    let count = |handled: &Handled| handled.lock().unwrap().len();
+
+    write_tagged(1, 30).await;
+    let projection = start().await;
+    wait_until("30 handled", Duration::from_secs(30), || async {
+        count(&handled) == 30
+    })
+    .await;
+    assert!(projection.lag() > Duration::ZERO);
+    projection.stop().await.unwrap();
+
+    write_tagged(31, 40).await;
+    let projection = start().await;
+    wait_until("40 handled", Duration::from_secs(30), || async {
+        count(&handled) == 40
+    })
+    .await;
+    // A crash: the task ends without a last commit, once the last event's offset was committed.
+    let last = handled.lock().unwrap().last().unwrap().2.clone();
+    wait_until(
+        "the last offset committed",
+        Duration::from_secs(10),
+        || async { projection.committed() == last },
+    )
+    .await;
+    projection.abort();
+
+    write_tagged(41, 45).await;
+    let projection = start().await;
+    wait_until("45 handled", Duration::from_secs(30), || async {
+        count(&handled) >= 45
+    })
+    .await;
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    projection.stop().await.unwrap();
+    let mut keys: Vec<(String, i64)> = handled
+        .lock()
+        .unwrap()
+        .iter()
+        .map(|(pid, sequence_nr, _)| (pid.clone(), *sequence_nr))
+        .collect();
+    assert_eq!(keys.len(), 45, "each event handled once");
+    keys.sort_by_key(|(_, sequence_nr)| *sequence_nr);
+    assert_eq!(
+        keys.iter().map(|(_, n)| *n).collect::<Vec<_>>(),
+        (1..=45).collect::<Vec<_>>()
+    );
+    // The offset is an object in the service's durable-state store.
+    let stored = client
+        .get_object("projection-offset|sales-total")
+        .await
+        .unwrap();
+    assert!(stored.revision >= 45, "{stored:?}");
+}

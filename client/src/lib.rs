@@ -84,6 +84,7 @@
 #![warn(missing_docs)]
 
 mod error;
+pub mod projection;
 mod types;
 
 use std::future::Future;
