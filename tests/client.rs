@@ -398,3 +398,128 @@ async fn a_projection_resumes_from_its_stored_offset_after_a_stop_and_a_crash() 
         .unwrap();
     assert!(stored.revision >= 45, "{stored:?}");
 }
+
+/// The spool: a producer keeps sending while the service is down (stopped, then started again
+/// on the same address), the spool is dropped with writes not yet sent (as a crash) and one
+/// record torn, and reopened: every event is stored exactly once, in order. A full spool makes
+/// `send` wait until the service takes some.
+#[tokio::test]
+async fn the_spool_loses_nothing_through_outages_and_crashes_and_pushes_back_when_full() {
+    use eventjournal_client::spool::{Spool, SpoolOptions};
+    let server = TestServer::start("client_spool").await;
+    let address = server.address;
+    let mut settings = server.settings.clone();
+    settings.server.listen = address;
+    let directory =
+        std::env::temp_dir().join(format!("ej_spool_{}", uuid::Uuid::new_v4().simple()));
+    let client = Client::builder(server.url())
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .connect_lazy()
+        .unwrap();
+    let reading = |n: i64| {
+        vec![Event::new(
+            "sensor-1",
+            n,
+            Payload::new(n.to_string().into_bytes(), 1, "Reading"),
+        )]
+    };
+    let spool = Spool::open(&directory, client.clone(), SpoolOptions::default())
+        .await
+        .unwrap();
+    for n in 1..=100 {
+        spool.send(reading(n)).await.unwrap();
+    }
+    // The service goes away; the producer goes on.
+    server.stop().await.unwrap();
+    for n in 101..=200 {
+        spool.send(reading(n)).await.unwrap();
+    }
+    assert!(spool.pending_bytes() > 0);
+    // The producer "crashes" with writes unsent, one torn half-way.
+    drop(spool);
+    let segment = std::fs::read_dir(&directory)
+        .unwrap()
+        .map(|entry| entry.unwrap().path())
+        .filter(|path| path.extension().is_some_and(|extension| extension == "seg"))
+        .max()
+        .unwrap();
+    let mut torn = std::fs::OpenOptions::new()
+        .append(true)
+        .open(&segment)
+        .unwrap();
+    std::io::Write::write_all(&mut torn, &[200, 0, 0, 0, 1, 2, 3]).unwrap();
+    drop(torn);
+    // The service is back, the producer restarts on the same directory.
+    let server = TestServer::start_on_database(settings).await;
+    let spool = Spool::open(&directory, client.clone(), SpoolOptions::default())
+        .await
+        .unwrap();
+    for n in 201..=250 {
+        spool.send(reading(n)).await.unwrap();
+    }
+    tokio::time::timeout(Duration::from_secs(60), spool.drained())
+        .await
+        .expect("the spool drains");
+    assert_eq!(spool.rejected(), 0);
+    let stored: Vec<i64> = client
+        .replay("sensor-1", 1, None, None)
+        .await
+        .unwrap()
+        .try_filter_map(|item| async move {
+            Ok(match item {
+                Replayed::Event(event) => Some(event.sequence_nr),
+                Replayed::HighestSequenceNr(_) => None,
+            })
+        })
+        .try_collect()
+        .await
+        .unwrap();
+    assert_eq!(stored, (1..=250).collect::<Vec<_>>(), "each once, in order");
+    drop(spool);
+
+    // A full spool pushes back: with the service out of reach, `send` waits for room.
+    let proxy = CuttableProxy::start(server.address).await;
+    let cut_off = Client::builder(format!("http://{}", proxy.address))
+        .retry(RetryPolicy {
+            max_attempts: 1,
+            ..RetryPolicy::default()
+        })
+        .connect_lazy()
+        .unwrap();
+    proxy.cut();
+    let small = std::env::temp_dir().join(format!("ej_spool_{}", uuid::Uuid::new_v4().simple()));
+    let spool = Spool::open(
+        &small,
+        cut_off,
+        SpoolOptions {
+            max_bytes: 1_000,
+            ..SpoolOptions::default()
+        },
+    )
+    .await
+    .unwrap();
+    let mut n = 251;
+    // Until full: then `send` waits (and, given up, appended nothing).
+    while let Ok(sent) =
+        tokio::time::timeout(Duration::from_millis(500), spool.send(reading(n))).await
+    {
+        sent.unwrap();
+        n += 1;
+        assert!(n < 400, "a spool of 1,000 bytes kept taking writes");
+    }
+    assert!(spool.pending_bytes() <= 1_000, "{}", spool.pending_bytes());
+    proxy.restore();
+    tokio::time::timeout(Duration::from_secs(30), spool.send(reading(n)))
+        .await
+        .expect("send goes on once the service takes some")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(30), spool.drained())
+        .await
+        .expect("the spool drains");
+    assert_eq!(client.highest_sequence_nr("sensor-1").await.unwrap(), n);
+    let _ = std::fs::remove_dir_all(directory);
+    let _ = std::fs::remove_dir_all(small);
+}

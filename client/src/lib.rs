@@ -85,6 +85,7 @@
 
 mod error;
 pub mod projection;
+pub mod spool;
 mod types;
 
 use std::future::Future;
