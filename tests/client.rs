@@ -523,3 +523,127 @@ async fn the_spool_loses_nothing_through_outages_and_crashes_and_pushes_back_whe
     let _ = std::fs::remove_dir_all(directory);
     let _ = std::fs::remove_dir_all(small);
 }
+
+/// A shopping cart as a persistent actor (ractor): replies after its events are stored,
+/// snapshots every 3 events (older snapshots and events deleted), recovers after a server
+/// restart from the snapshot plus the events after it, and a second incarnation of the same
+/// cart gets a conflict on its first write and stops.
+#[tokio::test]
+async fn a_persistent_actor_recovers_snapshots_and_stops_on_a_second_incarnation() {
+    use eventjournal_client::actor::{PersistentActor, ask};
+    use eventjournal_client::persistent::{Behaviour, Effect, PersistenceSettings};
+
+    struct Cart;
+    enum CartCommand {
+        Add(String),
+        Items,
+    }
+    impl Behaviour for Cart {
+        type Command = CartCommand;
+        type Event = String;
+        type State = Vec<String>;
+        type Reply = Vec<String>;
+
+        fn command(
+            &self,
+            state: &Vec<String>,
+            command: CartCommand,
+        ) -> Effect<String, Vec<String>> {
+            match command {
+                CartCommand::Add(item) => {
+                    let mut items = state.clone();
+                    items.push(item.clone());
+                    Effect::Persist(vec![item], items)
+                }
+                CartCommand::Items => Effect::Reply(state.clone()),
+            }
+        }
+        fn apply(state: &mut Vec<String>, item: &String) {
+            state.push(item.clone());
+        }
+        fn encode_event(item: &String) -> Payload {
+            Payload::new(item.as_bytes().to_vec(), 1, "ItemAdded")
+        }
+        fn decode_event(payload: &Payload) -> eventjournal_client::Result<String> {
+            Ok(String::from_utf8_lossy(&payload.data).into_owned())
+        }
+        fn encode_state(items: &Vec<String>) -> Payload {
+            Payload::new(items.join("\n").into_bytes(), 1, "Cart")
+        }
+        fn decode_state(payload: &Payload) -> eventjournal_client::Result<Vec<String>> {
+            let text = String::from_utf8_lossy(&payload.data).into_owned();
+            Ok(text
+                .split('\n')
+                .filter(|item| !item.is_empty())
+                .map(str::to_owned)
+                .collect())
+        }
+        fn tags(_item: &String) -> Vec<String> {
+            vec!["cart".into()]
+        }
+    }
+    let settings = PersistenceSettings {
+        snapshot_every: 3,
+        keep_snapshots: 1,
+        delete_events: true,
+    };
+    let spawn = |client: Client| async move {
+        ractor::Actor::spawn(
+            None,
+            PersistentActor::<Cart>::new(),
+            (client, "cart-1".to_owned(), Cart, settings),
+        )
+        .await
+        .unwrap()
+        .0
+    };
+
+    let server = TestServer::start("client_actor").await;
+    let client = Client::builder(server.url()).connect_lazy().unwrap();
+    let cart = spawn(client.clone()).await;
+    for item in ["apple", "pear", "plum", "fig", "kiwi"] {
+        ask(&cart, CartCommand::Add(item.into())).await.unwrap();
+    }
+    let snapshot = client
+        .load_snapshot("cart-1", SnapshotCriteria::all())
+        .await
+        .unwrap()
+        .unwrap();
+    assert_eq!(snapshot.metadata.sequence_nr, 3);
+    let left: Vec<Replayed> = client
+        .replay("cart-1", 1, None, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(
+        matches!(&left[0], Replayed::Event(event) if event.sequence_nr == 4),
+        "events up to the snapshot deleted: {left:?}"
+    );
+    cart.stop(None);
+
+    // The server restarts; the cart recovers from the snapshot and the two events after it.
+    let mut restarted = server.settings.clone();
+    restarted.server.listen = server.address;
+    server.stop().await.unwrap();
+    let server = TestServer::start_on_database(restarted).await;
+    let cart = spawn(client.clone()).await;
+    assert_eq!(
+        ask(&cart, CartCommand::Items).await.unwrap(),
+        vec!["apple", "pear", "plum", "fig", "kiwi"]
+    );
+
+    // A second incarnation (recovered at the same point) loses the race and stops.
+    let twin = spawn(client.clone()).await;
+    ask(&cart, CartCommand::Add("lime".into())).await.unwrap();
+    let conflict = ask(&twin, CartCommand::Add("date".into()))
+        .await
+        .unwrap_err();
+    assert!(matches!(conflict, Error::Conflict(_)), "{conflict:?}");
+    let stopped = ask(&twin, CartCommand::Items).await.unwrap_err();
+    assert!(matches!(stopped, Error::Unavailable { .. }), "{stopped:?}");
+    assert_eq!(ask(&cart, CartCommand::Items).await.unwrap().len(), 6);
+    assert_eq!(client.highest_sequence_nr("cart-1").await.unwrap(), 6);
+    drop(server);
+}

@@ -83,7 +83,9 @@
 
 #![warn(missing_docs)]
 
+pub mod actor;
 mod error;
+pub mod persistent;
 pub mod projection;
 pub mod spool;
 mod types;
