@@ -647,3 +647,67 @@ async fn a_persistent_actor_recovers_snapshots_and_stops_on_a_second_incarnation
     assert_eq!(client.highest_sequence_nr("cart-1").await.unwrap(), 6);
     drop(server);
 }
+
+/// A counter as a durable-state actor: gets its object on start, stores each change as the next
+/// revision (reply after it is stored), and stops when another writer took the revision.
+#[tokio::test]
+async fn a_durable_state_actor_stores_revisions_and_stops_on_a_conflict() {
+    use eventjournal_client::actor::{DurableStateActor, ask_state};
+    use eventjournal_client::durable::{StateBehaviour, StateEffect};
+
+    struct Counter;
+    impl StateBehaviour for Counter {
+        type Command = i64;
+        type State = i64;
+        type Reply = i64;
+        fn command(&self, state: &i64, add: i64) -> StateEffect<i64, i64> {
+            if add == 0 {
+                StateEffect::Reply(*state)
+            } else {
+                StateEffect::Store(state + add, state + add)
+            }
+        }
+        fn encode(state: &i64) -> Payload {
+            Payload::new(state.to_string().into_bytes(), 1, "Count")
+        }
+        fn decode(payload: &Payload) -> eventjournal_client::Result<i64> {
+            String::from_utf8_lossy(&payload.data)
+                .parse()
+                .map_err(|_| Error::InvalidArgument("not a count".into()))
+        }
+    }
+    let server = TestServer::start("client_state_actor").await;
+    let client = Client::builder(server.url()).connect_lazy().unwrap();
+    let spawn = || {
+        let client = client.clone();
+        async move {
+            ractor::Actor::spawn(
+                None,
+                DurableStateActor::<Counter>::new(),
+                (client, "counter-1".to_owned(), Counter),
+            )
+            .await
+            .unwrap()
+            .0
+        }
+    };
+    let counter = spawn().await;
+    assert_eq!(ask_state(&counter, 5).await.unwrap(), 5);
+    assert_eq!(ask_state(&counter, 2).await.unwrap(), 7);
+    counter.stop(None);
+    let counter = spawn().await;
+    assert_eq!(ask_state(&counter, 0).await.unwrap(), 7, "got on start");
+    let object = client.get_object("counter-1").await.unwrap();
+    assert_eq!(object.revision, 2);
+    // Another writer takes revision 3: the actor's next store conflicts and it stops.
+    client
+        .upsert_object("counter-1", 3, Counter::encode(&100), "")
+        .await
+        .unwrap();
+    let conflict = ask_state(&counter, 1).await.unwrap_err();
+    assert!(matches!(conflict, Error::Conflict(_)), "{conflict:?}");
+    assert!(matches!(
+        ask_state(&counter, 0).await.unwrap_err(),
+        Error::Unavailable { .. }
+    ));
+}

@@ -21,6 +21,7 @@ use std::marker::PhantomData;
 
 use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
 
+use crate::durable::{DurableStateEntity, StateBehaviour};
 use crate::persistent::{Behaviour, PersistenceSettings, PersistentEntity};
 use crate::{Client, Error, Result};
 
@@ -84,6 +85,69 @@ pub async fn ask<B: Behaviour>(
         Ok(_) | Err(_) => Err(Error::Unavailable {
             attempts: 1,
             message: "the persistent actor stopped".into(),
+        }),
+    }
+}
+
+/// A command to a durable-state actor and where its reply goes.
+pub struct StateCommand<B: StateBehaviour>(pub B::Command, pub RpcReplyPort<Result<B::Reply>>);
+
+/// A durable-state actor; spawn it with `(client, persistence id, behaviour)`.
+pub struct DurableStateActor<B>(PhantomData<fn() -> B>);
+
+impl<B> DurableStateActor<B> {
+    /// The actor definition.
+    pub fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<B> Default for DurableStateActor<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+impl<B: StateBehaviour> Actor for DurableStateActor<B> {
+    type Msg = StateCommand<B>;
+    type State = DurableStateEntity<B>;
+    type Arguments = (Client, String, B);
+
+    async fn pre_start(
+        &self,
+        _myself: ActorRef<Self::Msg>,
+        (client, persistence_id, behaviour): Self::Arguments,
+    ) -> Result<Self::State, ActorProcessingErr> {
+        Ok(DurableStateEntity::recover(client, persistence_id, behaviour).await?)
+    }
+
+    async fn handle(
+        &self,
+        myself: ActorRef<Self::Msg>,
+        StateCommand(command, reply): Self::Msg,
+        entity: &mut Self::State,
+    ) -> Result<(), ActorProcessingErr> {
+        let outcome = entity.handle(command).await;
+        let failed = outcome.as_ref().err().map(ToString::to_string);
+        let _ = reply.send(outcome);
+        if let Some(why) = failed {
+            myself.stop(Some(why));
+        }
+        Ok(())
+    }
+}
+
+/// Sends `command` to a durable-state actor and waits for the reply (after the state is
+/// stored).
+pub async fn ask_state<B: StateBehaviour>(
+    actor: &ActorRef<StateCommand<B>>,
+    command: B::Command,
+) -> Result<B::Reply> {
+    match actor.call(|reply| StateCommand(command, reply), None).await {
+        Ok(ractor::rpc::CallResult::Success(reply)) => reply,
+        Ok(_) | Err(_) => Err(Error::Unavailable {
+            attempts: 1,
+            message: "the durable-state actor stopped".into(),
         }),
     }
 }

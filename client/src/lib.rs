@@ -84,6 +84,7 @@
 #![warn(missing_docs)]
 
 pub mod actor;
+pub mod durable;
 mod error;
 pub mod persistent;
 pub mod projection;
