@@ -711,3 +711,61 @@ async fn a_durable_state_actor_stores_revisions_and_stops_on_a_conflict() {
         Error::Unavailable { .. }
     ));
 }
+
+/// The contract is language-neutral: `examples/python/follow_tag.py` (grpcio, code generated
+/// from the `.proto` here) writes three events and follows their tag.
+#[tokio::test]
+async fn the_python_example_writes_and_follows_a_tag() {
+    let packages = std::env::var("EVENTJOURNAL_TEST_PYTHONPATH").expect(
+        "EVENTJOURNAL_TEST_PYTHONPATH is not set: run the suite with `cargo xtask test` (it \
+         installs grpcio for the Python example)",
+    );
+    let server = TestServer::start_with("client_python", common::read::fast).await;
+    let root = std::path::Path::new(env!("CARGO_MANIFEST_DIR"));
+    let generated =
+        std::env::temp_dir().join(format!("ej_python_{}", uuid::Uuid::new_v4().simple()));
+    std::fs::create_dir_all(&generated).unwrap();
+    let protoc = std::process::Command::new("python3")
+        .args(["-m", "grpc_tools.protoc", "-I", "proto/proto"])
+        .arg(format!("--python_out={}", generated.display()))
+        .arg(format!("--grpc_python_out={}", generated.display()))
+        .arg("eventjournal/v1/eventjournal.proto")
+        .current_dir(root)
+        .env("PYTHONPATH", &packages)
+        .output()
+        .unwrap();
+    assert!(
+        protoc.status.success(),
+        "{}",
+        String::from_utf8_lossy(&protoc.stderr)
+    );
+    let mut child = std::process::Command::new("python3")
+        .arg(root.join("examples/python/follow_tag.py"))
+        .env("PYTHONPATH", format!("{packages}:{}", generated.display()))
+        .env("EVENTJOURNAL_URL", server.address.to_string())
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let deadline = std::time::Instant::now() + Duration::from_secs(60);
+    while child.try_wait().unwrap().is_none() {
+        if std::time::Instant::now() > deadline {
+            child.kill().unwrap();
+            panic!("the Python example did not finish within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let output = child.wait_with_output().unwrap();
+    let stdout = String::from_utf8_lossy(&output.stdout);
+    assert!(
+        output.status.success(),
+        "{stdout}{}",
+        String::from_utf8_lossy(&output.stderr)
+    );
+    assert!(
+        stdout.contains("written: ['written', 'written', 'written']")
+            && stdout.contains("#3: reading 3"),
+        "{stdout}"
+    );
+    let _ = std::fs::remove_dir_all(generated);
+}

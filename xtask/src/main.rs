@@ -91,6 +91,10 @@ fn cargo_test(
         .args(cargo_args)
         .env("EVENTJOURNAL_TEST_MONGODB_URI", uri)
         .env("EVENTJOURNAL_TEST_S3_ENDPOINT", s3_endpoint)
+        .env(
+            "EVENTJOURNAL_TEST_PYTHONPATH",
+            s3::install_requirements("python-grpc", "xtask/python-example.txt")?,
+        )
         .stdout(Stdio::piped())
         .spawn()
         .context("running cargo test")?;

@@ -66,9 +66,15 @@ impl Drop for S3TestServer {
 
 /// moto and its dependencies, pinned, installed with `--no-deps` when missing.
 fn install() -> anyhow::Result<PathBuf> {
+    install_requirements("moto", "xtask/s3-test-server.txt")
+}
+
+/// The packages pinned in `requirements` (a path from the workspace root) installed with
+/// `--no-deps` into `.local/<name>` when missing or when the pins changed.
+pub fn install_requirements(name: &str, requirements: &str) -> anyhow::Result<PathBuf> {
     let root = workspace_root();
-    let install_dir = root.join(".local/moto");
-    let requirements = root.join("xtask/s3-test-server.txt");
+    let install_dir = root.join(".local").join(name);
+    let requirements = root.join(requirements);
     // A marker naming the requirements installed: a changed pin reinstalls.
     let pins = std::fs::read_to_string(&requirements)
         .with_context(|| format!("reading {}", requirements.display()))?;
@@ -76,10 +82,7 @@ fn install() -> anyhow::Result<PathBuf> {
     if std::fs::read_to_string(&marker).ok().as_deref() == Some(pins.as_str()) {
         return Ok(install_dir);
     }
-    eprintln!(
-        "xtask: installing the S3 test server (moto) into {}",
-        install_dir.display()
-    );
+    eprintln!("xtask: installing {name} into {}", install_dir.display());
     if install_dir.exists() {
         std::fs::remove_dir_all(&install_dir)?;
     }
@@ -88,7 +91,7 @@ fn install() -> anyhow::Result<PathBuf> {
         &[std::ffi::OsStr::new("-r"), requirements.as_os_str()],
     )?;
     if !status.success() {
-        bail!("installing the S3 test server failed ({status})");
+        bail!("installing {name} failed ({status})");
     }
     std::fs::write(&marker, pins)?;
     Ok(install_dir)
