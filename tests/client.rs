@@ -769,3 +769,97 @@ async fn the_python_example_writes_and_follows_a_tag() {
     );
     let _ = std::fs::remove_dir_all(generated);
 }
+
+/// The sensor-ingest example as a real producer process, against a real server process: the
+/// server is killed (-9) and started again while the producer writes, then the producer is
+/// killed (-9) after it reported 200 readings accepted, and started again for 100 more. Every
+/// reading it accepted is stored, each exactly once (a contiguous history of at least 300).
+#[tokio::test]
+async fn the_spool_survives_kill_9_of_the_service_and_of_the_producer() {
+    use common::process::{ServerProcess, wait_until_serving};
+    use std::io::BufRead as _;
+    let examples = std::env::current_exe()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .parent()
+        .unwrap()
+        .join("examples");
+    let producer_binary = examples.join("sensor-ingest");
+    assert!(
+        producer_binary.exists(),
+        "{} (cargo test builds the examples)",
+        producer_binary.display()
+    );
+    let port = free_port();
+    let database = unique_database("client_spool_kill");
+    let url = format!("http://127.0.0.1:{port}");
+    let mut server = ServerProcess::spawn(port, &database, &[]);
+    wait_until_serving(&url).await;
+    let spool =
+        std::env::temp_dir().join(format!("ej_spool_kill_{}", uuid::Uuid::new_v4().simple()));
+    let producer = |readings: &str| {
+        std::process::Command::new(&producer_binary)
+            .args(["sensor-k", readings])
+            .env("EVENTJOURNAL_URL", &url)
+            .env("SENSOR_SPOOL_DIR", &spool)
+            .env("RUST_LOG", "off")
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .unwrap()
+    };
+    let mut first = producer("100000");
+    let (lines, mut lines_in) = tokio::sync::mpsc::unbounded_channel();
+    let stdout = first.stdout.take().unwrap();
+    std::thread::spawn(move || {
+        for line in std::io::BufReader::new(stdout).lines() {
+            let _ = lines.send(line.unwrap_or_default());
+        }
+    });
+    async fn wait_for(lines_in: &mut tokio::sync::mpsc::UnboundedReceiver<String>, what: &str) {
+        let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
+        loop {
+            let line = tokio::time::timeout_at(deadline, lines_in.recv())
+                .await
+                .unwrap_or_else(|_| panic!("the producer never printed {what:?}"))
+                .unwrap_or_else(|| panic!("the producer ended before {what:?}"));
+            if line.starts_with(what) {
+                return;
+            }
+        }
+    }
+    wait_for(&mut lines_in, "100 readings taken").await;
+    server.kill();
+    tokio::time::sleep(Duration::from_millis(700)).await;
+    let server = ServerProcess::spawn(port, &database, &[]);
+    wait_for(&mut lines_in, "200 readings taken").await;
+    let _ = first.kill();
+    let _ = first.wait();
+    wait_until_serving(&url).await;
+    let second = producer("100");
+    let output = tokio::task::spawn_blocking(move || second.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    let out = String::from_utf8_lossy(&output.stdout);
+    assert!(output.status.success(), "{out}");
+    assert!(out.contains("(0 refused)"), "{out}");
+    let client = Client::builder(&url).connect().await.unwrap();
+    let stored: Vec<i64> = client
+        .replay("sensor-k", 1, None, None)
+        .await
+        .unwrap()
+        .try_filter_map(|item| async move {
+            Ok(match item {
+                Replayed::Event(event) => Some(event.sequence_nr),
+                Replayed::HighestSequenceNr(_) => None,
+            })
+        })
+        .try_collect()
+        .await
+        .unwrap();
+    assert!(stored.len() >= 300, "{} readings stored", stored.len());
+    assert_eq!(stored, (1..=stored.len() as i64).collect::<Vec<_>>());
+    drop(server);
+    let _ = std::fs::remove_dir_all(spool);
+}

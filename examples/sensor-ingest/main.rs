@@ -6,6 +6,10 @@
 //! cargo run --example sensor-ingest -- sensor-1 2000     # 2,000 readings, 10 ms apart
 //! # stop `make run` for a few seconds meanwhile, start it again: the count still reaches 2,000
 //! ```
+//!
+//! The spool lives in `$TMPDIR/sensor-ingest-<sensor>` (`SENSOR_SPOOL_DIR` elsewhere); a run
+//! first sends what an earlier, interrupted run left there, then continues after the highest
+//! sequence number stored. `EVENTJOURNAL_URL` points it at another server.
 
 use std::time::Duration;
 
@@ -19,7 +23,9 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
     let readings: i64 = args.get(1).map(|n| n.parse()).transpose()?.unwrap_or(2_000);
     let url = std::env::var("EVENTJOURNAL_URL").unwrap_or_else(|_| "http://127.0.0.1:50051".into());
     let client = Client::builder(url).connect_lazy()?;
-    let directory = std::env::temp_dir().join(format!("sensor-ingest-{sensor}"));
+    let directory = std::env::var_os("SENSOR_SPOOL_DIR")
+        .map(std::path::PathBuf::from)
+        .unwrap_or_else(|| std::env::temp_dir().join(format!("sensor-ingest-{sensor}")));
     let spool = Spool::open(&directory, client.clone(), SpoolOptions::default()).await?;
     // What a previous run left in the spool goes first; then continue after it.
     spool.drained().await;
@@ -32,7 +38,7 @@ async fn main() -> Result<(), Box<dyn std::error::Error>> {
             Payload::new(format!("{celsius:.2}"), 1, "Celsius"),
         );
         spool.send(vec![reading]).await?;
-        if n % 200 == 0 {
+        if n % 100 == 0 {
             println!(
                 "{n} readings taken, {} bytes waiting in the spool",
                 spool.pending_bytes()
