@@ -15,6 +15,23 @@ use eventjournal_client::{
 };
 use futures::TryStreamExt as _;
 
+/// The sequence numbers of `pid`'s stored events, in order.
+async fn stored_sequence_nrs(client: &Client, pid: &str) -> Vec<i64> {
+    client
+        .replay(pid, 1, None, None)
+        .await
+        .unwrap()
+        .try_filter_map(|item| async move {
+            Ok(match item {
+                Replayed::Event(event) => Some(event.sequence_nr),
+                Replayed::HighestSequenceNr(_) => None,
+            })
+        })
+        .try_collect()
+        .await
+        .unwrap()
+}
+
 fn event(pid: &str, sequence_nr: i64, text: &str) -> Event {
     Event::new(
         pid,
@@ -464,19 +481,7 @@ async fn the_spool_loses_nothing_through_outages_and_crashes_and_pushes_back_whe
         .await
         .expect("the spool drains");
     assert_eq!(spool.rejected(), 0);
-    let stored: Vec<i64> = client
-        .replay("sensor-1", 1, None, None)
-        .await
-        .unwrap()
-        .try_filter_map(|item| async move {
-            Ok(match item {
-                Replayed::Event(event) => Some(event.sequence_nr),
-                Replayed::HighestSequenceNr(_) => None,
-            })
-        })
-        .try_collect()
-        .await
-        .unwrap();
+    let stored = stored_sequence_nrs(&client, "sensor-1").await;
     assert_eq!(stored, (1..=250).collect::<Vec<_>>(), "each once, in order");
     drop(spool);
 
@@ -845,19 +850,7 @@ async fn the_spool_survives_kill_9_of_the_service_and_of_the_producer() {
     assert!(output.status.success(), "{out}");
     assert!(out.contains("(0 refused)"), "{out}");
     let client = Client::builder(&url).connect().await.unwrap();
-    let stored: Vec<i64> = client
-        .replay("sensor-k", 1, None, None)
-        .await
-        .unwrap()
-        .try_filter_map(|item| async move {
-            Ok(match item {
-                Replayed::Event(event) => Some(event.sequence_nr),
-                Replayed::HighestSequenceNr(_) => None,
-            })
-        })
-        .try_collect()
-        .await
-        .unwrap();
+    let stored = stored_sequence_nrs(&client, "sensor-k").await;
     assert!(stored.len() >= 300, "{} readings stored", stored.len());
     assert_eq!(stored, (1..=stored.len() as i64).collect::<Vec<_>>());
     drop(server);
