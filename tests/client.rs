@@ -173,6 +173,11 @@ async fn every_service_through_the_typed_client() {
         .upsert_object("s1", 1, Payload::new(b"v1".to_vec(), 1, "V"), "")
         .await
         .unwrap();
+    // The same change again (a retry whose first attempt was applied) gets the same answer.
+    client
+        .upsert_object("s1", 1, Payload::new(b"v1".to_vec(), 1, "V"), "")
+        .await
+        .unwrap();
     let conflict = client
         .upsert_object("s1", 1, Payload::new(b"other".to_vec(), 1, "V"), "")
         .await
