@@ -861,3 +861,65 @@ async fn the_spool_survives_kill_9_of_the_service_and_of_the_producer() {
     drop(server);
     let _ = std::fs::remove_dir_all(spool);
 }
+
+/// A projection over all slices with a user-supplied offset store: it resumes from what that
+/// store holds, and the events its dedup window names (handled before, in that store's record)
+/// are skipped, not handed to the handler again.
+#[tokio::test]
+async fn a_projection_over_slices_uses_its_own_store_and_skips_what_its_window_holds() {
+    use eventjournal_client::projection::{Committed, OffsetStore, Projection, Source};
+    use std::sync::{Arc, Mutex};
+
+    #[derive(Clone, Default)]
+    struct Memory(Arc<Mutex<Option<Committed>>>);
+    impl OffsetStore for Memory {
+        async fn load(&self, _: &str) -> eventjournal_client::Result<Option<Committed>> {
+            Ok(self.0.lock().unwrap().clone())
+        }
+        async fn save(&self, _: &str, committed: &Committed) -> eventjournal_client::Result<()> {
+            *self.0.lock().unwrap() = Some(committed.clone());
+            Ok(())
+        }
+    }
+    let server = TestServer::start_with("client_slices", common::read::fast).await;
+    let client = Client::builder(server.url()).connect().await.unwrap();
+    let writes = (1..=10)
+        .map(|n| vec![Event::new("meter", n, Payload::new(vec![n as u8], 1, "M"))])
+        .collect();
+    client.write_events(writes).await.unwrap();
+    // As if 1 to 4 were handled and remembered, but the offset not moved past them.
+    let store = Memory::default();
+    *store.0.lock().unwrap() = Some(Committed {
+        offset: Offset::start(),
+        recent: (1..=4).map(|n| ("meter".to_owned(), n)).collect(),
+    });
+    let handled = Arc::new(Mutex::new(Vec::new()));
+    let seen = handled.clone();
+    let projection = Projection::new("meters", Source::Slices { min: 0, max: 1023 })
+        .commit_every(3)
+        .run_with(
+            client.clone(),
+            store.clone(),
+            move |envelope: eventjournal_client::EventEnvelope| {
+                seen.lock().unwrap().push(envelope.event.sequence_nr);
+                async { Ok(()) }
+            },
+        )
+        .await
+        .unwrap();
+    wait_until("5 to 10 handled", Duration::from_secs(30), || async {
+        handled.lock().unwrap().len() >= 6
+    })
+    .await;
+    assert_eq!(projection.skipped(), 4);
+    assert_eq!(projection.handled(), 6);
+    projection.stop().await.unwrap();
+    assert_eq!(*handled.lock().unwrap(), (5..=10).collect::<Vec<i64>>());
+    let committed = store.0.lock().unwrap().clone().unwrap();
+    assert_ne!(committed.offset, Offset::start(), "the offset moved on");
+    assert_eq!(
+        committed.recent.len(),
+        10,
+        "the window holds the skipped and the handled"
+    );
+}
