@@ -801,6 +801,15 @@ async fn s3_keys(bucket: &str, prefix: &str) -> Vec<String> {
         .collect()
 }
 
+/// No multipart upload in progress in `bucket`, no object under `b/`, and no backup listed at
+/// `location`: what a failed backup to S3 leaves.
+async fn assert_nothing_left(database: &str, bucket: &str, location: &str, context: &str) {
+    assert!(uploads_in_progress(bucket).await.is_empty(), "{context}");
+    assert_eq!(s3_keys(bucket, "b/").await, Vec::<String>::new());
+    let listed = succeeded(&run_s3(database, &["backup", "list", "--s3", location]));
+    assert!(listed.is_empty(), "{listed}");
+}
+
 /// The binary with an S3 store at `endpoint` (credentials from the AWS environment variables,
 /// as a deployment would give them), parts of 5 MiB (S3's smallest).
 fn s3_command(database: &str, endpoint: &str, args: &[&str]) -> Command {
@@ -935,13 +944,7 @@ async fn a_failed_backup_to_s3_aborts_its_upload_and_leaves_nothing() {
         error.contains("aborting the upload of snapshots.bson.zst"),
         "{error}"
     );
-    assert!(uploads_in_progress(&bucket).await.is_empty());
-    assert_eq!(s3_keys(&bucket, "b/").await, Vec::<String>::new());
-    let listed = succeeded(&run_s3(
-        &server.database,
-        &["backup", "list", "--s3", &location],
-    ));
-    assert!(listed.is_empty(), "{listed}");
+    assert_nothing_left(&server.database, &bucket, &location, "").await;
 }
 
 /// The S3 store becoming unreachable while a part is uploading: the backup fails naming the
@@ -1027,13 +1030,7 @@ async fn an_s3_store_unreachable_mid_upload_leaves_no_complete_backup() {
         stderr.contains("error:") && stderr.contains(&format!("s3://{bucket}/b/")),
         "{stderr}"
     );
-    assert!(uploads_in_progress(&bucket).await.is_empty(), "{stderr}");
-    assert_eq!(s3_keys(&bucket, "b/").await, Vec::<String>::new());
-    let listed = succeeded(&run_s3(
-        &server.database,
-        &["backup", "list", "--s3", &location],
-    ));
-    assert!(listed.is_empty(), "{listed}");
+    assert_nothing_left(&server.database, &bucket, &location, &stderr).await;
 }
 
 /// Incremental backups: a chain full -> incremental -> incremental, with new events, deleted and

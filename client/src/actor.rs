@@ -19,17 +19,26 @@
 
 use std::marker::PhantomData;
 
-use ractor::{Actor, ActorProcessingErr, ActorRef, RpcReplyPort};
+use ractor::{Actor, ActorProcessingErr, ActorRef, Message, RpcReplyPort};
 
 use crate::durable::{DurableStateEntity, StateBehaviour};
 use crate::persistent::{Behaviour, PersistenceSettings, PersistentEntity};
 use crate::{Client, Error, Result};
 
 /// A command and where its reply goes.
-pub struct Command<B: Behaviour>(pub B::Command, pub RpcReplyPort<Result<B::Reply>>);
+pub struct Ask<C, R>(pub C, pub RpcReplyPort<Result<R>>);
 
-/// The actor; spawn it with `(client, persistence id, behaviour, settings)`.
+/// A persistent actor's message.
+pub type Command<B> = Ask<<B as Behaviour>::Command, <B as Behaviour>::Reply>;
+
+/// A durable-state actor's message.
+pub type StateCommand<B> = Ask<<B as StateBehaviour>::Command, <B as StateBehaviour>::Reply>;
+
+/// The persistent actor; spawn it with `(client, persistence id, behaviour, settings)`.
 pub struct PersistentActor<B>(PhantomData<fn() -> B>);
+
+/// A durable-state actor; spawn it with `(client, persistence id, behaviour)`.
+pub struct DurableStateActor<B>(PhantomData<fn() -> B>);
 
 impl<B> PersistentActor<B> {
     /// The actor definition.
@@ -41,6 +50,29 @@ impl<B> PersistentActor<B> {
 impl<B> Default for PersistentActor<B> {
     fn default() -> Self {
         Self::new()
+    }
+}
+
+impl<B> DurableStateActor<B> {
+    /// The actor definition.
+    pub fn new() -> Self {
+        Self(PhantomData)
+    }
+}
+
+impl<B> Default for DurableStateActor<B> {
+    fn default() -> Self {
+        Self::new()
+    }
+}
+
+/// Sends an entity's answer; a failed one stops the actor, whose state may be behind the
+/// journal, so no further command is handled.
+fn answer<M: Message, R>(myself: &ActorRef<M>, outcome: Result<R>, reply: RpcReplyPort<Result<R>>) {
+    let failed = outcome.as_ref().err().map(ToString::to_string);
+    let _ = reply.send(outcome);
+    if let Some(why) = failed {
+        myself.stop(Some(why));
     }
 }
 
@@ -60,51 +92,11 @@ impl<B: Behaviour> Actor for PersistentActor<B> {
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
-        Command(command, reply): Self::Msg,
+        Ask(command, reply): Self::Msg,
         entity: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let outcome = entity.handle(command).await;
-        let failed = outcome.as_ref().err().map(ToString::to_string);
-        let _ = reply.send(outcome);
-        if let Some(why) = failed {
-            // The state may be behind the journal: no further command is handled.
-            myself.stop(Some(why));
-        }
+        answer(&myself, entity.handle(command).await, reply);
         Ok(())
-    }
-}
-
-/// Sends `command` and waits for the reply (after its events are stored). An actor that
-/// stopped answers [`Error::Unavailable`].
-pub async fn ask<B: Behaviour>(
-    actor: &ActorRef<Command<B>>,
-    command: B::Command,
-) -> Result<B::Reply> {
-    match actor.call(|reply| Command(command, reply), None).await {
-        Ok(ractor::rpc::CallResult::Success(reply)) => reply,
-        Ok(_) | Err(_) => Err(Error::Unavailable {
-            attempts: 1,
-            message: "the persistent actor stopped".into(),
-        }),
-    }
-}
-
-/// A command to a durable-state actor and where its reply goes.
-pub struct StateCommand<B: StateBehaviour>(pub B::Command, pub RpcReplyPort<Result<B::Reply>>);
-
-/// A durable-state actor; spawn it with `(client, persistence id, behaviour)`.
-pub struct DurableStateActor<B>(PhantomData<fn() -> B>);
-
-impl<B> DurableStateActor<B> {
-    /// The actor definition.
-    pub fn new() -> Self {
-        Self(PhantomData)
-    }
-}
-
-impl<B> Default for DurableStateActor<B> {
-    fn default() -> Self {
-        Self::new()
     }
 }
 
@@ -124,30 +116,28 @@ impl<B: StateBehaviour> Actor for DurableStateActor<B> {
     async fn handle(
         &self,
         myself: ActorRef<Self::Msg>,
-        StateCommand(command, reply): Self::Msg,
+        Ask(command, reply): Self::Msg,
         entity: &mut Self::State,
     ) -> Result<(), ActorProcessingErr> {
-        let outcome = entity.handle(command).await;
-        let failed = outcome.as_ref().err().map(ToString::to_string);
-        let _ = reply.send(outcome);
-        if let Some(why) = failed {
-            myself.stop(Some(why));
-        }
+        answer(&myself, entity.handle(command).await, reply);
         Ok(())
     }
 }
 
-/// Sends `command` to a durable-state actor and waits for the reply (after the state is
-/// stored).
-pub async fn ask_state<B: StateBehaviour>(
-    actor: &ActorRef<StateCommand<B>>,
-    command: B::Command,
-) -> Result<B::Reply> {
-    match actor.call(|reply| StateCommand(command, reply), None).await {
+/// Sends `command` and waits for the reply (after what it changed is stored). An actor that
+/// stopped answers [`Error::Unavailable`].
+pub async fn ask<C: Send + 'static, R: Send + 'static>(
+    actor: &ActorRef<Ask<C, R>>,
+    command: C,
+) -> Result<R> {
+    match actor.call(|reply| Ask(command, reply), None).await {
         Ok(ractor::rpc::CallResult::Success(reply)) => reply,
         Ok(_) | Err(_) => Err(Error::Unavailable {
             attempts: 1,
-            message: "the durable-state actor stopped".into(),
+            message: "the actor stopped".into(),
         }),
     }
 }
+
+/// [`ask`], by the name a durable-state actor's caller may look for.
+pub use self::ask as ask_state;

@@ -380,7 +380,7 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
             .iter()
             .map(|write| write.events.iter().cloned().map(Into::into).collect())
             .collect();
-        let outcomes = match client.write_events(events.clone()).await {
+        let outcomes = match client.write_events(events).await {
             Ok(outcomes) => outcomes,
             Err(error) => {
                 // Unreachable, or anything else: the records stay, and are sent again.
@@ -391,7 +391,10 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
             }
         };
         backoff = Duration::from_millis(100);
-        for (outcome, write) in outcomes.iter().zip(&events) {
+        for (outcome, write) in outcomes
+            .iter()
+            .zip(writes.iter().map(|write| &write.events))
+        {
             if let WriteOutcome::Rejected(reason) | WriteOutcome::Conflict(reason) = outcome {
                 shared.rejected.fetch_add(1, Ordering::Relaxed);
                 let line = format!(

@@ -165,14 +165,23 @@ impl Store for S3 {
 
     async fn get_range(&self, path: &str, range: Range<u64>) -> io::Result<Vec<u8>> {
         let path = self.path(path);
-        // A range past the end of a truncated object is an error for S3; read what is there.
-        let size = self.store.head(&path).await.map_err(to_io)?.size;
-        let range = range.start.min(size)..range.end.min(size);
-        if range.is_empty() {
-            return Ok(Vec::new());
+        match self.store.get_range(&path, range.clone()).await {
+            Ok(bytes) => Ok(bytes.to_vec()),
+            // A range past the end of a truncated object is an error for S3: read what is
+            // there (its size asked only then, not for every part).
+            Err(error) => {
+                let size = self.store.head(&path).await.map_err(to_io)?.size;
+                if range.end <= size {
+                    return Err(to_io(error));
+                }
+                let range = range.start.min(size)..size;
+                if range.is_empty() {
+                    return Ok(Vec::new());
+                }
+                let bytes = self.store.get_range(&path, range).await.map_err(to_io)?;
+                Ok(bytes.to_vec())
+            }
         }
-        let bytes = self.store.get_range(&path, range).await.map_err(to_io)?;
-        Ok(bytes.to_vec())
     }
 
     async fn complete_backups(&self) -> io::Result<Vec<String>> {
