@@ -38,6 +38,19 @@ pub enum Command {
     /// Restore a backup into a database (empty, unless --drop), recreate the indexes and check
     /// what was restored against the backup's manifest.
     Restore(RestoreArgs),
+    /// Check that the deployment is ready: topology, write and read concern, indexes, purge
+    /// TTLs, the oplog window, the clock. One line per finding (ok, warn or fail, with the
+    /// fix); exits with 1 when any fails. Run it before going live and after every change.
+    Check(CheckArgs),
+}
+
+#[derive(Debug, Args)]
+pub struct CheckArgs {
+    #[command(flatten)]
+    pub connection: ConnectionArgs,
+    /// Print the findings as JSON: {"ok": bool, "findings": [{check, status, message, fix}]}.
+    #[arg(long)]
+    pub json: bool,
 }
 
 #[derive(Debug, Args)]
@@ -189,7 +202,8 @@ pub enum IndexesCommand {
 pub enum PurgeCommand {
     /// Create the TTL indexes that purge deleted events (deletedAt), snapshots (insertedAt) and
     /// deleted durable-state objects (deletedAt); run again with other values to change the
-    /// expiry in place. The same values again change nothing.
+    /// expiry in place. The same values again change nothing. Without flags, the expiries
+    /// set in [purge] (purge.journal-expire-after, ...); flags win over them.
     ///
     /// In cosmos mode the indexes are on CosmosDB's _ts instead, deleted events expire by their
     /// own ttl (write-journal.cosmos-ttl, which --journal-expire-after must equal), and
@@ -243,7 +257,7 @@ pub struct MigrateArgs {
 }
 
 #[derive(Debug, Args)]
-#[group(required = true, multiple = true)]
+#[group(multiple = true)]
 pub struct ExpiryArgs {
     /// Keep deleted events this long, e.g. 365d.
     #[arg(long, value_name = "DURATION", value_parser = humantime::parse_duration)]

@@ -4,7 +4,7 @@ use std::process::ExitCode;
 use anyhow::Context;
 use clap::Parser;
 use eventjournal::cli::{
-    BackupAction, BackupArgs, Cli, Command, IndexesCommand, PurgeCommand, ServeArgs,
+    BackupAction, BackupArgs, CheckArgs, Cli, Command, IndexesCommand, PurgeCommand, ServeArgs,
 };
 use eventjournal::ops;
 use tokio_util::sync::CancellationToken;
@@ -26,6 +26,7 @@ fn main() -> ExitCode {
         .with_ansi(std::io::stderr().is_terminal())
         .init();
     let result = match cli.command {
+        Command::Check(args) => return check(args),
         Command::Serve(args) => serve(args),
         Command::Indexes(command) => indexes(command),
         Command::Purge(command) => purge(command),
@@ -35,11 +36,20 @@ fn main() -> ExitCode {
             run_printing(ops::backup::restore(&args))
         }
     };
+    exit_code(result)
+}
+
+fn exit_code(result: anyhow::Result<()>) -> ExitCode {
     match result {
         Ok(()) => ExitCode::SUCCESS,
         Err(error) => {
-            // One clear line (with its causes), never a backtrace.
-            eprintln!("error: {error:#}");
+            // One clear line (with its causes), never a backtrace or a driver's report; the
+            // whole chain, as the driver tells it, goes to the debug log.
+            tracing::debug!(error = ?error, "command failed");
+            eprintln!(
+                "error: {}",
+                eventjournal::error_text::for_people(error.as_ref())
+            );
             ExitCode::FAILURE
         }
     }
@@ -55,8 +65,30 @@ const MI_OPTION_PURGE_DELAY: libmimalloc_sys::mi_option_t = 15;
 /// memory at once made it 40% slower, faulting fresh pages in for every MiB).
 fn purge_freed_memory_at_once() {
     // SAFETY: sets a mimalloc option (an integer) before the command's work starts.
-    if std::env::var_os("NOPURGE").is_none() {
-        unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+    unsafe { libmimalloc_sys::mi_option_set(MI_OPTION_PURGE_DELAY, 0) };
+}
+
+/// `eventjournal check`: the findings on stdout, exit code 1 when any failed.
+fn check(args: CheckArgs) -> ExitCode {
+    let findings = (|| {
+        let settings = args.connection.settings(None)?;
+        let runtime = tokio::runtime::Runtime::new().context("starting the async runtime")?;
+        Ok(runtime.block_on(ops::check::run(&settings)))
+    })();
+    match findings {
+        Ok(findings) => {
+            if args.json {
+                print!("{}", ops::check::render_json(&findings));
+            } else {
+                print!("{}", ops::check::render_text(&findings));
+            }
+            if ops::check::passed(&findings) {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
+        Err(error) => exit_code(Err(error)),
     }
 }
 
@@ -140,11 +172,23 @@ fn purge(command: PurgeCommand) -> anyhow::Result<()> {
     match command {
         PurgeCommand::Setup { connection, expiry } => {
             let settings = connection.settings(None)?;
+            // Flags win; without them, what [purge] configures.
+            let configured = &settings.purge;
             let expiry = ops::purge::Expiry {
-                journal: expiry.journal_expire_after,
-                snapshots: expiry.snapshot_expire_after,
-                state: expiry.state_expire_after,
+                journal: expiry
+                    .journal_expire_after
+                    .or(configured.journal_expire_after),
+                snapshots: expiry
+                    .snapshot_expire_after
+                    .or(configured.snapshot_expire_after),
+                state: expiry.state_expire_after.or(configured.state_expire_after),
             };
+            if expiry.journal.is_none() && expiry.snapshots.is_none() && expiry.state.is_none() {
+                anyhow::bail!(
+                    "nothing to set up: give --journal-expire-after, --snapshot-expire-after or \
+                     --state-expire-after, or set them in [purge] (purge.journal-expire-after ...)"
+                );
+            }
             runtime.block_on(async {
                 let database = ops::connect(&settings).await?;
                 ops::purge::setup(&database, &settings, &expiry, &mut out).await

@@ -13,7 +13,7 @@ pub(crate) fn invalid_argument(error: ValidationError) -> Status {
 }
 
 /// A store's failure as the status a client can act on.
-pub(crate) fn storage_status<E: StorageError>(rpc: &'static str, error: E) -> Status {
+pub(crate) fn storage_status<E: StorageError + 'static>(rpc: &'static str, error: E) -> Status {
     let cause = causes(&error);
     match error.kind() {
         FailureKind::InvalidArgument => Status::invalid_argument(error.to_string()),
@@ -35,15 +35,9 @@ pub(crate) fn storage_status<E: StorageError>(rpc: &'static str, error: E) -> St
     }
 }
 
-fn causes(error: &dyn Error) -> String {
-    let mut text = String::new();
-    let mut source = error.source();
-    while let Some(cause) = source {
-        if !text.is_empty() {
-            text.push_str(": ");
-        }
-        text.push_str(&cause.to_string());
-        source = cause.source();
-    }
-    text
+/// The causes for the log line, as a person reads them; the driver's full report is logged at
+/// debug level.
+fn causes(error: &(dyn Error + 'static)) -> String {
+    tracing::debug!(error = ?error, "storage failure");
+    crate::error_text::causes_for_people(error)
 }

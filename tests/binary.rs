@@ -113,6 +113,11 @@ fn unreachable_mongodb_is_one_clear_error_and_a_non_zero_exit() {
     );
     assert_eq!(stderr.lines().count(), 1, "{stderr}");
     assert!(!stderr.contains("panicked"), "{stderr}");
+    // What the server answered, not the driver's topology report.
+    assert!(stderr.contains("Connection refused"), "{stderr}");
+    for dump in ["Kind:", "labels:", "Topology:", "RawDocumentBuf"] {
+        assert!(!stderr.contains(dump), "{dump:?} in {stderr}");
+    }
 }
 
 #[test]

@@ -286,10 +286,13 @@ fn operator_commands_explain_themselves_and_reject_bad_input_in_one_line() {
         .args(["purge", "setup"])
         .output()
         .unwrap();
-    assert_eq!(
-        output.status.code(),
-        Some(2),
-        "at least one expiry is required"
+    // Neither flags nor [purge]: refused before connecting, saying where expiries come from.
+    assert_eq!(output.status.code(), Some(1));
+    let stderr = String::from_utf8(output.stderr).unwrap();
+    assert!(
+        stderr.starts_with("error: nothing to set up: give --journal-expire-after")
+            && stderr.contains("[purge]"),
+        "{stderr}"
     );
 
     let closed_port = free_port();

@@ -31,7 +31,9 @@ impl BackupError {
         move |source| Self::Io { what, source }
     }
 
+    /// MongoDB's message and code name; the driver's whole report goes to the debug log.
     pub(crate) fn mongo(what: &str, error: mongodb::error::Error) -> Self {
-        Self::Mongo(format!("{what}: {error}"))
+        tracing::debug!(?error, what, "mongodb failure");
+        Self::Mongo(format!("{what}: {}", mongo::describe(&error)))
     }
 }

@@ -21,6 +21,43 @@ pub struct Settings {
     pub read_journal: ReadJournalSettings,
     pub auth: AuthSettings,
     pub backup: BackupSettings,
+    pub purge: PurgeSettings,
+    pub check: CheckSettings,
+}
+
+/// How long purged documents stay: `eventjournal purge setup` creates the TTL indexes from
+/// these when its flags are not given, and `eventjournal check` reports a TTL index whose
+/// expiry differs. Unset: purging of that collection is not configured.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct PurgeSettings {
+    /// Deleted events are purged this long after `DeleteEventsTo`.
+    #[serde(with = "humantime_serde")]
+    pub journal_expire_after: Option<Duration>,
+    /// Snapshots are purged this long after they were saved.
+    #[serde(with = "humantime_serde")]
+    pub snapshot_expire_after: Option<Duration>,
+    /// Deleted durable-state objects are purged this long after their deletion.
+    #[serde(with = "humantime_serde")]
+    pub state_expire_after: Option<Duration>,
+}
+
+/// `eventjournal check`: what the deployment is checked against.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct CheckSettings {
+    /// The longest a projector (a change-stream subscriber) may be away and still resume its
+    /// offset exactly: the oplog must reach back at least this far.
+    #[serde(with = "humantime_serde")]
+    pub longest_projector_downtime: Duration,
+}
+
+impl Default for CheckSettings {
+    fn default() -> Self {
+        Self {
+            longest_projector_downtime: Duration::from_secs(24 * 3600),
+        }
+    }
 }
 
 /// Backups (`eventjournal backup`, `restore`).

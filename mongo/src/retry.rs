@@ -95,7 +95,7 @@ impl Retry {
             attempt,
             ?codes,
             pause_ms = pause.as_millis() as u64,
-            %error,
+            error = %crate::describe(error),
             "retrying mongodb operation"
         );
         tokio::time::sleep(pause).await;

@@ -148,7 +148,7 @@ async fn poll_written_pids(
         let woken = match woken {
             Ok(woken) => woken,
             Err(error) => {
-                tracing::warn!(%error, "live by-persistence-id poll failed; trying again next interval");
+                tracing::warn!(error = %mongo::describe_chain(&error), "live by-persistence-id poll failed; trying again next interval");
                 continue;
             }
         };

@@ -473,7 +473,7 @@ impl ChangeStreams {
             Ok(stream) => stream,
             // The resume point left the oplog, or belongs to a dropped or renamed collection.
             Err(error) if resuming => {
-                tracing::warn!(%error, "cannot resume the change stream; catching up with queries");
+                tracing::warn!(error = %mongo::describe_chain(&error), "cannot resume the change stream; catching up with queries");
                 return subscriber.fall_back(self.drift_millis());
             }
             Err(error) => {
@@ -602,7 +602,7 @@ async fn read_private(
                 Private::HistoryLost
             }
             Err(error) => {
-                tracing::warn!(%error, "private change stream failed; resuming");
+                tracing::warn!(error = %mongo::describe_chain(&error), "private change stream failed; resuming");
                 Private::Failed
             }
         };
@@ -846,7 +846,7 @@ fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
             cluster_time,
         }),
         Err(error) => {
-            tracing::error!(%error, "change stream: corrupt journal document");
+            tracing::error!(error = %mongo::describe_chain(&error), "change stream: corrupt journal document");
             None
         }
     }
@@ -925,12 +925,12 @@ async fn watch_shared(
             Err(error) if fresh && look_back => {
                 // The oplog may not reach back `span` (a young replica set): open at "now"
                 // (and look back again after that open).
-                tracing::debug!(%error, "change stream: cannot open in the past; opening at now");
+                tracing::debug!(error = %mongo::describe_chain(&error), "change stream: cannot open in the past; opening at now");
                 look_back = false;
                 continue;
             }
             Err(error) => {
-                tracing::warn!(%error, "cannot open the change stream; retrying");
+                tracing::warn!(error = %mongo::describe_chain(&error), "cannot open the change stream; retrying");
                 if resume_point_lost(&error) {
                     // Start afresh (and publish a gap then).
                     resume = None;
@@ -999,7 +999,7 @@ async fn follow(
                 return Some(());
             }
             Err(error) => {
-                tracing::warn!(%error, "change stream failed; restarting");
+                tracing::warn!(error = %mongo::describe_chain(&error), "change stream failed; restarting");
                 if resume_point_lost(&error) {
                     *resume = None;
                 }

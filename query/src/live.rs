@@ -274,7 +274,7 @@ async fn tail<K: Route, F: Feed<Item = K::Item>>(
                     }
                 }
                 Err(error) => {
-                    tracing::warn!(%error, "live query poll failed; trying again next interval");
+                    tracing::warn!(error = %mongo::describe_chain(&error), "live query poll failed; trying again next interval");
                     break;
                 }
             }

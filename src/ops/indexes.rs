@@ -66,6 +66,27 @@ pub async fn list(
     Ok(missing)
 }
 
+/// The needed indexes that do not exist, as `collection.index`.
+pub(super) async fn missing(
+    database: &Database,
+    settings: &Settings,
+) -> anyhow::Result<Vec<String>> {
+    let mut missing = Vec::new();
+    for (collection, needed) in required(settings) {
+        let existing = existing_indexes(database, &collection).await?;
+        for index in &needed {
+            let name = index_name(index);
+            if !existing
+                .iter()
+                .any(|candidate| index_name(candidate) == name && candidate.keys == index.keys)
+            {
+                missing.push(format!("{collection}.{name}"));
+            }
+        }
+    }
+    Ok(missing)
+}
+
 /// Creates the missing collections (with `validationLevel: off`) and indexes; existing ones
 /// are left alone. The server runs this at start-up when `mongodb.create-indexes` is on.
 pub async fn create_missing(database: &Database, settings: &Settings) -> anyhow::Result<()> {

@@ -2,6 +2,7 @@
 //! as `serve` and prints what it did on stdout.
 
 pub mod backup;
+pub mod check;
 pub mod indexes;
 pub mod migrate;
 pub mod purge;
@@ -11,21 +12,37 @@ use anyhow::Context;
 use config::{Settings, redact_uri};
 use mongodb::Database;
 
-/// The configured database, reachable (or one clear error); the server and every operator
-/// command connect through here.
+/// The configured database, reachable and of a kind eventjournal runs on (or one clear error
+/// saying what to do); the server and every operator command connect through here.
 pub async fn connect(settings: &Settings) -> anyhow::Result<Database> {
+    let (database, deployment) = connect_and_detect(settings).await?;
+    if let Some(why) = deployment.unsupported(&settings.mongodb) {
+        anyhow::bail!(why);
+    }
+    Ok(database)
+}
+
+/// The configured database, reachable, and what kind of deployment it is, whether or not
+/// eventjournal can run on it (`check` reports what [`connect`] refuses).
+pub async fn connect_and_detect(
+    settings: &Settings,
+) -> anyhow::Result<(Database, mongo::deployment::Deployment)> {
     let mongodb = &settings.mongodb;
     let database = mongo::connect(mongodb)
         .await
         .context("invalid MongoDB connection settings")?;
-    mongo::ping(&database).await.with_context(|| {
+    let unreachable = || {
         format!(
             "cannot reach MongoDB at {} (waited mongodb.server-selection-timeout = {})",
             redact_uri(&mongodb.uri),
             humantime::format_duration(mongodb.server_selection_timeout)
         )
-    })?;
-    Ok(database)
+    };
+    mongo::ping(&database).await.with_context(unreachable)?;
+    let deployment = mongo::deployment::detect(&database, &mongodb.uri)
+        .await
+        .with_context(unreachable)?;
+    Ok((database, deployment))
 }
 
 /// The collections purging works on, as operators name them (`--collection`).

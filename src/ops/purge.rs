@@ -195,6 +195,20 @@ pub async fn setup(
     Ok(())
 }
 
+/// The expiry of the TTL index on the target's field, if there is one.
+async fn ttl_on(database: &Database, target: &Target) -> anyhow::Result<Option<Duration>> {
+    let existing = existing_indexes(database, &target.collection).await?;
+    Ok(existing
+        .iter()
+        .find(|index| index.keys == doc! { target.field: 1 })
+        .and_then(|index| {
+            index
+                .options
+                .as_ref()
+                .and_then(|options| options.expire_after)
+        }))
+}
+
 /// Per collection: the TTL configured, documents carrying the date field, and how many of
 /// them are eligible for purging now.
 pub async fn status(
@@ -203,16 +217,7 @@ pub async fn status(
     out: &mut impl Write,
 ) -> anyhow::Result<()> {
     for target in targets(settings) {
-        let existing = existing_indexes(database, &target.collection).await?;
-        let ttl = existing
-            .iter()
-            .find(|index| index.keys == doc! { target.field: 1 })
-            .and_then(|index| {
-                index
-                    .options
-                    .as_ref()
-                    .and_then(|options| options.expire_after)
-            });
+        let ttl = ttl_on(database, &target).await?;
         let collection = database.collection::<mongodb::bson::Document>(&target.collection);
         let label = format!("{} ({}.{})", target.what, target.collection, target.field);
         if settings.mongodb.database_mode == DatabaseMode::Cosmos {
@@ -290,4 +295,95 @@ async fn cosmos_status(
         )?,
     }
     Ok(())
+}
+
+/// One collection's TTL index against `[purge]` (and, in cosmos mode, the journal's
+/// `write-journal.cosmos-ttl`), for `eventjournal check`: `(status, message, fix)`.
+pub(super) async fn compare_with_settings(
+    database: &Database,
+    settings: &Settings,
+) -> anyhow::Result<Vec<(super::check::Status, String, Option<String>)>> {
+    use super::check::Status;
+    let purge = &settings.purge;
+    let cosmos = settings.mongodb.database_mode == DatabaseMode::Cosmos;
+    let configured = [
+        purge.journal_expire_after.or(if cosmos {
+            settings.write_journal.cosmos_ttl
+        } else {
+            None
+        }),
+        purge.snapshot_expire_after,
+        purge.state_expire_after,
+    ];
+    let flags = [
+        "--journal-expire-after",
+        "--snapshot-expire-after",
+        "--state-expire-after",
+    ];
+    let keys = [
+        "purge.journal-expire-after",
+        "purge.snapshot-expire-after",
+        "purge.state-expire-after",
+    ];
+    let mut findings = Vec::new();
+    for (((target, configured), flag), key) in targets(settings)
+        .into_iter()
+        .zip(configured)
+        .zip(flags)
+        .zip(keys)
+    {
+        let current = ttl_on(database, &target).await?;
+        let label = format!("{} ({}.{})", target.what, target.collection, target.field);
+        let finding = match (configured, current) {
+            (None, None) => (
+                Status::Ok,
+                format!("{label}: not purged (no {key}, no TTL index)"),
+                None,
+            ),
+            (None, Some(current)) => (
+                Status::Warn,
+                format!(
+                    "{label}: a TTL index purges after {}, but {key} is not set, so nothing \
+                     checks it against what you intend",
+                    short_duration(current)
+                ),
+                Some(format!("set {key} = \"{}\"", short_duration(current))),
+            ),
+            (Some(requested), current) => {
+                let fix = Some(format!(
+                    "eventjournal purge setup {flag} {} (or with {key} set, no flag)",
+                    short_duration(requested)
+                ));
+                match plan(settings, &target, requested) {
+                    Err(error) => (Status::Fail, format!("{label}: {error:#}"), None),
+                    Ok(plan) => {
+                        let wanted = Duration::from_secs(u64::from(plan.seconds.unsigned_abs()));
+                        match current {
+                            Some(current) if current == wanted => {
+                                (Status::Ok, format!("{label}: {}", plan.expiry), None)
+                            }
+                            Some(current) => (
+                                Status::Fail,
+                                format!(
+                                    "{label}: the TTL index purges after {}, {key} says {}",
+                                    short_duration(current),
+                                    short_duration(wanted)
+                                ),
+                                fix,
+                            ),
+                            None => (
+                                Status::Fail,
+                                format!(
+                                    "{label}: {key} is set but there is no TTL index: nothing is purged"
+                                ),
+                                fix,
+                            ),
+                        }
+                    }
+                }
+            }
+        };
+        findings.push(finding);
+    }
+    Ok(findings)
 }

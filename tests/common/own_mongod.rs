@@ -17,6 +17,8 @@ pub struct OwnMongod {
     extra_args: Vec<String>,
     /// Options added to every connection string (e.g. TLS files).
     client_options: String,
+    /// Started with `--replSet rs0` (else a standalone).
+    replica_set: bool,
 }
 
 fn mongod_binary() -> PathBuf {
@@ -30,20 +32,27 @@ fn mongod_binary() -> PathBuf {
     binary
 }
 
+/// A new directory for a mongod's data and log.
+fn fresh_directory(name: &str) -> PathBuf {
+    let directory = std::env::temp_dir().join(format!(
+        "eventjournal-mongod-{name}-{}",
+        uuid::Uuid::new_v4().simple()
+    ));
+    std::fs::create_dir_all(directory.join("data")).unwrap();
+    directory
+}
+
 impl OwnMongod {
     /// Starts a single-node replica set and waits until it is PRIMARY.
     pub async fn start(name: &str, extra_args: &[String], client_options: &str) -> Self {
-        let directory = std::env::temp_dir().join(format!(
-            "eventjournal-mongod-{name}-{}",
-            uuid::Uuid::new_v4().simple()
-        ));
-        std::fs::create_dir_all(directory.join("data")).unwrap();
+        let directory = fresh_directory(name);
         let mut mongod = Self {
             child: None,
             port: free_port(),
             directory,
             extra_args: extra_args.to_vec(),
             client_options: client_options.to_owned(),
+            replica_set: true,
         };
         mongod.spawn();
         let admin = mongod.direct_client().await.database("admin");
@@ -61,10 +70,37 @@ impl OwnMongod {
         mongod
     }
 
+    /// A standalone mongod (no replica set), as a plain container starts it; waits until it
+    /// answers.
+    pub async fn start_standalone(name: &str) -> Self {
+        let directory = fresh_directory(name);
+        let mut mongod = Self {
+            child: None,
+            port: free_port(),
+            directory,
+            extra_args: Vec::new(),
+            client_options: String::new(),
+            replica_set: false,
+        };
+        mongod.spawn();
+        let admin = mongod.direct_client().await.database("admin");
+        for _ in 0..300 {
+            if admin.run_command(doc! { "ping": 1 }).await.is_ok() {
+                return mongod;
+            }
+            tokio::time::sleep(Duration::from_millis(200)).await;
+        }
+        panic!("standalone mongod did not answer");
+    }
+
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.directory.join("mongod.log")).unwrap();
-        let child = Command::new(mongod_binary())
-            .args(["--replSet", "rs0", "--bind_ip", "127.0.0.1"])
+        let mut command = Command::new(mongod_binary());
+        if self.replica_set {
+            command.args(["--replSet", "rs0"]);
+        }
+        let child = command
+            .args(["--bind_ip", "127.0.0.1"])
             .args(["--port", &self.port.to_string()])
             .arg("--dbpath")
             .arg(self.directory.join("data"))
@@ -79,6 +115,9 @@ impl OwnMongod {
 
     /// The replica-set URI clients use.
     pub fn uri(&self) -> String {
+        if !self.replica_set {
+            return format!("mongodb://127.0.0.1:{}/{}", self.port, self.client_options);
+        }
         format!(
             "mongodb://127.0.0.1:{}/?replicaSet=rs0{}",
             self.port, self.client_options
