@@ -6,7 +6,6 @@
 
 pub mod auth;
 pub mod cli;
-pub mod error_text;
 mod grpc;
 mod health;
 mod linger;

@@ -46,10 +46,7 @@ fn exit_code(result: anyhow::Result<()>) -> ExitCode {
             // One clear line (with its causes), never a backtrace or a driver's report; the
             // whole chain, as the driver tells it, goes to the debug log.
             tracing::debug!(error = ?error, "command failed");
-            eprintln!(
-                "error: {}",
-                eventjournal::error_text::for_people(error.as_ref())
-            );
+            eprintln!("error: {}", mongo::describe_chain(error.as_ref()));
             ExitCode::FAILURE
         }
     }

@@ -39,5 +39,8 @@ pub(crate) fn storage_status<E: StorageError + 'static>(rpc: &'static str, error
 /// debug level.
 fn causes(error: &(dyn Error + 'static)) -> String {
     tracing::debug!(error = ?error, "storage failure");
-    crate::error_text::causes_for_people(error)
+    error
+        .source()
+        .map(mongo::describe_chain)
+        .unwrap_or_default()
 }

@@ -137,6 +137,12 @@ impl Deployment {
         }
     }
 
+    /// Genuine MongoDB older than [`MINIMUM_VERSION`] (CosmosDB's version names its API level).
+    pub fn too_old(&self) -> bool {
+        self.flavor == Flavor::MongoDb
+            && major_minor(&self.version).is_some_and(|version| version < MINIMUM_VERSION)
+    }
+
     /// Why eventjournal cannot run against this deployment with these settings, in words an
     /// operator can act on; `None` when it can. `uri` names the server in the message.
     pub fn unsupported(&self, settings: &MongoSettings) -> Option<String> {
@@ -152,10 +158,7 @@ impl Deployment {
         if self.topology == Topology::Standalone {
             return Some(standalone_message(&uri));
         }
-        if self.flavor == Flavor::MongoDb
-            && let Some(version) = major_minor(&self.version)
-            && version < MINIMUM_VERSION
-        {
+        if self.too_old() {
             return Some(format!(
                 "{uri} runs MongoDB {}, older than {}.{}, the oldest eventjournal supports: \
                  upgrade MongoDB",
@@ -176,18 +179,21 @@ impl Deployment {
     }
 }
 
-/// The standalone case, with the two commands that make a standalone a single-member
-/// replica set.
+/// The two commands that make a standalone a single-member replica set (start-up error and
+/// `check`'s fix).
+pub const STANDALONE_FIX: &str = "To turn it into a single-member replica set:\n  \
+     1. restart it with a replica-set name: mongod --replSet rs0 --dbpath <its data directory> \
+     (in a container: docker run mongo:6 --replSet rs0; in mongod.conf: \
+     replication.replSetName: rs0)\n  \
+     2. initiate the set once: mongosh \"<the same address>\" --eval 'rs.initiate()'\n\
+     then connect with ?replicaSet=rs0 in mongodb.uri.";
+
+/// The standalone case, with [`STANDALONE_FIX`].
 fn standalone_message(uri: &str) -> String {
     format!(
         "MongoDB at {uri} is a standalone server, but eventjournal needs a replica set \
-         (transactions and change streams exist only there). A single-member replica set is \
-         enough for development. To turn this one into a replica set:\n  \
-         1. restart it with a replica-set name: mongod --replSet rs0 --dbpath <its data \
-         directory> (in a container: docker run mongo:6 --replSet rs0; in mongod.conf: \
-         replication.replSetName: rs0)\n  \
-         2. initiate the set once: mongosh \"<the same address>\" --eval 'rs.initiate()'\n\
-         then connect with ?replicaSet=rs0 in mongodb.uri."
+         (transactions and change streams exist only there); a single-member replica set is \
+         enough for development. {STANDALONE_FIX}"
     )
 }
 

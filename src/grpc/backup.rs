@@ -42,7 +42,7 @@ impl BackupService {
             settings: Arc::new(settings.clone()),
             database: database.clone(),
             store: ops::configured_store(settings)
-                .map_err(|error| crate::error_text::for_people(error.as_ref())),
+                .map_err(|error| mongo::describe_chain(error.as_ref())),
             jobs: Arc::default(),
         }
     }
@@ -100,9 +100,9 @@ impl BackupService {
                         job.backup_id = backup_id;
                     }
                     Err(error) => {
-                        tracing::warn!(job = %id, error = crate::error_text::for_people(error.as_ref()), "backup job failed");
+                        tracing::warn!(job = %id, error = mongo::describe_chain(error.as_ref()), "backup job failed");
                         job.state = "failed".to_owned();
-                        job.error = crate::error_text::for_people(error.as_ref());
+                        job.error = mongo::describe_chain(error.as_ref());
                     }
                 }
             }
@@ -119,10 +119,8 @@ impl pb::backup_service_server::BackupService for BackupService {
     ) -> Result<Response<pb::BackupJob>, Status> {
         let request = request.into_inner();
         let store = self.store()?;
-        let mut options =
-            ops::configured_options(&self.settings, request.incremental).map_err(|error| {
-                Status::failed_precondition(crate::error_text::for_people(error.as_ref()))
-            })?;
+        let mut options = ops::configured_options(&self.settings, request.incremental)
+            .map_err(|error| Status::failed_precondition(mongo::describe_chain(error.as_ref())))?;
         const ROLES: [&str; 4] = ["journal", "journal_metadata", "snapshots", "durable_state"];
         if let Some(unknown) = request
             .collections

@@ -5,7 +5,9 @@
 use std::time::{Duration, SystemTime, UNIX_EPOCH};
 
 use config::{DatabaseMode, Settings, redact_uri};
-use mongo::deployment::{Deployment, Flavor, MINIMUM_VERSION, Topology, major_minor};
+use mongo::deployment::{
+    Deployment, Flavor, MINIMUM_VERSION, STANDALONE_FIX, Topology, major_minor,
+};
 use mongodb::Database;
 use mongodb::bson::{Bson, Document, doc};
 use mongodb::options::ReadConcern;
@@ -76,7 +78,7 @@ pub async fn run(settings: &Settings) -> Vec<Finding> {
             return vec![Finding::new(
                 "connection",
                 fail(
-                    crate::error_text::for_people(error.as_ref()),
+                    mongo::describe_chain(error.as_ref()),
                     "check mongodb.uri (and mongodb.tls, the user and password) and that \
                      MongoDB is running and reachable from this host",
                 ),
@@ -85,13 +87,18 @@ pub async fn run(settings: &Settings) -> Vec<Finding> {
     };
     let mut findings = vec![Finding::new("connection", ok(format!("reached {uri}")))];
     findings.push(Finding::new("server", server(&deployment, settings)));
+    // One replSetGetStatus for the topology and the write concern.
+    let members = match deployment.topology {
+        Topology::ReplicaSet { .. } => members(&database).await,
+        _ => None,
+    };
     findings.push(Finding::new(
         "topology",
-        topology(&database, &deployment).await,
+        topology(members.as_deref(), &deployment),
     ));
     findings.push(Finding::new(
         "write-concern",
-        write_concern(&database, &deployment, settings).await,
+        write_concern(members.as_deref(), &deployment, settings),
     ));
     findings.push(Finding::new(
         "read-concern",
@@ -111,7 +118,7 @@ pub async fn run(settings: &Settings) -> Vec<Finding> {
             Err(error) => fail(
                 format!(
                     "cannot list the indexes: {}",
-                    crate::error_text::for_people(error.as_ref())
+                    mongo::describe_chain(error.as_ref())
                 ),
                 "grant the user listIndexes on the database",
             ),
@@ -124,7 +131,7 @@ pub async fn run(settings: &Settings) -> Vec<Finding> {
             fail(
                 format!(
                     "cannot list the TTL indexes: {}",
-                    crate::error_text::for_people(error.as_ref())
+                    mongo::describe_chain(error.as_ref())
                 ),
                 "grant the user listIndexes on the database",
             ),
@@ -204,14 +211,16 @@ fn server(deployment: &Deployment, settings: &Settings) -> Assessment {
             return ok(format!("{} in cosmos mode", flavor.name()));
         }
     }
-    match major_minor(&deployment.version) {
-        Some(version) if version < MINIMUM_VERSION => fail(
+    if deployment.too_old() {
+        return fail(
             format!(
                 "MongoDB {}, older than {}.{}",
                 deployment.version, MINIMUM_VERSION.0, MINIMUM_VERSION.1
             ),
             "upgrade MongoDB",
-        ),
+        );
+    }
+    match major_minor(&deployment.version) {
         Some(_) => ok(format!("MongoDB {}", deployment.version)),
         None => warn(
             format!("MongoDB of unknown version ({:?})", deployment.version),
@@ -220,9 +229,12 @@ fn server(deployment: &Deployment, settings: &Settings) -> Assessment {
     }
 }
 
+/// A replica-set member: name, state (`PRIMARY`, `SECONDARY`, ...) and whether it is healthy.
+type Member = (String, String, bool);
+
 /// Members and their states from `replSetGetStatus` (`name`, `stateStr`, `health`), or none
 /// when the user may not run it.
-async fn members(database: &Database) -> Option<Vec<(String, String, bool)>> {
+async fn members(database: &Database) -> Option<Vec<Member>> {
     let status = database
         .client()
         .database("admin")
@@ -246,14 +258,11 @@ async fn members(database: &Database) -> Option<Vec<(String, String, bool)>> {
     )
 }
 
-async fn topology(database: &Database, deployment: &Deployment) -> Assessment {
+fn topology(members: Option<&[Member]>, deployment: &Deployment) -> Assessment {
     match &deployment.topology {
         Topology::Standalone => fail(
             "a standalone mongod: transactions and change streams need a replica set",
-            "make it a single-member replica set:\n1. restart it as mongod --replSet rs0 \
-             --dbpath <its data directory> (docker run mongo:6 --replSet rs0)\n2. run once: \
-             mongosh \"<its address>\" --eval 'rs.initiate()'\nthen add ?replicaSet=rs0 to \
-             mongodb.uri",
+            STANDALONE_FIX,
         ),
         Topology::Sharded => ok("a sharded cluster (through mongos)"),
         Topology::ReplicaSet {
@@ -263,7 +272,7 @@ async fn topology(database: &Database, deployment: &Deployment) -> Assessment {
             passives,
             arbiters,
         } => {
-            let listed = match members(database).await {
+            let listed = match members {
                 Some(members) => members
                     .iter()
                     .map(|(member, state, _)| format!("{member} {state}"))
@@ -297,17 +306,12 @@ async fn topology(database: &Database, deployment: &Deployment) -> Assessment {
     }
 }
 
-async fn write_concern(
-    database: &Database,
+fn write_concern(
+    members: Option<&[Member]>,
     deployment: &Deployment,
     settings: &Settings,
 ) -> Assessment {
     let concern = &settings.mongodb.write_concern;
-    let journal_note = if concern.journal {
-        ""
-    } else {
-        "; journal = false: an acknowledged write can be lost if mongod crashes"
-    };
     let configured = format!("w = {}, journal = {}", concern.w, concern.journal);
     let Topology::ReplicaSet { .. } = deployment.topology else {
         return warn(
@@ -315,16 +319,18 @@ async fn write_concern(
             "run check against the replica set's members to check the write concern",
         );
     };
-    let Some(members) = members(database).await else {
+    let Some(members) = members else {
         return warn(
             format!("{configured}: cannot read the members' states"),
             "grant the user replSetGetStatus (role clusterMonitor) so check can see them",
         );
     };
-    let assessment = assess_write_concern(&concern.w, &members);
-    match (assessment, concern.journal) {
+    match (assess_write_concern(&concern.w, members), concern.journal) {
         ((Status::Ok, message, _), false) => warn(
-            format!("{configured}: {message}{journal_note}"),
+            format!(
+                "{configured}: {message}; journal = false: an acknowledged write can be lost if \
+                 mongod crashes"
+            ),
             "set mongodb.write-concern.journal = true",
         ),
         ((status, message, fix), _) => (status, format!("{configured}: {message}"), fix),
@@ -332,7 +338,7 @@ async fn write_concern(
 }
 
 /// Whether `w` can be acknowledged by the healthy data-bearing members now.
-fn assess_write_concern(w: &str, members: &[(String, String, bool)]) -> Assessment {
+fn assess_write_concern(w: &str, members: &[Member]) -> Assessment {
     let voting = members.len();
     let acknowledging = members
         .iter()
@@ -549,7 +555,7 @@ fn assess_clock(skew_ms: i64, uncertainty_ms: i64, drift: Duration) -> Assessmen
 mod tests {
     use super::*;
 
-    fn member(state: &str, healthy: bool) -> (String, String, bool) {
+    fn member(state: &str, healthy: bool) -> Member {
         ("h:1".to_owned(), state.to_owned(), healthy)
     }
 

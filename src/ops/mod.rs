@@ -31,17 +31,16 @@ pub async fn connect_and_detect(
     let database = mongo::connect(mongodb)
         .await
         .context("invalid MongoDB connection settings")?;
-    let unreachable = || {
-        format!(
-            "cannot reach MongoDB at {} (waited mongodb.server-selection-timeout = {})",
-            redact_uri(&mongodb.uri),
-            humantime::format_duration(mongodb.server_selection_timeout)
-        )
-    };
-    mongo::ping(&database).await.with_context(unreachable)?;
+    // `hello` is the round trip that finds out whether MongoDB is reachable.
     let deployment = mongo::deployment::detect(&database, &mongodb.uri)
         .await
-        .with_context(unreachable)?;
+        .with_context(|| {
+            format!(
+                "cannot reach MongoDB at {} (waited mongodb.server-selection-timeout = {})",
+                redact_uri(&mongodb.uri),
+                humantime::format_duration(mongodb.server_selection_timeout)
+            )
+        })?;
     Ok((database, deployment))
 }
 

@@ -157,14 +157,14 @@ pub async fn run(args: &BackupStoreArgs) -> anyhow::Result<String> {
                     .with_label_values(&[kind.name(), "failure"])
                     .inc();
                 tracing::error!(
-                    error = crate::error_text::for_people(error.as_ref()),
+                    error = mongo::describe_chain(error.as_ref()),
                     kind = kind.name(),
                     "scheduled backup failed"
                 );
                 eprintln!(
                     "scheduled {} backup failed: {}",
                     kind.name(),
-                    crate::error_text::for_people(error.as_ref())
+                    mongo::describe_chain(error.as_ref())
                 );
             }
         }
@@ -236,12 +236,12 @@ async fn take(
             Ok(pruned) => line.push_str(&pruned),
             Err(error) => {
                 tracing::error!(
-                    error = crate::error_text::for_people(error.as_ref()),
+                    error = mongo::describe_chain(error.as_ref()),
                     "pruning after a backup failed"
                 );
                 line.push_str(&format!(
                     "pruning failed: {}\n",
-                    crate::error_text::for_people(error.as_ref())
+                    mongo::describe_chain(error.as_ref())
                 ));
             }
         }
