@@ -36,6 +36,7 @@ pub async fn connect(settings: &MongoSettings) -> Result<Database, mongodb::erro
         tls.cert_key_file_path = settings.tls.certificate_key_file.clone();
         options.tls = Some(Tls::Enabled(tls));
     }
+    options.sdam_event_handler = Some(crate::metrics::topology_watcher());
     let client = Client::with_options(options)?;
     tracing::debug!(uri = %redact_uri(&settings.uri), database = %settings.database, "mongodb client created");
     Ok(client.database(&settings.database))

@@ -8,6 +8,7 @@ pub mod own_mongod;
 pub mod process;
 pub mod proxy;
 pub mod read;
+pub mod replica_set;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;

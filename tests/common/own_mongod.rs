@@ -21,7 +21,7 @@ pub struct OwnMongod {
     replica_set: bool,
 }
 
-fn mongod_binary() -> PathBuf {
+pub(crate) fn mongod_binary() -> PathBuf {
     let binary =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".local/mongodb/fiftyone/db/bin/mongod");
     assert!(
@@ -33,7 +33,7 @@ fn mongod_binary() -> PathBuf {
 }
 
 /// A new directory for a mongod's data and log.
-fn fresh_directory(name: &str) -> PathBuf {
+pub(crate) fn fresh_directory(name: &str) -> PathBuf {
     let directory = std::env::temp_dir().join(format!(
         "eventjournal-mongod-{name}-{}",
         uuid::Uuid::new_v4().simple()
