@@ -1,6 +1,6 @@
 # eventjournal developer commands. `make help` lists them.
 .DEFAULT_GOAL := help
-.PHONY: help run test lint fmt ci mongod-start mongod-stop clean-local
+.PHONY: help run test lint fmt ci mongod-start mongod-stop failover-set clean-local
 
 help: ## List the targets
 	@grep -E '^[a-z-]+:.*## ' $(MAKEFILE_LIST) | awk -F ':.*## ' '{printf "  make %-14s %s\n", $$1, $$2}'
@@ -26,7 +26,11 @@ mongod-start: ## Start the dev mongod alone and print its connection string
 mongod-stop: ## Stop the dev mongod (its data stays in .local/dev)
 	cargo xtask mongod-stop --instance dev
 
+failover-set: ## Start a fresh three-member replica set with quick elections (.local/failover) and print its URI
+	cargo xtask mongod-start --instance failover --members 3
+
 clean-local: ## Stop the mongods and delete .local (mongod install and all dev data)
 	cargo xtask mongod-stop --instance dev
 	cargo xtask mongod-stop --instance test
+	cargo xtask mongod-stop --instance failover
 	rm -rf .local

@@ -136,7 +136,7 @@ impl Load {
         let subscribers = channels
             .iter()
             .zip(["polling", "change streams"])
-            .map(|(channel, mode)| subscribe(channel.clone(), mode, stop_reading.clone()))
+            .map(|(channel, mode)| subscribe(channel.clone(), mode, TAG, stop_reading.clone()))
             .collect();
         let record = Arc::new(Mutex::new(Record::default()));
         let stop_writing = CancellationToken::new();
@@ -437,7 +437,12 @@ fn write(
 
 /// A live `EventsByTag` subscriber that resumes from its last offset whenever its stream
 /// breaks.
-fn subscribe(channel: Channel, mode: &'static str, stop: CancellationToken) -> Subscriber {
+fn subscribe(
+    channel: Channel,
+    mode: &'static str,
+    tag: &'static str,
+    stop: CancellationToken,
+) -> Subscriber {
     let received = Received::default();
     let reconnects = Arc::new(Mutex::new(0));
     let task = {
@@ -454,7 +459,7 @@ fn subscribe(channel: Channel, mode: &'static str, stop: CancellationToken) -> S
                 }
                 first = false;
                 let request = pb::EventsByTagRequest {
-                    tag: TAG.into(),
+                    tag: tag.into(),
                     offset: offset.clone(),
                 };
                 let Ok(response) = client.events_by_tag(request).await else {
@@ -640,4 +645,205 @@ async fn without_a_majority_writes_fail_promptly_health_says_so_and_all_resumes(
         record.acked.iter().any(|write| write.after_unknown),
         "writes answered UNAVAILABLE were retried and answered Written"
     );
+}
+
+/// Writes `events` through `client` until it is answered (retrying `UNAVAILABLE` with the same
+/// content), and checks the answer is `Written`.
+async fn write_until_answered(
+    client: &mut JournalClient<Channel>,
+    events: Vec<pb::PersistentEvent>,
+) {
+    for _ in 0..60 {
+        let request = pb::WriteEventsRequest {
+            writes: vec![atomic(events.clone())],
+        };
+        match client.write_events(request).await {
+            Ok(response) => {
+                let outcome = response.into_inner().results[0].outcome.clone().unwrap();
+                assert!(is_written(&outcome), "{outcome:?}");
+                return;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(250)).await;
+            }
+        }
+    }
+    panic!("a write was not answered within a minute");
+}
+
+fn delivered(subscriber: &Subscriber, pid: &str) -> Vec<i64> {
+    subscriber
+        .received
+        .lock()
+        .unwrap()
+        .iter()
+        .filter(|(received, _, _)| received == pid)
+        .map(|(_, nr, _)| *nr)
+        .collect()
+}
+
+/// The primary is cut off from replication (the secondaries' `stopReplProducer` fail point), a
+/// write reaches it alone and is never acknowledged, the primary is killed, the others elect a
+/// new one, and the old primary rejoins and rolls the write back. Majority reads (the default
+/// `mongodb.read-concern`) and change streams never deliver it; a server reading with `local`
+/// does, which shows what the test guards against. The client's retry of that write then
+/// stores it for real, and it is delivered once.
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_rolled_back_on_an_isolated_primary_is_never_delivered() {
+    const ROLLBACK_TAG: &str = "rollback";
+    let _turn = ONE_SET_AT_A_TIME.lock().await;
+    let mut set = ReplicaSet::start("rollback", 3).await;
+    let uri = set.uri();
+    let polling = TestServer::start_with("rollback", |s| settings(s, &uri, false)).await;
+    let mut change_streams = polling.settings.clone();
+    settings(&mut change_streams, &uri, true);
+    let change_streams = TestServer::start_on_database(change_streams).await;
+    let mut local = polling.settings.clone();
+    local.mongodb.read_concern = "local".into();
+    let local = TestServer::start_on_database(local).await;
+    // Writes the doomed event and does not retry it: its one attempt reaches the isolated
+    // primary only.
+    let mut no_retry = polling.settings.clone();
+    no_retry.mongodb.retry.max_attempts = 1;
+    let no_retry = TestServer::start_on_database(no_retry).await;
+
+    let stop = CancellationToken::new();
+    let subscribers = [
+        subscribe(
+            polling.channel().await,
+            "polling",
+            ROLLBACK_TAG,
+            stop.clone(),
+        ),
+        subscribe(
+            change_streams.channel().await,
+            "change streams",
+            ROLLBACK_TAG,
+            stop.clone(),
+        ),
+        subscribe(
+            local.channel().await,
+            "polling, read concern local",
+            ROLLBACK_TAG,
+            stop.clone(),
+        ),
+    ];
+    let mut client = polling.journal().await;
+    write_until_answered(&mut client, vec![tagged("kept", 1, &[ROLLBACK_TAG])]).await;
+    for subscriber in &subscribers {
+        wait_until("kept 1 delivered", Duration::from_secs(30), || async {
+            delivered(subscriber, "kept") == [1]
+        })
+        .await;
+    }
+
+    let primary = set.primary().await;
+    let secondaries: Vec<usize> = (0..3).filter(|member| *member != primary).collect();
+    for secondary in &secondaries {
+        set.stop_replication(*secondary).await;
+    }
+    let doomed = tagged("doomed", 1, &[ROLLBACK_TAG]);
+    let doomed_call = {
+        let mut client = no_retry.journal().await;
+        let doomed = doomed.clone();
+        tokio::spawn(async move {
+            client
+                .write_events(pb::WriteEventsRequest {
+                    writes: vec![atomic(vec![doomed])],
+                })
+                .await
+        })
+    };
+    // The write is on the primary (a local read there sees it), and nowhere else.
+    let on_primary = set
+        .direct(primary)
+        .await
+        .database(&polling.database)
+        .collection::<Document>("journal");
+    wait_until(
+        "the doomed write on the primary",
+        Duration::from_secs(10),
+        || async {
+            on_primary
+                .find_one(doc! { "pid": "doomed" })
+                .await
+                .unwrap()
+                .is_some()
+        },
+    )
+    .await;
+    // Long enough for any poller to pass it (drift 500 ms, polls every 50 ms): the server
+    // reading with `local` delivers it.
+    wait_until(
+        "the local reader delivers the doomed write",
+        Duration::from_secs(10),
+        || async { delivered(&subscribers[2], "doomed") == [1] },
+    )
+    .await;
+    tokio::time::sleep(Duration::from_secs(1)).await;
+
+    set.kill_9(primary);
+    let answer = doomed_call.await.unwrap();
+    let status = answer.expect_err("the doomed write cannot have been acknowledged");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    for secondary in &secondaries {
+        set.resume_replication(*secondary).await;
+    }
+    let new_primary = set.primary().await;
+    assert!(secondaries.contains(&new_primary));
+    write_until_answered(&mut client, vec![tagged("kept", 2, &[ROLLBACK_TAG])]).await;
+    set.restart(primary);
+    set.wait_until_member(primary).await;
+    wait_until(
+        "the old primary rolled the doomed write back",
+        Duration::from_secs(60),
+        || async {
+            let member = set.direct(primary).await;
+            let journal = member
+                .database(&polling.database)
+                .collection::<Document>("journal");
+            journal
+                .find_one(doc! { "pid": "doomed" })
+                .await
+                .is_ok_and(|found| found.is_none())
+        },
+    )
+    .await;
+    let log = std::fs::read_to_string(set.log(primary)).unwrap();
+    assert!(
+        log.contains("Rollback"),
+        "the old primary's log shows a rollback"
+    );
+
+    for subscriber in &subscribers[..2] {
+        wait_until("kept 2 delivered", Duration::from_secs(30), || async {
+            delivered(subscriber, "kept") == [1, 2]
+        })
+        .await;
+        assert!(
+            delivered(subscriber, "doomed").is_empty(),
+            "{}: delivered a write that was rolled back",
+            subscriber.mode
+        );
+    }
+    for server in [&polling, &change_streams] {
+        let current = current_ids_once(&server.channel().await, ROLLBACK_TAG, 2).await;
+        assert_eq!(current, [("kept".to_owned(), 1), ("kept".to_owned(), 2)]);
+    }
+
+    // The client never got an answer for the doomed write: retrying it is safe, and stores it.
+    write_until_answered(&mut client, vec![doomed]).await;
+    for subscriber in &subscribers[..2] {
+        wait_until(
+            "the retried write delivered once",
+            Duration::from_secs(30),
+            || async { delivered(subscriber, "doomed") == [1] },
+        )
+        .await;
+    }
+    stop.cancel();
+    for subscriber in subscribers {
+        subscriber.task.await.unwrap();
+    }
 }

