@@ -87,6 +87,8 @@ struct Record {
     acked: Vec<Acked>,
     /// Failed calls: status code, how long the call took, and which server took it.
     failures: Vec<(Code, Duration, usize)>,
+    /// The longest a successful call took.
+    slowest_written: Duration,
 }
 
 /// `(pid, seqNr, writtenAt of the position it was delivered at)`, in delivery order.
@@ -323,7 +325,10 @@ impl Load {
         }
         let unknown = record.acked.iter().filter(|w| w.after_unknown).count();
         let slowest = record.failures.iter().map(|(_, took, _)| *took).max();
-        eprintln!("slowest failing call: {slowest:?}");
+        eprintln!(
+            "slowest failing call: {slowest:?}, slowest written: {:?}",
+            record.slowest_written
+        );
         eprintln!(
             "{} writes acknowledged ({acked_events} events), {} failed calls, {unknown} writes \
              retried after an unknown outcome and answered Written",
@@ -411,7 +416,9 @@ fn write(
                             "{pid} {next} (retried after an unknown outcome: {after_unknown}): \
                              {outcome:?}"
                         );
-                        record.lock().unwrap().acked.push(Acked {
+                        let mut record = record.lock().unwrap();
+                        record.slowest_written = record.slowest_written.max(started.elapsed());
+                        record.acked.push(Acked {
                             pid: pid.clone(),
                             first: next,
                             events: size,

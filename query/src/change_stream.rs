@@ -32,7 +32,7 @@ use model::PersistentEvent;
 use mongodb::Collection;
 use mongodb::bson::{Bson, Document, Timestamp, doc, from_document, to_bson};
 use mongodb::change_stream::ChangeStream;
-use mongodb::change_stream::event::{ChangeStreamEvent, ResumeToken};
+use mongodb::change_stream::event::{ChangeStreamEvent, OperationType, ResumeToken};
 use mongodb::options::FullDocumentType;
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -71,6 +71,9 @@ struct Changed {
     event: PersistentEvent,
     token: String,
     cluster_time: ClusterTime,
+    /// An update moving the event forward (a re-stamp of a write acknowledged late), not its
+    /// insert.
+    restamp: bool,
 }
 
 impl Changed {
@@ -318,10 +321,18 @@ impl ChangeStreams {
             feed,
             sink,
             cancel: self.shutdown.clone(),
-            last: start,
+            last: start.clone(),
             seen: None,
             skip: None,
             delivered: Delivered::new(2 * self.drift_millis()),
+            // From a client's change offset, what the earlier connection passed over is not
+            // known.
+            late: if start.as_ref().is_some_and(|start| start.change.is_some()) {
+                LateInserts::Unknown
+            } else {
+                LateInserts::Known(HashSet::new())
+            },
+            late_since: 0,
         };
         loop {
             subscriber.settle_seen();
@@ -334,6 +345,13 @@ impl ChangeStreams {
                 None => {
                     let horizon = self.polling.horizon_millis();
                     let after = subscriber.last.as_ref().map(|last| last.position.clone());
+                    // An insert that committed before the queries ran is theirs to deliver;
+                    // one committed later may be a late write they passed over. Commit times
+                    // are MongoDB's clock in seconds: allow one second and half the drift
+                    // (the skew the drift leaves room for).
+                    subscriber.late_since = now_seconds().saturating_sub(
+                        1 + u32::try_from(self.drift_millis() / 2000 + 1).unwrap_or(u32::MAX),
+                    );
                     if !subscriber.query(horizon, self.polling.batch_size).await {
                         return;
                     }
@@ -642,6 +660,49 @@ struct Subscriber {
     /// before the position they started after, are passed over.
     skip: Option<(i64, Option<Position>)>,
     delivered: Delivered,
+    late: LateInserts,
+    /// Inserts passed over that committed at or after this (seconds) may be late writes the
+    /// step 1 queries could not see.
+    late_since: u32,
+}
+
+/// Which re-stamps a subscriber delivers. A re-stamp (an update moving a late write's events
+/// forward) is for subscribers that passed over the event's insert: one stamped at or before
+/// the step 1 horizon, which committed after the queries ran. Every other insert this
+/// subscriber's streams brought was delivered, and so was every insert before them (by the
+/// queries), so its re-stamp would be a repeat. Known only for what this subscription saw
+/// from its start: one resuming from a client's change offset delivers every re-stamp.
+enum LateInserts {
+    /// Matching inserts passed over, by (pid, seqNr), until their re-stamp comes.
+    Known(HashSet<(String, i64)>),
+    /// Deliver every re-stamp (repeats within the drift window are still dropped).
+    Unknown,
+}
+
+/// Passed-over inserts remembered at most (they come from the second or two around the step 1
+/// queries); past it a subscriber delivers every re-stamp.
+const LATE_INSERTS: usize = 1024;
+
+impl LateInserts {
+    fn passed_over(&mut self, id: (String, i64)) {
+        if let Self::Known(ids) = self {
+            ids.insert(id);
+            if ids.len() > LATE_INSERTS {
+                tracing::debug!(
+                    "more than {LATE_INSERTS} late inserts passed over; delivering every re-stamp"
+                );
+                *self = Self::Unknown;
+            }
+        }
+    }
+
+    /// Whether the re-stamp of `id` goes to the subscriber (at most once when known).
+    fn deliver_restamp(&mut self, id: &(String, i64)) -> bool {
+        match self {
+            Self::Known(ids) => ids.remove(id),
+            Self::Unknown => true,
+        }
+    }
 }
 
 impl Subscriber {
@@ -679,7 +740,28 @@ impl Subscriber {
         if newest.is_some_and(|newest| &change.token <= newest) {
             return true;
         }
-        if !self.feed.selector.matches(&change.event) || skipped(&self.skip, change) {
+        let pass_over = if !self.feed.selector.matches(&change.event) {
+            true
+        } else {
+            let id = || {
+                let event = &change.event;
+                (
+                    event.persistence_id.as_str().to_owned(),
+                    event.sequence_nr.get(),
+                )
+            };
+            if change.restamp {
+                !self.late.deliver_restamp(&id())
+            } else if skipped(&self.skip, change) {
+                if change.cluster_time.0 >= self.late_since {
+                    self.late.passed_over(id());
+                }
+                true
+            } else {
+                false
+            }
+        };
+        if pass_over {
             self.seen = Some(Arc::clone(change));
             return true;
         }
@@ -829,6 +911,7 @@ fn resume_token(hex: &str) -> Option<ResumeToken> {
 
 /// A live event's change, or `None` for a deleted event.
 fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
+    let operation = change.operation_type.clone();
     let token = token_hex(&change.id)?;
     let cluster_time = change
         .cluster_time
@@ -844,6 +927,7 @@ fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
             event,
             token,
             cluster_time,
+            restamp: !matches!(operation, OperationType::Insert),
         }),
         Err(error) => {
             tracing::error!(error = %mongo::describe_chain(&error), "change stream: corrupt journal document");
@@ -1062,6 +1146,7 @@ mod tests {
             },
             token: token.into(),
             cluster_time: token_time(token).unwrap(),
+            restamp: false,
         })
     }
 
@@ -1086,6 +1171,8 @@ mod tests {
             seen: None,
             skip: Some((1_000, None)),
             delivered: Delivered::new(100),
+            late: LateInserts::Known(HashSet::new()),
+            late_since: 0,
         };
         let old = change(900, "8200000001000000012B");
         let new = change(1_100, "8200000002000000012B");
@@ -1104,6 +1191,66 @@ mod tests {
             (offset.change.as_deref(), event.sequence_nr.get()),
             (Some(new.token.as_str()), 1_100)
         );
+    }
+
+    /// A re-stamp goes only to a subscriber that passed over the event's insert (a late write
+    /// the step 1 queries could not see), once; one that delivered the insert does not get it
+    /// again, however long after the re-stamp comes.
+    #[tokio::test]
+    async fn a_restamp_goes_only_to_subscribers_that_passed_over_the_insert() {
+        let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1")
+            .await
+            .unwrap();
+        let (sink, mut delivered) = mpsc::channel(8);
+        let mut subscriber = Subscriber {
+            feed: EventFeed {
+                events: client.database("unused").collection("journal"),
+                retry: mongo::Retry::new(&config::RetrySettings::default()),
+                selector: crate::feed::EventSelector::Tag("t".into()),
+            },
+            sink,
+            cancel: CancellationToken::new(),
+            last: None,
+            seen: None,
+            skip: Some((1_000, None)),
+            delivered: Delivered::new(100),
+            late: LateInserts::Known(HashSet::new()),
+            late_since: 2,
+        };
+        let restamp = |sequence_nr: i64, millis: i64, token: &str| {
+            let mut change = Arc::into_inner(change(sequence_nr, token)).unwrap();
+            change.position.written_at_millis = millis;
+            change.restamp = true;
+            Arc::new(change)
+        };
+        // Stamped before the horizon, committed after the queries (cluster time 2 s): late.
+        let late = change(900, "8200000002000000012B");
+        // Stamped before the horizon, committed long before: the queries delivered it.
+        let early = change(950, "8200000001000000022B");
+        let on_time = change(1_100, "8200000002000000032B");
+        for change in [&early, &late, &on_time] {
+            assert!(subscriber.offer(change).await);
+        }
+        let (_, event) = *delivered.try_recv().unwrap().unwrap();
+        assert_eq!(event.sequence_nr.get(), 1_100);
+        assert!(delivered.try_recv().is_err());
+
+        // Re-stamps far ahead (past the repeat window), in commit order.
+        for change in [
+            restamp(950, 90_000, "8200000005000000012B"),
+            restamp(1_100, 90_001, "8200000005000000022B"),
+            restamp(900, 90_002, "8200000005000000032B"),
+            restamp(900, 90_003, "8200000006000000012B"),
+        ] {
+            assert!(subscriber.offer(&change).await);
+        }
+        let (offset, event) = *delivered.try_recv().unwrap().unwrap();
+        assert_eq!(
+            (event.sequence_nr.get(), offset.position.written_at_millis),
+            (900, 90_002),
+            "the late insert's first re-stamp, and only that"
+        );
+        assert!(delivered.try_recv().is_err());
     }
 
     /// A fallback from a change offset goes back from the change's commit (its token's cluster
