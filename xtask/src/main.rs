@@ -4,7 +4,8 @@
 //! server binary, SSPL-licensed): it is installed into `.local/mongodb` on first use and never
 //! committed. Each instance (`dev`, `test`, `bench`) runs as a single-node replica set on 127.0.0.1 with
 //! its data, log and pid file under `.local/<instance>/`, so transactions and change streams
-//! work.
+//! work; `mongod-start --members 3` starts a three-member set with quick elections instead
+//! (`make failover-set`), one folder per member.
 
 mod mongod;
 mod s3;
