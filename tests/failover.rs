@@ -15,15 +15,13 @@ use std::collections::{BTreeMap, BTreeSet, HashMap};
 use std::sync::{Arc, Mutex};
 use std::time::{Duration, Instant};
 
-use common::read::{assert_in_sequence_order, current_ids_once, tagged};
+use common::read::{ResumingSubscriber, assert_in_sequence_order, current_ids_once, tagged};
 use common::replica_set::ReplicaSet;
 use common::*;
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use proto::v1 as pb;
 use proto::v1::journal_client::JournalClient;
-use proto::v1::read_journal_client::ReadJournalClient;
-use query::offset::Position;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -91,15 +89,10 @@ struct Record {
     slowest_written: Duration,
 }
 
-/// `(pid, seqNr, writtenAt of the position it was delivered at)`, in delivery order.
-type Received = Arc<Mutex<Vec<(String, i64, i64)>>>;
-
+/// A live subscriber on one of the servers, and which live mode that server runs.
 struct Subscriber {
     mode: &'static str,
-    received: Received,
-    /// How often its stream broke and it resumed from its last offset.
-    reconnects: Arc<Mutex<usize>>,
-    task: tokio::task::JoinHandle<()>,
+    stream: ResumingSubscriber,
 }
 
 /// Two servers on one replica set, writers on both, one live subscriber on each.
@@ -288,7 +281,7 @@ impl Load {
                 &format!("the {} subscriber catches up", subscriber.mode),
                 Duration::from_secs(60),
                 || async {
-                    let received = subscriber.received.lock().unwrap();
+                    let received = subscriber.stream.received.lock().unwrap();
                     let distinct: BTreeSet<(&str, i64)> = received
                         .iter()
                         .map(|(pid, nr, _)| (pid.as_str(), *nr))
@@ -300,15 +293,15 @@ impl Load {
         }
         self.stop_reading.cancel();
         for subscriber in subscribers {
-            subscriber.task.await.unwrap();
-            let received = subscriber.received.lock().unwrap().clone();
+            subscriber.stream.task.await.unwrap();
+            let received = subscriber.stream.received.lock().unwrap().clone();
             check_deliveries(subscriber.mode, &received, &stored);
             eprintln!(
                 "{}: {} deliveries of {} events, {} reconnects",
                 subscriber.mode,
                 received.len(),
                 stored.len(),
-                subscriber.reconnects.lock().unwrap()
+                subscriber.stream.reconnects.lock().unwrap()
             );
         }
 
@@ -442,65 +435,15 @@ fn write(
     })
 }
 
-/// A live `EventsByTag` subscriber that resumes from its last offset whenever its stream
-/// breaks.
 fn subscribe(
     channel: Channel,
     mode: &'static str,
     tag: &'static str,
     stop: CancellationToken,
 ) -> Subscriber {
-    let received = Received::default();
-    let reconnects = Arc::new(Mutex::new(0));
-    let task = {
-        let received = received.clone();
-        let reconnects = reconnects.clone();
-        tokio::spawn(async move {
-            let mut client = ReadJournalClient::new(channel);
-            let mut offset = String::new();
-            let mut first = true;
-            while !stop.is_cancelled() {
-                if !first {
-                    *reconnects.lock().unwrap() += 1;
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                }
-                first = false;
-                let request = pb::EventsByTagRequest {
-                    tag: tag.into(),
-                    offset: offset.clone(),
-                };
-                let Ok(response) = client.events_by_tag(request).await else {
-                    continue;
-                };
-                let mut stream = response.into_inner();
-                loop {
-                    tokio::select! {
-                        () = stop.cancelled() => break,
-                        message = stream.message() => match message {
-                            Ok(Some(envelope)) => {
-                                let event = envelope.event.unwrap();
-                                let position = Position::parse_offset("offset", &envelope.offset)
-                                    .unwrap()
-                                    .unwrap();
-                                received.lock().unwrap().push((
-                                    event.persistence_id,
-                                    event.sequence_nr,
-                                    position.written_at_millis,
-                                ));
-                                offset = envelope.offset;
-                            }
-                            _ => break,
-                        },
-                    }
-                }
-            }
-        })
-    };
     Subscriber {
         mode,
-        received,
-        reconnects,
-        task,
+        stream: ResumingSubscriber::start(channel, tag, stop),
     }
 }
 
@@ -681,6 +624,7 @@ async fn write_until_answered(
 
 fn delivered(subscriber: &Subscriber, pid: &str) -> Vec<i64> {
     subscriber
+        .stream
         .received
         .lock()
         .unwrap()
@@ -851,6 +795,6 @@ async fn a_write_rolled_back_on_an_isolated_primary_is_never_delivered() {
     }
     stop.cancel();
     for subscriber in subscribers {
-        subscriber.task.await.unwrap();
+        subscriber.stream.task.await.unwrap();
     }
 }

@@ -10,14 +10,12 @@ use std::time::{Duration, Instant};
 
 use common::own_mongod::OwnMongod;
 use common::process::{ServerProcess, wait_until_serving};
-use common::read::tagged;
+use common::read::{ResumingSubscriber, tagged};
 use common::*;
 use futures::TryStreamExt;
 use mongodb::bson::{Document, doc};
 use proto::v1 as pb;
 use proto::v1::journal_client::JournalClient;
-use proto::v1::read_journal_client::ReadJournalClient;
-use query::offset::Position;
 use tokio_util::sync::CancellationToken;
 use tonic::Code;
 use tonic::transport::Channel;
@@ -201,58 +199,6 @@ async fn kill_9_of_mongodb_under_load_loses_nothing_acknowledged() {
     check_stored(&journal, &record).await;
 }
 
-/// The eventjournal binary as a separate process; killed when dropped, so a failing test
-/// leaves no server behind.
-/// `(pid, seqNr, writtenAt of the position it was delivered at)`, in delivery order.
-type Received = Arc<Mutex<Vec<(String, i64, i64)>>>;
-
-/// A live `EventsByTag` subscriber that reconnects from its last offset whenever its stream
-/// breaks. Collects every (pid, seqNr) received, in order, duplicates included.
-fn subscribe(
-    channel: Channel,
-    received: Received,
-    stop: CancellationToken,
-) -> tokio::task::JoinHandle<()> {
-    tokio::spawn(async move {
-        let mut client = ReadJournalClient::new(channel);
-        let mut offset = String::new();
-        while !stop.is_cancelled() {
-            let request = pb::EventsByTagRequest {
-                tag: TAG.into(),
-                offset: offset.clone(),
-            };
-            let mut stream = match client.events_by_tag(request).await {
-                Ok(response) => response.into_inner(),
-                Err(_) => {
-                    tokio::time::sleep(Duration::from_millis(100)).await;
-                    continue;
-                }
-            };
-            loop {
-                tokio::select! {
-                    () = stop.cancelled() => break,
-                    message = stream.message() => match message {
-                        Ok(Some(envelope)) => {
-                            let event = envelope.event.unwrap();
-                            let position = Position::parse_offset("offset", &envelope.offset)
-                                .unwrap()
-                                .unwrap();
-                            received.lock().unwrap().push((
-                                event.persistence_id,
-                                event.sequence_nr,
-                                position.written_at_millis,
-                            ));
-                            offset = envelope.offset;
-                        }
-                        // The server went away: resume from the last offset.
-                        _ => break,
-                    },
-                }
-            }
-        }
-    })
-}
-
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() {
     let database = unique_database("kill9_server");
@@ -266,8 +212,8 @@ async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() 
     let record = Arc::new(Mutex::new(Record::default()));
     let stop_writing = CancellationToken::new();
     let stop_reading = CancellationToken::new();
-    let received = Received::default();
-    let subscriber = subscribe(channel.clone(), received.clone(), stop_reading.clone());
+    let subscriber = ResumingSubscriber::start(channel.clone(), TAG, stop_reading.clone());
+    let received = subscriber.received.clone();
     let writers = start_writers(channel, record.clone(), stop_writing.clone());
 
     wait_until(
@@ -315,7 +261,7 @@ async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() 
     )
     .await;
     stop_reading.cancel();
-    subscriber.await.unwrap();
+    subscriber.task.await.unwrap();
     let received = received.lock().unwrap().clone();
     // Where each event is stored now, in read-journal order.
     let mut stored_at: HashMap<(String, i64), i64> = HashMap::new();

@@ -317,21 +317,21 @@ impl ChangeStreams {
         sink: Sink<PersistentEvent>,
     ) {
         let shared = self.shared();
+        // From a client's change offset, what the earlier connection passed over is not known.
+        let late = if start.as_ref().is_some_and(|start| start.change.is_some()) {
+            LateInserts::Unknown
+        } else {
+            LateInserts::Known(HashSet::new())
+        };
         let mut subscriber = Subscriber {
             feed,
             sink,
             cancel: self.shutdown.clone(),
-            last: start.clone(),
+            last: start,
             seen: None,
             skip: None,
             delivered: Delivered::new(2 * self.drift_millis()),
-            // From a client's change offset, what the earlier connection passed over is not
-            // known.
-            late: if start.as_ref().is_some_and(|start| start.change.is_some()) {
-                LateInserts::Unknown
-            } else {
-                LateInserts::Known(HashSet::new())
-            },
+            late,
             late_since: 0,
         };
         loop {
@@ -740,28 +740,7 @@ impl Subscriber {
         if newest.is_some_and(|newest| &change.token <= newest) {
             return true;
         }
-        let pass_over = if !self.feed.selector.matches(&change.event) {
-            true
-        } else {
-            let id = || {
-                let event = &change.event;
-                (
-                    event.persistence_id.as_str().to_owned(),
-                    event.sequence_nr.get(),
-                )
-            };
-            if change.restamp {
-                !self.late.deliver_restamp(&id())
-            } else if skipped(&self.skip, change) {
-                if change.cluster_time.0 >= self.late_since {
-                    self.late.passed_over(id());
-                }
-                true
-            } else {
-                false
-            }
-        };
-        if pass_over {
+        if !self.feed.selector.matches(&change.event) || self.delivered_already(change) {
             self.seen = Some(Arc::clone(change));
             return true;
         }
@@ -771,6 +750,29 @@ impl Subscriber {
             change: Some(change.token.clone()),
         };
         self.send(offset, change.event.clone()).await
+    }
+
+    /// Whether a matching change went out before: an insert the step 1 queries delivered (one
+    /// that may be a late write they could not see is remembered), or a re-stamp of an insert
+    /// this subscriber did not pass over.
+    fn delivered_already(&mut self, change: &Changed) -> bool {
+        let id = || {
+            let event = &change.event;
+            (
+                event.persistence_id.as_str().to_owned(),
+                event.sequence_nr.get(),
+            )
+        };
+        if change.restamp {
+            return !self.late.deliver_restamp(&id());
+        }
+        if !skipped(&self.skip, change) {
+            return false;
+        }
+        if change.cluster_time.0 >= self.late_since {
+            self.late.passed_over(id());
+        }
+        true
     }
 
     /// Folds the latest change passed over into `last`.
@@ -911,7 +913,7 @@ fn resume_token(hex: &str) -> Option<ResumeToken> {
 
 /// A live event's change, or `None` for a deleted event.
 fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
-    let operation = change.operation_type.clone();
+    let restamp = !matches!(change.operation_type, OperationType::Insert);
     let token = token_hex(&change.id)?;
     let cluster_time = change
         .cluster_time
@@ -927,7 +929,7 @@ fn changed(change: ChangeStreamEvent<EventDocument>) -> Option<Changed> {
             event,
             token,
             cluster_time,
-            restamp: !matches!(operation, OperationType::Insert),
+            restamp,
         }),
         Err(error) => {
             tracing::error!(error = %mongo::describe_chain(&error), "change stream: corrupt journal document");
@@ -1150,16 +1152,19 @@ mod tests {
         })
     }
 
-    /// Changes the step 1 queries delivered (stamped at or before their horizon) are passed over
-    /// whatever brings them, also the shared stream after the subscriber joined it (a stream
-    /// opened in the past replays them), and still move the subscriber's resume point on.
-    #[tokio::test]
-    async fn changes_the_queries_delivered_are_passed_over_on_every_path() {
+    /// A subscriber of tag `t` whose step 1 queries ran up to horizon 1,000 ms at cluster time
+    /// `late_since` (seconds), and what it delivers.
+    async fn subscriber_after_queries(
+        late_since: u32,
+    ) -> (
+        Subscriber,
+        mpsc::Receiver<Result<Box<(Offset, PersistentEvent)>, QueryError>>,
+    ) {
         let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1")
             .await
             .unwrap();
-        let (sink, mut delivered) = mpsc::channel(8);
-        let mut subscriber = Subscriber {
+        let (sink, delivered) = mpsc::channel(8);
+        let subscriber = Subscriber {
             feed: EventFeed {
                 events: client.database("unused").collection("journal"),
                 retry: mongo::Retry::new(&config::RetrySettings::default()),
@@ -1172,8 +1177,17 @@ mod tests {
             skip: Some((1_000, None)),
             delivered: Delivered::new(100),
             late: LateInserts::Known(HashSet::new()),
-            late_since: 0,
+            late_since,
         };
+        (subscriber, delivered)
+    }
+
+    /// Changes the step 1 queries delivered (stamped at or before their horizon) are passed over
+    /// whatever brings them, also the shared stream after the subscriber joined it (a stream
+    /// opened in the past replays them), and still move the subscriber's resume point on.
+    #[tokio::test]
+    async fn changes_the_queries_delivered_are_passed_over_on_every_path() {
+        let (mut subscriber, mut delivered) = subscriber_after_queries(0).await;
         let old = change(900, "8200000001000000012B");
         let new = change(1_100, "8200000002000000012B");
         assert!(subscriber.offer(&old).await);
@@ -1198,25 +1212,7 @@ mod tests {
     /// again, however long after the re-stamp comes.
     #[tokio::test]
     async fn a_restamp_goes_only_to_subscribers_that_passed_over_the_insert() {
-        let client = mongodb::Client::with_uri_str("mongodb://127.0.0.1:1")
-            .await
-            .unwrap();
-        let (sink, mut delivered) = mpsc::channel(8);
-        let mut subscriber = Subscriber {
-            feed: EventFeed {
-                events: client.database("unused").collection("journal"),
-                retry: mongo::Retry::new(&config::RetrySettings::default()),
-                selector: crate::feed::EventSelector::Tag("t".into()),
-            },
-            sink,
-            cancel: CancellationToken::new(),
-            last: None,
-            seen: None,
-            skip: Some((1_000, None)),
-            delivered: Delivered::new(100),
-            late: LateInserts::Known(HashSet::new()),
-            late_since: 2,
-        };
+        let (mut subscriber, mut delivered) = subscriber_after_queries(2).await;
         let restamp = |sequence_nr: i64, millis: i64, token: &str| {
             let mut change = Arc::into_inner(change(sequence_nr, token)).unwrap();
             change.position.written_at_millis = millis;

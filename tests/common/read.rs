@@ -1,5 +1,6 @@
 //! Helpers for read-journal tests, shared by the suites that need them.
 
+use std::sync::{Arc, Mutex};
 use std::time::Duration;
 
 use proto::v1 as pb;
@@ -123,5 +124,81 @@ pub fn assert_in_sequence_order(events: &[(String, i64)]) {
             "{pid}: read-journal order {events:?} does not follow sequence numbers"
         );
         *expected += 1;
+    }
+}
+
+/// `(pid, seqNr, writtenAt of the position it was delivered at)`, in delivery order.
+pub type Received = Arc<Mutex<Vec<(String, i64, i64)>>>;
+
+/// A live `EventsByTag` subscriber that resumes from its last offset whenever its stream
+/// breaks (the server went away or failed it), until `stop`.
+pub struct ResumingSubscriber {
+    /// Every event received, in order, repeats included.
+    pub received: Received,
+    /// How often its stream broke and it resumed.
+    pub reconnects: Arc<Mutex<usize>>,
+    pub task: tokio::task::JoinHandle<()>,
+}
+
+impl ResumingSubscriber {
+    pub fn start(
+        channel: Channel,
+        tag: &'static str,
+        stop: tokio_util::sync::CancellationToken,
+    ) -> Self {
+        let received = Received::default();
+        let reconnects = Arc::new(Mutex::new(0));
+        let task = {
+            let received = received.clone();
+            let reconnects = reconnects.clone();
+            tokio::spawn(async move {
+                let mut client = ReadJournalClient::new(channel);
+                let mut offset = String::new();
+                let mut first = true;
+                while !stop.is_cancelled() {
+                    if !first {
+                        *reconnects.lock().unwrap() += 1;
+                        tokio::time::sleep(Duration::from_millis(100)).await;
+                    }
+                    first = false;
+                    let request = pb::EventsByTagRequest {
+                        tag: tag.into(),
+                        offset: offset.clone(),
+                    };
+                    let Ok(response) = client.events_by_tag(request).await else {
+                        continue;
+                    };
+                    let mut stream = response.into_inner();
+                    loop {
+                        tokio::select! {
+                            () = stop.cancelled() => break,
+                            message = stream.message() => match message {
+                                Ok(Some(envelope)) => {
+                                    let event = envelope.event.unwrap();
+                                    let position = query::offset::Position::parse_offset(
+                                        "offset",
+                                        &envelope.offset,
+                                    )
+                                    .unwrap()
+                                    .unwrap();
+                                    received.lock().unwrap().push((
+                                        event.persistence_id,
+                                        event.sequence_nr,
+                                        position.written_at_millis,
+                                    ));
+                                    offset = envelope.offset;
+                                }
+                                _ => break,
+                            },
+                        }
+                    }
+                }
+            })
+        };
+        Self {
+            received,
+            reconnects,
+            task,
+        }
     }
 }

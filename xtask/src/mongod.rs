@@ -139,10 +139,11 @@ impl Instance {
     /// SIGTERM, then SIGKILL after 30 s.
     pub fn stop(&self) -> anyhow::Result<()> {
         for member in 0.. {
-            let pid_file = self.member_dir(member).join("mongod.pid");
-            if !self.member_dir(member).exists() {
+            let directory = self.member_dir(member);
+            if !directory.exists() {
                 break;
             }
+            let pid_file = directory.join("mongod.pid");
             if let Some(pid) = running_pid(&pid_file) {
                 stop_process(pid)?;
                 let _ = fs::remove_file(&pid_file);
@@ -351,33 +352,36 @@ async fn initiate_replica_set(port: u16, members: &[u16]) -> anyhow::Result<()> 
 
 /// Waits until the member on `port` is PRIMARY or SECONDARY.
 async fn wait_for_member(port: u16) -> anyhow::Result<()> {
-    let admin = direct_client(port).await?.database("admin");
-    let deadline = Instant::now() + Duration::from_secs(60);
-    loop {
-        if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await
-            && (reply.get_bool("isWritablePrimary").unwrap_or(false)
-                || reply.get_bool("secondary").unwrap_or(false))
-        {
-            return Ok(());
-        }
-        if Instant::now() > deadline {
-            bail!("mongod on port {port} did not become PRIMARY or SECONDARY within 60 s");
-        }
-        tokio::time::sleep(Duration::from_millis(200)).await;
-    }
+    wait_for_state(port, "PRIMARY or SECONDARY", |hello| {
+        hello.get_bool("isWritablePrimary").unwrap_or(false)
+            || hello.get_bool("secondary").unwrap_or(false)
+    })
+    .await
 }
 
 async fn wait_for_primary(port: u16) -> anyhow::Result<()> {
+    wait_for_state(port, "PRIMARY", |hello| {
+        hello.get_bool("isWritablePrimary").unwrap_or(false)
+    })
+    .await
+}
+
+/// Waits (up to 60 s) until the `hello` reply of the mongod on `port` satisfies `reached`.
+async fn wait_for_state(
+    port: u16,
+    state: &str,
+    reached: impl Fn(&mongodb::bson::Document) -> bool,
+) -> anyhow::Result<()> {
     let admin = direct_client(port).await?.database("admin");
     let deadline = Instant::now() + Duration::from_secs(60);
     loop {
         if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await
-            && reply.get_bool("isWritablePrimary").unwrap_or(false)
+            && reached(&reply)
         {
             return Ok(());
         }
         if Instant::now() > deadline {
-            bail!("mongod on port {port} did not become PRIMARY within 60 s");
+            bail!("mongod on port {port} did not become {state} within 60 s");
         }
         tokio::time::sleep(Duration::from_millis(200)).await;
     }
