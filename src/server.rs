@@ -37,9 +37,18 @@ pub async fn run(
     let mongodb = &settings.mongodb;
     let database = crate::ops::connect(&settings).await?;
 
-    let journal = Journal::new(&database, &settings);
+    if mongodb.create_indexes {
+        crate::ops::indexes::create_missing(&database, &settings).await?;
+    }
+    // Every position this server writes is stamped here, and every query's horizon comes from
+    // here (read-journal.horizon). It publishes until the last call is over, after shutdown.
+    let publishing = CancellationToken::new();
+    let watermarks = mongo::Watermarks::start(&database, &settings, publishing.clone())
+        .await
+        .context("joining the servers that publish read-journal watermarks")?;
+    let journal = Journal::new(&database, &settings, watermarks.clone());
     let snapshots = SnapshotStore::new(&database, &settings);
-    let durable_state = DurableStateStore::new(&database, &settings);
+    let durable_state = DurableStateStore::new(&database, &settings, watermarks.clone());
     // The read journal has a connection pool of its own (read-journal.max-pool-size), so
     // subscribers catching up can never take the connections writes need.
     let read_database = mongo::connect(&config::MongoSettings {
@@ -55,11 +64,9 @@ pub async fn run(
     let queries = Arc::new(ReadJournal::new(
         &read_database,
         &settings,
+        watermarks.clone(),
         shutdown.clone(),
     ));
-    if mongodb.create_indexes {
-        crate::ops::indexes::create_missing(&database, &settings).await?;
-    }
 
     let (health_reporter, health_service) = tonic_health::server::health_reporter();
     crate::health::set_all(&health_reporter, tonic_health::ServingStatus::Serving).await;
@@ -164,6 +171,10 @@ pub async fn run(
         }
         () = &mut grace_over => tracing::warn!("shutdown grace period over; exiting with calls still in flight"),
     }
+    // No write of this server is in flight any more (or the grace period is over, and the
+    // others retire it when its lease runs out): it stops holding queries back.
+    publishing.cancel();
+    watermarks.leave().await;
     tracing::info!("eventjournal stopped");
     Ok(())
 }

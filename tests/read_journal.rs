@@ -1182,7 +1182,8 @@ async fn the_metrics_endpoint_shows_how_far_behind_now_live_queries_run() {
         .unwrap_or_else(|| panic!("no delivery lag in:\n{response}"));
     let count: f64 = count_line.rsplit(' ').next().unwrap().parse().unwrap();
     assert!(count >= 1.0, "{count_line}");
-    // The polling window shows: events reach subscribers at least the allowed drift late.
+    // Watermarks: events reach subscribers about a poll interval late (50 ms here), well
+    // within the allowed drift (500 ms here) that fixed-drift mode waits out.
     let sum_line = response
         .lines()
         .find(|line| {
@@ -1190,7 +1191,7 @@ async fn the_metrics_endpoint_shows_how_far_behind_now_live_queries_run() {
         })
         .unwrap();
     let sum: f64 = sum_line.rsplit(' ').next().unwrap().parse().unwrap();
-    assert!(sum / count >= 0.5, "{sum_line} / {count_line}");
+    assert!(sum / count < 0.4, "{sum_line} / {count_line}");
 }
 
 /// Which live mechanism a test runs against.

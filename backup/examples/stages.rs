@@ -132,7 +132,7 @@ async fn main() -> anyhow::Result<()> {
         report(&format!("{compression}"), started, cpu_before);
     }
     let (started, cpu_before) = (Instant::now(), cpu());
-    let mut writer = backup::encrypt::encrypt(&[recipient.clone()], Box::new(Sink))?;
+    let mut writer = backup::encrypt::encrypt(std::slice::from_ref(&recipient), Box::new(Sink))?;
     for chunk in bytes.chunks(1 << 20) {
         writer.write_all(chunk)?;
     }

@@ -23,6 +23,16 @@ pub struct Settings {
     pub backup: BackupSettings,
     pub purge: PurgeSettings,
     pub check: CheckSettings,
+    pub testing: TestingSettings,
+}
+
+/// Settings that exist for tests only.
+#[derive(Debug, Clone, PartialEq, Serialize, Deserialize, Default)]
+#[serde(rename_all = "kebab-case", deny_unknown_fields, default)]
+pub struct TestingSettings {
+    /// Added to this server's clock (milliseconds, may be negative) wherever it stamps a
+    /// position or computes a read horizon: how tests run servers whose clocks disagree.
+    pub clock_offset_millis: i64,
 }
 
 /// How long purged documents stay: `eventjournal purge setup` creates the TTL indexes from
@@ -466,6 +476,9 @@ pub struct CollectionNames {
     pub journal_metadata: String,
     pub snapshots: String,
     pub durable_state: String,
+    /// One document per running server: its published low watermark and lease (see
+    /// `read-journal.horizon`).
+    pub watermarks: String,
 }
 
 impl Default for CollectionNames {
@@ -475,6 +488,7 @@ impl Default for CollectionNames {
             journal_metadata: "journal_metadata".to_owned(),
             snapshots: "snapshots".to_owned(),
             durable_state: "durable_state".to_owned(),
+            watermarks: "watermarks".to_owned(),
         }
     }
 }
@@ -529,8 +543,20 @@ impl Default for WriteJournalSettings {
 pub struct ReadJournalSettings {
     /// Feed live queries from a MongoDB change stream instead of polling.
     pub use_change_streams: bool,
-    /// Polling reads only events written before `now - allowed-time-drift`, so events
-    /// committed late by slow or clock-skewed writers are not passed over.
+    /// How far queries read: `watermarks` (up to what every running server has published as
+    /// settled) or `fixed-drift` (up to `now - allowed-time-drift`). Unset: `watermarks` on
+    /// MongoDB, `fixed-drift` in `cosmos` database mode.
+    pub horizon: Option<HorizonMode>,
+    /// Watermarks: how often each server publishes its low watermark and renews its lease.
+    #[serde(with = "humantime_serde")]
+    pub watermark_interval: Duration,
+    /// Watermarks: a server that has not renewed its lease for this long (by MongoDB's clock)
+    /// stops holding queries back; its writes still in flight are settled first.
+    #[serde(with = "humantime_serde")]
+    pub watermark_lease: Duration,
+    /// Fixed drift: polling reads only events written before `now - allowed-time-drift`, so
+    /// events committed late by slow or clock-skewed writers are not passed over. Both modes:
+    /// the margin of change-stream subscribers joining the shared stream.
     #[serde(with = "humantime_serde")]
     pub allowed_time_drift: Duration,
     /// Events read per query batch.
@@ -551,6 +577,9 @@ impl Default for ReadJournalSettings {
     fn default() -> Self {
         Self {
             use_change_streams: false,
+            horizon: None,
+            watermark_interval: Duration::from_millis(50),
+            watermark_lease: Duration::from_secs(5),
             allowed_time_drift: Duration::from_secs(2),
             batch_size: 500,
             poll_interval: Duration::from_secs(1),
@@ -558,6 +587,28 @@ impl Default for ReadJournalSettings {
             change_stream_history: ByteSize::mib(16),
             change_stream_restart: BackoffSettings::default(),
         }
+    }
+}
+
+/// How far a query may read without missing a write still in flight.
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum HorizonMode {
+    /// Up to the lowest low watermark the running servers published.
+    Watermarks,
+    /// Up to `now - allowed-time-drift`.
+    FixedDrift,
+}
+
+impl Settings {
+    /// The horizon mode in effect (`read-journal.horizon`, or the database mode's default).
+    pub fn horizon_mode(&self) -> HorizonMode {
+        self.read_journal
+            .horizon
+            .unwrap_or(match self.mongodb.database_mode {
+                DatabaseMode::Mongo => HorizonMode::Watermarks,
+                DatabaseMode::Cosmos => HorizonMode::FixedDrift,
+            })
     }
 }
 

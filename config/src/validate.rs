@@ -343,6 +343,13 @@ impl Settings {
             "must be 1 to 100000",
         );
         problems.positive("read-journal.poll-interval", read.poll_interval);
+        problems.positive("read-journal.watermark-interval", read.watermark_interval);
+        problems.check(
+            read.watermark_lease >= 4 * read.watermark_interval,
+            "read-journal.watermark-lease",
+            humantime::format_duration(read.watermark_lease).to_string(),
+            "must be at least 4 x read-journal.watermark-interval (a lease outlives a few missed renewals)",
+        );
         problems.check(
             read.max_pool_size >= 1,
             "read-journal.max-pool-size",

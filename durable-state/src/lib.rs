@@ -134,10 +134,16 @@ pub struct DurableStateStore {
     retry: Retry,
     bypass_document_validation: bool,
     commit_quorum: CommitQuorum,
+    /// Stamps `writtenAt` (change-query order) and holds it in flight until acknowledged.
+    watermarks: mongo::Watermarks,
 }
 
+/// How often a change acknowledged late is moved forward at most.
+const MAX_RESTAMPS: usize = 3;
+
 impl DurableStateStore {
-    pub fn new(database: &Database, settings: &Settings) -> Self {
+    /// `watermarks` stamps every change this server writes (see [`mongo::watermark`]).
+    pub fn new(database: &Database, settings: &Settings, watermarks: mongo::Watermarks) -> Self {
         let name = &settings.mongodb.collections.durable_state;
         let primary_local = CollectionOptions::builder()
             .read_concern(ReadConcern::local())
@@ -149,6 +155,7 @@ impl DurableStateStore {
             retry: Retry::new(&settings.mongodb.retry),
             bypass_document_validation: settings.mongodb.bypass_document_validation,
             commit_quorum: commit_quorum(&settings.mongodb.index_commit_quorum),
+            watermarks,
         }
     }
 
@@ -270,7 +277,8 @@ impl DurableStateStore {
                 stored: Revision::ZERO,
             });
         };
-        let now = DateTime::now();
+        let stamp = self.watermarks.stamp();
+        let now = stamp.date_time();
         set.insert(REVISION, revision.get());
         set.insert(TIMESTAMP, now.timestamp_millis());
         set.insert(WRITTEN_AT, now);
@@ -288,7 +296,9 @@ impl DurableStateStore {
             })
             .await;
         match result {
-            Ok(outcome) if outcome.matched_count == 1 || outcome.upserted_id.is_some() => Ok(()),
+            Ok(outcome) if outcome.matched_count == 1 || outcome.upserted_id.is_some() => {
+                self.restamp_if_late(stamp, persistence_id, revision).await
+            }
             Ok(_) => {
                 self.stale_or_applied(persistence_id, revision, &applied)
                     .await
@@ -297,8 +307,59 @@ impl DurableStateStore {
                 self.stale_or_applied(persistence_id, revision, &applied)
                     .await
             }
-            Err(error) => Err(self.retry.failure(operation, true, error).into()),
+            Err(error) => {
+                // It may still be applied: keep holding the horizon below it for a while.
+                stamp.release_after_lease();
+                Err(self.retry.failure(operation, true, error).into())
+            }
         }
+    }
+
+    /// A change acknowledged late (this server's watermark lease may have lapsed meanwhile, or
+    /// half the drift passed in fixed-drift mode) may have been passed over by change queries:
+    /// it moves forward in change-query order, as late journal writes do.
+    async fn restamp_if_late(
+        &self,
+        mut stamp: mongo::InFlight,
+        persistence_id: &PersistenceId,
+        revision: Revision,
+    ) -> Result<(), DurableStateError> {
+        let operation = "re-stamp a late change";
+        for _ in 0..MAX_RESTAMPS {
+            if !self.watermarks.acknowledged(&stamp).is_late(stamp.millis()) {
+                return Ok(());
+            }
+            let later = self.watermarks.stamp();
+            tracing::warn!(
+                pid = persistence_id.as_str(),
+                lateness_ms = later.millis() - stamp.millis(),
+                "change acknowledged late; moving it forward in change-query order"
+            );
+            let filter = doc! {
+                "_id": persistence_id.as_str(),
+                REVISION: revision.get(),
+                WRITTEN_AT: stamp.date_time(),
+            };
+            let update = doc! { "$set": { WRITTEN_AT: later.date_time() } };
+            let result = self
+                .retry
+                .run(operation, || {
+                    self.objects
+                        .update_one(filter.clone(), update.clone())
+                        .bypass_document_validation(self.bypass_document_validation)
+                })
+                .await;
+            if let Err(error) = result {
+                later.release_after_lease();
+                return Err(self.retry.failure(operation, true, error).into());
+            }
+            stamp = later;
+        }
+        tracing::error!(
+            pid = persistence_id.as_str(),
+            "MongoDB stayed slow; live change queries may pass over this change"
+        );
+        Ok(())
     }
 
     /// The conditional write did not match: either this very change is stored already (an

@@ -55,9 +55,10 @@ pub struct Journal {
 
 impl Journal {
     /// The journal over `database`; starts the group-commit writer (needs a Tokio runtime).
-    pub fn new(database: &Database, settings: &Settings) -> Self {
+    /// `watermarks` stamps every position this server writes (see [`mongo::watermark`]).
+    pub fn new(database: &Database, settings: &Settings, watermarks: mongo::Watermarks) -> Self {
         let names = &settings.mongodb.collections;
-        let store = Arc::new(EventStore::new(database, settings));
+        let store = Arc::new(EventStore::new(database, settings, watermarks));
         let writer = Writer::start(store.clone(), &settings.write_journal);
         Self {
             events: database.collection(&names.journal),

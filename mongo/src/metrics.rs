@@ -38,6 +38,33 @@ pub static WRITABLE_PRIMARY: LazyLock<IntGauge> = LazyLock::new(|| {
     .expect("metric registered once")
 });
 
+/// Servers whose watermarks bound this server's read horizon, itself included (watermark mode).
+pub static WATERMARK_SERVERS: LazyLock<IntGauge> = LazyLock::new(|| {
+    register_int_gauge!(
+        "eventjournal_mongodb_watermark_servers",
+        "Servers whose published watermarks bound this server's read horizon, itself included"
+    )
+    .expect("metric registered once")
+});
+
+/// Servers this one retired because their watermark lease ran out.
+pub static WATERMARK_RETIREMENTS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "eventjournal_mongodb_watermark_retirements_total",
+        "Servers this one retired because their watermark lease ran out (they stopped holding queries back)"
+    )
+    .expect("metric registered once")
+});
+
+/// Times this server found itself retired (its lease ran out) and joined again.
+pub static WATERMARK_REJOINS: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "eventjournal_mongodb_watermark_rejoins_total",
+        "Times this server found another had retired it (its watermark lease ran out) and joined again"
+    )
+    .expect("metric registered once")
+});
+
 /// The client had a writable primary and lost it (so finding one again is worth a log line).
 static LOST_PRIMARY: AtomicBool = AtomicBool::new(false);
 

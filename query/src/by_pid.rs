@@ -76,7 +76,7 @@ impl PidWatch {
             tokio::spawn(poll_written_pids(
                 self.events.clone(),
                 self.retry.clone(),
-                self.polling,
+                self.polling.clone(),
                 Arc::clone(&self.registry),
                 self.shutdown.child_token(),
             ));
@@ -100,8 +100,9 @@ async fn poll_written_pids(
     registry: Arc<Mutex<WatchRegistry>>,
     stop: CancellationToken,
 ) {
-    let drift = polling.allowed_time_drift.as_millis() as i64;
-    let mut previous_start = crate::live::now_millis();
+    // Each poll reads the ids written after the previous poll's horizon: anything stamped at
+    // or before it had committed by then, so the previous poll saw it.
+    let mut previous_start = polling.horizon_millis();
     loop {
         tokio::select! {
             () = stop.cancelled() => {
@@ -121,8 +122,8 @@ async fn poll_written_pids(
             }
             registry.watched.keys().cloned().collect()
         };
-        let start = crate::live::now_millis();
-        let from = DateTime::from_millis(previous_start - drift);
+        let start = polling.horizon_millis();
+        let from = DateTime::from_millis(previous_start);
         let operation = "read recently written persistence ids";
         // Streamed into a set of the watched ids: memory stays flat however long the window
         // (after failed polls it reaches back to the last good one).
@@ -234,6 +235,10 @@ pub async fn events(
                 return;
             }
             next = sequence_nr + 1;
+        }
+        if next > to {
+            // A bounded query is complete once `to` is delivered: nothing to wait for.
+            return;
         }
         if full && !waiting_on_gap {
             continue;

@@ -8,6 +8,8 @@ pub enum QueryError {
     Mongo(Box<MongoError>),
     #[error("corrupt journal data: {0}")]
     Corrupt(String),
+    #[error(transparent)]
+    Horizon(#[from] mongo::HorizonUnavailable),
 }
 
 impl StorageError for QueryError {
@@ -15,6 +17,7 @@ impl StorageError for QueryError {
         match self {
             Self::Mongo(error) => error.kind(),
             Self::Corrupt(_) => FailureKind::Internal,
+            Self::Horizon(_) => FailureKind::Unavailable,
         }
     }
 }

@@ -45,9 +45,16 @@ pub struct ReadJournal {
 }
 
 impl ReadJournal {
-    pub fn new(database: &Database, settings: &Settings, shutdown: CancellationToken) -> Self {
+    /// `watermarks` gives the horizon queries read up to (see [`mongo::watermark`]).
+    pub fn new(
+        database: &Database,
+        settings: &Settings,
+        watermarks: mongo::Watermarks,
+        shutdown: CancellationToken,
+    ) -> Self {
         let read = &settings.read_journal;
         let polling = Polling {
+            watermarks,
             allowed_time_drift: read.allowed_time_drift,
             poll_interval: read.poll_interval,
             batch_size: read.batch_size as usize,
@@ -69,13 +76,13 @@ impl ReadJournal {
             objects: database.collection(&names.durable_state),
             metadata: database.collection(&names.journal_metadata),
             retry: retry.clone(),
-            polling,
-            event_hubs: Hubs::new(journal_tail, polling, shutdown.clone()),
+            polling: polling.clone(),
+            event_hubs: Hubs::new(journal_tail, polling.clone(), shutdown.clone()),
             change_streams: read.use_change_streams.then(|| {
                 change_stream::ChangeStreams::new(
                     database.collection(&names.journal),
                     read.change_stream_restart.clone(),
-                    polling,
+                    polling.clone(),
                     // Half the read pool, so queries and the shared tails always find a
                     // connection.
                     (read.max_pool_size as usize / 2).max(1),
@@ -83,7 +90,7 @@ impl ReadJournal {
                     shutdown.clone(),
                 )
             }),
-            state_hubs: Hubs::new(state_tail, polling, shutdown.clone()),
+            state_hubs: Hubs::new(state_tail, polling.clone(), shutdown.clone()),
             pid_watch: by_pid::PidWatch::new(
                 database.collection(&names.journal),
                 retry.clone(),
@@ -132,7 +139,7 @@ impl ReadJournal {
         if live {
             self.event_hubs.subscribe(selector, feed, start, sink).await;
         } else {
-            live::current(feed, self.polling, start, sink, self.shutdown.clone()).await;
+            live::current(feed, &self.polling, start, sink, self.shutdown.clone()).await;
         }
     }
 
@@ -167,7 +174,7 @@ impl ReadJournal {
             from,
             to,
             live.then_some(&self.pid_watch),
-            self.polling,
+            self.polling.clone(),
             sink,
             self.shutdown.clone(),
         )
@@ -191,7 +198,7 @@ impl ReadJournal {
         if live {
             self.state_hubs.subscribe(tag, feed, start, sink).await;
         } else {
-            live::current(feed, self.polling, start, sink, self.shutdown.clone()).await;
+            live::current(feed, &self.polling, start, sink, self.shutdown.clone()).await;
         }
     }
 

@@ -17,7 +17,9 @@
 use std::collections::HashMap;
 use std::hash::Hash;
 use std::sync::{Arc, Mutex, MutexGuard, Weak};
-use std::time::{Duration, SystemTime, UNIX_EPOCH};
+use std::time::Duration;
+
+use mongo::Watermarks;
 
 use tokio::sync::{broadcast, mpsc};
 use tokio_util::sync::CancellationToken;
@@ -37,25 +39,21 @@ pub type Sink<T> = mpsc::Sender<Result<Box<(Offset, T)>, QueryError>>;
 
 type Batch<T> = Arc<Vec<(Position, T)>>;
 
-#[derive(Debug, Clone, Copy)]
+#[derive(Clone)]
 pub struct Polling {
+    /// Where the horizon comes from (see [`mongo::watermark`]).
+    pub watermarks: Watermarks,
     pub allowed_time_drift: Duration,
     pub poll_interval: Duration,
     pub batch_size: usize,
 }
 
 impl Polling {
-    /// Items written up to here are safe to deliver: a later commit stamped earlier than this
-    /// is outside the allowed drift.
+    /// Items written up to here are safe to deliver: nothing stamped at or before it can still
+    /// commit (the lowest published watermark, or `now - allowed-time-drift`).
     pub fn horizon_millis(&self) -> i64 {
-        now_millis() - self.allowed_time_drift.as_millis() as i64
+        self.watermarks.live_horizon()
     }
-}
-
-pub(crate) fn now_millis() -> i64 {
-    SystemTime::now()
-        .duration_since(UNIX_EPOCH)
-        .map_or(0, |elapsed| elapsed.as_millis() as i64)
 }
 
 /// The first position after everything written up to `horizon_millis` (a persistence id is
@@ -142,7 +140,7 @@ impl<K: Route, F: Feed<Item = K::Item>> Hubs<K, F> {
             let start = past(self.polling.horizon_millis());
             tokio::spawn(tail(
                 self.everything.clone(),
-                self.polling,
+                self.polling.clone(),
                 start,
                 Arc::clone(&self.registry),
                 self.shutdown.child_token(),
@@ -155,7 +153,7 @@ impl<K: Route, F: Feed<Item = K::Item>> Hubs<K, F> {
     /// shuts down. `feed` reads this key's items for catching up.
     pub async fn subscribe(&self, key: K, feed: F, start: Option<Position>, sink: Sink<F::Item>) {
         let hub = self.hub(key);
-        let polling = self.polling;
+        let polling = &self.polling;
         let cancel = self.shutdown.clone();
         let mut last = start;
         'catch_up: loop {
@@ -319,19 +317,27 @@ fn dispatch<K: Route>(registry: &Mutex<Registry<K, K::Item>>, batch: Vec<(Positi
     }
 }
 
-/// A current query: everything after `start` up to the horizon at the time of the call.
+/// A current query: everything after `start` up to the horizon at the time of the call, which
+/// includes every write acknowledged before the call (see [`Watermarks::current_horizon`]).
 pub async fn current<F: Feed>(
     feed: F,
-    polling: Polling,
+    polling: &Polling,
     start: Option<Position>,
     sink: Sink<F::Item>,
     cancel: CancellationToken,
 ) {
+    let horizon = match polling.watermarks.current_horizon().await {
+        Ok(horizon) => horizon,
+        Err(error) => {
+            let _ = sink.send(Err(error.into())).await;
+            return;
+        }
+    };
     let mut last = start;
     read_up_to(
         &feed,
         &mut last,
-        polling.horizon_millis(),
+        horizon,
         polling.batch_size,
         &sink,
         &cancel,

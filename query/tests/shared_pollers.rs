@@ -47,13 +47,17 @@ fn event(pid: &str, tag: &str) -> model::PersistentEvent {
 async fn a_thousand_subscribers_on_a_hundred_tags_share_one_tail() {
     let settings = settings();
     let database = mongo::connect(&settings.mongodb).await.unwrap();
-    journal::Journal::new(&database, &settings)
+    let watermarks = mongo::Watermarks::start(&database, &settings, CancellationToken::new())
+        .await
+        .unwrap();
+    journal::Journal::new(&database, &settings, watermarks.clone())
         .create_indexes()
         .await
         .unwrap();
     let queries = std::sync::Arc::new(ReadJournal::new(
         &database,
         &settings,
+        watermarks,
         CancellationToken::new(),
     ));
     let run = std::process::id();
@@ -163,9 +167,13 @@ async fn subscribers_share_one_change_stream_which_stops_with_the_last() {
     let mut settings = settings();
     settings.read_journal.use_change_streams = true;
     let database = mongo::connect(&settings.mongodb).await.unwrap();
+    let watermarks = mongo::Watermarks::start(&database, &settings, CancellationToken::new())
+        .await
+        .unwrap();
     let queries = std::sync::Arc::new(ReadJournal::new(
         &database,
         &settings,
+        watermarks,
         CancellationToken::new(),
     ));
     let streams = queries.change_streams().expect("change-stream mode");

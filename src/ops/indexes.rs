@@ -102,7 +102,9 @@ pub async fn create_missing(database: &Database, settings: &Settings) -> anyhow:
     )
     .await
     .context("creating the collections")?;
-    journal::Journal::new(database, settings)
+    // Creating indexes writes no positions: the fixed-drift clock is all it needs.
+    let clock = mongo::Watermarks::fixed_drift(settings.read_journal.allowed_time_drift, 0);
+    journal::Journal::new(database, settings, clock.clone())
         .create_indexes()
         .await
         .context("creating the journal indexes")?;
@@ -110,7 +112,7 @@ pub async fn create_missing(database: &Database, settings: &Settings) -> anyhow:
         .create_indexes()
         .await
         .context("creating the snapshot indexes")?;
-    durable_state::DurableStateStore::new(database, settings)
+    durable_state::DurableStateStore::new(database, settings, clock)
         .create_indexes()
         .await
         .context("creating the durable-state indexes")?;

@@ -26,6 +26,7 @@ use std::collections::{HashMap, HashSet};
 use std::time::{Duration, Instant};
 
 use model::PersistentEvent;
+use mongo::{Acknowledged, InFlight};
 use mongodb::bson::{DateTime, RawDocumentBuf};
 use mongodb::error::{Error, ErrorKind};
 
@@ -35,7 +36,7 @@ use crate::journal::WriteOutcome;
 use crate::metrics;
 use crate::writer::heads::{Failure, Head};
 use crate::writer::schedule::{Pid, WriteKey};
-use crate::writer::store::{EventStore, is_late};
+use crate::writer::store::EventStore;
 
 const DUPLICATE_KEY: i32 = 11000;
 const OPERATION: &str = "write events";
@@ -82,6 +83,8 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
         failures: batch.failures,
         failed_chains: HashMap::new(),
         done: Done::default(),
+        held: Vec::new(),
+        uncertain: false,
     };
     let mut remaining = batch.writes;
     let mut must_read: HashSet<Pid> = HashSet::new();
@@ -130,6 +133,13 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
             attempt += 1;
         }
     }
+    // Stamps of inserts that may have been applied after all stay in flight until the batch is
+    // decided; with an outcome left unknown, for a lease longer (see `InFlight`).
+    for stamp in run.held.drain(..) {
+        if run.uncertain {
+            stamp.release_after_lease();
+        }
+    }
     run.done
 }
 
@@ -142,6 +152,10 @@ struct Run<'a> {
     /// only writes after it are stopped.
     failed_chains: HashMap<(u64, Pid), (usize, Failure)>,
     done: Done,
+    /// Stamps of inserts that failed in a way that may have applied them.
+    held: Vec<InFlight>,
+    /// A write ended with an error: its outcome may be unknown.
+    uncertain: bool,
 }
 
 struct Decided {
@@ -154,8 +168,23 @@ struct Decided {
 /// The writes of one MongoDB insert, stamped.
 struct Group {
     writes: Vec<BatchWrite>,
-    stamps: Vec<DateTime>,
+    /// Per write, its stamp (before [`Group::stamp`]: its id's last stamp, if known).
+    stamps: Vec<Option<DateTime>>,
     transactional: bool,
+}
+
+impl Group {
+    /// Stamps the writes `now`, but never before their id's last event, so read-journal order
+    /// follows sequence numbers.
+    fn stamp(&mut self, now: DateTime) {
+        for (write, stamp) in self.writes.iter_mut().zip(&mut self.stamps) {
+            let given = stamp.map_or(now, |last| last.max(now));
+            for document in &mut write.documents {
+                document.stamp(given);
+            }
+            *stamp = Some(given);
+        }
+    }
 }
 
 struct Inserted {
@@ -274,12 +303,10 @@ impl Run<'_> {
         if identical {
             // The first attempt's call may have failed before it could check for lateness.
             let stored_at = stored.iter().map(|document| document.written_at).min();
-            if let Some(stored_at) = stored_at {
-                match self
-                    .store
-                    .restamp_if_late(&pid, write.first, stored_at)
-                    .await
-                {
+            if let Some(stored_at) =
+                stored_at.filter(|at| self.store.watermarks.stored_late(at.timestamp_millis()))
+            {
+                match self.store.restamp(&pid, write.first, stored_at).await {
                     Ok(moved) => self.moved(&pid, moved),
                     Err(error) => return self.error(write, error.into()),
                 }
@@ -337,6 +364,11 @@ impl Run<'_> {
         }
         let sent = Instant::now();
         let store = self.store;
+        // One stamp for the whole round, in flight until its inserts are settled.
+        let stamp = store.watermarks.stamp();
+        for group in &mut groups {
+            group.stamp(stamp.date_time());
+        }
         let results = futures::future::join_all(groups.iter().map(|group| {
             let documents: Vec<&RawDocumentBuf> = group
                 .writes
@@ -347,7 +379,7 @@ impl Run<'_> {
             async move { store.insert(&documents, group.transactional).await }
         }))
         .await;
-        let acknowledged = DateTime::now();
+        let acknowledged = store.watermarks.acknowledged(&stamp);
         let mut inserted = Inserted {
             retry: Vec::new(),
             failed_transiently: None,
@@ -360,25 +392,21 @@ impl Run<'_> {
             inserted.failed_transiently =
                 inserted.failed_transiently.or(settled.failed_transiently);
         }
+        if inserted.failed_transiently.is_some() || !inserted.retry.is_empty() || self.uncertain {
+            self.held.push(stamp);
+        }
         inserted
     }
 
-    /// Stamps the writes of one insert: now, but never before the id's last event, so
-    /// read-journal order follows sequence numbers.
-    fn group(&self, mut writes: Vec<BatchWrite>, transactional: bool) -> Group {
-        let now = DateTime::now();
-        let mut stamps = Vec::with_capacity(writes.len());
-        for write in &mut writes {
-            let last = self.heads.get(&write.pid).and_then(|head| head.written_at);
-            let stamp = last.map_or(now, |last| last.max(now));
-            for document in &mut write.documents {
-                document.stamp(stamp);
-            }
-            stamps.push(stamp);
-        }
+    /// The writes of one insert, with the last stamp of each id (stamped in [`Group::stamp`]).
+    fn group(&self, writes: Vec<BatchWrite>, transactional: bool) -> Group {
+        let last_stamps = writes
+            .iter()
+            .map(|write| self.heads.get(&write.pid).and_then(|head| head.written_at))
+            .collect();
         Group {
             writes,
-            stamps,
+            stamps: last_stamps,
             transactional,
         }
     }
@@ -390,13 +418,17 @@ impl Run<'_> {
         result: Result<(), Error>,
         fresh: &HashSet<Pid>,
         sent: Instant,
-        acknowledged: DateTime,
+        acknowledged: Acknowledged,
     ) -> Inserted {
         let Group {
             writes,
             stamps,
             transactional,
         } = group;
+        let stamps: Vec<DateTime> = stamps
+            .into_iter()
+            .map(|stamp| stamp.unwrap_or(DateTime::MIN))
+            .collect();
         let error = match result {
             Ok(()) => {
                 let writes = writes.into_iter().zip(stamps).collect();
@@ -482,7 +514,7 @@ impl Run<'_> {
         &mut self,
         writes: Vec<(BatchWrite, DateTime)>,
         sent: Instant,
-        acknowledged: DateTime,
+        acknowledged: Acknowledged,
     ) {
         // Per id, in order: the first sequence number stored, the last, and the stamp.
         let mut stored: Vec<(Pid, i64, i64, DateTime)> = Vec::new();
@@ -499,8 +531,8 @@ impl Run<'_> {
                 written_at: Some(stamp),
                 confirmed: sent,
             };
-            if is_late(stamp, acknowledged, self.store.late_after()) {
-                match self.store.restamp_if_late(&pid, first, stamp).await {
+            if acknowledged.is_late(stamp.timestamp_millis()) {
+                match self.store.restamp(&pid, first, stamp).await {
                     Ok(moved) => head.written_at = moved.or(head.written_at),
                     Err(error) => {
                         failed.insert(pid.clone(), error.into());
@@ -560,6 +592,7 @@ impl Run<'_> {
 
     /// MongoDB failed for this write: knowledge of its id is in doubt.
     fn error(&mut self, write: BatchWrite, error: JournalError) {
+        self.uncertain = true;
         self.heads.remove(&write.pid);
         self.done.heads.insert(write.pid.clone(), None);
         self.record_failure(&write, error.to_string());

@@ -2,7 +2,6 @@
 //! compare, insert a batch, move late events forward.
 
 use std::collections::HashMap;
-use std::time::Duration;
 
 use futures::{StreamExt, TryStreamExt, stream};
 use mongodb::bson::{DateTime, Document, RawDocumentBuf, doc};
@@ -10,7 +9,7 @@ use mongodb::options::{CollectionOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, Collection, Database};
 
 use config::Settings;
-use mongo::{MongoError, Retry};
+use mongo::{MongoError, Retry, Watermarks};
 
 use crate::document::{
     EventDocument, HIGHEST_SEQUENCE_NR, PERSISTENCE_ID, SEQUENCE_NR, WRITTEN_AT,
@@ -43,12 +42,12 @@ pub(crate) struct EventStore {
     metadata: Collection<Document>,
     pub retry: Retry,
     bypass_document_validation: bool,
-    /// A write acknowledged this long after its `writtenAt` stamp is re-stamped.
-    late_after: Duration,
+    /// Stamps positions, holds them in flight, says which acknowledgements came late.
+    pub watermarks: Watermarks,
 }
 
 impl EventStore {
-    pub fn new(database: &Database, settings: &Settings) -> Self {
+    pub fn new(database: &Database, settings: &Settings, watermarks: Watermarks) -> Self {
         let names = &settings.mongodb.collections;
         let primary = CollectionOptions::builder()
             .selection_criteria(SelectionCriteria::ReadPreference(ReadPreference::Primary))
@@ -61,7 +60,7 @@ impl EventStore {
             metadata: database.collection(&names.journal_metadata),
             retry: Retry::new(&settings.mongodb.retry),
             bypass_document_validation: settings.mongodb.bypass_document_validation,
-            late_after: settings.read_journal.allowed_time_drift / 2,
+            watermarks,
         }
     }
 
@@ -170,91 +169,71 @@ impl EventStore {
         }
     }
 
-    pub fn late_after(&self) -> Duration {
-        self.late_after
-    }
-
-    /// Live queries read only up to `now - allowed-time-drift`, assuming an event stamped
-    /// `writtenAt = t` is visible by then. A write that became durable long after its stamp
-    /// (server selection, failover, slow replication) may have been passed over; its events are
-    /// moved forward, so subscribers that missed them get them. One that did see them gets them
-    /// twice: clients de-duplicate by (pid, seqNr). Half the drift is left for clock skew.
+    /// Moves the events of `pid` from `first` on forward in read-journal order: their write
+    /// was acknowledged late (see [`Watermarks::acknowledged`]), so queries may have passed over
+    /// their stamp. Subscribers that missed them get them at the new stamp; one that did see
+    /// them gets them twice: clients de-duplicate by (pid, seqNr).
     ///
     /// Events of the same persistence id after `first` move too (any that exist were written
     /// after it), so read-journal order keeps agreeing with sequence-number order.
     ///
-    /// While MongoDB stays slow the move itself is late, so each new stamp lies ahead of now by
-    /// the lateness just seen; after [`MAX_RESTAMPS`] the events stay where they are, logged.
-    /// Returns the last stamp given, if any.
-    pub async fn restamp_if_late(
+    /// The move is a write too, and can itself be late. In fixed-drift mode, while MongoDB stays
+    /// slow, each new stamp lies ahead of now by the lateness just seen; after [`MAX_RESTAMPS`]
+    /// the events stay where they are, logged. Returns the last stamp given, if any.
+    pub async fn restamp(
         &self,
         pid: &str,
         first: i64,
         stamped: DateTime,
     ) -> Result<Option<DateTime>, MongoError> {
         let operation = "re-stamp late events";
-        let mut stamped = stamped;
+        let mut stamped = stamped.timestamp_millis();
         let mut moved = None;
         for _ in 0..MAX_RESTAMPS {
-            let now = DateTime::now();
-            if !is_late(stamped, now, self.late_after) {
-                return Ok(moved);
-            }
-            let lateness = now.timestamp_millis() - stamped.timestamp_millis();
-            let restamp = DateTime::from_millis(now.timestamp_millis() + lateness);
+            let stamp = self.watermarks.stamp();
+            let lateness = stamp.millis() - stamped;
+            let restamp = if self.watermarks.is_fixed_drift() {
+                stamp.millis() + lateness.max(0)
+            } else {
+                stamp.millis()
+            };
             tracing::warn!(
                 pid,
                 first,
                 lateness_ms = lateness,
                 "write acknowledged late; moving its events forward in read-journal order"
             );
+            let restamp = DateTime::from_millis(restamp);
             let filter = doc! {
                 PERSISTENCE_ID: pid,
                 SEQUENCE_NR: { "$gte": first },
                 WRITTEN_AT: { "$lt": restamp },
             };
             let update = doc! { "$set": { WRITTEN_AT: restamp } };
-            self.retry
+            let result = self
+                .retry
                 .run(operation, || {
                     self.raw
                         .update_many(filter.clone(), update.clone())
                         .bypass_document_validation(self.bypass_document_validation)
                 })
-                .await
-                .map_err(|error| self.retry.failure(operation, true, error))?;
+                .await;
+            if let Err(error) = result {
+                // It may still be applied: keep holding the horizon below it for a while.
+                stamp.release_after_lease();
+                return Err(self.retry.failure(operation, true, error));
+            }
             moved = Some(restamp);
-            // Late only if it became durable after the new stamp minus the allowed lateness.
-            stamped = DateTime::from_millis(
-                restamp
-                    .timestamp_millis()
-                    .min(DateTime::now().timestamp_millis()),
-            );
+            stamped = restamp.timestamp_millis().min(self.watermarks.now_millis());
+            if !self.watermarks.acknowledged(&stamp).is_late(stamped) {
+                return Ok(moved);
+            }
         }
         tracing::error!(
             pid,
             first,
-            "MongoDB stayed slow; live queries in polling mode may pass over these events"
+            "MongoDB stayed slow; live queries may pass over these events"
         );
         Ok(moved)
-    }
-}
-
-/// Whether a write stamped at `stamped` and durable at `durable` came too late for the
-/// read journal's drift window.
-pub(crate) fn is_late(stamped: DateTime, durable: DateTime, late_after: Duration) -> bool {
-    durable.timestamp_millis() - stamped.timestamp_millis() > late_after.as_millis() as i64
-}
-
-#[cfg(test)]
-mod tests {
-    use super::*;
-
-    #[test]
-    fn a_write_is_late_when_it_became_durable_after_half_the_drift() {
-        let stamped = DateTime::from_millis(10_000);
-        let half_drift = Duration::from_millis(1_000);
-        assert!(!is_late(stamped, DateTime::from_millis(10_999), half_drift));
-        assert!(!is_late(stamped, DateTime::from_millis(11_000), half_drift));
-        assert!(is_late(stamped, DateTime::from_millis(11_001), half_drift));
     }
 }
