@@ -639,7 +639,7 @@ fn delivered(subscriber: &Subscriber, pid: &str) -> Vec<i64> {
 /// write reaches it alone and is never acknowledged, the primary is killed, the others elect a
 /// new one, and the old primary rejoins and rolls the write back. Majority reads (the default
 /// `mongodb.read-concern`) and change streams never deliver it; a server reading with `local`
-/// does, which shows what the test guards against. The client's retry of that write then
+/// (and a fixed drift) does, which shows what the test guards against. The client's retry of that write then
 /// stores it for real, and it is delivered once.
 #[tokio::test(flavor = "multi_thread", worker_threads = 4)]
 async fn a_write_rolled_back_on_an_isolated_primary_is_never_delivered() {
@@ -653,6 +653,9 @@ async fn a_write_rolled_back_on_an_isolated_primary_is_never_delivered() {
     let change_streams = TestServer::start_on_database(change_streams).await;
     let mut local = polling.settings.clone();
     local.mongodb.read_concern = "local".into();
+    // With watermarks the writing server holds every horizon below its unacknowledged write, so
+    // even a `local` reader waits; the fixed drift shows what majority reads guard against.
+    local.read_journal.horizon = Some(config::HorizonMode::FixedDrift);
     let local = TestServer::start_on_database(local).await;
     // Writes the doomed event and does not retry it: its one attempt reaches the isolated
     // primary only.

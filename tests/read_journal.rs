@@ -1242,10 +1242,17 @@ async fn misses_nothing_under_concurrent_writers(mode: Mode, prefix: &str) {
     nothing_more_before_a_marker(&server, "t-a", &mut [&mut early, &mut late]).await;
 }
 
-/// 8 concurrent writers split over two servers on one database; a subscriber on each.
-async fn misses_nothing_with_two_servers_writing(mode: Mode, prefix: &str) {
+/// 8 concurrent writers split over two servers on one database; a subscriber on each. The
+/// second server's clock is `second_clock_offset_millis` off the first's.
+async fn misses_nothing_with_two_servers_writing(
+    mode: Mode,
+    prefix: &str,
+    second_clock_offset_millis: i64,
+) {
     let first = TestServer::start_with(prefix, mode.settings()).await;
-    let second = TestServer::start_on_database(first.settings.clone()).await;
+    let mut second = first.settings.clone();
+    second.testing.clock_offset_millis = second_clock_offset_millis;
+    let second = TestServer::start_on_database(second).await;
     let request = pb::EventsByTagRequest {
         tag: "t-a".into(),
         offset: String::new(),
@@ -1273,7 +1280,15 @@ async fn polling_misses_nothing_under_concurrent_writers() {
 
 #[tokio::test]
 async fn polling_misses_nothing_with_two_servers_writing() {
-    misses_nothing_with_two_servers_writing(Mode::Polling, "rj_two").await;
+    misses_nothing_with_two_servers_writing(Mode::Polling, "rj_two", 0).await;
+}
+
+/// Clock skew: the second server's clock is a second behind, then a second ahead of the
+/// first's (twice the allowed drift of these tests), with 8 writers on the two servers.
+#[tokio::test]
+async fn polling_misses_and_repeats_nothing_with_two_servers_whose_clocks_differ_by_a_second() {
+    misses_nothing_with_two_servers_writing(Mode::Polling, "rj_skew_behind", -1_000).await;
+    misses_nothing_with_two_servers_writing(Mode::Polling, "rj_skew_ahead", 1_000).await;
 }
 
 #[tokio::test]
@@ -1283,7 +1298,7 @@ async fn change_streams_miss_nothing_under_concurrent_writers() {
 
 #[tokio::test]
 async fn change_streams_miss_nothing_with_two_servers_writing() {
-    misses_nothing_with_two_servers_writing(Mode::ChangeStreams, "cs_two").await;
+    misses_nothing_with_two_servers_writing(Mode::ChangeStreams, "cs_two", 0).await;
 }
 
 /// A subscriber reads 200 events, disconnects, and resumes from its last offset while 8
@@ -1669,4 +1684,181 @@ async fn first_subscriber_joining_steady_writes(mode: Mode, prefix: &str) {
     let expected: BTreeSet<_> = (1..=written).map(|n| ("steady".to_owned(), n)).collect();
     receive_each_once(&mut live, &expected, mode.in_position_order()).await;
     nothing_more_before_a_marker(&server, "steady", &mut [&mut live]).await;
+}
+
+/// Writes an event (tag, slice) and a durable-state change through one server and, at once,
+/// asks both servers for the current events by tag, by slices and for the current changes:
+/// `rounds` times, alternating the writing server. Returns how many of those queries lacked
+/// the write just acknowledged.
+async fn current_queries_missing_fresh_writes(
+    servers: &[&TestServer; 2],
+    prefix: &str,
+    rounds: usize,
+) -> usize {
+    use proto::v1::durable_state_store_client::DurableStateStoreClient;
+    let mut missing = 0;
+    for round in 0..rounds {
+        let writer = servers[round % 2];
+        let tag = format!("{prefix}-{round}");
+        let pid = format!("{prefix}-pid-{round}");
+        let outcome = write(
+            &mut writer.journal().await,
+            vec![atomic(vec![tagged(&pid, 1, &[tag.as_str()])])],
+        )
+        .await;
+        assert!(is_written(&outcome[0]), "{outcome:?}");
+        DurableStateStoreClient::new(writer.channel().await)
+            .upsert_object(pb::UpsertObjectRequest {
+                persistence_id: pid.clone(),
+                revision: 1,
+                value: Some(payload("v1")),
+                tag: tag.clone(),
+            })
+            .await
+            .unwrap();
+        let slice = model::PersistenceId::parse("pid", pid.clone())
+            .unwrap()
+            .slice();
+        for reader in servers {
+            let mut queries = ReadJournalClient::new(reader.channel().await);
+            let by_tag = current_by_tag(&mut queries, &tag, "").await;
+            let by_slices = read_all(
+                queries
+                    .current_events_by_slices(pb::EventsBySlicesRequest {
+                        min_slice: slice,
+                        max_slice: slice,
+                        offset: String::new(),
+                    })
+                    .await
+                    .unwrap()
+                    .into_inner(),
+            )
+            .await;
+            let mut changes = queries
+                .current_durable_state_changes(pb::DurableStateChangesRequest {
+                    tag: tag.clone(),
+                    offset: String::new(),
+                })
+                .await
+                .unwrap()
+                .into_inner();
+            let mut changed = Vec::new();
+            while let Some(change) = changes.message().await.unwrap() {
+                changed.push(change.persistence_id);
+            }
+            missing += usize::from(ids(&by_tag) != [(pid.clone(), 1)]);
+            missing += usize::from(!ids(&by_slices).contains(&(pid.clone(), 1)));
+            missing += usize::from(changed != [pid.clone()]);
+        }
+    }
+    missing
+}
+
+/// Read-your-writes: a current query (by tag, by slices, durable-state changes) issued after a
+/// write was acknowledged includes it, on the server that wrote it and on another, although the
+/// allowed drift is 2 s.
+#[tokio::test]
+async fn a_current_query_includes_every_write_acknowledged_before_it_on_any_server() {
+    let first = TestServer::start_with("rj_ryw", |settings| {
+        fast(settings);
+        settings.read_journal.allowed_time_drift = Duration::from_secs(2);
+    })
+    .await;
+    let second = TestServer::start_on_database(first.settings.clone()).await;
+    let started = std::time::Instant::now();
+    let missing = current_queries_missing_fresh_writes(&[&first, &second], "ryw", 20).await;
+    assert_eq!(
+        missing, 0,
+        "current queries lacked a write acknowledged before them"
+    );
+    // 20 rounds of 2 writes and 6 queries: each query waits for a publication or two of the
+    // other server (50 ms apart), not for the drift.
+    let per_query = started.elapsed() / (20 * 6);
+    assert!(
+        per_query < Duration::from_millis(1_000),
+        "{per_query:?} per query"
+    );
+    eprintln!("{per_query:?} per current query (write included)");
+}
+
+/// The same with `read-journal.horizon = "fixed-drift"`: a current query ends at
+/// `now - allowed-time-drift`, so it lacks what was written just before (what the watermarks
+/// fix; this shows the check above can fail).
+#[tokio::test]
+async fn with_a_fixed_drift_a_current_query_lacks_the_latest_writes() {
+    let first = TestServer::start_with("rj_ryw_fixed", |settings| {
+        fast(settings);
+        settings.read_journal.allowed_time_drift = Duration::from_secs(2);
+        settings.read_journal.horizon = Some(config::HorizonMode::FixedDrift);
+    })
+    .await;
+    let second = TestServer::start_on_database(first.settings.clone()).await;
+    let missing = current_queries_missing_fresh_writes(&[&first, &second], "fixed", 2).await;
+    assert_eq!(missing, 2 * 2 * 3, "every query lacks the fresh write");
+}
+
+/// A server killed (kill -9) stops holding queries back once its lease runs out: another
+/// server's current query completes, and its live subscriber gets what is written meanwhile.
+#[tokio::test]
+async fn a_killed_server_holds_queries_back_only_until_its_lease_runs_out() {
+    const LEASE: Duration = Duration::from_secs(2);
+    let survivor = TestServer::start_with("rj_killed", |settings| {
+        fast(settings);
+        settings.read_journal.watermark_lease = LEASE;
+    })
+    .await;
+    let port = free_port();
+    let mut dying = process::ServerProcess::spawn(
+        port,
+        &survivor.database,
+        &[("EVENTJOURNAL_READ_JOURNAL__WATERMARK_LEASE", "2s")],
+    );
+    process::wait_until_serving(&format!("http://127.0.0.1:{port}")).await;
+    let watermarks = survivor
+        .mongodb()
+        .await
+        .collection::<mongodb::bson::Document>("watermarks");
+    assert_eq!(
+        watermarks
+            .count_documents(mongodb::bson::doc! {})
+            .await
+            .unwrap(),
+        2
+    );
+    let mut queries = ReadJournalClient::new(survivor.channel().await);
+    let mut live = queries
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: "after-kill".into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+    dying.kill();
+    let killed = std::time::Instant::now();
+    let mut journal = survivor.journal().await;
+    assert!(is_written(
+        &write(
+            &mut journal,
+            vec![atomic(vec![tagged("k", 1, &["after-kill"])])]
+        )
+        .await[0]
+    ));
+    // Held back while the lease lasts, then not any more.
+    let current = current_by_tag(&mut queries, "after-kill", "").await;
+    assert_eq!(ids(&current), [("k".into(), 1)]);
+    let waited = killed.elapsed();
+    assert!(
+        waited > LEASE / 2 && waited < LEASE + Duration::from_secs(3),
+        "the current query waited {waited:?}"
+    );
+    assert_eq!(ids(&take(&mut live, 1, 5).await), [("k".into(), 1)]);
+    assert_eq!(
+        watermarks
+            .count_documents(mongodb::bson::doc! {})
+            .await
+            .unwrap(),
+        1,
+        "the killed server is retired"
+    );
 }

@@ -91,7 +91,7 @@ struct State {
     epoch: u64,
     /// Until when this server's lease certainly holds (no other server may retire it before).
     lease_holds_until: Option<Instant>,
-    /// The `seq` of this server's document as last written.
+    /// The `seq` of this server's latest publication attempt (it only grows).
     seq: i64,
     /// The `clock` of this server's last acknowledged publication: the furthest its own
     /// contribution to a horizon may reach (a server joining reads it as its floor).
@@ -397,16 +397,20 @@ impl Watermarks {
         let mut target = self.now_millis();
         let limit = 2 * publisher.lease + 10 * publisher.interval;
         let mut rounds = self.inner.rounds.subscribe();
-        // 1. A round that read the watermarks after this call: every server that acknowledged
-        //    a write before it is in that round.
-        let first: Vec<Peer> = loop {
-            {
-                let round = rounds.borrow_and_update();
-                if round.read_started.is_some_and(|started| started > asked) {
-                    break round.peers.clone();
+        // 1. The servers' documents, read after this call: every server that acknowledged a
+        //    write before it is there (it joined before that write).
+        let first: Vec<Peer> = match self.read_peers(publisher).await {
+            Ok(peers) => peers.into_iter().map(Peer::from).collect(),
+            // MongoDB is failing: go by the publisher's rounds instead.
+            Err(_) => loop {
+                {
+                    let round = rounds.borrow_and_update();
+                    if round.read_started.is_some_and(|started| started > asked) {
+                        break round.peers.clone();
+                    }
                 }
-            }
-            wait_for_change(&mut rounds, asked, limit).await?;
+                wait_for_change(&mut rounds, asked, limit).await?;
+            },
         };
         // 2. Per such server, a publication it computed after this call (its seq moved on by
         //    two: the first of them may have been computed before): its clock then is at least
@@ -463,12 +467,12 @@ impl Watermarks {
         let Some(publisher) = self.publisher() else {
             return Ok(());
         };
-        let (watermark, clock) = {
+        let (seq, watermark, clock) = {
             let mut state = lock(&self.inner.state);
             state.new_epoch();
-            state.seq = 0;
+            state.seq += 1;
             let watermark = state.watermark(self.inner.offset_millis);
-            (watermark, state.clock)
+            (state.seq, watermark, state.clock)
         };
         let sent = Instant::now();
         publisher
@@ -477,7 +481,7 @@ impl Watermarks {
                 doc! { "_id": &publisher.server },
                 vec![doc! { "$replaceWith": {
                     "_id": &publisher.server,
-                    SEQ: 0_i64,
+                    SEQ: seq,
                     WATERMARK: watermark,
                     CLOCK: clock,
                     LEASE_MILLIS: publisher.lease.as_millis() as i64,
@@ -488,7 +492,8 @@ impl Watermarks {
             .await?;
         let peers = self.read_peers(publisher).await?;
         let mut state = lock(&self.inner.state);
-        let floor = peers.iter().map(|peer| peer.clock).max();
+        // Strictly above: a query on another server may have read up to its published clock.
+        let floor = peers.iter().map(|peer| peer.clock.saturating_add(1)).max();
         state.clock = state.clock.max(floor.unwrap_or(i64::MIN));
         // Stamps given while joining were taken below that floor: a new epoch re-stamps them.
         state.new_epoch();
@@ -536,15 +541,18 @@ impl Watermarks {
         let (seq, watermark, clock) = {
             let mut state = lock(&self.inner.state);
             let watermark = state.watermark(self.inner.offset_millis);
+            // A new number per attempt: one that failed may still have been applied.
+            state.seq += 1;
             (state.seq, watermark, state.clock)
         };
         let sent = Instant::now();
+        // The document is this server's as long as it exists: retiring deletes it.
         let renewed = publisher
             .watermarks
             .update_one(
-                doc! { "_id": &publisher.server, SEQ: seq },
+                doc! { "_id": &publisher.server },
                 vec![doc! { "$set": {
-                    SEQ: seq + 1,
+                    SEQ: seq,
                     WATERMARK: watermark,
                     CLOCK: clock,
                     LEASE_MILLIS: publisher.lease.as_millis() as i64,
@@ -564,7 +572,6 @@ impl Watermarks {
         }
         {
             let mut state = lock(&self.inner.state);
-            state.seq = seq + 1;
             state.published_clock = state.published_clock.max(clock);
             let until = sent + publisher.lease.mul_f64(LEASE_TRUSTED_FRACTION);
             state.lease_holds_until = Some(
