@@ -722,14 +722,15 @@ async fn memory_mb(pid: u32, field: &str) -> anyhow::Result<f64> {
 impl ReadResults {
     /// The bound on delivery in `mode`, and how the target column says it.
     fn delivery_target(&self, mode: Mode) -> (Duration, String) {
-        let polling = self.allowed_time_drift + self.poll_interval + Duration::from_secs(1);
+        // The default horizon is the servers' watermarks: an event is due within a poll
+        // interval and 100 ms, at the p99.
+        let polling = self.poll_interval + Duration::from_millis(100);
         match mode {
             Mode::Polling if polling < DELIVERY_LIMIT => (
                 polling,
                 format!(
-                    "<= {} s (drift {} s + poll {} s + 1 s)",
+                    "p99 <= {} s (poll {} s + 100 ms)",
                     seconds(polling),
-                    seconds(self.allowed_time_drift),
                     seconds(self.poll_interval)
                 ),
             ),
@@ -811,11 +812,17 @@ impl ReadResults {
                     median(&values).unwrap_or(f64::NAN)
                 };
                 let max = delivered(|delivery| delivery.max);
+                let p99 = delivered(|delivery| delivery.p99);
+                // Polling's target is on the p99 (issue 15); change streams' on the maximum.
+                let judged = match series.mode {
+                    Mode::Polling => p99,
+                    Mode::ChangeStreams => max,
+                };
                 row(
                     delivery_metric,
-                    format!("{max:.3} ({:.3})", delivered(|delivery| delivery.p99)),
+                    format!("{max:.3} ({p99:.3})"),
                     &delivery_target,
-                    Met::from(max <= delivery_bound.as_secs_f64()),
+                    Met::from(judged <= delivery_bound.as_secs_f64()),
                 )
             });
 

@@ -19,7 +19,7 @@ use crate::writer::schedule::Pid;
 /// How many persistence ids' highest sequence numbers are read at once.
 const HEAD_READS_IN_PARALLEL: usize = 8;
 
-/// How often one late write is moved forward at most (see [`EventStore::restamp_if_late`]).
+/// How often one late write is moved forward at most (see [`EventStore::restamp`]).
 const MAX_RESTAMPS: usize = 3;
 
 /// The stored highest of a persistence id: the journal's top event (with its `writtenAt`), or
