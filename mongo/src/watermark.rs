@@ -129,7 +129,6 @@ impl State {
 /// What one publisher round saw: the other servers' published watermarks.
 #[derive(Debug, Clone, Default)]
 struct Round {
-    number: u64,
     /// When its read of the watermarks collection started.
     read_started: Option<Instant>,
     /// This server's last acknowledged publication's clock before that read.
@@ -272,9 +271,7 @@ impl Watermarks {
             return Ok(Self::fixed_drift(read.allowed_time_drift, offset));
         }
         let publisher = Publisher {
-            watermarks: database
-                .collection::<Document>(&settings.mongodb.collections.watermarks)
-                .clone_with_type::<Document>(),
+            watermarks: database.collection(&settings.mongodb.collections.watermarks),
             retry: Retry::new(&settings.mongodb.retry),
             server: uuid::Uuid::new_v4().to_string(),
             interval: read.watermark_interval,
@@ -501,7 +498,6 @@ impl Watermarks {
         state.lease_holds_until = Some(sent + publisher.lease.mul_f64(LEASE_TRUSTED_FRACTION));
         drop(state);
         self.inner.rounds.send_modify(|round| {
-            round.number += 1;
             round.read_started = Some(sent);
             round.own_cap = clock;
             round.peers = peers
@@ -597,10 +593,8 @@ impl Watermarks {
                 state.clock = state.clock.max(ahead);
             }
         }
-        let number = self.inner.rounds.borrow().number + 1;
         crate::metrics::WATERMARK_SERVERS.set(peers.len() as i64 + 1);
         self.inner.rounds.send_replace(Round {
-            number,
             read_started: Some(read_started),
             own_cap,
             peers,
@@ -617,7 +611,7 @@ impl Watermarks {
             doc! { "$match": { "_id": { "$ne": &publisher.server } } },
             doc! { "$project": {
                 SEQ: 1, WATERMARK: 1, CLOCK: 1,
-                "expired": { "$lt": [ { "$add": [ format!("${RENEWED_AT}"), format!("${LEASE_MILLIS}") ] }, "$$NOW" ] },
+                "expired": lease_expired(),
             } },
         ];
         let documents: Vec<Document> = publisher
@@ -636,7 +630,7 @@ impl Watermarks {
         let filter = doc! {
             "_id": &peer.server,
             SEQ: peer.seq,
-            "$expr": { "$lt": [ { "$add": [ format!("${RENEWED_AT}"), format!("${LEASE_MILLIS}") ] }, "$$NOW" ] },
+            "$expr": lease_expired(),
         };
         match publisher.watermarks.delete_one(filter).await {
             Ok(deleted) if deleted.deleted_count == 1 => {
@@ -652,6 +646,11 @@ impl Watermarks {
             }
         }
     }
+}
+
+/// Whether a watermark document's lease ran out, by MongoDB's clock.
+fn lease_expired() -> Document {
+    doc! { "$lt": [ { "$add": [ format!("${RENEWED_AT}"), format!("${LEASE_MILLIS}") ] }, "$$NOW" ] }
 }
 
 /// Waits for the next publisher round (or a moment, since this server's own watermark moves
