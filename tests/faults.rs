@@ -308,3 +308,146 @@ async fn kill_9_of_the_server_under_load_loses_nothing_and_subscribers_resume() 
         );
     }
 }
+
+/// A server killed while its last write is held inside MongoDB (a `failCommand` fail point
+/// blocks the insert for 1.5 s, as a lock wait would): the write commits after its server is
+/// gone, behind the positions of writes the survivor made meanwhile. The dead server's last
+/// published watermark is below that write's stamp and holds the survivor's horizon until its
+/// lease (3 s) runs out, so the survivor's live subscriber gets the late write with everything
+/// else, each once. (A lease shorter than the block loses it: the limit `docs/READ_JOURNAL.md`
+/// states.)
+#[tokio::test(flavor = "multi_thread", worker_threads = 4)]
+async fn a_write_committing_after_its_server_was_killed_is_not_missed() {
+    const APP: &str = "late_commit";
+    const LATE_TAG: &str = "late-commit";
+    let survivor = TestServer::start_with(APP, |settings| {
+        common::read::fast(settings);
+        settings.read_journal.watermark_lease = Duration::from_secs(3);
+    })
+    .await;
+    let port = free_port();
+    let mut dying = ServerProcess::spawn_on(
+        &format!("{}&appName={APP}", mongodb_uri()),
+        port,
+        &survivor.database,
+        &[("EVENTJOURNAL_READ_JOURNAL__WATERMARK_LEASE", "3s")],
+    );
+    let url = format!("http://127.0.0.1:{port}");
+    wait_until_serving(&url).await;
+    let mut live = proto::v1::read_journal_client::ReadJournalClient::new(survivor.channel().await)
+        .events_by_tag(pb::EventsByTagRequest {
+            tag: LATE_TAG.into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    fail_next(
+        APP,
+        1,
+        "insert",
+        doc! { "blockConnection": true, "blockTimeMS": 1_500 },
+    )
+    .await;
+    let late_call = {
+        let mut client = JournalClient::new(Channel::from_shared(url).unwrap().connect_lazy());
+        tokio::spawn(async move {
+            client
+                .write_events(pb::WriteEventsRequest {
+                    writes: vec![atomic(vec![tagged("late", 1, &[LATE_TAG])])],
+                })
+                .await
+        })
+    };
+    let admin = mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin");
+    wait_until(
+        "the insert held in MongoDB",
+        Duration::from_secs(10),
+        || async {
+            let ops = admin
+                .run_command(doc! {
+                    "currentOp": true,
+                    "appName": APP,
+                    "command.insert": { "$exists": true },
+                })
+                .await
+                .unwrap();
+            !ops.get_array("inprog").unwrap().is_empty()
+        },
+    )
+    .await;
+    dying.kill();
+    let _ = late_call.await;
+
+    // The survivor writes on while the insert is held, and a little after it committed.
+    let journal = survivor.mongodb().await.collection::<Document>("journal");
+    let mut client = survivor.journal().await;
+    let mut written_before_late = Vec::new();
+    let mut written_after_late = 0;
+    let mut sequence_nr = 0;
+    while written_after_late < 5 {
+        sequence_nr += 1;
+        assert!(sequence_nr <= 100, "the held insert never committed");
+        let outcome = write(
+            &mut client,
+            vec![atomic(vec![tagged("survivor", sequence_nr, &[LATE_TAG])])],
+        )
+        .await;
+        assert!(is_written(&outcome[0]));
+        if journal
+            .count_documents(doc! { "pid": "late" })
+            .await
+            .unwrap()
+            == 0
+        {
+            written_before_late.push(sequence_nr);
+        } else {
+            written_after_late += 1;
+        }
+        tokio::time::sleep(Duration::from_millis(100)).await;
+    }
+    let position = |document: Document| document.get_datetime("writtenAt").unwrap().to_owned();
+    let late_at = position(
+        journal
+            .find_one(doc! { "pid": "late" })
+            .await
+            .unwrap()
+            .unwrap(),
+    );
+    let passed = journal
+        .find_one(doc! {
+            "pid": "survivor",
+            "seqNr": { "$in": written_before_late.clone() },
+            "writtenAt": { "$gt": late_at },
+        })
+        .await
+        .unwrap();
+    assert!(
+        passed.is_some(),
+        "the test needs the late write to commit behind an earlier-acknowledged survivor write"
+    );
+
+    let expected: BTreeSet<(String, i64)> = std::iter::once(("late".to_owned(), 1))
+        .chain((1..=sequence_nr).map(|nr| ("survivor".to_owned(), nr)))
+        .collect();
+    let delivered = common::read::ids(&common::read::take(&mut live, expected.len(), 20).await);
+    assert_eq!(
+        delivered.iter().cloned().collect::<BTreeSet<_>>(),
+        expected,
+        "the survivor's subscriber, with the late write"
+    );
+    let watermarks = survivor
+        .mongodb()
+        .await
+        .collection::<Document>("watermarks");
+    assert_eq!(
+        watermarks.count_documents(doc! {}).await.unwrap(),
+        1,
+        "the killed server is retired"
+    );
+    survivor.stop().await.unwrap();
+}

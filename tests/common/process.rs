@@ -12,9 +12,15 @@ impl ServerProcess {
     /// `eventjournal serve` on `port` against `database`, with the suite's fast read-journal
     /// settings (500 ms drift, 50 ms polls) and `env` on top (`EVENTJOURNAL_...` settings).
     pub fn spawn(port: u16, database: &str, env: &[(&str, &str)]) -> Self {
+        Self::spawn_on(&mongodb_uri(), port, database, env)
+    }
+
+    /// The same against the MongoDB at `uri` (a replica set of the test's own, or the test
+    /// mongod with an `appName` a fail point picks out).
+    pub fn spawn_on(uri: &str, port: u16, database: &str, env: &[(&str, &str)]) -> Self {
         let child = Command::new(env!("CARGO_BIN_EXE_eventjournal"))
             .args(["serve", "--listen", &format!("127.0.0.1:{port}")])
-            .args(["--mongodb-uri", &mongodb_uri(), "--database", database])
+            .args(["--mongodb-uri", uri, "--database", database])
             .env("RUST_LOG", "warn")
             .env("EVENTJOURNAL_SERVER__METRICS_LISTEN", "127.0.0.1:0")
             .env("EVENTJOURNAL_READ_JOURNAL__ALLOWED_TIME_DRIFT", "500ms")
