@@ -304,29 +304,36 @@ async fn bad_durable_state_requests_are_rejected_and_change_nothing() {
     assert_eq!(get(&mut client, "o").await, (Some("v1".into()), 1));
 }
 
+/// The test mongod has one `failCommand` fail point: tests that set it take turns.
+static FAIL_POINT: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+
+/// Makes MongoDB apply the next `command` of `app` but answer that the write concern timed out:
+/// the outcome is unknown to the server, which answers UNAVAILABLE ("retrying is safe").
+async fn lose_next_reply(app: &str, command: &str) {
+    fail_next(
+        app,
+        1,
+        command,
+        doc! { "writeConcernError": {
+            "code": 64,
+            "codeName": "WriteConcernFailed",
+            "errmsg": "waiting for replication timed out",
+            "errInfo": { "wtimeout": true },
+        } },
+    )
+    .await
+}
+
 #[tokio::test]
 async fn a_change_retried_after_its_reply_was_lost_succeeds() {
-    // MongoDB applies the update but the reply says the write concern timed out: the outcome
-    // is unknown to the server, which answers UNAVAILABLE ("retrying is safe").
     const APP: &str = "state_lost_reply";
+    let _turn = FAIL_POINT.lock().await;
     let server = TestServer::start_with("state_lost_reply", |settings| {
         settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
     })
     .await;
     let mut client = DurableStateStoreClient::new(server.channel().await);
-    let lose_next_reply = || {
-        fail_next(
-            APP,
-            1,
-            "update",
-            doc! { "writeConcernError": {
-                "code": 64,
-                "codeName": "WriteConcernFailed",
-                "errmsg": "waiting for replication timed out",
-                "errInfo": { "wtimeout": true },
-            } },
-        )
-    };
+    let lose_next_reply = || lose_next_reply(APP, "update");
 
     lose_next_reply().await;
     let status = upsert(&mut client, "lost", 1, "v1", "shop")
@@ -369,4 +376,57 @@ async fn a_change_retried_after_its_reply_was_lost_succeeds() {
     );
     upsert(&mut client, "lost", 3, "v3", "").await.unwrap();
     assert_eq!(get(&mut client, "lost").await, (Some("v3".into()), 3));
+}
+
+/// A retry that finds its change stored long after the lost reply (later than the watermark
+/// lease: the first attempt's stamp no longer holds the horizon, so change queries may have read
+/// past its position) moves the change forward, as the journal does for an identical retry; a
+/// prompt retry leaves it where it is.
+#[tokio::test]
+async fn a_change_found_stored_by_a_late_retry_moves_forward_in_change_order() {
+    const APP: &str = "state_late_retry";
+    const LEASE: std::time::Duration = std::time::Duration::from_secs(2);
+    let _turn = FAIL_POINT.lock().await;
+    let server = TestServer::start_with(APP, |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.read_journal.watermark_lease = LEASE;
+    })
+    .await;
+    let mut client = DurableStateStoreClient::new(server.channel().await);
+    let objects = server
+        .mongodb()
+        .await
+        .collection::<mongodb::bson::Document>("durable_state");
+    let position = || async {
+        let stored = objects.find_one(doc! { "_id": "late" }).await.unwrap();
+        stored.map(|document| *document.get_datetime("writtenAt").unwrap())
+    };
+
+    lose_next_reply(APP, "update").await;
+    let status = upsert(&mut client, "late", 1, "v1", "shop")
+        .await
+        .expect_err("the reply was lost");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let first = position().await.expect("the first attempt was applied");
+    upsert(&mut client, "late", 1, "v1", "shop").await.unwrap();
+    assert_eq!(
+        position().await,
+        Some(first),
+        "a prompt retry keeps the position"
+    );
+
+    lose_next_reply(APP, "update").await;
+    let status = upsert(&mut client, "late", 2, "v2", "shop")
+        .await
+        .expect_err("the reply was lost");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    let second = position().await.expect("the first attempt was applied");
+    tokio::time::sleep(LEASE + std::time::Duration::from_millis(500)).await;
+    upsert(&mut client, "late", 2, "v2", "shop").await.unwrap();
+    let moved = position().await.unwrap();
+    assert!(
+        moved > second,
+        "a late retry moves the change forward: stored at {second}, now at {moved}"
+    );
+    assert_eq!(get(&mut client, "late").await, (Some("v2".into()), 2));
 }

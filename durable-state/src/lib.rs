@@ -80,6 +80,8 @@ struct ObjectDocument {
     tag: Option<String>,
     #[serde(rename = "deletedAt", default)]
     deleted_at: Option<DateTime>,
+    #[serde(rename = "writtenAt", default)]
+    written_at: Option<DateTime>,
 }
 
 /// What a stored object looks like once a change has been applied: how a change retried after
@@ -320,25 +322,37 @@ impl DurableStateStore {
     /// it moves forward in change-query order, as late journal writes do.
     async fn restamp_if_late(
         &self,
-        mut stamp: mongo::InFlight,
+        stamp: mongo::InFlight,
+        persistence_id: &PersistenceId,
+        revision: Revision,
+    ) -> Result<(), DurableStateError> {
+        if !self.watermarks.acknowledged(&stamp).is_late(stamp.millis()) {
+            return Ok(());
+        }
+        self.move_forward(stamp.date_time(), persistence_id, revision)
+            .await
+    }
+
+    /// Moves the change stored at `revision` and position `stored_at` to a fresh stamp, again
+    /// while MongoDB acknowledges the move late (at most `MAX_RESTAMPS` times).
+    async fn move_forward(
+        &self,
+        mut stored_at: DateTime,
         persistence_id: &PersistenceId,
         revision: Revision,
     ) -> Result<(), DurableStateError> {
         let operation = "re-stamp a late change";
         for _ in 0..MAX_RESTAMPS {
-            if !self.watermarks.acknowledged(&stamp).is_late(stamp.millis()) {
-                return Ok(());
-            }
             let later = self.watermarks.stamp();
             tracing::warn!(
                 pid = persistence_id.as_str(),
-                lateness_ms = later.millis() - stamp.millis(),
+                lateness_ms = later.millis() - stored_at.timestamp_millis(),
                 "change acknowledged late; moving it forward in change-query order"
             );
             let filter = doc! {
                 "_id": persistence_id.as_str(),
                 REVISION: revision.get(),
-                WRITTEN_AT: stamp.date_time(),
+                WRITTEN_AT: stored_at,
             };
             let update = doc! { "$set": { WRITTEN_AT: later.date_time() } };
             let result = self
@@ -353,7 +367,10 @@ impl DurableStateStore {
                 later.release_after_lease();
                 return Err(self.retry.failure(operation, true, error).into());
             }
-            stamp = later;
+            if !self.watermarks.acknowledged(&later).is_late(later.millis()) {
+                return Ok(());
+            }
+            stored_at = later.date_time();
         }
         tracing::error!(
             pid = persistence_id.as_str(),
@@ -366,6 +383,8 @@ impl DurableStateStore {
     /// earlier attempt, by this call's retries or by a client retrying after `UNAVAILABLE`, was
     /// applied and its reply lost), or the revision is stale. Like the journal, it compares
     /// content: the stored object at the requested revision with this change's value and tag.
+    /// A stored change whose position is older than the horizon waits for (the attempt that
+    /// stored it gave up on it) moves forward, as the journal's identical retries do.
     async fn stale_or_applied(
         &self,
         persistence_id: &PersistenceId,
@@ -381,15 +400,22 @@ impl DurableStateStore {
             })
             .await
             .map_err(|error| self.retry.failure(operation, false, error))?;
-        let (stored_revision, applied) = match stored {
-            None => (Revision::ZERO, false),
+        let (stored_revision, applied, stored_at) = match stored {
+            None => (Revision::ZERO, false, None),
             Some(document) => {
                 let applied = document.revision == requested.get() && applied.matches(&document);
-                (revision(persistence_id, document.revision)?, applied)
+                (
+                    revision(persistence_id, document.revision)?,
+                    applied,
+                    document.written_at,
+                )
             }
         };
         if applied {
-            return Ok(());
+            return match stored_at.filter(|at| self.watermarks.stored_late(at.timestamp_millis())) {
+                Some(at) => self.move_forward(at, persistence_id, requested).await,
+                None => Ok(()),
+            };
         }
         Err(DurableStateError::StaleRevision {
             persistence_id: persistence_id.clone(),
