@@ -430,3 +430,64 @@ async fn a_change_found_stored_by_a_late_retry_moves_forward_in_change_order() {
     );
     assert_eq!(get(&mut client, "late").await, (Some("v2".into()), 2));
 }
+
+/// A client gives up on an upsert (its deadline passes) while MongoDB holds the update for
+/// 1.5 s: the change applies anyway, after changes made meanwhile. Its position stamp stays in
+/// flight until MongoDB answers (the change runs on a task of its own, not in the cancelled
+/// call), so a live change query waits for it and delivers it with the others.
+#[tokio::test]
+async fn a_change_whose_call_was_cancelled_while_mongodb_held_it_is_still_delivered() {
+    const APP: &str = "state_cancelled";
+    const TAG: &str = "held";
+    let _turn = FAIL_POINT.lock().await;
+    let server = TestServer::start_with(APP, |settings| {
+        common::read::fast(settings);
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    })
+    .await;
+    let mut client = DurableStateStoreClient::new(server.channel().await);
+    let mut live = proto::v1::read_journal_client::ReadJournalClient::new(server.channel().await)
+        .durable_state_changes(pb::DurableStateChangesRequest {
+            tag: TAG.into(),
+            offset: String::new(),
+        })
+        .await
+        .unwrap()
+        .into_inner();
+
+    hold_next(APP, "update", 1_500).await;
+    let mut request = tonic::Request::new(pb::UpsertObjectRequest {
+        persistence_id: "held".into(),
+        revision: 1,
+        value: Some(payload("held")),
+        tag: TAG.into(),
+    });
+    request.set_timeout(std::time::Duration::from_millis(300));
+    let status = client.upsert_object(request).await.unwrap_err();
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let mut expected = std::collections::BTreeSet::from(["held".to_owned()]);
+    for n in 1..=20 {
+        let pid = format!("after-{n}");
+        upsert(&mut client, &pid, 1, "v", TAG).await.unwrap();
+        expected.insert(pid);
+        tokio::time::sleep(std::time::Duration::from_millis(100)).await;
+    }
+    assert_eq!(get(&mut client, "held").await, (Some("held".into()), 1));
+    let mut delivered = std::collections::BTreeSet::new();
+    while delivered.len() < expected.len() {
+        let change = tokio::time::timeout(std::time::Duration::from_secs(10), live.message())
+            .await
+            .unwrap_or_else(|_| panic!("delivered {delivered:?}, expected {expected:?}"))
+            .unwrap()
+            .unwrap();
+        assert!(
+            delivered.insert(change.persistence_id.clone()),
+            "{} twice",
+            change.persistence_id
+        );
+    }
+    assert_eq!(delivered, expected);
+}

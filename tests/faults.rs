@@ -343,13 +343,7 @@ async fn a_write_committing_after_its_server_was_killed_is_not_missed() {
         .unwrap()
         .into_inner();
 
-    fail_next(
-        APP,
-        1,
-        "insert",
-        doc! { "blockConnection": true, "blockTimeMS": 1_500 },
-    )
-    .await;
+    hold_next(APP, "insert", 1_500).await;
     let late_call = {
         let mut client = JournalClient::new(Channel::from_shared(url).unwrap().connect_lazy());
         tokio::spawn(async move {

@@ -4,6 +4,7 @@ use std::fmt;
 use std::path::PathBuf;
 use std::time::Duration;
 
+use crate::HorizonMode;
 use crate::settings::Settings;
 
 #[derive(Debug, thiserror::Error)]
@@ -156,6 +157,24 @@ impl Settings {
         );
         if let Some(timeout) = mongodb.write_concern.timeout {
             problems.positive("mongodb.write-concern.timeout", timeout);
+        }
+        if self.horizon_mode() == HorizonMode::Watermarks {
+            // A stamp is released when its write is acknowledged, and a retired server's
+            // writes count as settled once the retiring delete is: both need majority.
+            problems.check(
+                !matches!(w, "0" | "1"),
+                "mongodb.write-concern.w",
+                &mongodb.write_concern.w,
+                "must be \"majority\" (or more than one member) with read-journal.horizon = \
+                 \"watermarks\": a write acknowledged by one member may be rolled back",
+            );
+            problems.check(
+                matches!(mongodb.read_concern.as_str(), "majority" | "linearizable"),
+                "mongodb.read-concern",
+                &mongodb.read_concern,
+                "must be majority (or linearizable) with read-journal.horizon = \"watermarks\": \
+                 queries must not see writes that may be rolled back",
+            );
         }
 
         let tls = &mongodb.tls;

@@ -279,3 +279,34 @@ fn tokens_come_from_the_file_and_the_environment_and_never_show() {
     );
     assert!(!message.contains("env-secret"), "{message}");
 }
+
+#[test]
+fn watermarks_need_majority_writes_and_reads() {
+    let message = invalid(Settings::load(
+        None,
+        &env(&[
+            ("EVENTJOURNAL_MONGODB__WRITE_CONCERN__W", "1"),
+            ("EVENTJOURNAL_MONGODB__READ_CONCERN", "local"),
+        ]),
+        &Overrides::default(),
+    ));
+    assert!(
+        message.contains("mongodb.write-concern.w = \"1\": must be \"majority\""),
+        "{message}"
+    );
+    assert!(
+        message.contains("mongodb.read-concern = \"local\": must be majority"),
+        "{message}"
+    );
+    // With the fixed drift both are the operator's choice.
+    Settings::load(
+        None,
+        &env(&[
+            ("EVENTJOURNAL_MONGODB__WRITE_CONCERN__W", "1"),
+            ("EVENTJOURNAL_MONGODB__READ_CONCERN", "local"),
+            ("EVENTJOURNAL_READ_JOURNAL__HORIZON", "fixed-drift"),
+        ]),
+        &Overrides::default(),
+    )
+    .unwrap();
+}

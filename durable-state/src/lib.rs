@@ -342,8 +342,13 @@ impl DurableStateStore {
         revision: Revision,
     ) -> Result<(), DurableStateError> {
         let operation = "re-stamp a late change";
+        let began = std::time::Instant::now();
         for _ in 0..MAX_RESTAMPS {
-            let later = self.watermarks.stamp();
+            let later = self
+                .watermarks
+                .fresh_stamp()
+                .await
+                .map_err(|source| MongoError::NotLeased { operation, source })?;
             tracing::warn!(
                 pid = persistence_id.as_str(),
                 lateness_ms = later.millis() - stored_at.timestamp_millis(),
@@ -371,6 +376,17 @@ impl DurableStateStore {
                 return Ok(());
             }
             stored_at = later.date_time();
+        }
+        if !self.watermarks.is_fixed_drift() {
+            // Each move was stamped under a holding lease and still acknowledged after it
+            // lapsed: the client hears that the change is stored and may retry it.
+            return Err(MongoError::NotLeased {
+                operation,
+                source: mongo::NotLeased {
+                    waited: began.elapsed(),
+                },
+            }
+            .into());
         }
         tracing::error!(
             pid = persistence_id.as_str(),

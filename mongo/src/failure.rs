@@ -43,6 +43,15 @@ pub enum MongoError {
         #[source]
         source: Error,
     },
+    #[error(
+        "{operation}: the write is stored, but this server could not renew its watermark lease \
+         to place it where live queries will see it; retrying the same write is safe"
+    )]
+    NotLeased {
+        operation: &'static str,
+        #[source]
+        source: crate::watermark::NotLeased,
+    },
     #[error("{operation} failed")]
     Internal {
         operation: &'static str,
@@ -72,7 +81,7 @@ impl StorageError for MongoError {
     fn kind(&self) -> FailureKind {
         match self {
             Self::Unavailable { .. } => FailureKind::Unavailable,
-            Self::OutcomeUnknown { .. } => FailureKind::OutcomeUnknown,
+            Self::OutcomeUnknown { .. } | Self::NotLeased { .. } => FailureKind::OutcomeUnknown,
             Self::Internal { .. } => FailureKind::Internal,
         }
     }

@@ -15,7 +15,7 @@ pub use describe::{describe, describe_chain};
 pub use document::{EncodeError, PayloadDocument, encode_within_limit};
 pub use failure::{FailureKind, MongoError, StorageError, error_codes, is_duplicate_key};
 pub use retry::Retry;
-pub use watermark::{Acknowledged, HorizonUnavailable, InFlight, Watermarks};
+pub use watermark::{Acknowledged, HorizonUnavailable, InFlight, NotLeased, Watermarks};
 
 /// MongoDB's largest document (BSON `maxBsonObjectSize`).
 pub const MAX_DOCUMENT_BYTES: usize = 16 * 1024 * 1024;

@@ -25,7 +25,7 @@
 //! In fixed-drift mode (`read-journal.horizon = "fixed-drift"`, and CosmosDB) the horizon is
 //! `now - allowed-time-drift` and nothing is published.
 
-use std::collections::{BTreeMap, HashMap};
+use std::collections::BTreeMap;
 use std::sync::{Arc, Mutex, MutexGuard};
 use std::time::{Duration, Instant, SystemTime, UNIX_EPOCH};
 
@@ -46,6 +46,9 @@ const WATERMARK: &str = "watermark";
 const CLOCK: &str = "clock";
 const LEASE_MILLIS: &str = "leaseMillis";
 const RENEWED_AT: &str = "renewedAt";
+/// The `renewedAt` of the renewal acknowledged before this publication was computed: a
+/// publication whose `basedOn` is later than a moment was computed after that moment.
+const BASED_ON: &str = "basedOn";
 
 /// A server trusts its own lease for this part of it: the rest covers the clock rates of this
 /// host and MongoDB's (and a new primary's) disagreeing while a renewal ages.
@@ -64,6 +67,8 @@ struct Inner {
     state: Mutex<State>,
     /// The latest round of the publisher (watermark mode).
     rounds: watch::Sender<Round>,
+    /// The publisher's task, awaited before leaving.
+    publishing: Mutex<Option<tokio::task::JoinHandle<()>>>,
 }
 
 enum Mode {
@@ -96,6 +101,13 @@ struct State {
     /// The `clock` of this server's last acknowledged publication: the furthest its own
     /// contribution to a horizon may reach (a server joining reads it as its floor).
     published_clock: i64,
+    /// The current epoch took its floor from the other servers' clocks (`join` finished).
+    joined: bool,
+    /// The highest live horizon given so far: horizons never go back (a subscriber that
+    /// catches up to one joins a tail that may have read up to another).
+    horizon: i64,
+    /// `renewedAt` of this server's last acknowledged renewal, published as `basedOn`.
+    based_on: Option<DateTime>,
 }
 
 impl State {
@@ -112,9 +124,13 @@ impl State {
         oldest.min(now) - 1
     }
 
+    /// This server's document certainly exists with a watermark other servers respect, and
+    /// its clock is above every horizon computed without it.
     fn lease_holds(&self) -> bool {
-        self.lease_holds_until
-            .is_some_and(|until| Instant::now() <= until)
+        self.joined
+            && self
+                .lease_holds_until
+                .is_some_and(|until| Instant::now() <= until)
     }
 
     /// A new epoch: stamps of the old one stop holding the watermark (their writes are
@@ -123,6 +139,8 @@ impl State {
         self.epoch += 1;
         self.in_flight.clear();
         self.lease_holds_until = None;
+        self.joined = false;
+        self.based_on = None;
     }
 }
 
@@ -131,6 +149,8 @@ impl State {
 struct Round {
     /// When its read of the watermarks collection started.
     read_started: Option<Instant>,
+    /// MongoDB's time during that read (none when no other server was there).
+    read_at: Option<DateTime>,
     /// This server's last acknowledged publication's clock before that read.
     own_cap: i64,
     peers: Vec<Peer>,
@@ -139,9 +159,9 @@ struct Round {
 #[derive(Debug, Clone)]
 struct Peer {
     server: String,
-    seq: i64,
     watermark: i64,
     clock: i64,
+    based_on: Option<DateTime>,
 }
 
 /// A position stamp, holding this server's watermark below it while its write is in flight.
@@ -209,6 +229,17 @@ impl Acknowledged {
     }
 }
 
+/// This server could not hold its watermark lease, so it cannot place a late write where live
+/// queries will see it.
+#[derive(Debug, Clone, thiserror::Error)]
+#[error(
+    "this server could not renew its watermark lease within {waited:?} (MongoDB is not \
+     accepting its watermark)"
+)]
+pub struct NotLeased {
+    pub waited: Duration,
+}
+
 /// The horizon of a current query could not be settled in time.
 #[derive(Debug, thiserror::Error)]
 #[error(
@@ -246,8 +277,12 @@ impl Watermarks {
                     lease_holds_until: None,
                     seq: 0,
                     published_clock: i64::MIN,
+                    joined: false,
+                    horizon: i64::MIN,
+                    based_on: None,
                 }),
                 rounds,
+                publishing: Mutex::new(None),
             }),
         }
     }
@@ -284,7 +319,12 @@ impl Watermarks {
             .run(operation, || watermarks.join())
             .await
             .map_err(|error| retry.failure(operation, true, error))?;
-        tokio::spawn(watermarks.clone().publish(shutdown));
+        let task = tokio::spawn(watermarks.clone().publish(shutdown));
+        *watermarks
+            .inner
+            .publishing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(task);
         Ok(watermarks)
     }
 
@@ -326,6 +366,28 @@ impl Watermarks {
             inner: Some(Arc::clone(&self.inner)),
             millis,
             epoch: state.epoch,
+        }
+    }
+
+    /// A stamp for moving a late write forward: in watermark mode, taken once this server
+    /// holds its lease in a joined epoch (waiting up to a lease for that), so it lies above
+    /// every horizon any server may compute before this server publishes again.
+    pub async fn fresh_stamp(&self) -> Result<InFlight, NotLeased> {
+        let Some(publisher) = self.publisher() else {
+            return Ok(self.stamp());
+        };
+        let asked = Instant::now();
+        let limit = publisher.lease + 4 * publisher.interval;
+        let mut rounds = self.inner.rounds.subscribe();
+        loop {
+            if lock(&self.inner.state).lease_holds() {
+                return Ok(self.stamp());
+            }
+            if wait_for_change(&mut rounds, asked, limit).await.is_err() {
+                return Err(NotLeased {
+                    waited: asked.elapsed(),
+                });
+            }
         }
     }
 
@@ -373,11 +435,18 @@ impl Watermarks {
                 state.tick(self.inner.offset_millis) - drift.as_millis() as i64
             }
             Mode::Published(_) => {
+                // Without a holding lease this server may have been retired, and a server
+                // joining meanwhile is not in its round: it stays where it was.
+                if !state.lease_holds() {
+                    return state.horizon;
+                }
                 let own = state.watermark(self.inner.offset_millis);
-                drop(state);
                 let round = self.inner.rounds.borrow();
                 let peers = round.peers.iter().map(|peer| peer.watermark).min();
-                own.min(round.own_cap).min(peers.unwrap_or(i64::MAX))
+                let horizon = own.min(round.own_cap).min(peers.unwrap_or(i64::MAX));
+                drop(round);
+                state.horizon = state.horizon.max(horizon);
+                state.horizon
             }
         }
     }
@@ -394,35 +463,44 @@ impl Watermarks {
         let mut target = self.now_millis();
         let limit = 2 * publisher.lease + 10 * publisher.interval;
         let mut rounds = self.inner.rounds.subscribe();
-        // 1. The servers' documents, read after this call: every server that acknowledged a
-        //    write before it is there (it joined before that write).
-        let first: Vec<Peer> = match self.read_peers(publisher).await {
-            Ok(peers) => peers.into_iter().map(Peer::from).collect(),
+        // 1. The servers' documents and MongoDB's time, read after this call: every server that
+        //    acknowledged a write before it is there (it joined before that write).
+        let (first, read_at) = match self.read_peers(publisher).await {
+            Ok(peers) => {
+                let read_at = peers.iter().filter_map(|peer| peer.now).max();
+                (peers.into_iter().map(Peer::from).collect(), read_at)
+            }
             // MongoDB is failing: go by the publisher's rounds instead.
             Err(_) => loop {
                 {
                     let round = rounds.borrow_and_update();
                     if round.read_started.is_some_and(|started| started > asked) {
-                        break round.peers.clone();
+                        break (round.peers.clone(), round.read_at);
                     }
                 }
                 wait_for_change(&mut rounds, asked, limit).await?;
             },
         };
-        // 2. Per such server, a publication it computed after this call (its seq moved on by
-        //    two: the first of them may have been computed before): its clock then is at least
-        //    the stamp of any write it acknowledged before. A retired server is settled.
-        let mut pending: HashMap<String, i64> = first
-            .into_iter()
-            .map(|peer| (peer.server, peer.seq + 2))
-            .collect();
+        let first_read = Instant::now();
+        // 2. Per such server, a publication computed after this call: based on a renewal
+        //    MongoDB applied after the read above. Its clock then is at least the stamp of any
+        //    write that server acknowledged before the call. A server missing from a round read
+        //    after step 1 was retired: it is settled.
+        let mut pending: Vec<String> = if read_at.is_some() {
+            first.into_iter().map(|peer| peer.server).collect()
+        } else {
+            Vec::new()
+        };
         while !pending.is_empty() {
             {
                 let round = rounds.borrow_and_update();
-                pending.retain(|server, needed| {
+                let read_after = round
+                    .read_started
+                    .is_some_and(|started| started > first_read);
+                pending.retain(|server| {
                     match round.peers.iter().find(|peer| peer.server == *server) {
-                        None => false,
-                        Some(peer) if peer.seq >= *needed => {
+                        None => !read_after,
+                        Some(peer) if peer.based_on > read_at => {
                             target = target.max(peer.clock);
                             false
                         }
@@ -445,10 +523,31 @@ impl Watermarks {
     }
 
     /// Removes this server's document so it holds nobody back; call when its writes are over.
+    /// With writes of this server possibly still in flight (their outcome unknown), it stays,
+    /// and the others retire it when its lease runs out. Call after the publisher was told to
+    /// stop.
     pub async fn leave(&self) {
         let Some(publisher) = self.publisher() else {
             return;
         };
+        let task = self
+            .inner
+            .publishing
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+            .take();
+        if let Some(task) = task {
+            let _ = task.await;
+        }
+        let in_flight: usize = lock(&self.inner.state).in_flight.values().sum();
+        if in_flight > 0 {
+            tracing::info!(
+                in_flight,
+                "writes of this server may still commit; its watermark stays until its lease \
+                 runs out"
+            );
+            return;
+        }
         if let Err(error) = publisher
             .watermarks
             .delete_one(doc! { "_id": &publisher.server })
@@ -494,11 +593,13 @@ impl Watermarks {
         state.clock = state.clock.max(floor.unwrap_or(i64::MIN));
         // Stamps given while joining were taken below that floor: a new epoch re-stamps them.
         state.new_epoch();
+        state.joined = true;
         state.published_clock = clock.max(floor.unwrap_or(i64::MIN));
         state.lease_holds_until = Some(sent + publisher.lease.mul_f64(LEASE_TRUSTED_FRACTION));
         drop(state);
         self.inner.rounds.send_modify(|round| {
             round.read_started = Some(sent);
+            round.read_at = peers.iter().filter_map(|peer| peer.now).max();
             round.own_cap = clock;
             round.peers = peers
                 .into_iter()
@@ -534,29 +635,37 @@ impl Watermarks {
     }
 
     async fn round(&self, publisher: &Publisher) -> Result<(), mongodb::error::Error> {
-        let (seq, watermark, clock) = {
+        if !lock(&self.inner.state).joined {
+            // A join that failed halfway (its document may exist, its floor was not taken).
+            return self.join().await;
+        }
+        let (seq, watermark, clock, based_on) = {
             let mut state = lock(&self.inner.state);
             let watermark = state.watermark(self.inner.offset_millis);
             // A new number per attempt: one that failed may still have been applied.
             state.seq += 1;
-            (state.seq, watermark, state.clock)
+            (state.seq, watermark, state.clock, state.based_on)
         };
         let sent = Instant::now();
-        // The document is this server's as long as it exists: retiring deletes it.
+        // The document is this server's as long as it exists: retiring deletes it. An earlier
+        // attempt applied late (after a later one) does not match: values never go back.
         let renewed = publisher
             .watermarks
-            .update_one(
-                doc! { "_id": &publisher.server },
+            .find_one_and_update(
+                doc! { "_id": &publisher.server, SEQ: { "$lt": seq } },
                 vec![doc! { "$set": {
                     SEQ: seq,
                     WATERMARK: watermark,
                     CLOCK: clock,
                     LEASE_MILLIS: publisher.lease.as_millis() as i64,
+                    BASED_ON: based_on,
                     RENEWED_AT: "$$NOW",
                 } }],
             )
+            .projection(doc! { RENEWED_AT: 1 })
+            .return_document(mongodb::options::ReturnDocument::After)
             .await?;
-        if renewed.matched_count == 0 {
+        let Some(renewed) = renewed else {
             tracing::warn!(
                 server = %publisher.server,
                 "this server's lease ran out and another server retired it; joining again \
@@ -565,9 +674,12 @@ impl Watermarks {
             crate::metrics::WATERMARK_REJOINS.inc();
             lock(&self.inner.state).new_epoch();
             return self.join().await;
-        }
+        };
         {
             let mut state = lock(&self.inner.state);
+            if let Ok(renewed_at) = renewed.get_datetime(RENEWED_AT) {
+                state.based_on = Some(*renewed_at);
+            }
             state.published_clock = state.published_clock.max(clock);
             let until = sent + publisher.lease.mul_f64(LEASE_TRUSTED_FRACTION);
             state.lease_holds_until = Some(
@@ -579,7 +691,9 @@ impl Watermarks {
         let read_started = Instant::now();
         let own_cap = lock(&self.inner.state).published_clock;
         let mut peers = Vec::new();
-        for peer in self.read_peers(publisher).await? {
+        let documents = self.read_peers(publisher).await?;
+        let read_at = documents.iter().filter_map(|peer| peer.now).max();
+        for peer in documents {
             if peer.expired && self.retire(publisher, &peer).await {
                 continue;
             }
@@ -596,6 +710,7 @@ impl Watermarks {
         crate::metrics::WATERMARK_SERVERS.set(peers.len() as i64 + 1);
         self.inner.rounds.send_replace(Round {
             read_started: Some(read_started),
+            read_at,
             own_cap,
             peers,
         });
@@ -610,8 +725,9 @@ impl Watermarks {
         let pipeline = vec![
             doc! { "$match": { "_id": { "$ne": &publisher.server } } },
             doc! { "$project": {
-                SEQ: 1, WATERMARK: 1, CLOCK: 1,
+                SEQ: 1, WATERMARK: 1, CLOCK: 1, BASED_ON: 1,
                 "expired": lease_expired(),
+                "now": "$$NOW",
             } },
         ];
         let documents: Vec<Document> = publisher
@@ -676,7 +792,10 @@ struct PeerDocument {
     seq: i64,
     watermark: i64,
     clock: i64,
+    based_on: Option<DateTime>,
     expired: bool,
+    /// MongoDB's time when it was read.
+    now: Option<DateTime>,
 }
 
 impl PeerDocument {
@@ -686,7 +805,9 @@ impl PeerDocument {
             seq: document.get_i64(SEQ).ok()?,
             watermark: document.get_i64(WATERMARK).ok()?,
             clock: document.get_i64(CLOCK).ok()?,
+            based_on: document.get_datetime(BASED_ON).ok().copied(),
             expired: document.get_bool("expired").unwrap_or(false),
+            now: document.get_datetime("now").ok().copied(),
         })
     }
 }
@@ -695,9 +816,9 @@ impl From<PeerDocument> for Peer {
     fn from(document: PeerDocument) -> Self {
         Self {
             server: document.server,
-            seq: document.seq,
             watermark: document.watermark,
             clock: document.clock,
+            based_on: document.based_on,
         }
     }
 }
@@ -707,6 +828,10 @@ mod tests {
     use super::*;
 
     fn published() -> Watermarks {
+        published_with_lease(Duration::from_secs(5))
+    }
+
+    fn published_with_lease(lease: Duration) -> Watermarks {
         let settings = Settings::default();
         // A collection handle is never used by these tests (nothing is published).
         let client =
@@ -718,10 +843,73 @@ mod tests {
                 retry: Retry::new(&settings.mongodb.retry),
                 server: "me".into(),
                 interval: Duration::from_millis(50),
-                lease: Duration::from_secs(5),
+                lease,
             }),
             0,
         )
+    }
+
+    /// As after a join and a renewal.
+    fn leased(watermarks: &Watermarks) {
+        let mut state = lock(&watermarks.inner.state);
+        state.joined = true;
+        state.lease_holds_until = Some(Instant::now() + Duration::from_secs(60));
+    }
+
+    fn round_with_peer(watermarks: &Watermarks, watermark: i64) {
+        watermarks.inner.rounds.send_replace(Round {
+            read_started: Some(Instant::now()),
+            read_at: None,
+            own_cap: i64::MAX,
+            peers: vec![Peer {
+                server: "other".into(),
+                watermark,
+                clock: watermark,
+                based_on: None,
+            }],
+        });
+    }
+
+    #[tokio::test]
+    async fn the_live_horizon_never_goes_back_and_stays_put_without_a_lease() {
+        let watermarks = published();
+        leased(&watermarks);
+        let now = watermarks.now_millis();
+        round_with_peer(&watermarks, now - 100);
+        assert_eq!(watermarks.live_horizon(), now - 100);
+        // A peer published a lower watermark (a server joined with a clock behind).
+        round_with_peer(&watermarks, now - 5_000);
+        assert_eq!(watermarks.live_horizon(), now - 100);
+        round_with_peer(&watermarks, now - 50);
+        assert_eq!(watermarks.live_horizon(), now - 50);
+        // The lease lapsed: this server may have been retired and miss a joining server.
+        lock(&watermarks.inner.state).lease_holds_until = None;
+        round_with_peer(&watermarks, now);
+        assert_eq!(watermarks.live_horizon(), now - 50);
+        // A join that failed halfway: a renewal alone does not make the lease hold.
+        let mut state = lock(&watermarks.inner.state);
+        state.new_epoch();
+        state.lease_holds_until = Some(Instant::now() + Duration::from_secs(60));
+        drop(state);
+        assert_eq!(watermarks.live_horizon(), now - 50);
+        let stamp = watermarks.stamp();
+        assert!(watermarks.acknowledged(&stamp).is_late(stamp.millis()));
+    }
+
+    #[tokio::test]
+    async fn a_fresh_stamp_waits_for_a_holding_lease_for_a_while_then_fails() {
+        let watermarks = published_with_lease(Duration::from_millis(300));
+        let asked = Instant::now();
+        let failed = watermarks.fresh_stamp().await;
+        assert!(failed.is_err(), "no lease: no fresh stamp");
+        assert!(asked.elapsed() >= Duration::from_millis(300));
+        let waiting = tokio::spawn({
+            let watermarks = watermarks.clone();
+            async move { watermarks.fresh_stamp().await.map(|stamp| stamp.millis()) }
+        });
+        tokio::time::sleep(Duration::from_millis(100)).await;
+        leased(&watermarks);
+        assert!(waiting.await.unwrap().is_ok(), "a lease that holds again");
     }
 
     #[tokio::test]
@@ -747,13 +935,11 @@ mod tests {
     #[tokio::test]
     async fn a_stamp_from_an_earlier_epoch_is_late_and_does_not_hold_the_watermark() {
         let watermarks = published();
-        lock(&watermarks.inner.state).lease_holds_until =
-            Some(Instant::now() + Duration::from_secs(60));
+        leased(&watermarks);
         let held = watermarks.stamp();
         assert!(!watermarks.acknowledged(&held).is_late(held.millis()));
         lock(&watermarks.inner.state).new_epoch();
-        lock(&watermarks.inner.state).lease_holds_until =
-            Some(Instant::now() + Duration::from_secs(60));
+        leased(&watermarks);
         assert!(watermarks.acknowledged(&held).is_late(held.millis()));
         let now = watermarks.now_millis();
         assert!(lock(&watermarks.inner.state).watermark(0) >= now - 1);

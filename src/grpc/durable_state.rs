@@ -45,9 +45,12 @@ impl pb::durable_state_store_server::DurableStateStore for DurableStateStoreServ
         let span = tracing::Span::current();
         span.record("pid", command.persistence_id.as_str());
         span.record("revision", command.revision.get());
-        self.store
-            .upsert(command)
+        // On a task of its own: a cancelled call must not drop the change's position stamp
+        // while MongoDB may still apply it.
+        let store = self.store.clone();
+        tokio::spawn(async move { store.upsert(command).await })
             .await
+            .map_err(|_| Status::internal("the upsert failed; the server log has the details"))?
             .map_err(|error| storage_status("UpsertObject", error))?;
         Ok(Response::new(pb::UpsertObjectResponse {}))
     }
@@ -61,9 +64,12 @@ impl pb::durable_state_store_server::DurableStateStore for DurableStateStoreServ
         let span = tracing::Span::current();
         span.record("pid", command.persistence_id.as_str());
         span.record("revision", command.revision.get());
-        self.store
-            .delete(command)
+        // On a task of its own: a cancelled call must not drop the change's position stamp
+        // while MongoDB may still apply it.
+        let store = self.store.clone();
+        tokio::spawn(async move { store.delete(command).await })
             .await
+            .map_err(|_| Status::internal("the delete failed; the server log has the details"))?
             .map_err(|error| storage_status("DeleteObject", error))?;
         Ok(Response::new(pb::DeleteObjectResponse {}))
     }

@@ -245,6 +245,18 @@ pub async fn fail_next(
         .expect("configureFailPoint (the test mongod runs with enableTestCommands=1)");
 }
 
+/// Makes the test mongod hold `app_name`'s next `command` for `millis` before running it, as a
+/// lock wait or a stall would.
+pub async fn hold_next(app_name: &str, command: &str, millis: i32) {
+    fail_next(
+        app_name,
+        1,
+        command,
+        mongodb::bson::doc! { "blockConnection": true, "blockTimeMS": millis },
+    )
+    .await
+}
+
 /// Whether a server at `url` answers a health check.
 pub async fn answers_health(url: &str) -> bool {
     let Ok(channel) = Channel::from_shared(url.to_owned())

@@ -187,10 +187,15 @@ impl EventStore {
         stamped: DateTime,
     ) -> Result<Option<DateTime>, MongoError> {
         let operation = "re-stamp late events";
+        let began = std::time::Instant::now();
         let mut stamped = stamped.timestamp_millis();
         let mut moved = None;
         for _ in 0..MAX_RESTAMPS {
-            let stamp = self.watermarks.stamp();
+            let stamp = self
+                .watermarks
+                .fresh_stamp()
+                .await
+                .map_err(|source| MongoError::NotLeased { operation, source })?;
             let lateness = stamp.millis() - stamped;
             let restamp = if self.watermarks.is_fixed_drift() {
                 stamp.millis() + lateness.max(0)
@@ -228,6 +233,16 @@ impl EventStore {
             if !self.watermarks.acknowledged(&stamp).is_late(stamped) {
                 return Ok(moved);
             }
+        }
+        if !self.watermarks.is_fixed_drift() {
+            // Each move was stamped under a holding lease and still acknowledged after it
+            // lapsed: the client hears that the write is stored and may retry it.
+            return Err(MongoError::NotLeased {
+                operation,
+                source: mongo::NotLeased {
+                    waited: began.elapsed(),
+                },
+            });
         }
         tracing::error!(
             pid,
