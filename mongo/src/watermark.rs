@@ -203,6 +203,24 @@ impl Drop for InFlight {
         let Some(inner) = self.inner.take() else {
             return;
         };
+        if std::thread::panicking() {
+            // A panic unwinds through the code that held the write: its outcome is unknown.
+            if let (Mode::Published(publisher), Ok(runtime)) =
+                (&inner.mode, tokio::runtime::Handle::try_current())
+            {
+                let lease = publisher.lease;
+                let held = InFlight {
+                    inner: Some(inner),
+                    millis: self.millis,
+                    epoch: self.epoch,
+                };
+                runtime.spawn(async move {
+                    tokio::time::sleep(lease).await;
+                    drop(held);
+                });
+                return;
+            }
+        }
         let mut state = lock(&inner.state);
         if state.epoch != self.epoch {
             return;
@@ -910,6 +928,21 @@ mod tests {
         tokio::time::sleep(Duration::from_millis(100)).await;
         leased(&watermarks);
         assert!(waiting.await.unwrap().is_ok(), "a lease that holds again");
+    }
+
+    #[tokio::test]
+    async fn a_stamp_dropped_by_a_panic_holds_the_watermark_for_a_lease() {
+        let watermarks = published_with_lease(Duration::from_millis(300));
+        let stamp = watermarks.stamp();
+        let millis = stamp.millis();
+        let unwound = std::panic::catch_unwind(std::panic::AssertUnwindSafe(move || {
+            let _held = stamp;
+            panic!("a bug while the write was in flight");
+        }));
+        assert!(unwound.is_err());
+        assert_eq!(lock(&watermarks.inner.state).watermark(0), millis - 1);
+        tokio::time::sleep(Duration::from_millis(400)).await;
+        assert!(lock(&watermarks.inner.state).watermark(0) >= millis);
     }
 
     #[tokio::test]
