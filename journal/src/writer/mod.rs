@@ -102,7 +102,7 @@ const HEAVY_MAX_WAIT: Duration = Duration::from_millis(50);
 
 /// Pacing: while light producers write, a heavy producer waits this many times as long as its
 /// last batch took before the next one, so it has MongoDB at most 1 / (1 + this) of the time.
-const HEAVY_PAUSE_FACTOR: u32 = 3;
+const HEAVY_PAUSE_FACTOR: u32 = 8;
 
 struct Submission {
     origin: Origin,

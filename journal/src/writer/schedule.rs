@@ -17,7 +17,7 @@
 //!   now and then waits for one small insert, not for someone else's thousand events. When both
 //!   kinds wait, batches alternate between them, so neither starves. While light producers
 //!   are writing, a heavy producer's batch holds at most `fair_share` events, and `writer`
-//!   paces heavy producers: after each of their batches they pause three times as long as it
+//!   paces heavy producers: after each of their batches they pause eight times as long as it
 //!   took, and do not start beside a light batch (unless their last batch started 50 ms ago),
 //!   so the light producers' inserts do not queue in MongoDB behind long ones.
 //!
