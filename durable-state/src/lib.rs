@@ -204,7 +204,9 @@ impl DurableStateStore {
         })
     }
 
-    /// Stores the value at `revision`, which must be the stored revision + 1.
+    /// Stores the value at `revision`, which must be the stored revision + 1. Run it where it
+    /// is not cancelled (the gRPC service spawns it): dropped midway, it releases the change's
+    /// position stamp while MongoDB may still apply the change. The same holds for `delete`.
     pub async fn upsert(&self, command: UpsertObject) -> Result<(), DurableStateError> {
         let payload = PayloadDocument::from(&command.value);
         let what = format!(
@@ -344,11 +346,7 @@ impl DurableStateStore {
         let operation = "re-stamp a late change";
         let began = std::time::Instant::now();
         for _ in 0..MAX_RESTAMPS {
-            let later = self
-                .watermarks
-                .fresh_stamp()
-                .await
-                .map_err(|source| MongoError::NotLeased { operation, source })?;
+            let later = self.watermarks.fresh_stamp(operation).await?;
             tracing::warn!(
                 pid = persistence_id.as_str(),
                 lateness_ms = later.millis() - stored_at.timestamp_millis(),
@@ -377,17 +375,7 @@ impl DurableStateStore {
             }
             stored_at = later.date_time();
         }
-        if !self.watermarks.is_fixed_drift() {
-            // Each move was stamped under a holding lease and still acknowledged after it
-            // lapsed: the client hears that the change is stored and may retry it.
-            return Err(MongoError::NotLeased {
-                operation,
-                source: mongo::NotLeased {
-                    waited: began.elapsed(),
-                },
-            }
-            .into());
-        }
+        self.watermarks.restamps_exhausted(operation, began)?;
         tracing::error!(
             pid = persistence_id.as_str(),
             "MongoDB stayed slow; live change queries may pass over this change"

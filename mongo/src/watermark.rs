@@ -268,6 +268,15 @@ pub struct HorizonUnavailable {
     pub waited: Duration,
 }
 
+fn not_leased(operation: &'static str, since: Instant) -> MongoError {
+    MongoError::NotLeased {
+        operation,
+        source: NotLeased {
+            waited: since.elapsed(),
+        },
+    }
+}
+
 fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
     match state.lock() {
         Ok(state) => state,
@@ -387,10 +396,10 @@ impl Watermarks {
         }
     }
 
-    /// A stamp for moving a late write forward: in watermark mode, taken once this server
-    /// holds its lease in a joined epoch (waiting up to a lease for that), so it lies above
-    /// every horizon any server may compute before this server publishes again.
-    pub async fn fresh_stamp(&self) -> Result<InFlight, NotLeased> {
+    /// A stamp for `operation`, moving a late write forward: in watermark mode, taken once
+    /// this server holds its lease in a joined epoch (waiting up to a lease for that), so it
+    /// lies above every horizon any server may compute before this server publishes again.
+    pub async fn fresh_stamp(&self, operation: &'static str) -> Result<InFlight, MongoError> {
         let Some(publisher) = self.publisher() else {
             return Ok(self.stamp());
         };
@@ -402,10 +411,24 @@ impl Watermarks {
                 return Ok(self.stamp());
             }
             if wait_for_change(&mut rounds, asked, limit).await.is_err() {
-                return Err(NotLeased {
-                    waited: asked.elapsed(),
-                });
+                return Err(not_leased(operation, asked));
             }
+        }
+    }
+
+    /// Every move of a late write, begun at `began`, was acknowledged late too: in watermark
+    /// mode the call fails (the write is stored; a retry moves it again); with the fixed drift
+    /// it stays where it is (`Ok`, for the caller to log).
+    pub fn restamps_exhausted(
+        &self,
+        operation: &'static str,
+        began: Instant,
+    ) -> Result<(), MongoError> {
+        match self.publisher() {
+            // Each move was stamped under a holding lease and still acknowledged after it
+            // lapsed: the client hears that the write is stored and may retry it.
+            Some(_) => Err(not_leased(operation, began)),
+            None => Ok(()),
         }
     }
 
@@ -485,7 +508,7 @@ impl Watermarks {
         //    acknowledged a write before it is there (it joined before that write).
         let (first, read_at) = match self.read_peers(publisher).await {
             Ok(peers) => {
-                let read_at = peers.iter().filter_map(|peer| peer.now).max();
+                let read_at = mongo_time(&peers);
                 (peers.into_iter().map(Peer::from).collect(), read_at)
             }
             // MongoDB is failing: go by the publisher's rounds instead.
@@ -617,7 +640,7 @@ impl Watermarks {
         drop(state);
         self.inner.rounds.send_modify(|round| {
             round.read_started = Some(sent);
-            round.read_at = peers.iter().filter_map(|peer| peer.now).max();
+            round.read_at = mongo_time(&peers);
             round.own_cap = clock;
             round.peers = peers
                 .into_iter()
@@ -710,7 +733,7 @@ impl Watermarks {
         let own_cap = lock(&self.inner.state).published_clock;
         let mut peers = Vec::new();
         let documents = self.read_peers(publisher).await?;
-        let read_at = documents.iter().filter_map(|peer| peer.now).max();
+        let read_at = mongo_time(&documents);
         for peer in documents {
             if peer.expired && self.retire(publisher, &peer).await {
                 continue;
@@ -816,6 +839,11 @@ struct PeerDocument {
     now: Option<DateTime>,
 }
 
+/// MongoDB's time when `documents` were read (none when there were none).
+fn mongo_time(documents: &[PeerDocument]) -> Option<DateTime> {
+    documents.iter().filter_map(|document| document.now).max()
+}
+
 impl PeerDocument {
     fn parse(document: &Document) -> Option<Self> {
         Some(Self {
@@ -918,12 +946,17 @@ mod tests {
     async fn a_fresh_stamp_waits_for_a_holding_lease_for_a_while_then_fails() {
         let watermarks = published_with_lease(Duration::from_millis(300));
         let asked = Instant::now();
-        let failed = watermarks.fresh_stamp().await;
+        let failed = watermarks.fresh_stamp("a test").await;
         assert!(failed.is_err(), "no lease: no fresh stamp");
         assert!(asked.elapsed() >= Duration::from_millis(300));
         let waiting = tokio::spawn({
             let watermarks = watermarks.clone();
-            async move { watermarks.fresh_stamp().await.map(|stamp| stamp.millis()) }
+            async move {
+                watermarks
+                    .fresh_stamp("a test")
+                    .await
+                    .map(|stamp| stamp.millis())
+            }
         });
         tokio::time::sleep(Duration::from_millis(100)).await;
         leased(&watermarks);

@@ -1,7 +1,7 @@
 //! `eventjournal.v1.DurableStateStore`: converts requests to domain types, calls
 //! [`durable_state::DurableStateStore`], maps results back.
 
-use durable_state::DurableStateStore;
+use durable_state::{DurableStateError, DurableStateStore};
 use model::{DeleteObject, PersistenceId, UpsertObject};
 use proto::v1 as pb;
 use tonic::{Request, Response, Status};
@@ -16,6 +16,18 @@ impl DurableStateStoreService {
     pub(crate) fn new(store: DurableStateStore) -> Self {
         Self { store }
     }
+}
+
+/// Runs a change on a task of its own: a cancelled call (a client's deadline, a reset) must not
+/// drop the change's position stamp while MongoDB may still apply it.
+async fn on_own_task(
+    method: &'static str,
+    change: impl Future<Output = Result<(), DurableStateError>> + Send + 'static,
+) -> Result<(), Status> {
+    tokio::spawn(change)
+        .await
+        .map_err(|_| Status::internal(format!("{method} failed; the server log has the details")))?
+        .map_err(|error| storage_status(method, error))
 }
 
 #[tonic::async_trait]
@@ -45,13 +57,8 @@ impl pb::durable_state_store_server::DurableStateStore for DurableStateStoreServ
         let span = tracing::Span::current();
         span.record("pid", command.persistence_id.as_str());
         span.record("revision", command.revision.get());
-        // On a task of its own: a cancelled call must not drop the change's position stamp
-        // while MongoDB may still apply it.
         let store = self.store.clone();
-        tokio::spawn(async move { store.upsert(command).await })
-            .await
-            .map_err(|_| Status::internal("the upsert failed; the server log has the details"))?
-            .map_err(|error| storage_status("UpsertObject", error))?;
+        on_own_task("UpsertObject", async move { store.upsert(command).await }).await?;
         Ok(Response::new(pb::UpsertObjectResponse {}))
     }
 
@@ -64,13 +71,8 @@ impl pb::durable_state_store_server::DurableStateStore for DurableStateStoreServ
         let span = tracing::Span::current();
         span.record("pid", command.persistence_id.as_str());
         span.record("revision", command.revision.get());
-        // On a task of its own: a cancelled call must not drop the change's position stamp
-        // while MongoDB may still apply it.
         let store = self.store.clone();
-        tokio::spawn(async move { store.delete(command).await })
-            .await
-            .map_err(|_| Status::internal("the delete failed; the server log has the details"))?
-            .map_err(|error| storage_status("DeleteObject", error))?;
+        on_own_task("DeleteObject", async move { store.delete(command).await }).await?;
         Ok(Response::new(pb::DeleteObjectResponse {}))
     }
 }

@@ -191,11 +191,7 @@ impl EventStore {
         let mut stamped = stamped.timestamp_millis();
         let mut moved = None;
         for _ in 0..MAX_RESTAMPS {
-            let stamp = self
-                .watermarks
-                .fresh_stamp()
-                .await
-                .map_err(|source| MongoError::NotLeased { operation, source })?;
+            let stamp = self.watermarks.fresh_stamp(operation).await?;
             let lateness = stamp.millis() - stamped;
             let restamp = if self.watermarks.is_fixed_drift() {
                 stamp.millis() + lateness.max(0)
@@ -234,16 +230,7 @@ impl EventStore {
                 return Ok(moved);
             }
         }
-        if !self.watermarks.is_fixed_drift() {
-            // Each move was stamped under a holding lease and still acknowledged after it
-            // lapsed: the client hears that the write is stored and may retry it.
-            return Err(MongoError::NotLeased {
-                operation,
-                source: mongo::NotLeased {
-                    waited: began.elapsed(),
-                },
-            });
-        }
+        self.watermarks.restamps_exhausted(operation, began)?;
         tracing::error!(
             pid,
             first,
