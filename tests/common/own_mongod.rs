@@ -2,7 +2,7 @@
 //! mongod must stay up for every other test. Same binary as `cargo xtask` installs, a
 //! single-node replica set in a fresh directory, killed with the test.
 
-use std::path::PathBuf;
+use std::path::{Path, PathBuf};
 use std::process::{Child, Command, Stdio};
 use std::time::Duration;
 
@@ -21,7 +21,7 @@ pub struct OwnMongod {
     replica_set: bool,
 }
 
-pub(crate) fn mongod_binary() -> PathBuf {
+fn mongod_binary() -> PathBuf {
     let binary =
         PathBuf::from(env!("CARGO_MANIFEST_DIR")).join(".local/mongodb/fiftyone/db/bin/mongod");
     assert!(
@@ -40,6 +40,48 @@ pub(crate) fn fresh_directory(name: &str) -> PathBuf {
     ));
     std::fs::create_dir_all(directory.join("data")).unwrap();
     directory
+}
+
+/// The command every test mongod starts with: data and log in `directory`, on loopback, a
+/// 256 MB cache and a small journal. WiredTiger's default journal preallocates three 100 MB
+/// files, 300 MB per mongod before it stores anything; a failover test runs three, and a CI
+/// machine short of disk saw them abort at start (`No space left on device`) and refuse every
+/// connection. 10 MB files, none preallocated: about 11 MB.
+pub(crate) fn mongod_command(directory: &Path, port: u16, log: std::fs::File) -> Command {
+    let mut command = Command::new(mongod_binary());
+    command
+        .args(["--bind_ip", "127.0.0.1"])
+        .args(["--port", &port.to_string()])
+        .arg("--dbpath")
+        .arg(directory.join("data"))
+        .args(["--wiredTigerCacheSizeGB", "0.25"])
+        .args([
+            "--wiredTigerEngineConfigString",
+            "log=(file_max=10MB,prealloc=false)",
+        ])
+        .stdout(log)
+        .stderr(Stdio::null());
+    command
+}
+
+/// If `child` has exited: its exit status and the last errors of its log, for the panic of a
+/// test that waited for it (the directory, log and all, is removed when the test ends).
+pub(crate) fn exited(child: &mut Child, log: &Path) -> Option<String> {
+    let status = child.try_wait().ok()??;
+    let text = std::fs::read_to_string(log).unwrap_or_default();
+    let errors: Vec<&str> = text
+        .lines()
+        .filter(|line| line.contains(r#""s":"F""#) || line.contains(r#""s":"E""#))
+        .filter(|line| !line.contains(r#""msg":"Frame""#) && !line.contains("BACKTRACE"))
+        .collect();
+    let last: Vec<String> = errors[errors.len().saturating_sub(4)..]
+        .iter()
+        .map(|line| line.chars().take(600).collect())
+        .collect();
+    Some(format!(
+        "mongod exited ({status}); its last errors:\n{}",
+        last.join("\n")
+    ))
 }
 
 impl OwnMongod {
@@ -63,6 +105,7 @@ impl OwnMongod {
         let mut attempts = 0;
         while let Err(error) = admin.run_command(initiate.clone()).await {
             attempts += 1;
+            mongod.assert_running();
             assert!(attempts < 100, "replSetInitiate failed: {error}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -88,6 +131,7 @@ impl OwnMongod {
             if admin.run_command(doc! { "ping": 1 }).await.is_ok() {
                 return mongod;
             }
+            mongod.assert_running();
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         panic!("standalone mongod did not answer");
@@ -95,21 +139,11 @@ impl OwnMongod {
 
     fn spawn(&mut self) {
         let log = std::fs::File::create(self.directory.join("mongod.log")).unwrap();
-        let mut command = Command::new(mongod_binary());
+        let mut command = mongod_command(&self.directory, self.port, log);
         if self.replica_set {
             command.args(["--replSet", "rs0"]);
         }
-        let child = command
-            .args(["--bind_ip", "127.0.0.1"])
-            .args(["--port", &self.port.to_string()])
-            .arg("--dbpath")
-            .arg(self.directory.join("data"))
-            .args(["--wiredTigerCacheSizeGB", "0.25"])
-            .args(&self.extra_args)
-            .stdout(log)
-            .stderr(Stdio::null())
-            .spawn()
-            .unwrap();
+        let child = command.args(&self.extra_args).spawn().unwrap();
         self.child = Some(child);
     }
 
@@ -132,7 +166,17 @@ impl OwnMongod {
         mongodb::Client::with_uri_str(uri).await.unwrap()
     }
 
-    async fn wait_for_primary(&self) {
+    /// Panics, saying why, if the process has exited.
+    fn assert_running(&mut self) {
+        let log = self.directory.join("mongod.log");
+        if let Some(child) = self.child.as_mut()
+            && let Some(why) = exited(child, &log)
+        {
+            panic!("own mongod on port {}: {why}", self.port);
+        }
+    }
+
+    async fn wait_for_primary(&mut self) {
         let admin = self.direct_client().await.database("admin");
         for _ in 0..300 {
             if let Ok(reply) = admin.run_command(doc! { "hello": 1 }).await
@@ -140,6 +184,7 @@ impl OwnMongod {
             {
                 return;
             }
+            self.assert_running();
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
         panic!(

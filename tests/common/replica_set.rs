@@ -5,13 +5,13 @@
 //! timeout, so a failover takes a second or two instead of ten.
 
 use std::path::PathBuf;
-use std::process::{Child, Command, Stdio};
+use std::process::Child;
 use std::time::Duration;
 
 use mongodb::bson::{Document, doc};
 
 use super::free_port;
-use super::own_mongod::{fresh_directory, mongod_binary};
+use super::own_mongod::{exited, fresh_directory, mongod_command};
 
 /// `electionTimeoutMillis` and `heartbeatIntervalMillis` of the test sets (MongoDB's defaults
 /// are 10 s and 2 s).
@@ -63,6 +63,7 @@ impl ReplicaSet {
         let mut attempts = 0;
         while let Err(error) = admin.run_command(initiate.clone()).await {
             attempts += 1;
+            set.assert_running();
             assert!(attempts < 150, "replSetInitiate failed: {error}");
             tokio::time::sleep(Duration::from_millis(200)).await;
         }
@@ -86,18 +87,24 @@ impl ReplicaSet {
             .open(directory.join("mongod.log"))
             .unwrap();
         let member = &mut self.members[index];
-        let child = Command::new(mongod_binary())
-            .args(["--replSet", "rs0", "--bind_ip", "127.0.0.1"])
-            .args(["--port", &member.port.to_string()])
-            .arg("--dbpath")
-            .arg(directory.join("data"))
-            .args(["--wiredTigerCacheSizeGB", "0.25", "--oplogSize", "256"])
+        let child = mongod_command(&directory, member.port, log)
+            .args(["--replSet", "rs0", "--oplogSize", "256"])
             .args(["--setParameter", "enableTestCommands=1"])
-            .stdout(log)
-            .stderr(Stdio::null())
             .spawn()
             .unwrap();
         member.child = Some(child);
+    }
+
+    /// Panics, saying why, if a member that should be running has exited.
+    fn assert_running(&mut self) {
+        for index in 0..self.members.len() {
+            let log = self.log(index);
+            if let Some(child) = self.members[index].child.as_mut()
+                && let Some(why) = exited(child, &log)
+            {
+                panic!("member {index} (port {}): {why}", self.members[index].port);
+            }
+        }
     }
 
     /// The connection string clients use: every member, as production URIs list them.

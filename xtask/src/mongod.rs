@@ -214,8 +214,10 @@ fn stop_process(pid: u32) -> anyhow::Result<()> {
 }
 
 /// Forks a replica-set mongod with its data, log and pid file in `directory`. `test_features`:
-/// the TTL monitor every second (purging is testable) and `enableTestCommands`
-/// (`configureFailPoint`, e.g. the errors CosmosDB gives, code 16500).
+/// the TTL monitor every second (purging is testable), `enableTestCommands`
+/// (`configureFailPoint`, e.g. the errors CosmosDB gives, code 16500), and a journal of 10 MB
+/// files none of which is preallocated (the default preallocates 300 MB, which a CI machine
+/// short of disk could not spare; the tests' own mongods start the same way).
 fn spawn(mongod: &Path, directory: &Path, port: u16, test_features: bool) -> anyhow::Result<()> {
     let log = directory.join("mongod.log");
     let mut command = Command::new(mongod);
@@ -238,6 +240,10 @@ fn spawn(mongod: &Path, directory: &Path, port: u16, test_features: bool) -> any
     if test_features {
         command.args(["--setParameter", "ttlMonitorSleepSecs=1"]);
         command.args(["--setParameter", "enableTestCommands=1"]);
+        command.args([
+            "--wiredTigerEngineConfigString",
+            "log=(file_max=10MB,prealloc=false)",
+        ]);
     }
     let output = command
         .output()
