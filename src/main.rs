@@ -111,15 +111,15 @@ fn run_printing(command: impl Future<Output = anyhow::Result<String>>) -> anyhow
 
 fn serve(args: ServeArgs) -> anyhow::Result<()> {
     let settings = args.connection.settings(args.listen)?;
-    let mut runtime = tokio::runtime::Builder::new_multi_thread();
-    if settings.server.worker_threads > 0 {
-        runtime.worker_threads(settings.server.worker_threads);
-    }
-    let runtime = runtime
+    let cores = std::thread::available_parallelism().map_or(1, usize::from);
+    let worker_threads = settings.server.worker_threads_for(cores);
+    let runtime = tokio::runtime::Builder::new_multi_thread()
+        .worker_threads(worker_threads)
         .enable_all()
         .build()
         .context("starting the async runtime")?;
     runtime.block_on(async {
+        tracing::info!(worker_threads, cores, "async runtime started");
         let listener = tokio::net::TcpListener::bind(settings.server.listen)
             .await
             .with_context(|| {
