@@ -4,9 +4,11 @@
 use std::collections::HashMap;
 
 use futures::{StreamExt, TryStreamExt, stream};
-use mongodb::bson::{DateTime, Document, RawDocumentBuf, doc};
+use std::sync::Mutex;
+
+use mongodb::bson::{DateTime, Document, RawDocumentBuf, Timestamp, doc};
 use mongodb::options::{CollectionOptions, ReadPreference, SelectionCriteria};
-use mongodb::{Client, Collection, Database};
+use mongodb::{Client, ClientSession, Collection, Database};
 
 use config::Settings;
 use mongo::{MongoError, Retry, Watermarks};
@@ -44,6 +46,12 @@ pub(crate) struct EventStore {
     bypass_document_validation: bool,
     /// Stamps positions, holds them in flight, says which acknowledgements came late.
     pub watermarks: Watermarks,
+    /// The latest operation time MongoDB gave this server's inserts. The reads a write is
+    /// decided on (highest sequence numbers, stored events) are causally consistent after it
+    /// (`readConcern.afterClusterTime`): right after an election, the new primary's majority
+    /// snapshot can lag writes the old one acknowledged, and a read of it would call the next
+    /// write of an id a gap. Such a read waits until the snapshot has this server's writes.
+    acknowledged_at: Mutex<Option<Timestamp>>,
 }
 
 impl EventStore {
@@ -61,6 +69,35 @@ impl EventStore {
             retry: Retry::new(&settings.mongodb.retry),
             bypass_document_validation: settings.mongodb.bypass_document_validation,
             watermarks,
+            acknowledged_at: Mutex::new(None),
+        }
+    }
+
+    /// A session whose reads see at least every write of this server MongoDB has answered.
+    async fn causal_session(&self) -> Result<ClientSession, mongodb::error::Error> {
+        let mut session = self.client.start_session().causal_consistency(true).await?;
+        let after = *self
+            .acknowledged_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if let Some(time) = after {
+            session.advance_operation_time(time);
+        }
+        Ok(session)
+    }
+
+    /// Remembers the operation time of a write's answer (success or not: a duplicate key
+    /// answer says what the server had, too).
+    fn answered(&self, session: &ClientSession) {
+        let Some(time) = session.operation_time() else {
+            return;
+        };
+        let mut latest = self
+            .acknowledged_at
+            .lock()
+            .unwrap_or_else(|e| e.into_inner());
+        if latest.is_none_or(|latest| latest < time) {
+            *latest = Some(time);
         }
     }
 
@@ -78,9 +115,12 @@ impl EventStore {
         let recorded: Vec<Document> = self
             .retry
             .run(operation, || async {
+                let mut session = self.causal_session().await?;
                 self.metadata
                     .find(doc! { "_id": { "$in": &ids } })
+                    .session(&mut session)
                     .await?
+                    .stream(&mut session)
                     .try_collect()
                     .await
             })
@@ -105,11 +145,14 @@ impl EventStore {
         let operation = "read highest sequence number";
         let top = self
             .retry
-            .run(operation, || {
+            .run(operation, || async {
+                let mut session = self.causal_session().await?;
                 self.tops
                     .find_one(doc! { PERSISTENCE_ID: &*pid })
                     .sort(doc! { SEQUENCE_NR: -1 })
                     .projection(doc! { SEQUENCE_NR: 1, WRITTEN_AT: 1, "_id": 0 })
+                    .session(&mut session)
+                    .await
             })
             .await
             .map_err(|error| self.retry.failure(operation, false, error))?;
@@ -131,10 +174,13 @@ impl EventStore {
         let filter = doc! { PERSISTENCE_ID: pid, SEQUENCE_NR: { "$gte": first, "$lte": last } };
         self.retry
             .run(operation, || async {
+                let mut session = self.causal_session().await?;
                 self.events
                     .find(filter.clone())
                     .sort(doc! { SEQUENCE_NR: 1 })
+                    .session(&mut session)
                     .await?
+                    .stream(&mut session)
                     .try_collect()
                     .await
             })
@@ -154,19 +200,23 @@ impl EventStore {
             .insert_many(documents.iter().copied())
             .ordered(true)
             .bypass_document_validation(self.bypass_document_validation);
-        if !transactional {
-            return insert.await.map(|_| ());
-        }
+        // An explicit session (an implicit one otherwise), for the answer's operation time.
         let mut session = self.client.start_session().await?;
-        session.start_transaction().await?;
-        match insert.session(&mut session).await {
-            Ok(_) => session.commit_transaction().await,
-            Err(error) => {
-                // The server aborted it already on most errors; this makes sure.
-                let _ = session.abort_transaction().await;
-                Err(error)
+        let result = if !transactional {
+            insert.session(&mut session).await.map(|_| ())
+        } else {
+            session.start_transaction().await?;
+            match insert.session(&mut session).await {
+                Ok(_) => session.commit_transaction().await,
+                Err(error) => {
+                    // The server aborted it already on most errors; this makes sure.
+                    let _ = session.abort_transaction().await;
+                    Err(error)
+                }
             }
-        }
+        };
+        self.answered(&session);
+        result
     }
 
     /// Moves the events of `pid` from `first` on forward in read-journal order: their write
