@@ -51,7 +51,7 @@ pub(crate) struct EventStore {
     /// (`readConcern.afterClusterTime`): right after an election, the new primary's majority
     /// snapshot can lag writes the old one acknowledged, and a read of it would call the next
     /// write of an id a gap. Such a read waits until the snapshot has this server's writes.
-    acknowledged_at: Mutex<Option<Timestamp>>,
+    answered_at: Mutex<Option<Timestamp>>,
 }
 
 impl EventStore {
@@ -69,17 +69,14 @@ impl EventStore {
             retry: Retry::new(&settings.mongodb.retry),
             bypass_document_validation: settings.mongodb.bypass_document_validation,
             watermarks,
-            acknowledged_at: Mutex::new(None),
+            answered_at: Mutex::new(None),
         }
     }
 
     /// A session whose reads see at least every write of this server MongoDB has answered.
     async fn causal_session(&self) -> Result<ClientSession, mongodb::error::Error> {
         let mut session = self.client.start_session().causal_consistency(true).await?;
-        let after = *self
-            .acknowledged_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let after = *self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
         if let Some(time) = after {
             session.advance_operation_time(time);
         }
@@ -92,10 +89,7 @@ impl EventStore {
         let Some(time) = session.operation_time() else {
             return;
         };
-        let mut latest = self
-            .acknowledged_at
-            .lock()
-            .unwrap_or_else(|e| e.into_inner());
+        let mut latest = self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
         if latest.is_none_or(|latest| latest < time) {
             *latest = Some(time);
         }
