@@ -10,6 +10,7 @@
 //! medians. `cargo xtask bench` starts a fresh mongod and runs this; `--check` makes a missed
 //! target the exit code.
 
+mod cpu;
 mod raw;
 mod read;
 mod report;
@@ -29,6 +30,7 @@ use std::time::{Duration, Instant};
 use anyhow::Context;
 use clap::{Parser, ValueEnum};
 
+use cpu::Usage;
 use raw::RawDriver;
 use report::{Met, Row, number, optional_number, table};
 use scenarios::{Bench, FairnessRound, Measured, Scenario};
@@ -154,6 +156,7 @@ async fn run(args: Args) -> anyhow::Result<ExitCode> {
     println!();
     if let Some(write) = &write {
         print!("{}", notes(&args, &write.results, write.fairness_rounds));
+        print!("{}", cpu_notes(&write.results));
     }
     print!("{}", read.notes());
     if let Some(write) = &write {
@@ -217,7 +220,16 @@ async fn run_write_scenarios(
                 raw_shape.join(", ")
             );
         }
-        measure(&bench, args, scenarios, fairness_rounds, &mut server).await
+        let mongod = cpu::local_process(raw.mongod_pid().await.ok(), "mongod").await;
+        measure(
+            &bench,
+            args,
+            scenarios,
+            fairness_rounds,
+            &mut server,
+            mongod,
+        )
+        .await
     }
     .await;
     let metrics = server.metrics().await;
@@ -264,6 +276,9 @@ async fn drop_databases(raw: &RawDriver, databases: [&str; 2]) {
 struct Series {
     service: Vec<f64>,
     raw: Vec<f64>,
+    /// Where the CPU went in each round, per side (scenarios with `Scenario::events`).
+    service_cpu: Vec<Usage>,
+    raw_cpu: Vec<Usage>,
     unimplemented: bool,
     /// The failure that stopped the scenario; it is not run again in later rounds.
     error: Option<String>,
@@ -274,6 +289,13 @@ impl Series {
         match side {
             Side::Service => self.service.push(value),
             Side::Raw => self.raw.push(value),
+        }
+    }
+
+    fn push_cpu(&mut self, side: Side, usage: Usage) {
+        match side {
+            Side::Service => self.service_cpu.push(usage),
+            Side::Raw => self.raw_cpu.push(usage),
         }
     }
 }
@@ -294,10 +316,16 @@ async fn measure(
     scenarios: &[Scenario],
     fairness_rounds: u32,
     server: &mut Server,
+    mongod: Option<u32>,
 ) -> anyhow::Result<Results> {
     let mut results = Results {
         fairness_selected: scenarios.contains(&Scenario::Fairness),
         ..Results::default()
+    };
+    let processes = cpu::Processes {
+        server: server.pid(),
+        client: std::process::id(),
+        mongod,
     };
     for round in 1..=args.rounds {
         // Whoever goes second may find mongod busier (checkpoints, a fuller cache): alternate.
@@ -316,9 +344,14 @@ async fn measure(
             }
             let mut progress = format!("round {round}/{} {:<4}", args.rounds, scenario.name());
             for side in sides {
+                let before = cpu::Reading::take(&processes).await?;
                 match bench.run(scenario, side, round).await {
                     Ok(Measured::Value(value)) => {
                         series.push(side, value);
+                        if let Some(events) = scenario.events() {
+                            let after = cpu::Reading::take(&processes).await?;
+                            series.push_cpu(side, Usage::between(&before, &after, events));
+                        }
                         let _ = write!(progress, "  {side} {value:.0} {}", scenario.unit());
                     }
                     Ok(Measured::Unimplemented) => {
@@ -484,6 +517,50 @@ fn field(rounds: &[FairnessRound], get: fn(&FairnessRound) -> f64) -> Vec<f64> {
     rounds.iter().map(get).collect()
 }
 
+/// Where the machine's CPU went in the scenarios long enough to tell: per side, the median
+/// over the rounds of each process's CPU per event, and how busy all cores were.
+fn cpu_notes(results: &Results) -> String {
+    let mut lines = Vec::new();
+    for (scenario, series) in &results.series {
+        for (side, usage) in [
+            (Side::Service, &series.service_cpu),
+            (Side::Raw, &series.raw_cpu),
+        ] {
+            if usage.is_empty() {
+                continue;
+            }
+            let of = |get: fn(&Usage) -> f64| {
+                optional_number(median(&usage.iter().map(get).collect::<Vec<_>>()))
+            };
+            let mongod: Vec<f64> = usage.iter().filter_map(|usage| usage.mongod_us).collect();
+            lines.push(format!(
+                "| {} | {side} | {} | {} | {} | {}% |",
+                scenario.label(),
+                of(|usage| usage.server_us),
+                of(|usage| usage.client_us),
+                optional_number(median(&mongod)),
+                of(|usage| usage.machine_busy * 100.0),
+            ));
+        }
+    }
+    if lines.is_empty() {
+        return String::new();
+    }
+    let cores = std::thread::available_parallelism().map_or(0, usize::from);
+    let mut out = format!(
+        "\nCPU per event while each side wrote (µs of CPU time per event, medians of the \
+         rounds; `/proc`, 10 ms ticks; busy: share of all {cores} cores of the machine, whoever \
+         used them):\n\n\
+         | scenario | side | eventjournal serve | benchmark client | mongod | machine busy |\n\
+         |---|---|---:|---:|---:|---:|\n"
+    );
+    for line in lines {
+        out.push_str(&line);
+        out.push('\n');
+    }
+    out
+}
+
 /// What the table cannot say: round counts, fairness details, failures.
 fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
     let mut out = String::new();
@@ -492,8 +569,11 @@ fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
             out,
             "Medians over {} round(s) (service and raw driver alternate going first); ratios are \
          service/raw of the medians (P1: lower is better, the rest: higher is better). P3s's raw \
-         side is P3's insert_many: the driver has no pipelining to compare with.",
-            args.rounds
+         side is the ceiling for one persistence id: the same events as ordered insert_many's of \
+         the writer's largest batch ({} events), back to back (one id's inserts are never in \
+         flight together); its target is against P3.",
+            args.rounds,
+            config::WriteJournalSettings::default().max_batch_events
         );
     }
     if results.fairness_selected && !results.fairness.is_empty() {

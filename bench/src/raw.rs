@@ -76,6 +76,19 @@ impl RawDriver {
         Ok(info.get_str("version").unwrap_or("unknown").to_owned())
     }
 
+    /// mongod's process id (`serverStatus`), for its CPU time when it runs on this machine.
+    pub async fn mongod_pid(&self) -> anyhow::Result<u32> {
+        let status = self
+            .database
+            .client()
+            .database("admin")
+            .run_command(doc! { "serverStatus": 1 })
+            .await
+            .context("serverStatus")?;
+        let pid = status.get_i64("pid").context("serverStatus: no pid")?;
+        u32::try_from(pid).context("serverStatus: pid out of range")
+    }
+
     /// The shape of the stored event of `pid` in `database`'s journal collection: each field
     /// (nested ones as `payload.data`) with its BSON type, in stored order. Two sides writing
     /// "the same documents" must store the same shape.

@@ -29,6 +29,7 @@ use tokio::sync::watch;
 use tokio::task::JoinHandle;
 use tonic::transport::{Channel, Endpoint};
 
+use crate::cpu::{cpu_ticks, percent_of_core};
 use crate::report::{Met, Row, number};
 use crate::scenarios::Scenario;
 use crate::server::Server;
@@ -58,9 +59,6 @@ const AFTER_DELIVERY: Duration = Duration::from_secs(1);
 const CHECK_EVERY: Duration = Duration::from_millis(10);
 /// Every mode's bound on delivery (the issue: every subscriber within 5 s).
 const DELIVERY_LIMIT: Duration = Duration::from_secs(5);
-/// `/proc/<pid>/stat` counts CPU time in USER_HZ ticks, which the kernel ABI fixes at 100 per
-/// second on the architectures the service runs on (unlike the kernel's internal HZ).
-const CLOCK_TICKS_PER_SECOND: f64 = 100.0;
 const CHANGE_STREAMS_ENV: &str = "EVENTJOURNAL_READ_JOURNAL__USE_CHANGE_STREAMS";
 
 /// How live queries are fed: the server's two `read-journal` modes.
@@ -677,32 +675,6 @@ async fn cpu_percent(pid: u32, window: Duration) -> anyhow::Result<f64> {
         cpu_ticks(pid).await?,
         started.elapsed(),
     ))
-}
-
-/// CPU ticks used between two readings `elapsed` apart, in % of one core.
-fn percent_of_core(before: u64, after: u64, elapsed: Duration) -> f64 {
-    after.saturating_sub(before) as f64 / CLOCK_TICKS_PER_SECOND / elapsed.as_secs_f64() * 100.0
-}
-
-/// User plus system CPU time of process `pid` so far, in clock ticks.
-async fn cpu_ticks(pid: u32) -> anyhow::Result<u64> {
-    let path = format!("/proc/{pid}/stat");
-    let stat = tokio::fs::read_to_string(&path)
-        .await
-        .with_context(|| format!("reading {path}"))?;
-    // The command name (field 2) may hold spaces and parentheses: count from its closing one.
-    // After it, field 3 (state) is index 0, so utime (14) and stime (15) are 11 and 12.
-    let fields: Vec<&str> = stat
-        .rsplit_once(')')
-        .map(|(_, rest)| rest.split_whitespace().collect())
-        .unwrap_or_default();
-    let tick = |index: usize| -> anyhow::Result<u64> {
-        fields
-            .get(index)
-            .and_then(|field| field.parse().ok())
-            .with_context(|| format!("{path}: no CPU time at field {}", index + 3))
-    };
-    Ok(tick(11)? + tick(12)?)
 }
 
 /// A memory figure of `/proc/<pid>/status` (`VmRSS`, `VmHWM`: kB there) in MB (10^6 bytes).
