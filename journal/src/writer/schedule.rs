@@ -10,7 +10,10 @@
 //!   `WriteEvents` calls of one connection. While a batch holding its writes is in flight, the
 //!   writes it sends meanwhile wait and then go together: a busy producer gets big batches,
 //!   which is what MongoDB does best, and cannot take more than one of the
-//!   `max-batches-in-flight` slots.
+//!   `max-batches-in-flight` slots. A heavy producer's batches are balanced: each takes at
+//!   most half of what it has queued plus what its last batch held, so a stream's window
+//!   splits into two halves that alternate, one inserted while the other waits (see
+//!   `Producer::balanced`).
 //! - **Light producers are never batched behind a heavy one.** A producer with at least
 //!   `fair_share` events waiting is heavy: it gets batches of its own. The writes of the light
 //!   producers (fewer waiting) are combined into batches of their own, so a producer writing
@@ -66,6 +69,23 @@ struct Producer {
     busy: bool,
     /// In `Schedule::ring` (exactly when its queue is not empty).
     in_ring: bool,
+    /// Events of its last batch (see [`Producer::balanced`]).
+    last_batch: usize,
+}
+
+impl Producer {
+    /// The most a heavy producer's next batch takes: half of what it has queued and what its
+    /// last batch answered (which it is sending again), so two batches of about equal size
+    /// alternate. A producer with a window of unanswered requests (a `WriteEventsStream`)
+    /// then keeps MongoDB busy: while one half is inserted, the other half is queued, and the
+    /// answered half's successors arrive. Taking everything queued instead locks in whatever
+    /// split the start gave (say 100 and 700 events), and the small batch's insert leaves
+    /// MongoDB underused. Never below `fair_share`.
+    fn balanced(&self, fair_share: usize) -> usize {
+        (self.queued_events + self.last_batch)
+            .div_ceil(2)
+            .max(fair_share)
+    }
 }
 
 #[derive(Default)]
@@ -156,6 +176,10 @@ impl Schedule {
         self.served_light = heavy.is_none_or(|heavy| serve != [heavy]);
         let max_events = if !self.served_light && limits.light_active {
             limits.max_events.min(limits.fair_share)
+        } else if !self.served_light {
+            limits
+                .max_events
+                .min(self.producers[&serve[0]].balanced(limits.fair_share))
         } else {
             limits.max_events
         };
@@ -185,7 +209,13 @@ impl Schedule {
         let served: HashSet<u64> = batch.iter().map(|write| write.producer).collect();
         self.ring.retain(|producer| !served.contains(producer));
         for producer in served {
+            let taken = batch
+                .iter()
+                .filter(|write| write.producer == producer)
+                .map(|write| write.events)
+                .sum();
             let state = self.producers.get_mut(&producer).expect("producer");
+            state.last_batch = taken;
             state.busy = true;
             state.in_ring = !state.queue.is_empty();
             if state.in_ring {
@@ -307,12 +337,12 @@ mod tests {
     }
 
     #[test]
-    fn a_producer_gets_one_batch_at_a_time_holding_all_it_sent_meanwhile() {
+    fn a_producer_gets_one_batch_at_a_time_holding_what_it_sent_meanwhile() {
         let mut schedule = Schedule::default();
         schedule.push(write(0, 1, "p0", 1));
         let first = schedule.next_batch(LIMITS);
         assert_eq!(keys(&first), [0]);
-        for key in 1..12 {
+        for key in 1..5 {
             schedule.push(write(key, 1, &format!("p{}", key % 4), 1));
         }
         assert!(
@@ -320,14 +350,74 @@ mod tests {
             "its batch is in flight"
         );
         release(&mut schedule, &first);
-        let second = schedule.next_batch(LIMITS);
         assert_eq!(
-            keys(&second),
-            (1..11).collect::<Vec<_>>(),
-            "up to the limit"
+            keys(&schedule.next_batch(LIMITS)),
+            [1, 2, 3, 4],
+            "a light producer's writes go together"
         );
+    }
+
+    #[test]
+    fn a_heavy_producers_batch_takes_half_of_its_queue_and_last_batch_within_the_limit() {
+        let roomy = Limits {
+            max_events: 100,
+            ..LIMITS
+        };
+        let mut schedule = Schedule::default();
+        schedule.push(write(0, 1, "p0", 1));
+        let first = schedule.next_batch(roomy);
+        for key in 1..22 {
+            schedule.push(write(key, 1, &format!("p{}", key % 4), 1));
+        }
+        release(&mut schedule, &first);
+        // 21 queued and 1 answered: half of 22.
+        let second = schedule.next_batch(roomy);
+        assert_eq!(keys(&second), (1..12).collect::<Vec<_>>());
         release(&mut schedule, &second);
-        assert_eq!(keys(&schedule.next_batch(LIMITS)), [11]);
+        // 10 queued and 11 answered would allow all 10; the batch limit (5) still applies.
+        let limited = Limits {
+            max_events: 5,
+            ..LIMITS
+        };
+        assert_eq!(
+            keys(&schedule.next_batch(limited)),
+            (12..17).collect::<Vec<_>>()
+        );
+    }
+
+    /// A stream keeps a window of unanswered writes: whatever a batch answered, it sends again.
+    /// Started with one write in the first batch and the rest of the window in the second,
+    /// taking everything queued would alternate 1 and 15 for ever; balanced, the batches
+    /// settle at half the window each.
+    #[test]
+    fn a_streams_window_splits_into_two_halves() {
+        let limits = Limits {
+            max_events: 1_000,
+            fair_share: 2,
+            ..LIMITS
+        };
+        const WINDOW: usize = 16;
+        let mut schedule = Schedule::default();
+        let mut next_key = 0;
+        let mut send = |schedule: &mut Schedule, count: usize| {
+            for _ in 0..count {
+                schedule.push(write(next_key, 1, "p", 1));
+                next_key += 1;
+            }
+        };
+        send(&mut schedule, 1);
+        let mut in_flight = schedule.next_batch(limits);
+        send(&mut schedule, WINDOW - 1);
+        let mut sizes = Vec::new();
+        for _ in 0..8 {
+            release(&mut schedule, &in_flight);
+            let answered = in_flight.len();
+            // The next batch goes at once; the answered writes' successors arrive during it.
+            in_flight = schedule.next_batch(limits);
+            send(&mut schedule, answered);
+            sizes.push(in_flight.len());
+        }
+        assert_eq!(sizes[4..], [WINDOW / 2; 4], "batch sizes: {sizes:?}");
     }
 
     #[test]
