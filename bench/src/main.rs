@@ -344,13 +344,16 @@ async fn measure(
             }
             let mut progress = format!("round {round}/{} {:<4}", args.rounds, scenario.name());
             for side in sides {
-                let before = cpu::Reading::take(&processes).await?;
+                let before = match scenario.events() {
+                    Some(events) => Some((events, cpu::Reading::take(&processes).await?)),
+                    None => None,
+                };
                 match bench.run(scenario, side, round).await {
                     Ok(Measured::Value(value)) => {
                         series.push(side, value);
-                        if let Some(events) = scenario.events() {
+                        if let Some((events, before)) = &before {
                             let after = cpu::Reading::take(&processes).await?;
-                            series.push_cpu(side, Usage::between(&before, &after, events));
+                            series.push_cpu(side, Usage::between(before, &after, *events));
                         }
                         let _ = write!(progress, "  {side} {value:.0} {}", scenario.unit());
                     }

@@ -254,16 +254,22 @@ impl Bench {
     /// P3: events/s of one persistence id written as 100 requests of 100 single-event writes,
     /// one request at a time (raw: one ordered `insert_many` of the same 100 documents).
     async fn p3(&self, side: Side, round: u32) -> anyhow::Result<f64> {
-        self.p3_as("p3", side, round).await
+        let pid = self.workload.pid("p3", round, side, 0);
+        self.events_per_second(side, &pid, P3_REQUESTS, P3_WRITES_PER_REQUEST)
+            .await
     }
 
-    /// P3 under another scenario's name, so its persistence ids are its own.
-    async fn p3_as(&self, scenario: &str, side: Side, round: u32) -> anyhow::Result<f64> {
-        let pid = self.workload.pid(scenario, round, side, 0);
+    /// Events/s of [`Bench::batches`].
+    async fn events_per_second(
+        &self,
+        side: Side,
+        pid: &str,
+        requests: i64,
+        size: i64,
+    ) -> anyhow::Result<f64> {
         let start = Instant::now();
-        self.batches(side, &pid, P3_REQUESTS, P3_WRITES_PER_REQUEST)
-            .await?;
-        Ok((P3_REQUESTS * P3_WRITES_PER_REQUEST) as f64 / start.elapsed().as_secs_f64())
+        self.batches(side, pid, requests, size).await?;
+        Ok((requests * size) as f64 / start.elapsed().as_secs_f64())
     }
 
     /// `requests` requests of `size` consecutive events of `pid`, one at a time.
@@ -301,13 +307,12 @@ impl Bench {
     async fn p3s(&self, side: Side, round: u32) -> anyhow::Result<Measured> {
         if side == Side::Raw {
             let pid = self.workload.pid("p3s", round, side, 0);
-            let events = P3_REQUESTS * P3_WRITES_PER_REQUEST;
             let size = i64::from(config::WriteJournalSettings::default().max_batch_events);
-            let start = Instant::now();
-            self.batches(side, &pid, events / size, size).await?;
-            return Ok(Measured::Value(
-                (events / size * size) as f64 / start.elapsed().as_secs_f64(),
-            ));
+            let requests = P3_REQUESTS * P3_WRITES_PER_REQUEST / size;
+            return self
+                .events_per_second(side, &pid, requests, size)
+                .await
+                .map(Measured::Value);
         }
         if !service::stream_implemented(&self.channel).await? {
             return Ok(Measured::Unimplemented);

@@ -277,11 +277,10 @@ fn not_leased(operation: &'static str, since: Instant) -> MongoError {
     }
 }
 
-fn lock(state: &Mutex<State>) -> MutexGuard<'_, State> {
-    match state.lock() {
-        Ok(state) => state,
-        Err(poisoned) => poisoned.into_inner(),
-    }
+fn lock<T>(mutex: &Mutex<T>) -> MutexGuard<'_, T> {
+    mutex
+        .lock()
+        .unwrap_or_else(|poisoned| poisoned.into_inner())
 }
 
 fn system_millis() -> i64 {
@@ -347,11 +346,7 @@ impl Watermarks {
             .await
             .map_err(|error| retry.failure(operation, true, error))?;
         let task = tokio::spawn(watermarks.clone().publish(shutdown));
-        *watermarks
-            .inner
-            .publishing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner()) = Some(task);
+        *lock(&watermarks.inner.publishing) = Some(task);
         Ok(watermarks)
     }
 
@@ -571,12 +566,7 @@ impl Watermarks {
         let Some(publisher) = self.publisher() else {
             return;
         };
-        let task = self
-            .inner
-            .publishing
-            .lock()
-            .unwrap_or_else(|poisoned| poisoned.into_inner())
-            .take();
+        let task = lock(&self.inner.publishing).take();
         if let Some(task) = task {
             let _ = task.await;
         }

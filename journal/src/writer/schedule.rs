@@ -174,14 +174,14 @@ impl Schedule {
             }
         };
         self.served_light = heavy.is_none_or(|heavy| serve != [heavy]);
-        let max_events = if !self.served_light && limits.light_active {
+        let max_events = if self.served_light {
+            limits.max_events
+        } else if limits.light_active {
             limits.max_events.min(limits.fair_share)
-        } else if !self.served_light {
+        } else {
             limits
                 .max_events
                 .min(self.producers[&serve[0]].balanced(limits.fair_share))
-        } else {
-            limits.max_events
         };
         let mut batch: Vec<Queued> = Vec::new();
         let (mut events, mut bytes) = (0, 0);
@@ -206,14 +206,12 @@ impl Schedule {
             }
         }
         // The producers served go to the back of the ring, if they have writes left.
-        let served: HashSet<u64> = batch.iter().map(|write| write.producer).collect();
-        self.ring.retain(|producer| !served.contains(producer));
-        for producer in served {
-            let taken = batch
-                .iter()
-                .filter(|write| write.producer == producer)
-                .map(|write| write.events)
-                .sum();
+        let mut served: HashMap<u64, usize> = HashMap::new();
+        for write in &batch {
+            *served.entry(write.producer).or_default() += write.events;
+        }
+        self.ring.retain(|producer| !served.contains_key(producer));
+        for (producer, taken) in served {
             let state = self.producers.get_mut(&producer).expect("producer");
             state.last_batch = taken;
             state.busy = true;
