@@ -19,6 +19,7 @@
 
 use model::{Payload, PersistenceId, PersistentEvent, SequenceNr, Tag};
 use mongo::{EncodeError, MAX_DOCUMENT_BYTES, PayloadDocument};
+use mongodb::bson::oid::ObjectId;
 use mongodb::bson::raw::{RawArrayBuf, RawBinaryRef, RawBsonRef};
 use mongodb::bson::spec::BinarySubtype;
 use mongodb::bson::{DateTime, RawDocumentBuf};
@@ -116,13 +117,18 @@ impl EventDocument {
 #[derive(Debug, Clone)]
 pub struct EncodedEvent(RawDocumentBuf);
 
-/// `writtenAt` is the first element: type byte 0x09 (UTC datetime) at offset 4, then the key,
+/// `_id` is the first element (type byte, `"_id\0"`, 12 bytes of ObjectId: 17 bytes after the
+/// length), `writtenAt` the second: type byte 0x09 (UTC datetime) at offset 21, then the key,
 /// then the 8 bytes of the value.
-const WRITTEN_AT_VALUE: std::ops::Range<usize> = 15..23;
+const WRITTEN_AT_VALUE: std::ops::Range<usize> = 32..40;
+
+/// Bytes of an encoded event besides its strings and binary data (field names, types, lengths,
+/// numbers; `metadata` and one tag's overhead included), so a document is allocated once.
+const FIXED_BYTES: usize = 256;
 
 /// `{ data: BinData, serializerId: int32, manifest: string }`, as [`PayloadDocument`].
 fn payload_document(payload: &Payload) -> RawDocumentBuf {
-    let mut document = RawDocumentBuf::new();
+    let mut document = with_capacity(64 + payload.data.len() + payload.manifest.len());
     document.append_ref(
         "data",
         RawBsonRef::Binary(RawBinaryRef {
@@ -133,6 +139,16 @@ fn payload_document(payload: &Payload) -> RawDocumentBuf {
     document.append_ref("serializerId", payload.serializer_id);
     document.append_ref("manifest", payload.manifest.as_str());
     document
+}
+
+/// An empty document with room for `bytes`, so appending to it does not reallocate.
+fn with_capacity(bytes: usize) -> RawDocumentBuf {
+    let mut empty = Vec::with_capacity(bytes);
+    empty.extend_from_slice(RawDocumentBuf::new().as_bytes());
+    match RawDocumentBuf::from_bytes(empty) {
+        Ok(document) => document,
+        Err(error) => unreachable!("an empty document is valid: {error}"),
+    }
 }
 
 impl EncodedEvent {
@@ -151,7 +167,21 @@ impl EncodedEvent {
                 at_least: true,
             });
         }
-        let mut document = RawDocumentBuf::new();
+        let payloads = [Some(&event.payload), event.metadata.as_ref()]
+            .into_iter()
+            .flatten()
+            .map(|payload| payload.data.len() + payload.manifest.len())
+            .sum::<usize>();
+        let strings = event.persistence_id.as_str().len()
+            + event.writer_uuid.len()
+            + event
+                .tags
+                .iter()
+                .map(|tag| tag.as_str().len() + 8)
+                .sum::<usize>();
+        let mut document = with_capacity(FIXED_BYTES + payloads + strings);
+        // The driver would otherwise give each document an `_id` by copying it behind one.
+        document.append_ref("_id", ObjectId::new());
         document.append_ref(WRITTEN_AT, RawBsonRef::DateTime(DateTime::from_millis(0)));
         document.append_ref(PERSISTENCE_ID, event.persistence_id.as_str());
         document.append_ref(SEQUENCE_NR, event.sequence_nr.get());
@@ -230,10 +260,19 @@ mod tests {
         let mut encoded = EncodedEvent::new(&event).unwrap();
         let at = DateTime::from_millis(1_795_000_000_123);
         encoded.stamp(at);
-        // Byte for byte what serializing the document type gives.
+        // An `_id` first, then byte for byte what serializing the document type gives.
+        let mut elements = encoded.document().iter();
+        let (key, id) = elements.next().unwrap().unwrap();
+        assert_eq!(key, "_id");
+        assert!(id.as_object_id().is_some(), "{id:?}");
+        let mut without_id = RawDocumentBuf::new();
+        for element in elements {
+            let (key, value) = element.unwrap();
+            without_id.append_ref(key, value);
+        }
         let serialized =
             mongodb::bson::to_raw_document_buf(&EventDocument::new(&event, at)).unwrap();
-        assert_eq!(encoded.document().as_bytes(), serialized.as_bytes());
+        assert_eq!(without_id.as_bytes(), serialized.as_bytes());
         let decoded: EventDocument =
             mongodb::bson::from_slice(encoded.document().as_bytes()).unwrap();
         assert_eq!(decoded.written_at, at);
