@@ -64,27 +64,25 @@ impl RawDriver {
         Ok(())
     }
 
-    /// `buildInfo`'s version of the mongod the benchmark runs against.
-    pub async fn mongod_version(&self) -> anyhow::Result<String> {
-        let info = self
-            .database
+    /// The reply of the admin command `{ name: 1 }`.
+    async fn admin_command(&self, name: &str) -> anyhow::Result<Document> {
+        self.database
             .client()
             .database("admin")
-            .run_command(doc! { "buildInfo": 1 })
+            .run_command(doc! { name: 1 })
             .await
-            .context("buildInfo")?;
+            .context(name.to_owned())
+    }
+
+    /// `buildInfo`'s version of the mongod the benchmark runs against.
+    pub async fn mongod_version(&self) -> anyhow::Result<String> {
+        let info = self.admin_command("buildInfo").await?;
         Ok(info.get_str("version").unwrap_or("unknown").to_owned())
     }
 
     /// mongod's process id (`serverStatus`), for its CPU time when it runs on this machine.
     pub async fn mongod_pid(&self) -> anyhow::Result<u32> {
-        let status = self
-            .database
-            .client()
-            .database("admin")
-            .run_command(doc! { "serverStatus": 1 })
-            .await
-            .context("serverStatus")?;
+        let status = self.admin_command("serverStatus").await?;
         let pid = status.get_i64("pid").context("serverStatus: no pid")?;
         u32::try_from(pid).context("serverStatus: pid out of range")
     }

@@ -3,8 +3,9 @@
 
 use std::collections::HashMap;
 
+use std::sync::atomic::{AtomicU64, Ordering};
+
 use futures::{StreamExt, TryStreamExt, stream};
-use std::sync::Mutex;
 
 use mongodb::bson::{DateTime, Document, RawDocumentBuf, Timestamp, doc};
 use mongodb::options::{CollectionOptions, ReadPreference, SelectionCriteria};
@@ -51,7 +52,8 @@ pub(crate) struct EventStore {
     /// (`readConcern.afterClusterTime`): right after an election, the new primary's majority
     /// snapshot can lag writes the old one acknowledged, and a read of it would call the next
     /// write of an id a gap. Such a read waits until the snapshot has this server's writes.
-    answered_at: Mutex<Option<Timestamp>>,
+    /// Packed as `time << 32 | increment`, which orders as timestamps do; 0: none yet.
+    answered_at: AtomicU64,
 }
 
 impl EventStore {
@@ -69,16 +71,19 @@ impl EventStore {
             retry: Retry::new(&settings.mongodb.retry),
             bypass_document_validation: settings.mongodb.bypass_document_validation,
             watermarks,
-            answered_at: Mutex::new(None),
+            answered_at: AtomicU64::new(0),
         }
     }
 
     /// A session whose reads see at least every write of this server MongoDB has answered.
     async fn causal_session(&self) -> Result<ClientSession, mongodb::error::Error> {
         let mut session = self.client.start_session().causal_consistency(true).await?;
-        let after = *self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
-        if let Some(time) = after {
-            session.advance_operation_time(time);
+        let after = self.answered_at.load(Ordering::Relaxed);
+        if after != 0 {
+            session.advance_operation_time(Timestamp {
+                time: (after >> 32) as u32,
+                increment: after as u32,
+            });
         }
         Ok(session)
     }
@@ -86,12 +91,9 @@ impl EventStore {
     /// Remembers the operation time of a write's answer (success or not: a duplicate key
     /// answer says what the server had, too).
     fn answered(&self, session: &ClientSession) {
-        let Some(time) = session.operation_time() else {
-            return;
-        };
-        let mut latest = self.answered_at.lock().unwrap_or_else(|e| e.into_inner());
-        if latest.is_none_or(|latest| latest < time) {
-            *latest = Some(time);
+        if let Some(time) = session.operation_time() {
+            let packed = u64::from(time.time) << 32 | u64::from(time.increment);
+            self.answered_at.fetch_max(packed, Ordering::Relaxed);
         }
     }
 
