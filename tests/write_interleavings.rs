@@ -25,6 +25,9 @@ use tonic::transport::Channel;
 
 const PIDS: u8 = 3;
 
+/// Random cases per run (see `PROPTEST_CASES`).
+const CASES: u32 = 32;
+
 /// How a writer picks a write's first sequence number, from the highest it believes stored.
 #[derive(Debug, Clone, Copy)]
 enum Choice {
@@ -84,6 +87,8 @@ struct Sent {
     first: i64,
     payloads: Vec<String>,
     written: bool,
+    /// The outcome's reason, when not `Written`.
+    reason: String,
 }
 
 /// Runs one writer: each request's writes computed from what it believes is stored (assuming
@@ -128,11 +133,17 @@ async fn run_writer(channel: Channel, case: usize, index: usize, writer: Writer)
                 first,
                 payloads,
                 written: false,
+                reason: String::new(),
             });
         }
         let outcomes = write(&mut client, writes).await;
         for (sent, outcome) in sent.iter_mut().zip(&outcomes) {
             sent.written = matches!(outcome, Outcome::Written(_));
+            sent.reason = match outcome {
+                Outcome::Written(_) => String::new(),
+                Outcome::Rejected(rejected) => format!("Rejected: {}", rejected.reason),
+                Outcome::Conflict(conflict) => format!("Conflict: {}", conflict.reason),
+            };
             let last = sent.first + sent.payloads.len() as i64 - 1;
             if sent.written {
                 let known = believed.entry(sent.pid.clone()).or_insert(0);
@@ -190,7 +201,8 @@ async fn check_case(servers: &[TestServer], case: usize, plan: Vec<Writer>) -> R
             if sent.written {
                 if failed_ids.contains(&sent.pid) {
                     return Err(format!(
-                        "{sent:?} was written after an earlier write of its id in the request failed"
+                        "{sent:?} was written after an earlier write of its id in the request \
+                         failed; the request: {request:#?}"
                     ));
                 }
                 for (offset, payload) in sent.payloads.iter().enumerate() {
@@ -235,7 +247,14 @@ async fn random_interleavings_keep_every_history_gapless_and_ordered() {
         .unwrap();
     let servers = [first, second];
     let cases = AtomicUsize::new(0);
-    let mut runner = TestRunner::new(Config::with_cases(16));
+    // A case takes about a third of a second; `PROPTEST_CASES` runs more (a few hundred find
+    // rare interleavings: one that let a write past an earlier failure showed in about one
+    // run of 300 cases in two).
+    let cases_to_run = std::env::var("PROPTEST_CASES")
+        .ok()
+        .and_then(|cases| cases.parse().ok())
+        .unwrap_or(CASES);
+    let mut runner = TestRunner::new(Config::with_cases(cases_to_run));
     let runtime = tokio::runtime::Handle::current();
     let result = runner.run(&writers(), |plan| {
         let case = cases.fetch_add(1, Ordering::Relaxed);

@@ -127,6 +127,42 @@ async fn a_failed_write_stops_the_later_writes_of_its_pid_and_leaves_no_gap() {
     assert_in_sequence_order(&order);
 }
 
+/// Failures are not found in request order: a write that would leave a gap behind writes still
+/// being inserted fails at once, a refusal of one of those only when MongoDB answers. The
+/// earliest failure still stops every later write of its id.
+#[tokio::test]
+async fn a_later_failure_found_first_does_not_let_writes_past_an_earlier_one() {
+    let server = TestServer::start_with("order_found_late", fast).await;
+    let database = server.mongodb().await;
+    let mut client = server.journal().await;
+    refuse(&database, "victim", 2).await;
+
+    let refused = atomic((1..=3).map(|n| tagged("victim", n, &["order"])).collect());
+    let outcomes: Vec<String> = write(
+        &mut client,
+        vec![refused, single("victim", 4), single("victim", 6)],
+    )
+    .await
+    .iter()
+    .map(describe)
+    .collect();
+    assert!(
+        outcomes[0].starts_with("rejected: MongoDB refused event 2 of persistence id \"victim\""),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes[1].starts_with(
+            "conflict: not stored: the write of sequence number(s) 1..3 of persistence id \
+             \"victim\" before it in this request or stream failed: MongoDB refused event 2"
+        ),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[2].starts_with("conflict: "), "{outcomes:?}");
+    let (events, highest) = replay(&mut client, "victim", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), Vec::<i64>::new(), "nothing stored");
+    assert_eq!(highest, 0);
+}
+
 #[tokio::test]
 async fn an_atomic_write_is_all_or_nothing_inside_a_batch() {
     let server = TestServer::start("order_atomic").await;

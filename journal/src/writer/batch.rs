@@ -148,8 +148,8 @@ struct Run<'a> {
     validity: Duration,
     heads: HashMap<Pid, Head>,
     failures: HashMap<Pid, Failure>,
-    /// `(chain, pid)` whose writes failed in this batch, with the failed write's position:
-    /// only writes after it are stopped.
+    /// `(chain, pid)` whose writes failed in this batch, with the earliest failed write's
+    /// position: the writes after it are stopped.
     failed_chains: HashMap<(u64, Pid), (usize, Failure)>,
     done: Done,
     /// Stamps of inserts that failed in a way that may have applied them.
@@ -624,9 +624,18 @@ impl Run<'_> {
         self.done
             .failures
             .insert(write.pid.clone(), Some(failure.clone()));
-        self.failed_chains
-            .entry((write.chain, write.pid.clone()))
-            .or_insert_with(|| (write.order, failure.clone()));
+        // The earliest failed write of the chain is the one that stops the writes after it:
+        // failures are not found in batch order (a gap after a write still being inserted is
+        // known at once, a refusal of that write only once the insert answers).
+        let chain = (write.chain, write.pid.clone());
+        if self
+            .failed_chains
+            .get(&chain)
+            .is_none_or(|(failed_at, _)| write.order < *failed_at)
+        {
+            self.failed_chains
+                .insert(chain, (write.order, failure.clone()));
+        }
         self.done
             .failed
             .push((write.chain, write.pid.clone(), failure));
