@@ -57,6 +57,7 @@ async fn calls(
         .write_events(with(
             pb::WriteEventsRequest {
                 writes: vec![atomic(vec![event("a", 1, "x")])],
+                ..Default::default()
             },
             authorization,
         ))
@@ -66,6 +67,7 @@ async fn calls(
     let write_stream = async {
         let requests = tokio_stream::iter(vec![pb::WriteEventsRequest {
             writes: vec![atomic(vec![event("s", 1, "x")])],
+            ..Default::default()
         }]);
         let mut stream = journal
             .write_events_stream(with(requests, authorization))

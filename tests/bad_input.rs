@@ -62,6 +62,7 @@ async fn write_one(mut clients: Clients, events: Vec<pb::PersistentEvent>) -> Go
         .journal
         .write_events(pb::WriteEventsRequest {
             writes: vec![atomic(events)],
+            ..Default::default()
         })
         .await
     {
@@ -84,6 +85,7 @@ async fn second_of_two(
         .journal
         .write_events(pb::WriteEventsRequest {
             writes: vec![atomic(first), atomic(second)],
+            ..Default::default()
         })
         .await
     {

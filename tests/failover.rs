@@ -397,6 +397,7 @@ fn write(
                 let started = Instant::now();
                 let call = client.write_events(pb::WriteEventsRequest {
                     writes: vec![atomic(events.clone())],
+                    ..Default::default()
                 });
                 let outcome = tokio::time::timeout(CALL_BOUND * 2, call)
                     .await
@@ -607,6 +608,7 @@ async fn write_until_answered(
     for _ in 0..60 {
         let request = pb::WriteEventsRequest {
             writes: vec![atomic(events.clone())],
+            ..Default::default()
         };
         match client.write_events(request).await {
             Ok(response) => {
@@ -706,6 +708,7 @@ async fn a_write_rolled_back_on_an_isolated_primary_is_never_delivered() {
             client
                 .write_events(pb::WriteEventsRequest {
                     writes: vec![atomic(vec![doomed])],
+                    ..Default::default()
                 })
                 .await
         })

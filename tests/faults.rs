@@ -54,6 +54,7 @@ fn start_writers(
                     let started = Instant::now();
                     let call = client.write_events(pb::WriteEventsRequest {
                         writes: vec![atomic(events)],
+                        ..Default::default()
                     });
                     let outcome = tokio::time::timeout(CALL_BOUND, call)
                         .await
@@ -350,6 +351,7 @@ async fn a_write_committing_after_its_server_was_killed_is_not_missed() {
             client
                 .write_events(pb::WriteEventsRequest {
                     writes: vec![atomic(vec![tagged("late", 1, &[LATE_TAG])])],
+                    ..Default::default()
                 })
                 .await
         })
@@ -473,6 +475,7 @@ async fn the_reads_a_write_is_decided_on_wait_for_the_servers_earlier_writes() {
                 event(pid, first, "causal"),
                 event(pid, first + 1, "causal"),
             ])],
+            ..Default::default()
         };
         let response = client.write_events(request).await.unwrap().into_inner();
         let outcome = response.results[0].outcome.clone().unwrap();

@@ -68,6 +68,7 @@ async fn concurrent_writes_share_inserts_and_streams_are_measured() {
     let requests: Vec<_> = (1..=3)
         .map(|n| pb::WriteEventsRequest {
             writes: vec![atomic(vec![event("streamed", n, "ab")])],
+            ..Default::default()
         })
         .collect();
     let mut responses = client

@@ -132,8 +132,9 @@ async fn invalid_writes_are_rejected_without_affecting_the_others() {
         atomic(vec![no_payload]),
         atomic(vec![bad_tag]),
         atomic(vec![event("r", 2, "ok"), too_large]),
-        // The oversized write failed, so this later write of "r" in the same request is not
-        // stored: a persistence id never gets a later write after an earlier one failed.
+        // Earlier writes of "r" failed, so this later write of "r" in the same request is not
+        // stored: a persistence id never gets a later write after an earlier one failed (the
+        // first failure is named).
         atomic(vec![event("r", 2, "ok")]),
         atomic(vec![event("other", 1, "ok")]),
     ];
@@ -185,7 +186,8 @@ async fn invalid_writes_are_rejected_without_affecting_the_others() {
     assert!(
         reasons[10].starts_with(
             "conflict: not stored: the write of sequence number(s) 2..3 of persistence id \"r\" \
-             before it in this request or stream failed: event 3 of persistence id \"r\" is at least"
+             before it in this request or stream failed: events[1].persistence_id: is \"other\" \
+             but events[0] has \"r\""
         ),
         "{}",
         reasons[10]
@@ -833,6 +835,7 @@ async fn writes_bypass_a_validator_when_configured() {
     let rejected = client
         .write_events(pb::WriteEventsRequest {
             writes: vec![atomic(vec![event("v", 2, "b")])],
+            ..Default::default()
         })
         .await;
     // Refused by MongoDB: that one write is Rejected, naming the validation.

@@ -59,6 +59,7 @@ async fn write_one(channel: Channel) -> Result<(), tonic::Status> {
     client
         .write_events(proto::v1::WriteEventsRequest {
             writes: vec![atomic(vec![event("tls", 1, "secret")])],
+            ..Default::default()
         })
         .await
         .map(|_| ())

@@ -29,6 +29,7 @@ async fn calls_fail_with_unavailable_while_mongodb_is_unreachable_and_work_again
     let status = client
         .write_events(pb::WriteEventsRequest {
             writes: vec![atomic(vec![event("u", 2, "during")])],
+            ..Default::default()
         })
         .await
         .unwrap_err();
@@ -63,6 +64,7 @@ async fn calls_fail_with_unavailable_while_mongodb_is_unreachable_and_work_again
     loop {
         let request = pb::WriteEventsRequest {
             writes: vec![atomic(vec![event("u", 2, "during")])],
+            ..Default::default()
         };
         match client.write_events(request).await {
             Ok(response) => {

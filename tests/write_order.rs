@@ -163,6 +163,79 @@ async fn a_later_failure_found_first_does_not_let_writes_past_an_earlier_one() {
     assert_eq!(highest, 0);
 }
 
+/// A write refused on receipt (it fails validation) is a failed write of the persistence id
+/// it names like any other.
+#[tokio::test]
+async fn an_invalid_write_stops_the_later_writes_of_its_pid() {
+    let server = TestServer::start("order_invalid").await;
+    let mut client = server.journal().await;
+    let mut invalid = atomic(vec![tagged("p", 1, &["order"]), tagged("p", 2, &["order"])]);
+    invalid.events[1].payload = None;
+    let outcomes: Vec<String> = write(&mut client, vec![invalid, single("p", 1)])
+        .await
+        .iter()
+        .map(describe)
+        .collect();
+    assert_eq!(
+        outcomes,
+        [
+            "rejected: events[1].payload: is required",
+            "conflict: not stored: the write of sequence number(s) 1..2 of persistence id \"p\" \
+             before it in this request or stream failed: events[1].payload: is required",
+        ]
+    );
+    assert_eq!(highest(&mut client, "p").await, 0);
+}
+
+/// A write that would leave a gap after another request's write going in in the same batch is
+/// decided once that write's outcome is known: should it fail, the highest is not what it
+/// assumed.
+#[tokio::test]
+async fn a_write_behind_a_failing_one_is_decided_on_the_real_highest() {
+    const APP: &str = "order_behind";
+    let first = TestServer::start_with(APP, |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(60);
+        settings.write_journal.purge_delay = Duration::from_secs(120);
+    })
+    .await;
+    let mut settings = first.settings.clone();
+    settings.mongodb.uri = mongodb_uri();
+    let second = TestServer::start_on_database(settings).await;
+    let channel = first.channel().await;
+    let mut client = JournalClient::new(channel.clone());
+    // The first server knows 4 as the highest; the second writes 5..8 meanwhile.
+    let known = write(&mut client, (1..=4).map(|n| single("p", n)).collect()).await;
+    assert!(known.iter().all(is_written), "{known:?}");
+    let mut other = second.journal().await;
+    let further = write(&mut other, (5..=8).map(|n| single("p", n)).collect()).await;
+    assert!(further.iter().all(is_written), "{further:?}");
+    // A batch in flight (held by MongoDB), so the next two calls go together in the next one.
+    hold_next(APP, "insert", 500).await;
+    let held = tokio::spawn(write_on(channel.clone(), vec![single("other", 1)]));
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut stale = single("p", 5);
+    stale.events[0].payload = Some(payload("stale"));
+    let stale = tokio::spawn(write_on(channel.clone(), vec![stale]));
+    let next = tokio::spawn(write_on(channel.clone(), vec![single("p", 9)]));
+    assert!(is_written(&held.await.unwrap()[0]));
+    let stale = describe(&stale.await.unwrap()[0]);
+    assert_eq!(
+        stale,
+        "conflict: sequence number(s) 5 of persistence id \"p\" are already taken by other events"
+    );
+    let next = next.await.unwrap();
+    assert!(is_written(&next[0]), "{}", describe(&next[0]));
+    assert_eq!(highest(&mut client, "p").await, 9);
+}
+
+async fn write_on(
+    channel: tonic::transport::Channel,
+    writes: Vec<pb::AtomicWrite>,
+) -> Vec<Outcome> {
+    write(&mut JournalClient::new(channel), writes).await
+}
+
 #[tokio::test]
 async fn an_atomic_write_is_all_or_nothing_inside_a_batch() {
     let server = TestServer::start("order_atomic").await;
@@ -254,6 +327,7 @@ async fn a_storage_failure_on_a_stream_leaves_a_gapless_prefix() {
             }
             let request = pb::WriteEventsRequest {
                 writes: vec![single("s", n)],
+                ..Default::default()
             };
             if sender.send(request).await.is_err() {
                 return;

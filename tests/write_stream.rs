@@ -16,8 +16,73 @@ use proto::v1 as pb;
 use proto::v1::atomic_write_result::Outcome;
 
 fn request(writes: Vec<pb::AtomicWrite>) -> pb::WriteEventsRequest {
-    pb::WriteEventsRequest { writes }
+    pb::WriteEventsRequest {
+        writes,
+        ..Default::default()
+    }
 }
+
+/// A request sent having received `responses` of the stream's responses.
+fn sent_after(responses: u64, writes: Vec<pb::AtomicWrite>) -> pb::WriteEventsRequest {
+    pb::WriteEventsRequest {
+        writes,
+        responses_received: Some(responses),
+    }
+}
+
+/// A server on which "p" has its event 1, and a client of it.
+async fn p_stored_once(
+    name: &str,
+) -> (
+    TestServer,
+    proto::v1::journal_client::JournalClient<tonic::transport::Channel>,
+) {
+    let server = TestServer::start(name).await;
+    let mut client = server.journal().await;
+    assert!(is_written(
+        &write(&mut client, vec![atomic(vec![event("p", 1, "first")])]).await[0]
+    ));
+    (server, client)
+}
+
+/// A stream driven step by step: send a request, read its response.
+struct Conversation {
+    requests: tokio::sync::mpsc::Sender<pb::WriteEventsRequest>,
+    responses: tonic::Streaming<pb::WriteEventsResponse>,
+}
+
+impl Conversation {
+    async fn open(
+        client: &mut proto::v1::journal_client::JournalClient<tonic::transport::Channel>,
+    ) -> Self {
+        let (requests, receiver) = tokio::sync::mpsc::channel(8);
+        let responses = client
+            .write_events_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            requests,
+            responses,
+        }
+    }
+
+    async fn ask(&mut self, request: pb::WriteEventsRequest) -> Vec<String> {
+        self.requests.send(request).await.unwrap();
+        let response = tokio::time::timeout(Duration::from_secs(30), self.responses.message())
+            .await
+            .expect("a response within 30 s")
+            .unwrap()
+            .expect("a response");
+        outcomes(&response)
+    }
+}
+
+const STALE_CONFLICT: &str =
+    "conflict: sequence number(s) 1 of persistence id \"p\" are already taken by other events";
+const STOPPED: &str = "conflict: not stored: the write of sequence number(s) 1 of persistence id \
+                       \"p\" before it in this request or stream failed: sequence number(s) 1 \
+                       of persistence id \"p\" are already taken by other events";
 
 /// `written`, `rejected: <reason>` or `conflict: <reason>`, per write of a response.
 fn outcomes(response: &pb::WriteEventsResponse) -> Vec<String> {
@@ -53,7 +118,7 @@ async fn stream_all(
 async fn responses_come_in_order_with_the_outcomes_write_events_gives() {
     let server = TestServer::start("stream_order").await;
     let mut client = server.journal().await;
-    let mut no_payload = event("a", 3, "x");
+    let mut no_payload = event("z", 1, "x");
     no_payload.payload = None;
     let requests = vec![
         request(vec![atomic(vec![event("a", 1, "a-1")])]),
@@ -92,11 +157,7 @@ async fn responses_come_in_order_with_the_outcomes_write_events_gives() {
 
 #[tokio::test]
 async fn a_failure_stops_the_later_writes_of_its_pid_on_the_stream() {
-    let server = TestServer::start("stream_poison").await;
-    let mut client = server.journal().await;
-    assert!(is_written(
-        &write(&mut client, vec![atomic(vec![event("p", 1, "first")])]).await[0]
-    ));
+    let (_server, mut client) = p_stored_once("stream_poison").await;
     // A stale producer pipelines 1 (taken by another event), 2 and 3, and some other id.
     let requests = vec![
         request(vec![atomic(vec![event("p", 1, "stale")])]),
@@ -107,20 +168,79 @@ async fn a_failure_stops_the_later_writes_of_its_pid_on_the_stream() {
         request(vec![atomic(vec![event("p", 3, "stale")])]),
     ];
     let answers = stream_all(&mut client, requests).await;
-    assert_eq!(
-        answers[0],
-        [
-            "conflict: sequence number(s) 1 of persistence id \"p\" are already taken by other events"
-        ]
-    );
-    let stopped = "conflict: not stored: the write of sequence number(s) 1 of persistence id \"p\" \
-                   before it in this request or stream failed: sequence number(s) 1 of \
-                   persistence id \"p\" are already taken by other events";
-    assert_eq!(answers[1], [stopped, "written"]);
-    assert_eq!(answers[2], [stopped]);
+    assert_eq!(answers[0], [STALE_CONFLICT]);
+    assert_eq!(answers[1], [STOPPED, "written"]);
+    assert_eq!(answers[2], [STOPPED]);
     let (events, highest) = replay(&mut client, "p", 1, None, None).await;
     assert_eq!(sequence_nrs(&events), [1]);
     assert_eq!(highest, 1);
+}
+
+/// A write the client sent before it had the failure's response is stopped, also when it
+/// reaches the server after that response was sent (pipelined, or held up on the way); one
+/// sent once the client has the response (it recovered) is stored.
+#[tokio::test]
+async fn a_failure_stops_the_writes_sent_before_its_response_was_received() {
+    let (_server, mut client) = p_stored_once("stream_received").await;
+    let mut stream = Conversation::open(&mut client).await;
+    let stale = stream
+        .ask(sent_after(0, vec![atomic(vec![event("p", 1, "stale")])]))
+        .await;
+    assert_eq!(stale, [STALE_CONFLICT]);
+    // Sent right after the stale write, before its response came back: it arrives only now.
+    let pipelined = stream
+        .ask(sent_after(
+            0,
+            vec![atomic(vec![event("p", 2, "pipelined")])],
+        ))
+        .await;
+    assert_eq!(pipelined, [STOPPED]);
+    // The client has both responses, has recovered, and goes on from the stored highest.
+    let recovered = stream
+        .ask(sent_after(
+            2,
+            vec![atomic(vec![event("p", 2, "recovered")])],
+        ))
+        .await;
+    assert_eq!(recovered, ["written"]);
+    // A client cannot have received more responses than the server sent.
+    let impossible = stream
+        .ask(sent_after(9, vec![atomic(vec![event("q", 1, "q")])]))
+        .await;
+    assert_eq!(
+        impossible,
+        ["rejected: responses_received: is 9 but the server has sent 3 responses on this stream"]
+    );
+    let (events, top) = replay(&mut client, "p", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1, 2]);
+    assert_eq!(events[1].payload, Some(payload("recovered")));
+    assert_eq!(top, 2);
+    assert_eq!(highest(&mut client, "q").await, 0);
+}
+
+/// Without `responses_received` the server cannot tell a recovered write from a pipelined one:
+/// a failed id stays stopped for the rest of the stream; other ids go on.
+#[tokio::test]
+async fn without_responses_received_a_failed_id_stays_stopped_on_the_stream() {
+    let (_server, mut client) = p_stored_once("stream_unsaid").await;
+    let mut stream = Conversation::open(&mut client).await;
+    let stale = stream
+        .ask(request(vec![atomic(vec![event("p", 1, "stale")])]))
+        .await;
+    assert_eq!(stale, [STALE_CONFLICT]);
+    let later = stream
+        .ask(request(vec![
+            atomic(vec![event("p", 2, "later")]),
+            atomic(vec![event("q", 1, "q")]),
+        ]))
+        .await;
+    assert_eq!(later, [STOPPED, "written"]);
+    // A new stream starts afresh.
+    let mut fresh = Conversation::open(&mut client).await;
+    let next = fresh
+        .ask(request(vec![atomic(vec![event("p", 2, "next")])]))
+        .await;
+    assert_eq!(next, ["written"]);
 }
 
 #[tokio::test]

@@ -564,6 +564,7 @@ async fn write_one_per_tag(
                 writes: vec![pb::AtomicWrite {
                     events: vec![workload.tagged_event(pid, 1, tag)],
                 }],
+                ..Default::default()
             };
             async move {
                 service::write(&mut client, request)

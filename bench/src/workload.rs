@@ -91,6 +91,7 @@ impl Workload {
                     events: vec![self.event(pid, sequence_nr)],
                 })
                 .collect(),
+            ..Default::default()
         }
     }
 

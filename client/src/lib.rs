@@ -341,6 +341,7 @@ impl Client {
                     events: events.into_iter().map(Into::into).collect(),
                 })
                 .collect(),
+            responses_received: None,
         };
         let response = self
             .retrying("WriteEvents", |timeout| {

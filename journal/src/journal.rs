@@ -18,7 +18,7 @@ use crate::document::{
 };
 use crate::error::JournalError;
 use crate::indexes::journal_indexes;
-use crate::writer::{EventStore, Origin, Pid, Prepared, Ready, Writer};
+use crate::writer::{EventStore, Failure, Origin, Pid, Prepared, Ready, Writer};
 
 /// The result of one atomic write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -31,6 +31,18 @@ pub enum WriteOutcome {
     /// leaving a gap), or an earlier write of the same id in the request failed; nothing
     /// stored.
     Conflict(String),
+}
+
+/// A write that failed validation before it reached the journal: answered `Rejected` with
+/// `reason`. When its first event names a valid persistence id, it is a failed write of that
+/// id like any other: the later writes of the id in its request or stream are not stored.
+#[derive(Debug, Clone)]
+pub struct RefusedWrite {
+    pub persistence_id: Option<PersistenceId>,
+    /// The sequence numbers its first and last events give.
+    pub first: i64,
+    pub last: i64,
+    pub reason: String,
 }
 
 /// A replay: the highest sequence number (read first, as Akka does) and the events.
@@ -94,24 +106,44 @@ impl Journal {
         &self,
         writes: Vec<AtomicWrite>,
     ) -> Result<Vec<WriteOutcome>, JournalError> {
+        let writes = writes.into_iter().map(Ok).collect();
         self.submit(Origin::call(None), writes).await
     }
 
     /// Queues the writes with the group-commit writer now, in order (events with timestamp 0
     /// are stamped now), and returns the future of their outcomes. Per persistence id, writes
     /// are applied in the order they are submitted; once one fails, the later ones of its id
-    /// from the same `origin` chain (request or stream) are not stored.
+    /// from the same `origin` chain (request or stream) are not stored (on a stream: the ones
+    /// sent before the client had the failure's response, see [`crate::StreamPosition`]).
     pub fn submit(
         &self,
         origin: Origin,
-        writes: Vec<AtomicWrite>,
+        writes: Vec<Result<AtomicWrite, RefusedWrite>>,
     ) -> impl Future<Output = Result<Vec<WriteOutcome>, JournalError>> + Send + 'static {
         let now = now_millis();
         let writes = writes
             .into_iter()
-            .map(|write| prepare(write, now))
+            .map(|write| match write {
+                Ok(write) => prepare(write, now),
+                Err(refused) => Prepared::Rejected {
+                    named: refused.persistence_id.map(|pid| {
+                        let failure = Failure {
+                            first: refused.first,
+                            last: refused.last,
+                            reason: refused.reason.clone(),
+                        };
+                        (pid.as_str().into(), failure)
+                    }),
+                    reason: refused.reason,
+                },
+            })
             .collect();
         self.writer.submit(origin, writes)
+    }
+
+    /// The `WriteEventsStream` of `origin` has ended: its failures stop nothing any more.
+    pub fn stream_closed(&self, origin: Origin) {
+        self.writer.stream_closed(origin);
     }
 
     /// The highest sequence number ever written for `pid`, 0 if none; deleted and purged events
@@ -259,11 +291,15 @@ fn prepare(write: AtomicWrite, now: i64) -> Prepared {
             Ok(document) => documents.push(document),
             Err(error) => {
                 let what = format!("event {} of persistence id {pid:?}", event.sequence_nr);
-                return Prepared::Rejected {
-                    pid,
+                let reason = error.describe(&what);
+                let failure = Failure {
                     first,
                     last,
-                    reason: error.describe(&what),
+                    reason: reason.clone(),
+                };
+                return Prepared::Rejected {
+                    named: Some((pid, failure)),
+                    reason,
                 };
             }
         }

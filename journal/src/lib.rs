@@ -15,5 +15,5 @@ mod writer;
 
 pub use error::JournalError;
 pub use indexes::journal_indexes as index_models;
-pub use journal::{Journal, Replay, WriteOutcome, cosmos_ttl_seconds};
-pub use writer::Origin;
+pub use journal::{Journal, RefusedWrite, Replay, WriteOutcome, cosmos_ttl_seconds};
+pub use writer::{Origin, StreamPosition};

@@ -5,7 +5,7 @@ use std::future::Future;
 use std::time::Instant;
 
 use futures::stream::FuturesOrdered;
-use journal::{Journal, Origin, WriteOutcome};
+use journal::{Journal, Origin, RefusedWrite, StreamPosition, WriteOutcome};
 use model::{AtomicWrite, PersistenceId, ReplayRange, non_negative};
 use proto::v1 as pb;
 use proto::v1::atomic_write_result::Outcome;
@@ -46,34 +46,30 @@ fn outcome(outcome: WriteOutcome) -> pb::AtomicWriteResult {
     }
 }
 
-/// One `WriteEventsRequest`, from `WriteEvents` or a `WriteEventsStream`: invalid writes are
-/// rejected on their own, the valid ones are queued with the journal now (so the writes of a
-/// stream keep its order), and the future answers with one result per write, in order.
+/// One `WriteEventsRequest`, from `WriteEvents` or a `WriteEventsStream`, queued with the
+/// journal now (so the writes of a stream keep its order): an invalid write is rejected on its
+/// own (and, as a failed write of the persistence id it names, stops that id's later writes),
+/// and the future answers with one result per write, in order. `refused`: a reason that
+/// rejects every write of the request.
 fn write_request(
     journal: &Journal,
     origin: Origin,
     request: pb::WriteEventsRequest,
+    refused: Option<String>,
     rpc: &'static str,
 ) -> impl Future<Output = Result<pb::WriteEventsResponse, Status>> + Send + 'static {
     let received = Instant::now();
-    let writes = request.writes;
-    let mut results: Vec<Option<pb::AtomicWriteResult>> = Vec::with_capacity(writes.len());
-    let mut valid = Vec::with_capacity(writes.len());
-    for (index, write) in writes.into_iter().enumerate() {
-        match AtomicWrite::try_from(write) {
-            Ok(write) => {
-                results.push(None);
-                valid.push((index, write));
-            }
-            Err(error) => {
-                results.push(Some(outcome(WriteOutcome::Rejected(error.to_string()))));
-            }
-        }
-    }
-    let (indexes, valid): (Vec<usize>, Vec<AtomicWrite>) = valid.into_iter().unzip();
-    let sizes: Vec<(u64, u64)> = valid
+    let writes: Vec<Result<AtomicWrite, RefusedWrite>> = request
+        .writes
+        .into_iter()
+        .map(|write| validate(write, refused.as_deref()))
+        .collect();
+    let sizes: Vec<(u64, u64)> = writes
         .iter()
         .map(|write| {
+            let Ok(write) = write else {
+                return (0, 0);
+            };
             let events = write.events();
             (
                 events.len() as u64,
@@ -81,21 +77,66 @@ fn write_request(
             )
         })
         .collect();
-    let outcomes = journal.submit(origin, valid);
+    let outcomes = journal.submit(origin, writes);
     async move {
         let outcomes = outcomes.await.map_err(|error| storage_status(rpc, error))?;
         let acknowledged = received.elapsed().as_nanos() as f64;
-        for ((index, written), (events, bytes)) in indexes.into_iter().zip(outcomes).zip(sizes) {
-            if matches!(written, WriteOutcome::Written) {
-                metrics::EVENTS_WRITTEN.inc_by(events);
-                metrics::EVENT_BYTES_WRITTEN.inc_by(bytes);
-                metrics::PERSISTENCE_TIME.observe(acknowledged);
-            }
-            results[index] = Some(outcome(written));
-        }
-        Ok(pb::WriteEventsResponse {
-            results: results.into_iter().flatten().collect(),
-        })
+        let results = outcomes
+            .into_iter()
+            .zip(sizes)
+            .map(|(written, (events, bytes))| {
+                if matches!(written, WriteOutcome::Written) {
+                    metrics::EVENTS_WRITTEN.inc_by(events);
+                    metrics::EVENT_BYTES_WRITTEN.inc_by(bytes);
+                    metrics::PERSISTENCE_TIME.observe(acknowledged);
+                }
+                outcome(written)
+            })
+            .collect();
+        Ok(pb::WriteEventsResponse { results })
+    }
+}
+
+/// The write, or why it is refused, with the persistence id and sequence numbers its events
+/// give (kept before validation consumes them).
+fn validate(write: pb::AtomicWrite, refused: Option<&str>) -> Result<AtomicWrite, RefusedWrite> {
+    let named = write.events.first().map(|first| {
+        let last = write.events.last().unwrap_or(first);
+        (
+            first.persistence_id.clone(),
+            first.sequence_nr,
+            last.sequence_nr,
+        )
+    });
+    let reason = match refused {
+        Some(reason) => reason.to_owned(),
+        None => match AtomicWrite::try_from(write) {
+            Ok(write) => return Ok(write),
+            Err(error) => error.to_string(),
+        },
+    };
+    let (persistence_id, first, last) = match named {
+        Some((pid, first, last)) => (
+            PersistenceId::parse("persistence_id", pid).ok(),
+            first,
+            last,
+        ),
+        None => (None, 0, 0),
+    };
+    Err(RefusedWrite {
+        persistence_id,
+        first,
+        last,
+        reason,
+    })
+}
+
+/// Tells the journal that a `WriteEventsStream` has ended, when dropped.
+struct StreamClosed<'a>(&'a Journal, Origin);
+
+impl Drop for StreamClosed<'_> {
+    fn drop(&mut self) {
+        self.0.stream_closed(self.1);
     }
 }
 
@@ -110,7 +151,7 @@ impl pb::journal_server::Journal for JournalService {
         let origin = Origin::call(request.remote_addr());
         let request = request.into_inner();
         tracing::Span::current().record("writes", request.writes.len());
-        write_request(&self.journal, origin, request, "WriteEvents")
+        write_request(&self.journal, origin, request, None, "WriteEvents")
             .await
             .map(Response::new)
     }
@@ -128,8 +169,12 @@ impl pb::journal_server::Journal for JournalService {
         let max_unacknowledged = self.stream_max_unacknowledged;
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let producer = async move {
+            // Its failures stop nothing once it has ended, however it ends.
+            let _closed = StreamClosed(&journal, origin);
             let mut unanswered = FuturesOrdered::new();
             let mut reading = true;
+            // Requests read, and responses sent.
+            let (mut read, mut sent) = (0, 0);
             loop {
                 tokio::select! {
                     biased;
@@ -139,17 +184,31 @@ impl pb::journal_server::Journal for JournalService {
                         if sender.send(response).await.is_err() || failed {
                             return;
                         }
+                        sent += 1;
                     }
                     // Past the limit the request is left unread: HTTP/2 flow control then
                     // stops the client, and the server holds at most this many requests.
                     message = inbound.message(), if reading && unanswered.len() < max_unacknowledged => {
                         match message {
-                            Ok(Some(request)) => unanswered.push_back(write_request(
-                                &journal,
-                                origin,
-                                request,
-                                "WriteEventsStream",
-                            )),
+                            Ok(Some(request)) => {
+                                let received = request.responses_received.unwrap_or(0);
+                                let refused = (received > sent).then(|| format!(
+                                    "responses_received: is {received} but the server has sent \
+                                     {sent} responses on this stream"
+                                ));
+                                let position = StreamPosition {
+                                    index: read,
+                                    responses_received: received.min(sent),
+                                };
+                                read += 1;
+                                unanswered.push_back(write_request(
+                                    &journal,
+                                    origin.at(position),
+                                    request,
+                                    refused,
+                                    "WriteEventsStream",
+                                ));
+                            }
                             Ok(None) => reading = false,
                             Err(status) => {
                                 let _ = sender.send(Err(status)).await;

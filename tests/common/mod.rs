@@ -335,7 +335,10 @@ pub async fn write(
     writes: Vec<pb::AtomicWrite>,
 ) -> Vec<pb::atomic_write_result::Outcome> {
     client
-        .write_events(pb::WriteEventsRequest { writes })
+        .write_events(pb::WriteEventsRequest {
+            writes,
+            ..Default::default()
+        })
         .await
         .expect("WriteEvents call failed")
         .into_inner()

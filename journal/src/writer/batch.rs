@@ -71,8 +71,19 @@ pub(crate) struct Done {
     pub heads: HashMap<Pid, Option<Head>>,
     /// New last failures (`None`: the id was written since).
     pub failures: HashMap<Pid, Option<Failure>>,
-    /// Failed writes: `(chain, pid, failure)`; queued writes of that id and chain fail too.
-    pub failed: Vec<(u64, Pid, Failure)>,
+    /// Per `(chain, pid)` with a failed write, the earliest one: the later writes of that id
+    /// and chain still queued fail too.
+    pub failed: HashMap<(u64, Pid), FailedWrite>,
+}
+
+/// The earliest failed write of a chain and persistence id in a batch.
+#[derive(Debug, Clone)]
+pub(crate) struct FailedWrite {
+    pub key: WriteKey,
+    /// Its position in the batch.
+    pub order: usize,
+    /// Its own sequence numbers and reason (not merged with other chains' failures).
+    pub failure: Failure,
 }
 
 pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration) -> Done {
@@ -81,7 +92,6 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
         validity,
         heads: batch.heads,
         failures: batch.failures,
-        failed_chains: HashMap::new(),
         done: Done::default(),
         held: Vec::new(),
         uncertain: false,
@@ -148,9 +158,6 @@ struct Run<'a> {
     validity: Duration,
     heads: HashMap<Pid, Head>,
     failures: HashMap<Pid, Failure>,
-    /// `(chain, pid)` whose writes failed in this batch, with the earliest failed write's
-    /// position: the writes after it are stopped.
-    failed_chains: HashMap<(u64, Pid), (usize, Failure)>,
     done: Done,
     /// Stamps of inserts that failed in a way that may have applied them.
     held: Vec<InFlight>,
@@ -247,12 +254,13 @@ impl Run<'_> {
         let mut running: HashMap<Pid, i64> = HashMap::new();
         let mut waiting: HashSet<Pid> = HashSet::new();
         for write in writes {
-            if let Some((failed_at, failure)) = self
-                .failed_chains
+            if let Some(failed) = self
+                .done
+                .failed
                 .get(&(write.chain, write.pid.clone()))
-                .cloned()
-                && failed_at < write.order
+                .filter(|failed| failed.order < write.order)
             {
+                let failure = failed.failure.clone();
                 self.poisoned(write, &failure);
                 continue;
             }
@@ -273,6 +281,12 @@ impl Run<'_> {
             } else if write.first == highest + 1 {
                 running.insert(write.pid.clone(), write.last);
                 decided.insert.push(write);
+            } else if running.contains_key(&write.pid) {
+                // A gap after a write going in this round: decided once that write's outcome
+                // is known (failed, it leaves the highest in doubt, and stops this write if
+                // it is of the same chain).
+                waiting.insert(write.pid.clone());
+                decided.next.push(write);
             } else {
                 self.gap(write, highest);
             }
@@ -605,40 +619,43 @@ impl Run<'_> {
         }
     }
 
-    /// Remembers the failure (the first one of a run of failures is the one named) and stops
-    /// the later writes of the id in the same chain.
+    /// Remembers the failure: for the id (a run of failures is named by its first, in a later
+    /// gap conflict), and for its chain, where it stops the later writes of the id.
     fn record_failure(&mut self, write: &BatchWrite, reason: String) {
-        let failure = match self.failures.get(&write.pid) {
+        let own = Failure {
+            first: write.first,
+            last: write.last,
+            reason,
+        };
+        let run = match self.failures.get(&write.pid) {
             Some(earlier) if earlier.last + 1 == write.first => Failure {
                 first: earlier.first,
                 last: write.last,
                 reason: earlier.reason.clone(),
             },
-            _ => Failure {
-                first: write.first,
-                last: write.last,
-                reason,
-            },
+            _ => own.clone(),
         };
-        self.failures.insert(write.pid.clone(), failure.clone());
-        self.done
-            .failures
-            .insert(write.pid.clone(), Some(failure.clone()));
-        // The earliest failed write of the chain is the one that stops the writes after it:
-        // failures are not found in batch order (a gap after a write still being inserted is
-        // known at once, a refusal of that write only once the insert answers).
+        self.failures.insert(write.pid.clone(), run.clone());
+        self.done.failures.insert(write.pid.clone(), Some(run));
+        // The earliest failed write of the chain stops the writes after it. Failures are not
+        // always found in batch order: a write MongoDB refuses inside a transaction is settled
+        // at once, the earlier writes of that transaction only when they go round again.
         let chain = (write.chain, write.pid.clone());
         if self
-            .failed_chains
-            .get(&chain)
-            .is_none_or(|(failed_at, _)| write.order < *failed_at)
-        {
-            self.failed_chains
-                .insert(chain, (write.order, failure.clone()));
-        }
-        self.done
+            .done
             .failed
-            .push((write.chain, write.pid.clone(), failure));
+            .get(&chain)
+            .is_none_or(|failed| write.order < failed.order)
+        {
+            self.done.failed.insert(
+                chain,
+                FailedWrite {
+                    key: write.key,
+                    order: write.order,
+                    failure: own,
+                },
+            );
+        }
     }
 
     fn learn(&mut self, pid: &Pid, head: Head) {

@@ -32,8 +32,9 @@ use crate::document::EncodedEvent;
 use crate::error::JournalError;
 use crate::journal::WriteOutcome;
 use crate::metrics;
-use batch::{Batch, BatchWrite, Done, poisoned_reason};
-use heads::{Failure, Heads};
+use batch::{Batch, BatchWrite, Done, FailedWrite, poisoned_reason};
+pub(crate) use heads::Failure;
+use heads::Heads;
 pub(crate) use schedule::Pid;
 use schedule::{Limits, Queued, Schedule, WriteKey};
 pub(crate) use store::EventStore;
@@ -44,6 +45,19 @@ pub(crate) use store::EventStore;
 pub struct Origin {
     producer: u64,
     chain: u64,
+    /// For a request of a `WriteEventsStream`: where it stands in the stream.
+    position: Option<StreamPosition>,
+}
+
+/// Where a request of a `WriteEventsStream` stands: the stream's responses are numbered from
+/// 0, one per request, in order.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct StreamPosition {
+    /// The number of this request's response.
+    pub index: u64,
+    /// How many of the stream's responses its sender had received when it sent it: a failure
+    /// answered in one it had not received stops its writes of the failed id.
+    pub responses_received: u64,
 }
 
 static NEXT_ORIGIN: AtomicU64 = AtomicU64::new(1);
@@ -59,25 +73,38 @@ impl Origin {
                 .hash_one(address)
                 | 1 << 63
         });
-        Self { producer, chain }
+        Self {
+            producer,
+            chain,
+            position: None,
+        }
     }
 
-    /// One `WriteEventsStream`: a producer of its own, and one chain for all its requests.
+    /// One `WriteEventsStream`: a producer of its own, and one chain for all its requests
+    /// (each submitted [`Origin::at`] its position).
     pub fn stream() -> Self {
         let id = NEXT_ORIGIN.fetch_add(1, Ordering::Relaxed);
         Self {
             producer: id,
             chain: id,
+            position: None,
+        }
+    }
+
+    /// A request of this stream, at `position`.
+    pub fn at(self, position: StreamPosition) -> Self {
+        Self {
+            position: Some(position),
+            ..self
         }
     }
 }
 
-/// A write ready for the writer, or rejected before reaching it.
+/// A write ready for the writer, or rejected before reaching it (stopping the later writes of
+/// the persistence id it names, if any, like any failed write).
 pub(crate) enum Prepared {
     Rejected {
-        pid: Pid,
-        first: i64,
-        last: i64,
+        named: Option<(Pid, Failure)>,
         reason: String,
     },
     Ready(Ready),
@@ -110,10 +137,18 @@ struct Submission {
     reply: oneshot::Sender<Outcomes>,
 }
 
+enum Message {
+    Submit(Submission),
+    /// A stream ended: forget its failures.
+    StreamClosed {
+        chain: u64,
+    },
+}
+
 /// The handle the journal submits writes through.
 #[derive(Clone)]
 pub(crate) struct Writer {
-    inbox: mpsc::UnboundedSender<Submission>,
+    inbox: mpsc::UnboundedSender<Message>,
 }
 
 impl Writer {
@@ -122,6 +157,7 @@ impl Writer {
         let (inbox, receiver) = mpsc::unbounded_channel();
         let committer = Committer {
             schedule: Schedule::default(),
+            streams: HashMap::new(),
             heads: Heads::new(settings.sequence_nr_cache_validity),
             entries: HashMap::new(),
             requests: HashMap::new(),
@@ -156,11 +192,11 @@ impl Writer {
         let (reply, outcomes) = oneshot::channel();
         let queued = self
             .inbox
-            .send(Submission {
+            .send(Message::Submit(Submission {
                 origin,
                 writes,
                 reply,
-            })
+            }))
             .is_ok();
         async move {
             let stopped = || JournalError::Internal("the journal writer has stopped".to_owned());
@@ -170,6 +206,14 @@ impl Writer {
             outcomes.await.unwrap_or_else(|_| Err(stopped()))
         }
     }
+
+    /// The stream of `origin` has ended.
+    pub fn stream_closed(&self, origin: Origin) {
+        // Gone only when the writer has stopped, with everything it knew.
+        let _ = self.inbox.send(Message::StreamClosed {
+            chain: origin.chain,
+        });
+    }
 }
 
 /// One queued or in-flight write: which request it belongs to, and its content until a batch
@@ -178,7 +222,17 @@ struct Entry {
     request: u64,
     index: usize,
     chain: u64,
+    /// The number of its response in its stream, if it came on one.
+    response: Option<u64>,
     ready: Option<Ready>,
+}
+
+/// A persistence id whose write failed on a stream: the stream's later writes of the id sent
+/// before their sender had the answer are not stored (see `WriteEventsStream`).
+struct StreamStop {
+    failure: Failure,
+    /// The last response that answers a write of the id as failed.
+    until: u64,
 }
 
 /// A request (one call, or one message of a stream) waiting for its writes' outcomes.
@@ -201,6 +255,8 @@ struct Completed {
 
 struct Committer {
     schedule: Schedule,
+    /// Per open stream (its chain), its persistence ids with a failed write.
+    streams: HashMap<u64, HashMap<Pid, StreamStop>>,
     heads: Heads,
     entries: HashMap<WriteKey, Entry>,
     requests: HashMap<u64, Request>,
@@ -221,7 +277,7 @@ struct Committer {
 }
 
 impl Committer {
-    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Submission>) {
+    async fn run(mut self, mut inbox: mpsc::UnboundedReceiver<Message>) {
         let mut in_flight: FuturesUnordered<BoxFuture<'static, Completed>> =
             FuturesUnordered::new();
         let mut open = true;
@@ -244,16 +300,25 @@ impl Committer {
                     self.heavy_resume = None;
                 }
                 received = inbox.recv(), if open => match received {
-                    Some(submission) => {
-                        self.accept(submission);
+                    Some(message) => {
+                        self.receive(message);
                         // Everything queued meanwhile goes into the next batch together.
-                        while let Ok(submission) = inbox.try_recv() {
-                            self.accept(submission);
+                        while let Ok(message) = inbox.try_recv() {
+                            self.receive(message);
                         }
                     }
                     None => open = false,
                 },
                 else => return,
+            }
+        }
+    }
+
+    fn receive(&mut self, message: Message) {
+        match message {
+            Message::Submit(submission) => self.accept(submission),
+            Message::StreamClosed { chain } => {
+                self.streams.remove(&chain);
             }
         }
     }
@@ -272,24 +337,26 @@ impl Committer {
             error: None,
             reply,
         };
-        // A write rejected on receipt stops the later writes of its id in this request.
+        let response = origin.position.map(|position| position.index);
+        // A write rejected on receipt stops the later writes of its id in this request; on a
+        // stream, a failure answered in a response its sender had not received yet too.
         let mut failed: HashMap<Pid, Failure> = HashMap::new();
+        if let Some(position) = origin.position {
+            let stops = self.streams.entry(origin.chain).or_default();
+            stops.retain(|_, stop| stop.until >= position.responses_received);
+            for (pid, stop) in stops.iter() {
+                failed.insert(pid.clone(), stop.failure.clone());
+            }
+        }
         for (index, write) in writes.into_iter().enumerate() {
             let ready = match write {
-                Prepared::Rejected {
-                    pid,
-                    first,
-                    last,
-                    reason,
-                } => {
-                    request.outcomes[index] = Some(WriteOutcome::Rejected(reason.clone()));
-                    let failure = Failure {
-                        first,
-                        last,
-                        reason,
-                    };
-                    self.heads.record_failure(&pid, failure.clone());
-                    failed.entry(pid).or_insert(failure);
+                Prepared::Rejected { named, reason } => {
+                    request.outcomes[index] = Some(WriteOutcome::Rejected(reason));
+                    if let Some((pid, failure)) = named {
+                        self.heads.record_failure(&pid, failure.clone());
+                        self.stop_on_stream(origin.chain, response, &pid, &failure);
+                        failed.entry(pid).or_insert(failure);
+                    }
                     continue;
                 }
                 Prepared::Ready(ready) => ready,
@@ -314,6 +381,7 @@ impl Committer {
                     request: request_id,
                     index,
                     chain: origin.chain,
+                    response,
                     ready: Some(ready),
                 },
             );
@@ -324,6 +392,22 @@ impl Committer {
         } else {
             self.requests.insert(request_id, request);
         }
+    }
+
+    /// A write of `pid` failed on the stream `chain`, answered in `response`: the stream's
+    /// writes of `pid` sent before that response was received are stopped. (Writes stopped
+    /// by it do not extend that: a client that has the failure may write the id again.)
+    fn stop_on_stream(&mut self, chain: u64, response: Option<u64>, pid: &Pid, failure: &Failure) {
+        let (Some(response), Some(stops)) = (response, self.streams.get_mut(&chain)) else {
+            return;
+        };
+        stops
+            .entry(pid.clone())
+            .and_modify(|stop| stop.until = stop.until.max(response))
+            .or_insert_with(|| StreamStop {
+                failure: failure.clone(),
+                until: response,
+            });
     }
 
     /// The next admissible batch, as a future for [`Committer::run`] to poll.
@@ -360,12 +444,7 @@ impl Committer {
         let mut seen = HashSet::new();
         let mut writes = Vec::with_capacity(admitted.len());
         for (order, queued) in admitted.into_iter().enumerate() {
-            let Some(entry) = self.entries.get_mut(&queued.key) else {
-                continue;
-            };
-            let Some(ready) = entry.ready.take() else {
-                continue;
-            };
+            // Busy in the schedule from now on: released with the batch, whatever happens.
             if seen.insert(queued.pid.clone()) {
                 if let Some(head) = self.heads.valid(&queued.pid, now) {
                     heads.insert(queued.pid.clone(), head);
@@ -378,10 +457,18 @@ impl Committer {
             if !producers.contains(&queued.producer) {
                 producers.push(queued.producer);
             }
+            let Some(ready) = self
+                .entries
+                .get_mut(&queued.key)
+                .and_then(|entry| entry.ready.take())
+            else {
+                continue;
+            };
+            let chain = self.entries[&queued.key].chain;
             writes.push(BatchWrite {
                 key: queued.key,
                 order,
-                chain: entry.chain,
+                chain,
                 pid: ready.pid,
                 first: ready.first,
                 last: ready.last,
@@ -389,7 +476,7 @@ impl Committer {
                 documents: ready.documents,
             });
         }
-        let keys: Vec<WriteKey> = writes.iter().map(|write| write.key).collect();
+        let panicked = Panicked::of(&writes);
         let store = self.store.clone();
         let validity = self.validity;
         let batch = Batch {
@@ -402,17 +489,10 @@ impl Committer {
         // down, so it becomes an error for the batch's writes.
         Some(Box::pin(async move {
             let running = AssertUnwindSafe(batch::execute(batch, &store, validity));
-            let done = running.catch_unwind().await.unwrap_or_else(|_| {
-                tracing::error!("a journal write batch panicked");
-                let error = JournalError::Internal("a journal write batch failed".to_owned());
-                Done {
-                    outcomes: keys
-                        .into_iter()
-                        .map(|key| (key, Err(error.clone())))
-                        .collect(),
-                    ..Done::default()
-                }
-            });
+            let done = running
+                .catch_unwind()
+                .await
+                .unwrap_or_else(|_| panicked.done());
             Completed {
                 pids,
                 producers,
@@ -441,6 +521,20 @@ impl Committer {
             let took = started.elapsed();
             self.heavy_resume = Some(Instant::now() + took * HEAVY_PAUSE_FACTOR);
         }
+        // The failed writes' later writes of the same id and chain still queued fail too (and
+        // on a stream, the ones its client sends before it has the failure's answer).
+        for ((chain, pid), FailedWrite { key, failure, .. }) in done.failed {
+            let response = self.entries.get(&key).and_then(|entry| entry.response);
+            self.stop_on_stream(chain, response, &pid, &failure);
+            let entries = &self.entries;
+            let stopped = self.schedule.remove_where(&pid, |key| {
+                entries.get(&key).is_some_and(|entry| entry.chain == chain)
+            });
+            for write in stopped {
+                let reason = poisoned_reason(&pid, &failure);
+                self.settle(write.key, Ok(WriteOutcome::Conflict(reason)));
+            }
+        }
         for (key, outcome) in done.outcomes {
             self.settle(key, outcome);
         }
@@ -454,17 +548,6 @@ impl Committer {
             match failure {
                 Some(failure) => self.heads.record_failure(&pid, failure),
                 None => self.heads.clear_failure(&pid),
-            }
-        }
-        // The failed writes' later writes of the same id and chain still queued fail too.
-        for (chain, pid, failure) in done.failed {
-            let entries = &self.entries;
-            let stopped = self.schedule.remove_where(&pid, |key| {
-                entries.get(&key).is_some_and(|entry| entry.chain == chain)
-            });
-            for write in stopped {
-                let reason = poisoned_reason(&pid, &failure);
-                self.settle(write.key, Ok(WriteOutcome::Conflict(reason)));
             }
         }
         self.schedule.release(&pids, producers);
@@ -492,11 +575,63 @@ impl Committer {
     }
 }
 
+/// What a batch's writes become should it panic: an error each, their ids' knowledge
+/// forgotten (an insert may have been applied), and the later writes of their chains stopped.
+struct Panicked {
+    /// `(key, order, chain, pid, first, last)` of each write, in batch order.
+    writes: Vec<(WriteKey, usize, u64, Pid, i64, i64)>,
+}
+
+impl Panicked {
+    fn of(writes: &[BatchWrite]) -> Self {
+        let writes = writes
+            .iter()
+            .map(|write| {
+                let BatchWrite {
+                    key,
+                    order,
+                    chain,
+                    first,
+                    last,
+                    ..
+                } = *write;
+                (key, order, chain, write.pid.clone(), first, last)
+            })
+            .collect();
+        Self { writes }
+    }
+
+    fn done(self) -> Done {
+        tracing::error!("a journal write batch panicked");
+        let reason = "a journal write batch failed";
+        let error = JournalError::Internal(reason.to_owned());
+        let mut done = Done::default();
+        for (key, order, chain, pid, first, last) in self.writes {
+            done.outcomes.push((key, Err(error.clone())));
+            done.heads.insert(pid.clone(), None);
+            done.failed.entry((chain, pid)).or_insert(FailedWrite {
+                key,
+                order,
+                failure: Failure {
+                    first,
+                    last,
+                    reason: reason.to_owned(),
+                },
+            });
+        }
+        done
+    }
+}
+
 /// Answers a request whose writes are all settled.
 fn finish(request: Request) {
     let outcomes = match request.error {
         Some(error) => Err(error),
-        None => Ok(request.outcomes.into_iter().flatten().collect()),
+        None => request
+            .outcomes
+            .into_iter()
+            .collect::<Option<Vec<_>>>()
+            .ok_or_else(|| JournalError::Internal("a write was left without outcome".to_owned())),
     };
     // The caller may have gone (client cancelled); the writes stand either way.
     let _ = request.reply.send(outcomes);
