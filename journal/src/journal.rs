@@ -18,7 +18,7 @@ use crate::document::{
 };
 use crate::error::JournalError;
 use crate::indexes::journal_indexes;
-use crate::writer::{EventStore, Failure, Origin, Pid, Prepared, Ready, Writer};
+use crate::writer::{EventStore, Origin, Pid, Prepared, Ready, Writer};
 
 /// The result of one atomic write.
 #[derive(Debug, Clone, PartialEq, Eq)]
@@ -125,17 +125,12 @@ impl Journal {
             .into_iter()
             .map(|write| match write {
                 Ok(write) => prepare(write, now),
-                Err(refused) => Prepared::Rejected {
-                    named: refused.persistence_id.map(|pid| {
-                        let failure = Failure {
-                            first: refused.first,
-                            last: refused.last,
-                            reason: refused.reason.clone(),
-                        };
-                        (pid.as_str().into(), failure)
-                    }),
-                    reason: refused.reason,
-                },
+                Err(refused) => Prepared::rejected(
+                    refused.persistence_id.map(|pid| pid.as_str().into()),
+                    refused.first,
+                    refused.last,
+                    refused.reason,
+                ),
             })
             .collect();
         self.writer.submit(origin, writes)
@@ -291,16 +286,7 @@ fn prepare(write: AtomicWrite, now: i64) -> Prepared {
             Ok(document) => documents.push(document),
             Err(error) => {
                 let what = format!("event {} of persistence id {pid:?}", event.sequence_nr);
-                let reason = error.describe(&what);
-                let failure = Failure {
-                    first,
-                    last,
-                    reason: reason.clone(),
-                };
-                return Prepared::Rejected {
-                    named: Some((pid, failure)),
-                    reason,
-                };
+                return Prepared::rejected(Some(pid), first, last, error.describe(&what));
             }
         }
     }

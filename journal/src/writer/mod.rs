@@ -33,8 +33,7 @@ use crate::error::JournalError;
 use crate::journal::WriteOutcome;
 use crate::metrics;
 use batch::{Batch, BatchWrite, Done, FailedWrite, poisoned_reason};
-pub(crate) use heads::Failure;
-use heads::Heads;
+use heads::{Failure, Heads};
 pub(crate) use schedule::Pid;
 use schedule::{Limits, Queued, Schedule, WriteKey};
 pub(crate) use store::EventStore;
@@ -108,6 +107,21 @@ pub(crate) enum Prepared {
         reason: String,
     },
     Ready(Ready),
+}
+
+impl Prepared {
+    /// Rejected for `reason`; with `pid`, a failed write of sequence numbers `first..=last`.
+    pub fn rejected(pid: Option<Pid>, first: i64, last: i64, reason: String) -> Self {
+        let named = pid.map(|pid| {
+            let failure = Failure {
+                first,
+                last,
+                reason: reason.clone(),
+            };
+            (pid, failure)
+        });
+        Self::Rejected { named, reason }
+    }
 }
 
 pub(crate) struct Ready {
@@ -457,18 +471,16 @@ impl Committer {
             if !producers.contains(&queued.producer) {
                 producers.push(queued.producer);
             }
-            let Some(ready) = self
-                .entries
-                .get_mut(&queued.key)
-                .and_then(|entry| entry.ready.take())
-            else {
+            let Some(entry) = self.entries.get_mut(&queued.key) else {
                 continue;
             };
-            let chain = self.entries[&queued.key].chain;
+            let Some(ready) = entry.ready.take() else {
+                continue;
+            };
             writes.push(BatchWrite {
                 key: queued.key,
                 order,
-                chain,
+                chain: entry.chain,
                 pid: ready.pid,
                 first: ready.first,
                 last: ready.last,
@@ -522,7 +534,8 @@ impl Committer {
             self.heavy_resume = Some(Instant::now() + took * HEAVY_PAUSE_FACTOR);
         }
         // The failed writes' later writes of the same id and chain still queued fail too (and
-        // on a stream, the ones its client sends before it has the failure's answer).
+        // on a stream, the ones its client sends before it has the failure's answer). Before
+        // the outcomes are settled: the failed writes' entries say which response they are in.
         for ((chain, pid), FailedWrite { key, failure, .. }) in done.failed {
             let response = self.entries.get(&key).and_then(|entry| entry.response);
             self.stop_on_stream(chain, response, &pid, &failure);
