@@ -40,7 +40,10 @@ const PROLIFIC_RAMP_UP: Duration = Duration::from_millis(500);
 #[derive(Debug, Clone, Copy, PartialEq, Eq, PartialOrd, Ord, clap::ValueEnum)]
 pub enum Scenario {
     P1,
+    /// 100 actors sharing one `eventjournal_client::Client`, whose concurrent writes share calls.
     P2,
+    /// P2 with a gRPC call of its own for every write (what a client without coalescing does).
+    P2Unary,
     P3,
     P3s,
     Fairness,
@@ -55,6 +58,7 @@ impl Scenario {
         match self {
             Scenario::P1 => "p1",
             Scenario::P2 => "p2",
+            Scenario::P2Unary => "p2-unary",
             Scenario::P3 => "p3",
             Scenario::P3s => "p3s",
             Scenario::Fairness => "fairness",
@@ -68,6 +72,7 @@ impl Scenario {
         match self {
             Scenario::P1 => "P1",
             Scenario::P2 => "P2",
+            Scenario::P2Unary => "P2 unary",
             Scenario::P3 => "P3",
             Scenario::P3s => "P3s",
             Scenario::Fairness => "fairness",
@@ -85,7 +90,7 @@ impl Scenario {
     /// `/proc` (10 ms ticks) means something.
     pub fn events(self) -> Option<u64> {
         match self {
-            Scenario::P2 => Some(P2_ACTORS as u64 * P2_EVENTS_PER_ACTOR as u64),
+            Scenario::P2 | Scenario::P2Unary => Some(P2_ACTORS as u64 * P2_EVENTS_PER_ACTOR as u64),
             Scenario::P3 | Scenario::P3s => Some((P3_REQUESTS * P3_WRITES_PER_REQUEST) as u64),
             Scenario::P1 | Scenario::Fairness | Scenario::R1k | Scenario::R10k => None,
         }
@@ -95,7 +100,7 @@ impl Scenario {
     pub fn unit(self) -> &'static str {
         match self {
             Scenario::P1 | Scenario::Fairness => "µs",
-            Scenario::P2 | Scenario::P3 | Scenario::P3s => "events/s",
+            Scenario::P2 | Scenario::P2Unary | Scenario::P3 | Scenario::P3s => "events/s",
             Scenario::R1k | Scenario::R10k => "s",
         }
     }
@@ -128,6 +133,8 @@ pub struct Bench {
     channel: Channel,
     /// For producers that need a connection of their own (fairness).
     endpoint: Endpoint,
+    /// The project's client on a connection of its own (P2: its concurrent writes share calls).
+    client: eventjournal_client::Client,
     raw: Arc<RawDriver>,
 }
 
@@ -142,10 +149,15 @@ impl Bench {
             .connect()
             .await
             .with_context(|| format!("connecting to the service at {server_url}"))?;
+        let client = eventjournal_client::Client::builder(server_url)
+            .connect()
+            .await
+            .with_context(|| format!("connecting eventjournal-client to {server_url}"))?;
         Ok(Self {
             workload: Arc::new(workload),
             channel,
             endpoint,
+            client,
             raw,
         })
     }
@@ -158,6 +170,11 @@ impl Bench {
             self.single_writes(side, &pid, 1..=20).await?;
             let pid = self.workload.pid("warm-up", 0, side, 1);
             self.batches(side, &pid, 2, P3_WRITES_PER_REQUEST).await?;
+        }
+        let pid = self.workload.pid("warm-up", 0, Side::Service, 2);
+        for sequence_nr in 1..=20 {
+            let event = self.workload.client_event(&pid, sequence_nr);
+            service::write_through(&self.client, event).await?;
         }
         Ok(())
     }
@@ -177,7 +194,8 @@ impl Bench {
     ) -> anyhow::Result<Measured> {
         match scenario {
             Scenario::P1 => self.p1(side, round).await.map(Measured::Value),
-            Scenario::P2 => self.p2(side, round).await.map(Measured::Value),
+            Scenario::P2 => self.p2(side, round, true).await.map(Measured::Value),
+            Scenario::P2Unary => self.p2(side, round, false).await.map(Measured::Value),
             Scenario::P3 => self.p3(side, round).await.map(Measured::Value),
             Scenario::P3s => self.p3s(side, round).await,
             Scenario::Fairness => Err(anyhow!("fairness runs through Bench::fairness")),
@@ -219,18 +237,27 @@ impl Bench {
         Ok(latencies)
     }
 
-    /// P2: events/s of 100 concurrent actors, each writing 100 events one at a time.
-    async fn p2(&self, side: Side, round: u32) -> anyhow::Result<f64> {
+    /// P2: events/s of 100 concurrent actors, each writing 100 events one at a time. On the
+    /// service side the actors share one `eventjournal_client::Client` (`coalesced`: its
+    /// concurrent writes share calls) or make a gRPC call of their own for every write.
+    async fn p2(&self, side: Side, round: u32, coalesced: bool) -> anyhow::Result<f64> {
+        let scenario = if coalesced { "p2" } else { "p2-unary" };
+        let shared = self.client.clone();
         let start = Instant::now();
         let actors = (0..P2_ACTORS)
             .map(|actor| {
                 let workload = Arc::clone(&self.workload);
                 let raw = Arc::clone(&self.raw);
                 let mut client = JournalClient::new(self.channel.clone());
+                let shared = shared.clone();
                 tokio::spawn(async move {
-                    let pid = workload.pid("p2", round, side, actor);
+                    let pid = workload.pid(scenario, round, side, actor);
                     for sequence_nr in 1..=P2_EVENTS_PER_ACTOR {
                         match side {
+                            Side::Service if coalesced => {
+                                let event = workload.client_event(&pid, sequence_nr);
+                                service::write_through(&shared, event).await
+                            }
                             Side::Service => {
                                 let request = workload.request([(pid.as_str(), sequence_nr)]);
                                 service::write(&mut client, request).await

@@ -44,6 +44,22 @@ pub async fn write(
     check_written(response.get_ref(), expected)
 }
 
+/// Writes one event through `eventjournal-client` (which may send it in one call with other
+/// tasks' writes) and checks that it was written.
+pub async fn write_through(
+    client: &eventjournal_client::Client,
+    event: eventjournal_client::Event,
+) -> anyhow::Result<()> {
+    let outcomes = client
+        .write_events(vec![vec![event]])
+        .await
+        .context("write_events failed")?;
+    match outcomes.as_slice() {
+        [eventjournal_client::WriteOutcome::Written] => Ok(()),
+        other => Err(anyhow::anyhow!("write_events answered {other:?}")),
+    }
+}
+
 /// Whether the server implements `WriteEventsStream`: a stream opened and closed at once
 /// writes nothing, and an unimplemented method answers before any message.
 pub async fn stream_implemented(channel: &Channel) -> anyhow::Result<bool> {

@@ -62,6 +62,11 @@ impl Workload {
         self.tagged_event(pid, sequence_nr, TAG)
     }
 
+    /// [`Workload::event`] as `eventjournal-client` takes it.
+    pub fn client_event(&self, pid: &str, sequence_nr: i64) -> eventjournal_client::Event {
+        self.event(pid, sequence_nr).into()
+    }
+
     /// [`Workload::event`] with its own tag instead of the write scenarios' one.
     pub fn tagged_event(&self, pid: &str, sequence_nr: i64, tag: &str) -> pb::PersistentEvent {
         pb::PersistentEvent {

@@ -3,7 +3,7 @@
 use tonic::Code;
 
 /// A failed call, by what the caller can do about it.
-#[derive(Debug, thiserror::Error)]
+#[derive(Debug, Clone, thiserror::Error)]
 pub enum Error {
     /// The request was wrong (the message names what); retrying cannot help.
     #[error("invalid argument: {0}")]

@@ -84,6 +84,7 @@
 #![warn(missing_docs)]
 
 pub mod actor;
+mod coalesce;
 pub mod durable;
 mod error;
 pub mod persistent;
@@ -92,6 +93,7 @@ pub mod spool;
 mod types;
 
 use std::future::Future;
+use std::sync::Arc;
 use std::time::Duration;
 
 use futures::{Stream, StreamExt as _, TryStreamExt as _};
@@ -104,6 +106,7 @@ use tonic::metadata::AsciiMetadataValue;
 use tonic::service::interceptor::InterceptedService;
 use tonic::transport::{Certificate, Channel, ClientTlsConfig, Endpoint};
 
+pub use coalesce::WriteCoalescing;
 pub use error::{Error, Result};
 pub use types::*;
 
@@ -138,6 +141,7 @@ pub struct ClientBuilder {
     connect_timeout: Duration,
     call_timeout: Duration,
     retry: RetryPolicy,
+    write_coalescing: WriteCoalescing,
 }
 
 impl ClientBuilder {
@@ -179,6 +183,15 @@ impl ClientBuilder {
         self
     }
 
+    /// How the writes of concurrent [`Client::write_events`] calls share `WriteEvents` calls
+    /// (default: up to 2 calls open, each on a connection of its own; further writes wait and
+    /// go together in the next, up to 1,000 writes and 1 MiB per call;
+    /// [`WriteCoalescing::off`]: a call per `write_events`).
+    pub fn write_coalescing(mut self, coalescing: WriteCoalescing) -> Self {
+        self.write_coalescing = coalescing;
+        self
+    }
+
     /// A client that connects lazily, at its first call (and reconnects by itself).
     pub fn connect_lazy(self) -> Result<Client> {
         let channel = self.endpoint()?.connect_lazy();
@@ -216,6 +229,14 @@ impl ClientBuilder {
     }
 
     fn client(self, channel: Channel) -> Result<Client> {
+        // The write lanes after the first (which is `channel`): connections of their own.
+        let lanes = match self.write_coalescing.max_calls_in_flight {
+            0 | 1 => Vec::new(),
+            lanes => {
+                let endpoint = self.endpoint()?;
+                (1..lanes).map(|_| endpoint.connect_lazy()).collect()
+            }
+        };
         let authorization = match &self.token {
             Some(token) => Some(
                 format!("Bearer {token}")
@@ -226,14 +247,23 @@ impl ClientBuilder {
             ),
             None => None,
         };
-        let intercepted = InterceptedService::new(channel, Authorize(authorization));
+        let authorize = Authorize(authorization);
+        let intercepted = InterceptedService::new(channel, authorize.clone());
+        let write_lanes =
+            std::iter::once(JournalClient::new(intercepted.clone()))
+                .chain(lanes.into_iter().map(|lane| {
+                    JournalClient::new(InterceptedService::new(lane, authorize.clone()))
+                }))
+                .collect();
         Ok(Client {
+            write_lanes,
             journal: JournalClient::new(intercepted.clone()),
             snapshots: SnapshotStoreClient::new(intercepted.clone()),
             state: DurableStateStoreClient::new(intercepted.clone()),
             queries: ReadJournalClient::new(intercepted),
             call_timeout: self.call_timeout,
             retry: self.retry,
+            coalescer: coalesce::Coalescer::new(self.write_coalescing),
         })
     }
 }
@@ -263,11 +293,16 @@ type Transport = InterceptedService<Channel, Authorize>;
 #[derive(Clone)]
 pub struct Client {
     journal: JournalClient<Transport>,
+    /// The connections coalesced writes go on (see [`WriteCoalescing`]); the first is
+    /// `journal`'s.
+    write_lanes: Arc<[JournalClient<Transport>]>,
     snapshots: SnapshotStoreClient<Transport>,
     state: DurableStateStoreClient<Transport>,
     queries: ReadJournalClient<Transport>,
     call_timeout: Duration,
     retry: RetryPolicy,
+    /// Shared by clones, so their concurrent writes share calls too.
+    coalescer: Arc<coalesce::Coalescer>,
 }
 
 /// A stream of results from the service.
@@ -285,6 +320,7 @@ impl Client {
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
+            write_coalescing: WriteCoalescing::default(),
         }
     }
 
@@ -333,29 +369,40 @@ impl Client {
 
     /// Writes atomic writes (each a list of events of one persistence id, stored all or none)
     /// and returns one outcome per write, in order.
+    ///
+    /// Concurrent calls of one client (and its clones) share `WriteEvents` calls, as
+    /// [`ClientBuilder::write_coalescing`] says; each gets the outcomes of its own writes.
     pub async fn write_events(&self, writes: Vec<Vec<Event>>) -> Result<Vec<WriteOutcome>> {
+        let writes = writes
+            .into_iter()
+            .map(|events| pb::AtomicWrite {
+                events: events.into_iter().map(Into::into).collect(),
+            })
+            .collect();
+        let results = self.coalescer.write(self, writes).await?;
+        Ok(results.into_iter().map(Into::into).collect())
+    }
+
+    /// One `WriteEvents` call on `lane` (`None`: the client's connection), retried while
+    /// `UNAVAILABLE`, answered with one result per write.
+    async fn write_call(
+        &self,
+        lane: Option<coalesce::Lane>,
+        writes: Vec<pb::AtomicWrite>,
+    ) -> Result<Vec<pb::AtomicWriteResult>> {
+        let journal = lane.map_or(&self.journal, |lane| &self.write_lanes[lane]);
         let request = pb::WriteEventsRequest {
-            writes: writes
-                .into_iter()
-                .map(|events| pb::AtomicWrite {
-                    events: events.into_iter().map(Into::into).collect(),
-                })
-                .collect(),
+            writes,
             responses_received: None,
         };
         let response = self
             .retrying("WriteEvents", |timeout| {
-                let mut journal = self.journal.clone();
+                let mut journal = journal.clone();
                 let request = Self::request(request.clone(), timeout);
                 async move { journal.write_events(request).await }
             })
             .await?;
-        Ok(response
-            .into_inner()
-            .results
-            .into_iter()
-            .map(Into::into)
-            .collect())
+        Ok(response.into_inner().results)
     }
 
     /// Marks the events of `persistence_id` up to `to_sequence_nr` deleted (`i64::MAX`: all).

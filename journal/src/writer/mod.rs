@@ -35,7 +35,7 @@ use crate::metrics;
 use batch::{Batch, BatchWrite, Done, FailedWrite, poisoned_reason};
 use heads::{Failure, Heads};
 pub(crate) use schedule::Pid;
-use schedule::{Limits, Queued, Schedule, WriteKey};
+use schedule::{LightSeen, Limits, Queued, Schedule, WriteKey};
 pub(crate) use store::EventStore;
 
 /// Where writes come from: the producer they are scheduled fairly against (a stream, or a
@@ -183,8 +183,9 @@ impl Writer {
                 fair_share: settings.fair_share_events as usize,
                 light_active: false,
                 heavy_paused: false,
+                light_only_from: None,
             },
-            light_seen: None,
+            light_seen: LightSeen::default(),
             heavy_resume: None,
             light_in_flight: 0,
             heavy_started: None,
@@ -280,8 +281,8 @@ struct Committer {
     max_in_flight: usize,
     validity: Duration,
     store: Arc<EventStore>,
-    /// When a batch of light producers was last formed.
-    light_seen: Option<Instant>,
+    /// Which light producers had writes in batches lately, and when.
+    light_seen: LightSeen,
     /// Pacing: while light producers write, a heavy producer's next batch waits until then.
     heavy_resume: Option<Instant>,
     /// Batches of light producers at MongoDB: no heavy batch starts beside them.
@@ -427,11 +428,11 @@ impl Committer {
     /// The next admissible batch, as a future for [`Committer::run`] to poll.
     fn next_batch(&mut self) -> Option<BoxFuture<'static, Completed>> {
         let now = Instant::now();
-        let light_active = self
-            .light_seen
-            .is_some_and(|seen| now.duration_since(seen) < LIGHT_ACTIVITY);
+        let light = self.light_seen.active(now, LIGHT_ACTIVITY);
+        let light_active = light.is_some();
         let limits = Limits {
             light_active,
+            light_only_from: light.flatten(),
             heavy_paused: light_active
                 && (self.heavy_resume.is_some_and(|resume| now < resume)
                     || self.light_in_flight > 0
@@ -448,7 +449,6 @@ impl Committer {
         if heavy {
             self.heavy_started = Some(now);
         } else {
-            self.light_seen = Some(now);
             self.light_in_flight += 1;
         }
         let mut heads = HashMap::new();
@@ -487,6 +487,11 @@ impl Committer {
                 events: ready.events,
                 documents: ready.documents,
             });
+        }
+        if !heavy {
+            for producer in &producers {
+                self.light_seen.saw(*producer, now);
+            }
         }
         let panicked = Panicked::of(&writes);
         let store = self.store.clone();

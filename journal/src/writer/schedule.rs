@@ -19,7 +19,8 @@
 //!   producers (fewer waiting) are combined into batches of their own, so a producer writing
 //!   now and then waits for one small insert, not for someone else's thousand events. When both
 //!   kinds wait, batches alternate between them, so neither starves. While light producers
-//!   are writing, a heavy producer's batch holds at most `fair_share` events, and `writer`
+//!   other than itself are writing (its own small requests compete with nobody), a heavy
+//!   producer's batch holds at most `fair_share` events, and `writer`
 //!   paces heavy producers: after each of their batches they pause eight times as long as it
 //!   took, and do not start beside a light batch (unless their last batch started 50 ms ago),
 //!   so the light producers' inserts do not queue in MongoDB behind long ones.
@@ -58,6 +59,45 @@ pub(crate) struct Limits {
     pub light_active: bool,
     /// Heavy producers wait (see `writer`'s pacing).
     pub heavy_paused: bool,
+    /// The light producer all of the recent light writes came from, if one did: its own
+    /// light writes neither cap nor pause that producer when it is heavy. (A client that
+    /// sends a big request and then a small one competes with nobody.)
+    pub light_only_from: Option<u64>,
+}
+
+/// The light producers seen writing lately: the latest, and the latest other than it.
+#[derive(Debug, Default, Clone, Copy)]
+pub(crate) struct LightSeen {
+    latest: Option<(u64, std::time::Instant)>,
+    other: Option<(u64, std::time::Instant)>,
+}
+
+impl LightSeen {
+    /// `producer` had a write in a light batch formed `at`.
+    pub fn saw(&mut self, producer: u64, at: std::time::Instant) {
+        match self.latest {
+            Some((latest, _)) if latest == producer => {}
+            latest => self.other = latest.or(self.other),
+        }
+        self.latest = Some((producer, at));
+    }
+
+    /// Light producers wrote in the `window` before `now`: `Some` of the one they all were,
+    /// or `Some(None)` when they were several. `None`: no light writes then.
+    pub fn active(
+        &self,
+        now: std::time::Instant,
+        window: std::time::Duration,
+    ) -> Option<Option<u64>> {
+        let recent = |seen: Option<(u64, std::time::Instant)>| {
+            seen.filter(|(_, at)| now.duration_since(*at) < window)
+        };
+        match (recent(self.latest), recent(self.other)) {
+            (None, _) => None,
+            (Some((latest, _)), None) => Some(Some(latest)),
+            (Some(_), Some(_)) => Some(None),
+        }
+    }
 }
 
 #[derive(Default)]
@@ -160,7 +200,12 @@ impl Schedule {
         for producer in &self.ring {
             match self.ready(*producer, limits.fair_share) {
                 Some(false) => light.push(*producer),
-                Some(true) if heavy.is_none() && !limits.heavy_paused => heavy = Some(*producer),
+                Some(true)
+                    if heavy.is_none()
+                        && (!limits.heavy_paused || limits.light_only_from == Some(*producer)) =>
+                {
+                    heavy = Some(*producer)
+                }
                 _ => {}
             }
         }
@@ -176,7 +221,7 @@ impl Schedule {
         self.served_light = heavy.is_none_or(|heavy| serve != [heavy]);
         let max_events = if self.served_light {
             limits.max_events
-        } else if limits.light_active {
+        } else if limits.light_active && limits.light_only_from != Some(serve[0]) {
             limits.max_events.min(limits.fair_share)
         } else {
             limits
@@ -313,6 +358,7 @@ mod tests {
         fair_share: 5,
         light_active: false,
         heavy_paused: false,
+        light_only_from: None,
     };
 
     fn write(key: WriteKey, producer: u64, pid: &str, events: usize) -> Queued {
@@ -464,6 +510,48 @@ mod tests {
             keys(&schedule.next_batch(LIMITS)),
             (5..15).collect::<Vec<_>>()
         );
+    }
+
+    /// A client whose own small request made it count as a light producer is neither paused
+    /// nor capped by it when its next request makes it heavy: it competes with nobody.
+    #[test]
+    fn a_producers_own_light_writes_neither_pause_nor_cap_it() {
+        let mut schedule = Schedule::default();
+        for key in 0..20 {
+            schedule.push(write(key, 1, &format!("bulk{key}"), 1));
+        }
+        let paused_by = |producer| Limits {
+            light_active: true,
+            heavy_paused: true,
+            light_only_from: producer,
+            ..LIMITS
+        };
+        assert!(
+            schedule.next_batch(paused_by(Some(2))).is_empty(),
+            "paused by another producer's light writes"
+        );
+        assert!(schedule.next_batch(paused_by(None)).is_empty());
+        let batch = schedule.next_batch(paused_by(Some(1)));
+        assert_eq!(keys(&batch), (0..10).collect::<Vec<_>>(), "not capped at 5");
+    }
+
+    #[test]
+    fn light_seen_tells_one_recent_light_producer_from_several() {
+        let start = std::time::Instant::now();
+        let window = std::time::Duration::from_millis(100);
+        let at = |millis| start + std::time::Duration::from_millis(millis);
+        let mut seen = LightSeen::default();
+        assert_eq!(seen.active(at(0), window), None);
+        seen.saw(1, at(0));
+        seen.saw(1, at(10));
+        assert_eq!(seen.active(at(50), window), Some(Some(1)));
+        seen.saw(2, at(60));
+        assert_eq!(seen.active(at(70), window), Some(None), "1 and 2");
+        seen.saw(2, at(150));
+        assert_eq!(seen.active(at(170), window), Some(Some(2)), "1 is too old");
+        seen.saw(1, at(175));
+        assert_eq!(seen.active(at(180), window), Some(None), "2 and 1");
+        assert_eq!(seen.active(at(300), window), None);
     }
 
     #[test]

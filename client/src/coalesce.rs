@@ -1,0 +1,274 @@
+//! Write coalescing: the atomic writes of concurrent [`Client::write_events`] calls share one
+//! `WriteEvents` call.
+//!
+//! An application with many persistent actors on one client writes from many tasks at once,
+//! each one write at a time. Each call to the service costs CPU on both ends (HTTP/2 stream,
+//! headers, one response) that a write of one event cannot amortise. So a client keeps at most
+//! [`WriteCoalescing::max_calls_in_flight`] `WriteEvents` calls open, each on a connection
+//! (a *lane*) of its own; writes that come while they are all taken wait and go together in
+//! the next call, as many as fit ([`WriteCoalescing::max_writes_per_call`],
+//! [`WriteCoalescing::max_bytes_per_call`]). There is no linger: a write that finds a lane free
+//! is sent at once, in the caller's own task.
+//!
+//! Why a connection per lane: the server's group commit takes the calls of one connection as
+//! one producer, whose writes go to MongoDB one batch at a time. Two lanes are two producers,
+//! so one combined call's insert runs while the next call is on its way, and MongoDB is not
+//! left waiting for the round trip.
+//!
+//! The server then sees one request where there were many. That changes nothing a caller can
+//! see: a request's writes are answered one by one, each with its own outcome; the writes of
+//! one caller stay together and in order; and one call never carries the writes of two callers
+//! for the same persistence id (in one request a failed write of an id stops the later writes
+//! of that id, which must not reach across callers), so a caller whose id is already in the
+//! call waits for the next. Every write is idempotent, so a combined call that fails with
+//! `UNAVAILABLE` is retried as a whole, and each caller gets the answer to its own writes.
+
+use std::collections::{HashSet, VecDeque};
+use std::sync::{Arc, Mutex, MutexGuard};
+
+use prost::Message as _;
+use proto::v1 as pb;
+use tokio::sync::oneshot;
+
+use crate::{Client, Error, Result};
+
+/// How concurrent writes of one [`Client`] share calls; see [`crate::ClientBuilder::write_coalescing`].
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct WriteCoalescing {
+    /// `WriteEvents` calls open at once, each on a connection of its own (the first is the
+    /// client's connection, the others are opened at their first use); writes that come while
+    /// all are open wait for the next call. 0 turns coalescing off: every `write_events` is a
+    /// call of its own, on the client's connection.
+    pub max_calls_in_flight: usize,
+    /// Atomic writes one combined call carries at most. A single `write_events` with more
+    /// is sent alone, as given.
+    pub max_writes_per_call: usize,
+    /// Encoded bytes one combined call carries at most (keep it under the server's
+    /// `server.max-message-size`, 1 MiB at the least). A single `write_events` with more is
+    /// sent alone, as given.
+    pub max_bytes_per_call: usize,
+}
+
+impl Default for WriteCoalescing {
+    fn default() -> Self {
+        Self {
+            max_calls_in_flight: 2,
+            max_writes_per_call: 1000,
+            max_bytes_per_call: 1 << 20,
+        }
+    }
+}
+
+impl WriteCoalescing {
+    /// Every `write_events` is a call of its own.
+    pub fn off() -> Self {
+        Self {
+            max_calls_in_flight: 0,
+            ..Self::default()
+        }
+    }
+}
+
+/// The answer to one caller's writes.
+type Answer = Result<Vec<pb::AtomicWriteResult>>;
+
+/// The writes of one waiting caller.
+struct Waiting {
+    writes: Vec<pb::AtomicWrite>,
+    /// The persistence ids its writes name.
+    pids: Vec<String>,
+    bytes: usize,
+    answer: oneshot::Sender<Answer>,
+}
+
+/// A lane: an index into `Client::write_lanes`.
+pub(crate) type Lane = usize;
+
+struct State {
+    /// Lanes without a call, the last given back on top (a lone writer keeps its connection).
+    free: Vec<Lane>,
+    waiting: VecDeque<Waiting>,
+}
+
+/// The calls of one client (shared by its clones).
+pub(crate) struct Coalescer {
+    settings: WriteCoalescing,
+    state: Mutex<State>,
+}
+
+impl Coalescer {
+    pub(crate) fn new(settings: WriteCoalescing) -> Arc<Self> {
+        Arc::new(Self {
+            settings,
+            state: Mutex::new(State {
+                free: (0..settings.max_calls_in_flight).rev().collect(),
+                waiting: VecDeque::new(),
+            }),
+        })
+    }
+
+    fn lock(&self) -> MutexGuard<'_, State> {
+        // The state is consistent between statements: a panic elsewhere leaves it usable.
+        self.state
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Sends `writes`, alone or with other callers' writes, and answers for them.
+    pub(crate) async fn write(
+        self: &Arc<Self>,
+        client: &Client,
+        mut writes: Vec<pb::AtomicWrite>,
+    ) -> Answer {
+        if self.settings.max_calls_in_flight == 0 {
+            return client.write_call(None, writes).await;
+        }
+        let (receiver, batch) = {
+            let mut state = self.lock();
+            let lane = if state.waiting.is_empty() {
+                state.free.pop()
+            } else {
+                None
+            };
+            if let Some(lane) = lane {
+                (Err(lane), None)
+            } else {
+                let bytes = writes.iter().map(|write| write.encoded_len()).sum();
+                let mut pids: Vec<String> = writes
+                    .iter()
+                    .flat_map(|write| &write.events)
+                    .map(|event| event.persistence_id.clone())
+                    .collect();
+                pids.sort_unstable();
+                pids.dedup();
+                let (answer, receiver) = oneshot::channel();
+                state.waiting.push_back(Waiting {
+                    writes: std::mem::take(&mut writes),
+                    pids,
+                    bytes,
+                    answer,
+                });
+                // Only while a lane is being given back can one be free with writes waiting.
+                let batch = state.free.pop().map(|lane| (lane, self.take(&mut state)));
+                (Ok(receiver), batch)
+            }
+        };
+        let receiver = match receiver {
+            Ok(receiver) => receiver,
+            Err(lane) => {
+                // A call of its own, in this task. The lane is given back (and the writes that
+                // wait meanwhile sent) even if this future is dropped half way.
+                let _lane = LaneTaken(self, client, lane);
+                return client.write_call(Some(lane), writes).await;
+            }
+        };
+        if let Some((lane, batch)) = batch {
+            tokio::spawn(Arc::clone(self).send(client.clone(), lane, batch));
+        }
+        receiver.await.unwrap_or_else(|_| {
+            Err(Error::Other {
+                code: tonic::Code::Cancelled,
+                message: "the combined WriteEvents call was dropped with its runtime".into(),
+            })
+        })
+    }
+
+    /// The waiting writes the next call carries: the first in any case, then, in order, as
+    /// many as fit, up to the first caller naming a persistence id already taken.
+    fn take(&self, state: &mut State) -> Vec<Waiting> {
+        let mut batch = Vec::new();
+        let mut pids = HashSet::new();
+        let (mut writes, mut bytes) = (0, 0);
+        while let Some(next) = state.waiting.front() {
+            let fits = writes + next.writes.len() <= self.settings.max_writes_per_call
+                && bytes + next.bytes <= self.settings.max_bytes_per_call
+                && next.pids.iter().all(|pid| !pids.contains(pid));
+            if !batch.is_empty() && !fits {
+                break;
+            }
+            writes += next.writes.len();
+            bytes += next.bytes;
+            pids.extend(next.pids.iter().cloned());
+            batch.extend(state.waiting.pop_front());
+        }
+        batch
+    }
+
+    /// Sends combined calls on `lane` in a task of their own (a caller that stops waiting
+    /// must not take the others' answers with it) while writes wait, then gives it back.
+    async fn send(self: Arc<Self>, client: Client, lane: Lane, mut batch: Vec<Waiting>) {
+        loop {
+            let mut writes = Vec::with_capacity(batch.iter().map(|w| w.writes.len()).sum());
+            let mut callers = Vec::with_capacity(batch.len());
+            for waiting in batch {
+                callers.push((waiting.writes.len(), waiting.answer));
+                writes.extend(waiting.writes);
+            }
+            let sent = writes.len();
+            answer_each(callers, sent, client.write_call(Some(lane), writes).await);
+            // The callers just answered usually write again at once: let them queue first, so
+            // the next call carries them too instead of leaving with the first of them.
+            tokio::task::yield_now().await;
+            let mut state = self.lock();
+            if state.waiting.is_empty() {
+                state.free.push(lane);
+                return;
+            }
+            batch = self.take(&mut state);
+        }
+    }
+
+    /// Gives `lane` back, or sends the writes waiting on it.
+    fn give_back(self: &Arc<Self>, client: &Client, lane: Lane) {
+        let mut state = self.lock();
+        if state.waiting.is_empty() {
+            state.free.push(lane);
+            return;
+        }
+        let batch = self.take(&mut state);
+        drop(state);
+        // Outside a runtime (the caller's runtime shutting down) the waiting callers' senders
+        // are dropped with the batch: they answer that the call was dropped.
+        match tokio::runtime::Handle::try_current() {
+            Ok(runtime) => drop(runtime.spawn(Arc::clone(self).send(client.clone(), lane, batch))),
+            Err(_) => {
+                drop(batch);
+                self.lock().free.push(lane);
+            }
+        }
+    }
+}
+
+/// Splits a combined call's answer between its callers (each with its number of writes), in
+/// order. A caller that stopped waiting is skipped.
+fn answer_each(callers: Vec<(usize, oneshot::Sender<Answer>)>, sent: usize, answer: Answer) {
+    let error = match answer {
+        Ok(results) if results.len() == sent => {
+            let mut results = results.into_iter();
+            for (count, answer) in callers {
+                let _ = answer.send(Ok(results.by_ref().take(count).collect()));
+            }
+            return;
+        }
+        Ok(results) => Error::Other {
+            code: tonic::Code::Internal,
+            message: format!(
+                "the service answered {} results for the {sent} writes of a request",
+                results.len()
+            ),
+        },
+        Err(error) => error,
+    };
+    for (_, answer) in callers {
+        let _ = answer.send(Err(error.clone()));
+    }
+}
+
+/// A lane taken by a caller sending its own writes; given back when dropped.
+struct LaneTaken<'a>(&'a Arc<Coalescer>, &'a Client, Lane);
+
+impl Drop for LaneTaken<'_> {
+    fn drop(&mut self) {
+        self.0.give_back(self.1, self.2);
+    }
+}

@@ -1,0 +1,208 @@
+//! `eventjournal-client`'s write coalescing against a real server and mongod: the writes of
+//! concurrent `write_events` calls share `WriteEvents` calls, each caller gets the outcomes of
+//! its own writes, and a caller that stops waiting leaves the others answered. Counted with the
+//! server's metrics, so in a test binary of its own with one test (the registry is global to
+//! the process).
+
+mod common;
+
+use std::time::Duration;
+
+use common::*;
+use eventjournal_client::{Client, Event, Payload, WriteCoalescing, WriteOutcome};
+
+const APP: &str = "client_coalescing";
+const WRITE_EVENTS_OK: &str = "eventjournal_grpc_calls_total{code=\"Ok\",method=\"WriteEvents\",service=\"eventjournal.v1.Journal\"}";
+
+fn event(pid: &str, sequence_nr: i64) -> Event {
+    event_with(pid, sequence_nr, "x")
+}
+
+fn event_with(pid: &str, sequence_nr: i64, text: &str) -> Event {
+    Event::new(
+        pid,
+        sequence_nr,
+        Payload::new(text.as_bytes().to_vec(), 1, "X"),
+    )
+}
+
+/// MongoDB holds the server's next two inserts (a call on each of the client's two lanes) for
+/// 500 ms.
+async fn hold_both_lanes() {
+    let hold = mongodb::bson::doc! { "blockConnection": true, "blockTimeMS": 500 };
+    fail_next(APP, 2, "insert", hold).await;
+}
+
+async fn calls(port: u16) -> f64 {
+    metric(&fetch_metrics(port).await, WRITE_EVENTS_OK).unwrap_or(0.0)
+}
+
+/// `TASKS` tasks sharing `client`, each writing `EVENTS` events of its own id one at a time.
+async fn actors(client: &Client, prefix: &str) {
+    const TASKS: usize = 100;
+    const EVENTS: i64 = 10;
+    let tasks: Vec<_> = (0..TASKS)
+        .map(|task| {
+            let client = client.clone();
+            let pid = format!("{prefix}-{task}");
+            tokio::spawn(async move {
+                for sequence_nr in 1..=EVENTS {
+                    let outcomes = client
+                        .write_events(vec![vec![event(&pid, sequence_nr)]])
+                        .await
+                        .unwrap();
+                    assert_eq!(outcomes, vec![WriteOutcome::Written], "{pid} {sequence_nr}");
+                }
+                assert_eq!(client.highest_sequence_nr(&pid).await.unwrap(), EVENTS);
+            })
+        })
+        .collect();
+    let all = futures::future::join_all(tasks);
+    for task in tokio::time::timeout(Duration::from_secs(60), all)
+        .await
+        .expect("every write answered within a minute")
+    {
+        task.unwrap();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn concurrent_writes_of_a_client_share_calls_and_keep_their_own_outcomes() {
+    let port = free_port();
+    let server = TestServer::start_with(APP, |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.server.metrics_listen = Some(([127, 0, 0, 1], port).into());
+    })
+    .await;
+    let coalescing = Client::builder(server.url()).connect().await.unwrap();
+    let separate = Client::builder(server.url())
+        .write_coalescing(WriteCoalescing::off())
+        .connect()
+        .await
+        .unwrap();
+
+    // 1. A hundred tasks writing one event at a time: 1,000 writes in far fewer calls.
+    let before = calls(port).await;
+    actors(&coalescing, "shared").await;
+    let shared = calls(port).await - before;
+    assert!(
+        shared <= 250.0,
+        "1,000 writes of 100 tasks took {shared} calls"
+    );
+    // Without coalescing the same load is a call per write: the bound above can fail.
+    let before = calls(port).await;
+    actors(&separate, "separate").await;
+    assert_eq!(calls(port).await - before, 1_000.0);
+
+    // 2. Writes that go in one call are answered each on their own. Both lanes' calls are
+    // held by MongoDB, so the callers below wait; the first three then go together in one
+    // call, and the fourth, which writes an id the first one writes too, in a call of its own
+    // (in one request, a failed write would stop the later writes of its id).
+    coalescing
+        .write_events(vec![vec![event("taken", 1)]])
+        .await
+        .unwrap();
+    let before = calls(port).await;
+    hold_both_lanes().await;
+    let holders: Vec<_> = ["held-a", "held-b"]
+        .into_iter()
+        .map(|pid| {
+            let client = coalescing.clone();
+            tokio::spawn(async move { client.write_events(vec![vec![event(pid, 1)]]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let conflict_and_written = {
+        let client = coalescing.clone();
+        tokio::spawn(async move {
+            client
+                .write_events(vec![
+                    vec![event_with("taken", 1, "other")],
+                    vec![event("other", 1)],
+                ])
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let rejected = {
+        let client = coalescing.clone();
+        tokio::spawn(async move { client.write_events(vec![vec![event("bad", 0)]]).await })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let written = {
+        let client = coalescing.clone();
+        tokio::spawn(async move {
+            client
+                .write_events(vec![vec![event("fresh", 1), event("fresh", 2)]])
+                .await
+        })
+    };
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let same_id = {
+        let client = coalescing.clone();
+        tokio::spawn(async move { client.write_events(vec![vec![event("taken", 2)]]).await })
+    };
+    for holder in holders {
+        assert_eq!(holder.await.unwrap().unwrap(), vec![WriteOutcome::Written]);
+    }
+    let outcomes = conflict_and_written.await.unwrap().unwrap();
+    assert!(
+        matches!(
+            &outcomes[..],
+            [WriteOutcome::Conflict(_), WriteOutcome::Written]
+        ),
+        "{outcomes:?}"
+    );
+    let outcomes = rejected.await.unwrap().unwrap();
+    assert!(
+        matches!(&outcomes[..], [WriteOutcome::Rejected(reason)] if reason.contains("sequence_nr")),
+        "{outcomes:?}"
+    );
+    assert_eq!(written.await.unwrap().unwrap(), vec![WriteOutcome::Written]);
+    assert_eq!(
+        same_id.await.unwrap().unwrap(),
+        vec![WriteOutcome::Written],
+        "not stopped by another caller's failed write of its id"
+    );
+    assert_eq!(
+        calls(port).await - before,
+        4.0,
+        "two held calls, the three first waiting callers' writes in one, the fourth alone"
+    );
+    assert_eq!(coalescing.highest_sequence_nr("taken").await.unwrap(), 2);
+    assert_eq!(coalescing.highest_sequence_nr("fresh").await.unwrap(), 2);
+
+    // 3. Callers that stop waiting while their own calls are held give their lanes back:
+    // the writes waiting behind them are sent and answered.
+    hold_both_lanes().await;
+    let impatient: Vec<_> = ["gone-a", "gone-b"]
+        .into_iter()
+        .map(|pid| {
+            let client = coalescing.clone();
+            tokio::spawn(async move {
+                tokio::time::timeout(
+                    Duration::from_millis(100),
+                    client.write_events(vec![vec![event(pid, 1)]]),
+                )
+                .await
+            })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let waiting = {
+        let client = coalescing.clone();
+        tokio::spawn(async move { client.write_events(vec![vec![event("behind", 1)]]).await })
+    };
+    for caller in impatient {
+        assert!(
+            caller.await.unwrap().is_err(),
+            "stopped waiting after 100 ms"
+        );
+    }
+    let outcomes = tokio::time::timeout(Duration::from_secs(10), waiting)
+        .await
+        .expect("the write behind the dropped callers is answered")
+        .unwrap()
+        .unwrap();
+    assert_eq!(outcomes, vec![WriteOutcome::Written]);
+}
