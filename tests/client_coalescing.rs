@@ -1,6 +1,7 @@
 //! `eventjournal-client`'s write coalescing against a real server and mongod: the writes of
 //! concurrent `write_events` calls share `WriteEvents` calls, each caller gets the outcomes of
-//! its own writes, and a caller that stops waiting leaves the others answered. Counted with the
+//! its own writes, a caller that stops waiting leaves the others answered, and a caller that
+//! waits for a call longer than the call timeout gives up without its writes being sent. Counted with the
 //! server's metrics, so in a test binary of its own with one test (the registry is global to
 //! the process).
 
@@ -8,8 +9,11 @@ mod common;
 
 use std::time::Duration;
 
+use common::proxy::CuttableProxy;
 use common::*;
-use eventjournal_client::{Client, Event, Payload, WriteCoalescing, WriteOutcome};
+use eventjournal_client::{
+    Client, Error, Event, Payload, RetryPolicy, WriteCoalescing, WriteOutcome,
+};
 
 const APP: &str = "client_coalescing";
 const WRITE_EVENTS_OK: &str = "eventjournal_grpc_calls_total{code=\"Ok\",method=\"WriteEvents\",service=\"eventjournal.v1.Journal\"}";
@@ -205,4 +209,46 @@ async fn concurrent_writes_of_a_client_share_calls_and_keep_their_own_outcomes()
         .unwrap()
         .unwrap();
     assert_eq!(outcomes, vec![WriteOutcome::Written]);
+
+    // 4. While both lanes retry through an outage, a caller that waits for one longer than
+    // the call timeout gives up, and its write is never sent, not even after the outage.
+    let proxy = CuttableProxy::start(server.address).await;
+    let client = Client::builder(format!("http://{}", proxy.address))
+        .call_timeout(Duration::from_millis(500))
+        .retry(RetryPolicy {
+            max_attempts: 100,
+            first_backoff: Duration::from_millis(50),
+            max_backoff: Duration::from_millis(100),
+        })
+        .connect()
+        .await
+        .unwrap();
+    proxy.cut();
+    let retrying: Vec<_> = ["retrying-a", "retrying-b"]
+        .into_iter()
+        .map(|pid| {
+            let client = client.clone();
+            tokio::spawn(async move { client.write_events(vec![vec![event(pid, 1)]]).await })
+        })
+        .collect();
+    tokio::time::sleep(Duration::from_millis(30)).await;
+    let started = std::time::Instant::now();
+    let error = client
+        .write_events(vec![vec![event("late", 1)]])
+        .await
+        .unwrap_err();
+    assert!(
+        matches!(&error, Error::DeadlineExceeded(message) if message.contains("nothing was sent")),
+        "{error:?}"
+    );
+    assert!(
+        started.elapsed() < Duration::from_secs(2),
+        "{:?}",
+        started.elapsed()
+    );
+    proxy.restore();
+    for caller in retrying {
+        assert_eq!(caller.await.unwrap().unwrap(), vec![WriteOutcome::Written]);
+    }
+    assert_eq!(client.highest_sequence_nr("late").await.unwrap(), 0);
 }

@@ -54,7 +54,7 @@ impl Default for WriteCoalescing {
         Self {
             max_calls_in_flight: 2,
             max_writes_per_call: 1000,
-            max_bytes_per_call: 1 << 20,
+            max_bytes_per_call: 512 << 10,
         }
     }
 }
@@ -74,6 +74,7 @@ type Answer = Result<Vec<pb::AtomicWriteResult>>;
 
 /// The writes of one waiting caller.
 struct Waiting {
+    id: u64,
     writes: Vec<pb::AtomicWrite>,
     /// The persistence ids its writes name.
     pids: Vec<String>,
@@ -88,6 +89,7 @@ struct State {
     /// Lanes without a call, the last given back on top (a lone writer keeps its connection).
     free: Vec<Lane>,
     waiting: VecDeque<Waiting>,
+    next_id: u64,
 }
 
 /// The calls of one client (shared by its clones).
@@ -103,6 +105,7 @@ impl Coalescer {
             state: Mutex::new(State {
                 free: (0..settings.max_calls_in_flight).rev().collect(),
                 waiting: VecDeque::new(),
+                next_id: 0,
             }),
         })
     }
@@ -133,7 +136,14 @@ impl Coalescer {
             if let Some(lane) = lane {
                 (Err(lane), None)
             } else {
-                let bytes = writes.iter().map(|write| write.encoded_len()).sum();
+                // Each write as the request encodes it: its field's tag, length and content.
+                let bytes = writes
+                    .iter()
+                    .map(|write| {
+                        let length = write.encoded_len();
+                        1 + prost::encoding::encoded_len_varint(length as u64) + length
+                    })
+                    .sum();
                 let mut pids: Vec<String> = writes
                     .iter()
                     .flat_map(|write| &write.events)
@@ -142,7 +152,10 @@ impl Coalescer {
                 pids.sort_unstable();
                 pids.dedup();
                 let (answer, receiver) = oneshot::channel();
+                let id = state.next_id;
+                state.next_id += 1;
                 state.waiting.push_back(Waiting {
+                    id,
                     writes: std::mem::take(&mut writes),
                     pids,
                     bytes,
@@ -150,11 +163,11 @@ impl Coalescer {
                 });
                 // Only while a lane is being given back can one be free with writes waiting.
                 let batch = state.free.pop().map(|lane| (lane, self.take(&mut state)));
-                (Ok(receiver), batch)
+                (Ok((id, receiver)), batch)
             }
         };
-        let receiver = match receiver {
-            Ok(receiver) => receiver,
+        let (id, mut receiver) = match receiver {
+            Ok(waiting) => waiting,
             Err(lane) => {
                 // A call of its own, in this task. The lane is given back (and the writes that
                 // wait meanwhile sent) even if this future is dropped half way.
@@ -165,12 +178,29 @@ impl Coalescer {
         if let Some((lane, batch)) = batch {
             tokio::spawn(Arc::clone(self).send(client.clone(), lane, batch));
         }
-        receiver.await.unwrap_or_else(|_| {
+        let dropped = |_| {
             Err(Error::Other {
                 code: tonic::Code::Cancelled,
                 message: "the combined WriteEvents call was dropped with its runtime".into(),
             })
-        })
+        };
+        let timeout = client.call_timeout;
+        tokio::select! {
+            answer = &mut receiver => return answer.unwrap_or_else(dropped),
+            () = tokio::time::sleep(timeout) => {}
+        }
+        // No lane came free within a call's whole timeout: give up, unless already sent.
+        {
+            let mut state = self.lock();
+            if let Some(index) = state.waiting.iter().position(|waiting| waiting.id == id) {
+                state.waiting.remove(index);
+                return Err(Error::DeadlineExceeded(format!(
+                    "no WriteEvents call came free within the call timeout ({timeout:?}); \
+                     nothing was sent"
+                )));
+            }
+        }
+        receiver.await.unwrap_or_else(dropped)
     }
 
     /// The waiting writes the next call carries: the first in any case, then, in order, as
@@ -180,6 +210,11 @@ impl Coalescer {
         let mut pids = HashSet::new();
         let (mut writes, mut bytes) = (0, 0);
         while let Some(next) = state.waiting.front() {
+            if next.answer.is_closed() {
+                // Its caller stopped waiting before the writes were sent: they are not.
+                state.waiting.pop_front();
+                continue;
+            }
             let fits = writes + next.writes.len() <= self.settings.max_writes_per_call
                 && bytes + next.bytes <= self.settings.max_bytes_per_call
                 && next.pids.iter().all(|pid| !pids.contains(pid));
@@ -197,6 +232,12 @@ impl Coalescer {
     /// Sends combined calls on `lane` in a task of their own (a caller that stops waiting
     /// must not take the others' answers with it) while writes wait, then gives it back.
     async fn send(self: Arc<Self>, client: Client, lane: Lane, mut batch: Vec<Waiting>) {
+        // Should this task be dropped (its runtime shutting down), the lane is still given back.
+        let mut held = LaneHeld {
+            coalescer: Arc::clone(&self),
+            lane,
+            held: true,
+        };
         loop {
             let mut writes = Vec::with_capacity(batch.iter().map(|w| w.writes.len()).sum());
             let mut callers = Vec::with_capacity(batch.len());
@@ -210,22 +251,24 @@ impl Coalescer {
             // the next call carries them too instead of leaving with the first of them.
             tokio::task::yield_now().await;
             let mut state = self.lock();
-            if state.waiting.is_empty() {
+            batch = self.take(&mut state);
+            if batch.is_empty() {
+                // Under the lock, so a caller queueing now finds the lane free.
                 state.free.push(lane);
+                held.held = false;
                 return;
             }
-            batch = self.take(&mut state);
         }
     }
 
     /// Gives `lane` back, or sends the writes waiting on it.
     fn give_back(self: &Arc<Self>, client: &Client, lane: Lane) {
         let mut state = self.lock();
-        if state.waiting.is_empty() {
+        let batch = self.take(&mut state);
+        if batch.is_empty() {
             state.free.push(lane);
             return;
         }
-        let batch = self.take(&mut state);
         drop(state);
         // Outside a runtime (the caller's runtime shutting down) the waiting callers' senders
         // are dropped with the batch: they answer that the call was dropped.
@@ -261,6 +304,21 @@ fn answer_each(callers: Vec<(usize, oneshot::Sender<Answer>)>, sent: usize, answ
     };
     for (_, answer) in callers {
         let _ = answer.send(Err(error.clone()));
+    }
+}
+
+/// A lane held by a `send` task; given back if the task is dropped half way.
+struct LaneHeld {
+    coalescer: Arc<Coalescer>,
+    lane: Lane,
+    held: bool,
+}
+
+impl Drop for LaneHeld {
+    fn drop(&mut self) {
+        if self.held {
+            self.coalescer.lock().free.push(self.lane);
+        }
     }
 }
 

@@ -10,6 +10,9 @@
 //!   idempotent (a retried write that was in fact applied gets the same answer).
 //! * Replays and queries are [`futures::Stream`]s with backpressure: the service sends no
 //!   faster than the stream is read.
+//! * Concurrent [`Client::write_events`] calls share `WriteEvents` calls (see
+//!   [`WriteCoalescing`]): many actors on one client cost the service a call per batch of
+//!   writes, not per write.
 //!
 //! # The journal
 //!
@@ -185,7 +188,7 @@ impl ClientBuilder {
 
     /// How the writes of concurrent [`Client::write_events`] calls share `WriteEvents` calls
     /// (default: up to 2 calls open, each on a connection of its own; further writes wait and
-    /// go together in the next, up to 1,000 writes and 1 MiB per call;
+    /// go together in the next, up to 1,000 writes and 512 KiB per call;
     /// [`WriteCoalescing::off`]: a call per `write_events`).
     pub fn write_coalescing(mut self, coalescing: WriteCoalescing) -> Self {
         self.write_coalescing = coalescing;

@@ -265,6 +265,8 @@ struct Completed {
     done: Done,
     /// A heavy producer's batch, and when it started (for pacing).
     heavy: bool,
+    /// A heavy batch that sets the pacing (not one exempt from it, `Limits::light_only_from`).
+    paces: bool,
     started: Instant,
 }
 
@@ -446,9 +448,10 @@ impl Committer {
             return None;
         }
         let heavy = !self.schedule.served_light();
-        if heavy {
+        let paces = heavy && !self.schedule.served_exempt();
+        if paces {
             self.heavy_started = Some(now);
-        } else {
+        } else if !heavy {
             self.light_in_flight += 1;
         }
         let mut heads = HashMap::new();
@@ -515,6 +518,7 @@ impl Committer {
                 producers,
                 done,
                 heavy,
+                paces,
                 started: now,
             }
         }))
@@ -526,12 +530,13 @@ impl Committer {
             producers,
             done,
             heavy,
+            paces,
             started,
         } = completed;
         if !heavy {
             self.light_in_flight -= 1;
         }
-        if heavy {
+        if paces {
             // Pacing: while light producers write, a heavy producer gets MongoDB at most a
             // quarter of the time, so their writes do not queue behind its inserts for CPU
             // and journal.

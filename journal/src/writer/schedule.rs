@@ -143,6 +143,8 @@ pub(crate) struct Schedule {
     heavy_next: bool,
     /// The last batch formed was of light producers.
     served_light: bool,
+    /// The last batch formed was of a heavy producer exempt from pacing (`light_only_from`).
+    served_exempt: bool,
 }
 
 impl Schedule {
@@ -165,6 +167,12 @@ impl Schedule {
     /// Whether the last batch formed held light producers' writes.
     pub fn served_light(&self) -> bool {
         self.served_light
+    }
+
+    /// Whether the last batch formed was a heavy producer's, exempt from pacing because the
+    /// recent light writes were all its own: it neither waits for the pacing nor sets it.
+    pub fn served_exempt(&self) -> bool {
+        self.served_exempt
     }
 
     pub fn queued_events(&self) -> usize {
@@ -196,19 +204,21 @@ impl Schedule {
     /// producers are busy until [`Schedule::release`]. Empty when nothing is admissible.
     pub fn next_batch(&mut self, limits: Limits) -> Vec<Queued> {
         let mut light = Vec::new();
-        let mut heavy = None;
+        let mut heavies = Vec::new();
         for producer in &self.ring {
             match self.ready(*producer, limits.fair_share) {
                 Some(false) => light.push(*producer),
-                Some(true)
-                    if heavy.is_none()
-                        && (!limits.heavy_paused || limits.light_only_from == Some(*producer)) =>
-                {
-                    heavy = Some(*producer)
-                }
-                _ => {}
+                Some(true) => heavies.push(*producer),
+                None => {}
             }
         }
+        // A producer whose own light writes are the only recent ones, while no other light
+        // producer waits, competes with nobody: neither paused nor capped (nor pacing others).
+        let exempt = |producer: u64| light.is_empty() && limits.light_only_from == Some(producer);
+        let heavy = heavies
+            .into_iter()
+            .find(|producer| !limits.heavy_paused || exempt(*producer));
+        self.served_exempt = heavy.is_some_and(exempt);
         let serve: Vec<u64> = match (light.is_empty(), heavy) {
             (true, None) => return Vec::new(),
             (true, Some(heavy)) => vec![heavy],
@@ -219,9 +229,10 @@ impl Schedule {
             }
         };
         self.served_light = heavy.is_none_or(|heavy| serve != [heavy]);
+        self.served_exempt &= !self.served_light;
         let max_events = if self.served_light {
             limits.max_events
-        } else if limits.light_active && limits.light_only_from != Some(serve[0]) {
+        } else if limits.light_active && !self.served_exempt {
             limits.max_events.min(limits.fair_share)
         } else {
             limits
@@ -533,6 +544,21 @@ mod tests {
         assert!(schedule.next_batch(paused_by(None)).is_empty());
         let batch = schedule.next_batch(paused_by(Some(1)));
         assert_eq!(keys(&batch), (0..10).collect::<Vec<_>>(), "not capped at 5");
+        assert!(
+            schedule.served_exempt(),
+            "so it does not set the pacing either"
+        );
+        release(&mut schedule, &batch);
+        for key in 20..30 {
+            schedule.push(write(key, 1, &format!("bulk{key}"), 1));
+        }
+        // Another light producer waits now: the heavy one is paused again.
+        schedule.push(write(100, 3, "modest", 1));
+        let batch = schedule.next_batch(paused_by(Some(1)));
+        assert_eq!(keys(&batch), [100]);
+        assert!(!schedule.served_exempt());
+        // The writer now has producer 3 among the recent light ones too.
+        assert!(schedule.next_batch(paused_by(None)).is_empty());
     }
 
     #[test]
