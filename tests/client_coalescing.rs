@@ -37,6 +37,19 @@ async fn hold_both_lanes() {
     fail_next(APP, 2, "insert", hold).await;
 }
 
+/// Writes event 1 of each of `pids`, each from a task of its own, at once.
+fn first_events(
+    client: &Client,
+    pids: [&'static str; 2],
+) -> Vec<tokio::task::JoinHandle<eventjournal_client::Result<Vec<WriteOutcome>>>> {
+    pids.into_iter()
+        .map(|pid| {
+            let client = client.clone();
+            tokio::spawn(async move { client.write_events(vec![vec![event(pid, 1)]]).await })
+        })
+        .collect()
+}
+
 async fn calls(port: u16) -> f64 {
     metric(&fetch_metrics(port).await, WRITE_EVENTS_OK).unwrap_or(0.0)
 }
@@ -108,13 +121,7 @@ async fn concurrent_writes_of_a_client_share_calls_and_keep_their_own_outcomes()
         .unwrap();
     let before = calls(port).await;
     hold_both_lanes().await;
-    let holders: Vec<_> = ["held-a", "held-b"]
-        .into_iter()
-        .map(|pid| {
-            let client = coalescing.clone();
-            tokio::spawn(async move { client.write_events(vec![vec![event(pid, 1)]]).await })
-        })
-        .collect();
+    let holders = first_events(&coalescing, ["held-a", "held-b"]);
     tokio::time::sleep(Duration::from_millis(150)).await;
     let conflict_and_written = {
         let client = coalescing.clone();
@@ -224,13 +231,7 @@ async fn concurrent_writes_of_a_client_share_calls_and_keep_their_own_outcomes()
         .await
         .unwrap();
     proxy.cut();
-    let retrying: Vec<_> = ["retrying-a", "retrying-b"]
-        .into_iter()
-        .map(|pid| {
-            let client = client.clone();
-            tokio::spawn(async move { client.write_events(vec![vec![event(pid, 1)]]).await })
-        })
-        .collect();
+    let retrying = first_events(&client, ["retrying-a", "retrying-b"]);
     tokio::time::sleep(Duration::from_millis(30)).await;
     let started = std::time::Instant::now();
     let error = client
