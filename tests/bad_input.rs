@@ -76,6 +76,18 @@ async fn write_one(mut clients: Clients, events: Vec<pb::PersistentEvent>) -> Go
 }
 
 /// The outcome of the second of two atomic writes sent in one request.
+/// A valid write of `w`, sent with `eventjournal-producer-group: group`.
+async fn write_with_group(mut clients: Clients, group: &str) -> Got {
+    let mut request = tonic::Request::new(pb::WriteEventsRequest {
+        writes: vec![atomic(vec![event("w", 1, "e")])],
+        ..Default::default()
+    });
+    request
+        .metadata_mut()
+        .insert("eventjournal-producer-group", group.parse().unwrap());
+    unary(clients.journal.write_events(request).await)
+}
+
 async fn second_of_two(
     mut clients: Clients,
     first: Vec<pb::PersistentEvent>,
@@ -269,6 +281,14 @@ fn cases() -> Vec<Case> {
             "write-mixed-pids",
             Rejected("an atomic write is for one persistence id"),
             |c| { write_one(c, vec![event("w", 1, "a"), event("v", 2, "b")]).await }
+        ),
+        case!(
+            "write-bad-producer-group",
+            Status(
+                InvalidArgument,
+                "eventjournal-producer-group (metadata): is \"not-hex\", expected 1 to 16 hex digits"
+            ),
+            |c| { write_with_group(c, "not-hex").await }
         ),
         case!(
             "write-no-events",

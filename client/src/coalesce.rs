@@ -13,7 +13,9 @@
 //! Why a connection per lane: the server's group commit takes the calls of one connection as
 //! one producer, whose writes go to MongoDB one batch at a time. Two lanes are two producers,
 //! so one combined call's insert runs while the next call is on its way, and MongoDB is not
-//! left waiting for the round trip.
+//! left waiting for the round trip. Every call names the client (`eventjournal-producer-group`
+//! metadata, random per `Client`), so the server does not pace one lane for the other's small
+//! calls as it would for another client's.
 //!
 //! The server then sees one request where there were many. That changes nothing a caller can
 //! see: a request's writes are answered one by one, each with its own outcome; the writes of

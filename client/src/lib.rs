@@ -267,8 +267,19 @@ impl ClientBuilder {
             call_timeout: self.call_timeout,
             retry: self.retry,
             coalescer: coalesce::Coalescer::new(self.write_coalescing),
+            producer_group: producer_group(),
         })
     }
+}
+
+/// A random name for one client's connections (see `Client::producer_group`).
+fn producer_group() -> AsciiMetadataValue {
+    use std::hash::{BuildHasher as _, Hasher as _};
+    // Each `RandomState` has keys of its own, random per process.
+    let random = std::collections::hash_map::RandomState::new()
+        .build_hasher()
+        .finish();
+    AsciiMetadataValue::try_from(format!("{random:x}")).expect("hex digits are ASCII")
 }
 
 /// Adds the bearer token to every call.
@@ -306,6 +317,9 @@ pub struct Client {
     retry: RetryPolicy,
     /// Shared by clones, so their concurrent writes share calls too.
     coalescer: Arc<coalesce::Coalescer>,
+    /// Sent with every `WriteEvents` call as `eventjournal-producer-group`: the server then
+    /// knows the write lanes for one client and does not pace one lane for another's writes.
+    producer_group: AsciiMetadataValue,
 }
 
 /// A stream of results from the service.
@@ -401,7 +415,10 @@ impl Client {
         let response = self
             .retrying("WriteEvents", |timeout| {
                 let mut journal = journal.clone();
-                let request = Self::request(request.clone(), timeout);
+                let mut request = Self::request(request.clone(), timeout);
+                request
+                    .metadata_mut()
+                    .insert("eventjournal-producer-group", self.producer_group.clone());
                 async move { journal.write_events(request).await }
             })
             .await?;

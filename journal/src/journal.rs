@@ -107,7 +107,7 @@ impl Journal {
         writes: Vec<AtomicWrite>,
     ) -> Result<Vec<WriteOutcome>, JournalError> {
         let writes = writes.into_iter().map(Ok).collect();
-        self.submit(Origin::call(None), writes).await
+        self.submit(Origin::call(None, None), writes).await
     }
 
     /// Queues the writes with the group-commit writer now, in order (events with timestamp 0

@@ -131,6 +131,29 @@ fn validate(write: pb::AtomicWrite, refused: Option<&str>) -> Result<AtomicWrite
     })
 }
 
+/// The metadata key a client with several connections sends on each `WriteEvents` call, the
+/// same on all of them, so the group commit knows them for one client (see
+/// `journal::Origin::call`).
+pub(crate) const PRODUCER_GROUP: &str = "eventjournal-producer-group";
+
+/// The client's [`PRODUCER_GROUP`], if it sends one: 1 to 16 hex digits.
+fn producer_group(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>, Status> {
+    let Some(value) = metadata.get(PRODUCER_GROUP) else {
+        return Ok(None);
+    };
+    value
+        .to_str()
+        .ok()
+        .filter(|text| (1..=16).contains(&text.len()))
+        .and_then(|text| u64::from_str_radix(text, 16).ok())
+        .map(Some)
+        .ok_or_else(|| {
+            Status::invalid_argument(format!(
+                "{PRODUCER_GROUP} (metadata): is {value:?}, expected 1 to 16 hex digits"
+            ))
+        })
+}
+
 /// Tells the journal that a `WriteEventsStream` has ended, when dropped.
 struct StreamClosed<'a>(&'a Journal, Origin);
 
@@ -147,8 +170,10 @@ impl pb::journal_server::Journal for JournalService {
         &self,
         request: Request<pb::WriteEventsRequest>,
     ) -> Result<Response<pb::WriteEventsResponse>, Status> {
-        // The calls of one connection are one producer for the group commit's fairness.
-        let origin = Origin::call(request.remote_addr());
+        // The calls of one connection are one producer for the group commit's fairness, of
+        // the client (group) they name.
+        let group = producer_group(request.metadata())?;
+        let origin = Origin::call(request.remote_addr(), group);
         let request = request.into_inner();
         tracing::Span::current().record("writes", request.writes.len());
         write_request(&self.journal, origin, request, None, "WriteEvents")

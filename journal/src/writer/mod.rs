@@ -43,6 +43,10 @@ pub(crate) use store::EventStore;
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct Origin {
     producer: u64,
+    /// The client the producer belongs to (a client's several connections are one group): a
+    /// producer is not paced for its own group's light writes. Its producer unless the client
+    /// names one.
+    group: u64,
     chain: u64,
     /// For a request of a `WriteEventsStream`: where it stands in the stream.
     position: Option<StreamPosition>,
@@ -61,19 +65,27 @@ pub struct StreamPosition {
 
 static NEXT_ORIGIN: AtomicU64 = AtomicU64::new(1);
 
+/// A producer or group id for `value`, never equal to a counter value (high bit set).
+fn hashed(value: impl std::hash::Hash) -> u64 {
+    use std::hash::{BuildHasher, BuildHasherDefault};
+    BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default().hash_one(value)
+        | 1 << 63
+}
+
 impl Origin {
-    /// One `WriteEvents` call, from `connection` (calls of one connection are one producer).
-    pub fn call(connection: Option<SocketAddr>) -> Self {
+    /// One `WriteEvents` call, from `connection` (calls of one connection are one producer),
+    /// of the client that calls itself `group` on every connection, if it does.
+    pub fn call(connection: Option<SocketAddr>, group: Option<u64>) -> Self {
         let chain = NEXT_ORIGIN.fetch_add(1, Ordering::Relaxed);
-        let producer = connection.map_or(chain, |address| {
-            use std::hash::{BuildHasher, BuildHasherDefault};
-            // High bit set: never equal to a counter value.
-            BuildHasherDefault::<std::collections::hash_map::DefaultHasher>::default()
-                .hash_one(address)
-                | 1 << 63
-        });
+        let producer = connection.map_or(chain, hashed);
+        // Named by the client, from its own address: another host cannot join the group.
+        let group = match (group, connection) {
+            (Some(group), Some(address)) => hashed((address.ip(), group)),
+            _ => producer,
+        };
         Self {
             producer,
+            group,
             chain,
             position: None,
         }
@@ -85,6 +97,7 @@ impl Origin {
         let id = NEXT_ORIGIN.fetch_add(1, Ordering::Relaxed);
         Self {
             producer: id,
+            group: id,
             chain: id,
             position: None,
         }
@@ -183,7 +196,7 @@ impl Writer {
                 fair_share: settings.fair_share_events as usize,
                 light_active: false,
                 heavy_paused: false,
-                light_only_from: None,
+                light_only_group: None,
             },
             light_seen: LightSeen::default(),
             heavy_resume: None,
@@ -265,7 +278,7 @@ struct Completed {
     done: Done,
     /// A heavy producer's batch, and when it started (for pacing).
     heavy: bool,
-    /// A heavy batch that sets the pacing (not one exempt from it, `Limits::light_only_from`).
+    /// A heavy batch that sets the pacing (not one exempt from it, `Limits::light_only_group`).
     paces: bool,
     started: Instant,
 }
@@ -388,6 +401,7 @@ impl Committer {
             self.schedule.push(Queued {
                 key,
                 producer: origin.producer,
+                group: origin.group,
                 pid: ready.pid.clone(),
                 events: ready.events.len(),
                 bytes: ready.documents.iter().map(EncodedEvent::len).sum(),
@@ -434,7 +448,7 @@ impl Committer {
         let light_active = light.is_some();
         let limits = Limits {
             light_active,
-            light_only_from: light.flatten(),
+            light_only_group: light.flatten(),
             heavy_paused: light_active
                 && (self.heavy_resume.is_some_and(|resume| now < resume)
                     || self.light_in_flight > 0
@@ -458,6 +472,7 @@ impl Committer {
         let mut failures = HashMap::new();
         let mut pids: Vec<Pid> = Vec::new();
         let mut producers: Vec<u64> = Vec::new();
+        let mut groups: Vec<u64> = Vec::new();
         let mut seen = HashSet::new();
         let mut writes = Vec::with_capacity(admitted.len());
         for (order, queued) in admitted.into_iter().enumerate() {
@@ -473,6 +488,9 @@ impl Committer {
             }
             if !producers.contains(&queued.producer) {
                 producers.push(queued.producer);
+            }
+            if !groups.contains(&queued.group) {
+                groups.push(queued.group);
             }
             let Some(entry) = self.entries.get_mut(&queued.key) else {
                 continue;
@@ -492,8 +510,8 @@ impl Committer {
             });
         }
         if !heavy {
-            for producer in &producers {
-                self.light_seen.saw(*producer, now);
+            for group in groups {
+                self.light_seen.saw(group, now);
             }
         }
         let panicked = Panicked::of(&writes);
@@ -658,4 +676,30 @@ fn finish(request: Request) {
     };
     // The caller may have gone (client cancelled); the writes stand either way.
     let _ = request.reply.send(outcomes);
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_clients_connections_are_producers_of_one_group_from_its_own_host_only() {
+        let address = |text: &str| Some(text.parse::<SocketAddr>().unwrap());
+        let first = Origin::call(address("10.0.0.1:5000"), Some(7));
+        let second = Origin::call(address("10.0.0.1:5001"), Some(7));
+        assert_ne!(first.producer, second.producer, "a producer per connection");
+        assert_eq!(first.group, second.group, "one group: the client's");
+        let elsewhere = Origin::call(address("10.0.0.2:5000"), Some(7));
+        assert_ne!(elsewhere.group, first.group, "another host cannot join it");
+        let other = Origin::call(address("10.0.0.1:5002"), Some(8));
+        assert_ne!(other.group, first.group);
+        let unnamed = Origin::call(address("10.0.0.1:5003"), None);
+        assert_eq!(
+            unnamed.group, unnamed.producer,
+            "without a name, a group of its own"
+        );
+        let again = Origin::call(address("10.0.0.1:5000"), Some(7));
+        assert_eq!((again.producer, again.group), (first.producer, first.group));
+        assert_ne!(again.chain, first.chain, "each call a chain of its own");
+    }
 }

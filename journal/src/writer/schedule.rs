@@ -42,6 +42,8 @@ pub(crate) type Pid = Arc<str>;
 pub(crate) struct Queued {
     pub key: WriteKey,
     pub producer: u64,
+    /// The client the producer belongs to (`Origin`'s group).
+    pub group: u64,
     pub pid: Pid,
     pub events: usize,
     pub bytes: usize,
@@ -59,13 +61,15 @@ pub(crate) struct Limits {
     pub light_active: bool,
     /// Heavy producers wait (see `writer`'s pacing).
     pub heavy_paused: bool,
-    /// The light producer all of the recent light writes came from, if one did: its own
-    /// light writes neither cap nor pause that producer when it is heavy. (A client that
-    /// sends a big request and then a small one competes with nobody.)
-    pub light_only_from: Option<u64>,
+    /// The group (client) all of the recent light writes came from, if one did: its own
+    /// light writes neither cap nor pause its producers when they are heavy. (A client that
+    /// sends a big request and then a small one, on one connection or two, competes with
+    /// nobody.)
+    pub light_only_group: Option<u64>,
 }
 
-/// The light producers seen writing lately: the latest, and the latest other than it.
+/// The groups (clients) of the light producers seen writing lately: the latest, and the
+/// latest other than it.
 #[derive(Debug, Default, Clone, Copy)]
 pub(crate) struct LightSeen {
     latest: Option<(u64, std::time::Instant)>,
@@ -73,17 +77,17 @@ pub(crate) struct LightSeen {
 }
 
 impl LightSeen {
-    /// `producer` had a write in a light batch formed `at`.
-    pub fn saw(&mut self, producer: u64, at: std::time::Instant) {
+    /// A producer of `group` had a write in a light batch formed `at`.
+    pub fn saw(&mut self, group: u64, at: std::time::Instant) {
         match self.latest {
-            Some((latest, _)) if latest == producer => {}
+            Some((latest, _)) if latest == group => {}
             latest => self.other = latest.or(self.other),
         }
-        self.latest = Some((producer, at));
+        self.latest = Some((group, at));
     }
 
-    /// Light producers wrote in the `window` before `now`: `Some` of the one they all were,
-    /// or `Some(None)` when they were several. `None`: no light writes then.
+    /// Light producers wrote in the `window` before `now`: `Some` of the group they all
+    /// belonged to, or `Some(None)` when they were of several. `None`: no light writes then.
     pub fn active(
         &self,
         now: std::time::Instant,
@@ -111,6 +115,8 @@ struct Producer {
     in_ring: bool,
     /// Events of its last batch (see [`Producer::balanced`]).
     last_batch: usize,
+    /// Its client (`Queued::group`).
+    group: u64,
 }
 
 impl Producer {
@@ -143,13 +149,14 @@ pub(crate) struct Schedule {
     heavy_next: bool,
     /// The last batch formed was of light producers.
     served_light: bool,
-    /// The last batch formed was of a heavy producer exempt from pacing (`light_only_from`).
+    /// The last batch formed was of a heavy producer exempt from pacing (`light_only_group`).
     served_exempt: bool,
 }
 
 impl Schedule {
     pub fn push(&mut self, write: Queued) {
         let producer = self.producers.entry(write.producer).or_default();
+        producer.group = write.group;
         if !producer.in_ring {
             producer.in_ring = true;
             self.ring.push_back(write.producer);
@@ -212,9 +219,14 @@ impl Schedule {
                 None => {}
             }
         }
-        // A producer whose own light writes are the only recent ones, while no other light
-        // producer waits, competes with nobody: neither paused nor capped (nor pacing others).
-        let exempt = |producer: u64| light.is_empty() && limits.light_only_from == Some(producer);
+        // A producer whose client's light writes are the only recent ones, while no other
+        // client's light producer waits, competes with nobody: neither paused nor capped (nor
+        // pacing others).
+        let group = |producer: &u64| self.producers[producer].group;
+        let exempt = |producer: u64| {
+            limits.light_only_group == Some(group(&producer))
+                && light.iter().all(|light| group(light) == group(&producer))
+        };
         let heavy = heavies
             .into_iter()
             .find(|producer| !limits.heavy_paused || exempt(*producer));
@@ -369,13 +381,14 @@ mod tests {
         fair_share: 5,
         light_active: false,
         heavy_paused: false,
-        light_only_from: None,
+        light_only_group: None,
     };
 
     fn write(key: WriteKey, producer: u64, pid: &str, events: usize) -> Queued {
         Queued {
             key,
             producer,
+            group: producer,
             pid: pid.into(),
             events,
             bytes: events * 10,
@@ -523,41 +536,55 @@ mod tests {
         );
     }
 
-    /// A client whose own small request made it count as a light producer is neither paused
-    /// nor capped by it when its next request makes it heavy: it competes with nobody.
+    /// A client whose own small requests (on this connection or its other one) are the only
+    /// light writes lately is neither paused nor capped when a producer of it is heavy: it
+    /// competes with nobody.
     #[test]
-    fn a_producers_own_light_writes_neither_pause_nor_cap_it() {
+    fn a_clients_own_light_writes_neither_pause_nor_cap_it() {
+        const CLIENT: u64 = 7;
         let mut schedule = Schedule::default();
+        let of_client = |key, producer, pid: &str| Queued {
+            group: CLIENT,
+            ..write(key, producer, pid, 1)
+        };
         for key in 0..20 {
-            schedule.push(write(key, 1, &format!("bulk{key}"), 1));
+            schedule.push(of_client(key, 1, &format!("bulk{key}")));
         }
-        let paused_by = |producer| Limits {
+        let paused_by = |group| Limits {
             light_active: true,
             heavy_paused: true,
-            light_only_from: producer,
+            light_only_group: group,
             ..LIMITS
         };
         assert!(
             schedule.next_batch(paused_by(Some(2))).is_empty(),
-            "paused by another producer's light writes"
+            "paused by another client's light writes"
         );
         assert!(schedule.next_batch(paused_by(None)).is_empty());
-        let batch = schedule.next_batch(paused_by(Some(1)));
-        assert_eq!(keys(&batch), (0..10).collect::<Vec<_>>(), "not capped at 5");
+        // The client's other connection has a light write waiting: still its own.
+        schedule.push(of_client(50, 2, "own"));
+        let batch = schedule.next_batch(paused_by(Some(CLIENT)));
+        let heavy = if batch[0].producer == 1 {
+            batch
+        } else {
+            assert_eq!(keys(&batch), [50]);
+            schedule.next_batch(paused_by(Some(CLIENT)))
+        };
+        assert_eq!(keys(&heavy), (0..10).collect::<Vec<_>>(), "not capped at 5");
         assert!(
             schedule.served_exempt(),
             "so it does not set the pacing either"
         );
-        release(&mut schedule, &batch);
+        release(&mut schedule, &heavy);
         for key in 20..30 {
-            schedule.push(write(key, 1, &format!("bulk{key}"), 1));
+            schedule.push(of_client(key, 1, &format!("bulk{key}")));
         }
-        // Another light producer waits now: the heavy one is paused again.
+        // Another client's light producer waits now: the heavy one is paused again.
         schedule.push(write(100, 3, "modest", 1));
-        let batch = schedule.next_batch(paused_by(Some(1)));
-        assert_eq!(keys(&batch), [100]);
+        let batch = schedule.next_batch(paused_by(Some(CLIENT)));
+        assert!(keys(&batch).contains(&100), "{:?}", keys(&batch));
         assert!(!schedule.served_exempt());
-        // The writer now has producer 3 among the recent light ones too.
+        // The writer now has the other client among the recent light ones too.
         assert!(schedule.next_batch(paused_by(None)).is_empty());
     }
 
