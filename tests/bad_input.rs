@@ -75,7 +75,6 @@ async fn write_one(mut clients: Clients, events: Vec<pb::PersistentEvent>) -> Go
     }
 }
 
-/// The outcome of the second of two atomic writes sent in one request.
 /// A valid write of `w`, sent with `eventjournal-producer-group: group`.
 async fn write_with_group(mut clients: Clients, group: &str) -> Got {
     let mut request = tonic::Request::new(pb::WriteEventsRequest {
@@ -88,6 +87,7 @@ async fn write_with_group(mut clients: Clients, group: &str) -> Got {
     unary(clients.journal.write_events(request).await)
 }
 
+/// The outcome of the second of two atomic writes sent in one request.
 async fn second_of_two(
     mut clients: Clients,
     first: Vec<pb::PersistentEvent>,

@@ -144,7 +144,9 @@ fn producer_group(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>
     value
         .to_str()
         .ok()
-        .filter(|text| (1..=16).contains(&text.len()))
+        .filter(|text| {
+            (1..=16).contains(&text.len()) && text.bytes().all(|b| b.is_ascii_hexdigit())
+        })
         .and_then(|text| u64::from_str_radix(text, 16).ok())
         .map(Some)
         .ok_or_else(|| {

@@ -154,6 +154,9 @@ const LIGHT_ACTIVITY: Duration = Duration::from_millis(100);
 /// unless its last batch started this long ago (so it is slowed down, never starved).
 const HEAVY_MAX_WAIT: Duration = Duration::from_millis(50);
 
+/// Groups with a heavy batch remembered before old ones are pruned.
+const MAX_HEAVY_GROUPS: usize = 64;
+
 /// Pacing: while light producers write, a heavy producer waits this many times as long as its
 /// last batch took before the next one, so it has MongoDB at most 1 / (1 + this) of the time.
 const HEAVY_PAUSE_FACTOR: u32 = 8;
@@ -197,8 +200,11 @@ impl Writer {
                 light_active: false,
                 heavy_paused: false,
                 light_only_group: None,
+                exempt_busy: false,
             },
             light_seen: LightSeen::default(),
+            heavy_groups: HashMap::new(),
+            exempt_in_flight: 0,
             heavy_resume: None,
             light_in_flight: 0,
             heavy_started: None,
@@ -298,6 +304,10 @@ struct Committer {
     store: Arc<EventStore>,
     /// Which light producers had writes in batches lately, and when.
     light_seen: LightSeen,
+    /// When each group (client) last had a heavy batch (pruned past `MAX_HEAVY_GROUPS`).
+    heavy_groups: HashMap<u64, Instant>,
+    /// Exempt heavy batches at MongoDB (at most one).
+    exempt_in_flight: usize,
     /// Pacing: while light producers write, a heavy producer's next batch waits until then.
     heavy_resume: Option<Instant>,
     /// Batches of light producers at MongoDB: no heavy batch starts beside them.
@@ -444,11 +454,22 @@ impl Committer {
     /// The next admissible batch, as a future for [`Committer::run`] to poll.
     fn next_batch(&mut self) -> Option<BoxFuture<'static, Completed>> {
         let now = Instant::now();
-        let light = self.light_seen.active(now, LIGHT_ACTIVITY);
+        let mut light = self.light_seen.active(now, LIGHT_ACTIVITY);
+        // A client that writes heavy batches itself gets no protection for its light writes:
+        // they do not pace other clients' heavy producers.
+        if let Some(Some(group)) = light
+            && self
+                .heavy_groups
+                .get(&group)
+                .is_some_and(|at| now.duration_since(*at) < LIGHT_ACTIVITY)
+        {
+            light = None;
+        }
         let light_active = light.is_some();
         let limits = Limits {
             light_active,
             light_only_group: light.flatten(),
+            exempt_busy: self.exempt_in_flight > 0,
             heavy_paused: light_active
                 && (self.heavy_resume.is_some_and(|resume| now < resume)
                     || self.light_in_flight > 0
@@ -465,7 +486,9 @@ impl Committer {
         let paces = heavy && !self.schedule.served_exempt();
         if paces {
             self.heavy_started = Some(now);
-        } else if !heavy {
+        } else if heavy {
+            self.exempt_in_flight += 1;
+        } else {
             self.light_in_flight += 1;
         }
         let mut heads = HashMap::new();
@@ -509,7 +532,14 @@ impl Committer {
                 documents: ready.documents,
             });
         }
-        if !heavy {
+        if heavy {
+            if self.heavy_groups.len() > MAX_HEAVY_GROUPS {
+                self.heavy_groups
+                    .retain(|_, at| now.duration_since(*at) < LIGHT_ACTIVITY);
+            }
+            self.heavy_groups
+                .extend(groups.into_iter().map(|group| (group, now)));
+        } else {
             for group in groups {
                 self.light_seen.saw(group, now);
             }
@@ -553,6 +583,8 @@ impl Committer {
         } = completed;
         if !heavy {
             self.light_in_flight -= 1;
+        } else if !paces {
+            self.exempt_in_flight -= 1;
         }
         if paces {
             // Pacing: while light producers write, a heavy producer gets MongoDB at most a

@@ -66,6 +66,9 @@ pub(crate) struct Limits {
     /// sends a big request and then a small one, on one connection or two, competes with
     /// nobody.)
     pub light_only_group: Option<u64>,
+    /// An exempt batch is in flight: no other starts (a client's several connections get one
+    /// uncapped batch at a time, not one each).
+    pub exempt_busy: bool,
 }
 
 /// The groups (clients) of the light producers seen writing lately: the latest, and the
@@ -224,7 +227,8 @@ impl Schedule {
         // pacing others).
         let group = |producer: &u64| self.producers[producer].group;
         let exempt = |producer: u64| {
-            limits.light_only_group == Some(group(&producer))
+            !limits.exempt_busy
+                && limits.light_only_group == Some(group(&producer))
                 && light.iter().all(|light| group(light) == group(&producer))
         };
         let heavy = heavies
@@ -382,6 +386,7 @@ mod tests {
         light_active: false,
         heavy_paused: false,
         light_only_group: None,
+        exempt_busy: false,
     };
 
     fn write(key: WriteKey, producer: u64, pid: &str, events: usize) -> Queued {
@@ -586,6 +591,34 @@ mod tests {
         assert!(!schedule.served_exempt());
         // The writer now has the other client among the recent light ones too.
         assert!(schedule.next_batch(paused_by(None)).is_empty());
+    }
+
+    /// While a client's exempt batch is in flight, its other connections are not exempt too:
+    /// one uncapped batch at a time, not one per connection.
+    #[test]
+    fn one_exempt_batch_at_a_time() {
+        let mut schedule = Schedule::default();
+        for key in 0..20 {
+            schedule.push(Queued {
+                group: 7,
+                ..write(key, 4, &format!("more{key}"), 1)
+            });
+        }
+        let exempt = Limits {
+            light_active: true,
+            heavy_paused: true,
+            light_only_group: Some(7),
+            ..LIMITS
+        };
+        let busy = Limits {
+            exempt_busy: true,
+            ..exempt
+        };
+        assert!(schedule.next_batch(busy).is_empty());
+        assert_eq!(
+            keys(&schedule.next_batch(exempt)),
+            (0..10).collect::<Vec<_>>()
+        );
     }
 
     #[test]
