@@ -83,7 +83,7 @@ async fn write_with_group(mut clients: Clients, group: &str) -> Got {
     });
     request
         .metadata_mut()
-        .insert("eventjournal-producer-group", group.parse().unwrap());
+        .insert(proto::PRODUCER_GROUP_METADATA, group.parse().unwrap());
     unary(clients.journal.write_events(request).await)
 }
 

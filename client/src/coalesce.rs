@@ -84,6 +84,36 @@ struct Waiting {
     answer: oneshot::Sender<Answer>,
 }
 
+impl Waiting {
+    /// `writes` ready to wait (its `id` is given when queued), and where its answer comes.
+    fn new(writes: Vec<pb::AtomicWrite>) -> (Self, oneshot::Receiver<Answer>) {
+        // Each write as the request encodes it: its field's tag, length and content.
+        let bytes = writes
+            .iter()
+            .map(|write| {
+                let length = write.encoded_len();
+                1 + prost::encoding::encoded_len_varint(length as u64) + length
+            })
+            .sum();
+        let mut pids: Vec<String> = writes
+            .iter()
+            .flat_map(|write| &write.events)
+            .map(|event| event.persistence_id.clone())
+            .collect();
+        pids.sort_unstable();
+        pids.dedup();
+        let (answer, receiver) = oneshot::channel();
+        let waiting = Self {
+            id: 0,
+            writes,
+            pids,
+            bytes,
+            answer,
+        };
+        (waiting, receiver)
+    }
+}
+
 /// A lane: an index into `Client::write_lanes`.
 pub(crate) type Lane = usize;
 
@@ -123,59 +153,31 @@ impl Coalescer {
     pub(crate) async fn write(
         self: &Arc<Self>,
         client: &Client,
-        mut writes: Vec<pb::AtomicWrite>,
+        writes: Vec<pb::AtomicWrite>,
     ) -> Answer {
         if self.settings.max_calls_in_flight == 0 {
             return client.write_call(None, writes).await;
         }
-        let (receiver, batch) = {
+        // A lane free and nobody waiting: a call of its own, in this task. The lane is given
+        // back (and the writes that wait meanwhile sent) even if this future is dropped half
+        // way.
+        let free = {
             let mut state = self.lock();
-            let lane = if state.waiting.is_empty() {
-                state.free.pop()
-            } else {
-                None
-            };
-            if let Some(lane) = lane {
-                (Err(lane), None)
-            } else {
-                // Each write as the request encodes it: its field's tag, length and content.
-                let bytes = writes
-                    .iter()
-                    .map(|write| {
-                        let length = write.encoded_len();
-                        1 + prost::encoding::encoded_len_varint(length as u64) + length
-                    })
-                    .sum();
-                let mut pids: Vec<String> = writes
-                    .iter()
-                    .flat_map(|write| &write.events)
-                    .map(|event| event.persistence_id.clone())
-                    .collect();
-                pids.sort_unstable();
-                pids.dedup();
-                let (answer, receiver) = oneshot::channel();
-                let id = state.next_id;
-                state.next_id += 1;
-                state.waiting.push_back(Waiting {
-                    id,
-                    writes: std::mem::take(&mut writes),
-                    pids,
-                    bytes,
-                    answer,
-                });
-                // Only while a lane is being given back can one be free with writes waiting.
-                let batch = state.free.pop().map(|lane| (lane, self.take(&mut state)));
-                (Ok((id, receiver)), batch)
-            }
+            state.waiting.is_empty().then(|| state.free.pop()).flatten()
         };
-        let (id, mut receiver) = match receiver {
-            Ok(waiting) => waiting,
-            Err(lane) => {
-                // A call of its own, in this task. The lane is given back (and the writes that
-                // wait meanwhile sent) even if this future is dropped half way.
-                let _lane = LaneTaken(self, client, lane);
-                return client.write_call(Some(lane), writes).await;
-            }
+        if let Some(lane) = free {
+            let _lane = LaneTaken(self, client, lane);
+            return client.write_call(Some(lane), writes).await;
+        }
+        let (waiting, mut receiver) = Waiting::new(writes);
+        let (id, batch) = {
+            let mut state = self.lock();
+            let id = state.next_id;
+            state.next_id += 1;
+            state.waiting.push_back(Waiting { id, ..waiting });
+            // A lane may have come free since: then the waiting writes, these among them, go.
+            let batch = state.free.pop().map(|lane| (lane, self.take(&mut state)));
+            (id, batch)
         };
         if let Some((lane, batch)) = batch {
             tokio::spawn(Arc::clone(self).send(client.clone(), lane, batch));

@@ -418,7 +418,7 @@ impl Client {
                 let mut request = Self::request(request.clone(), timeout);
                 request
                     .metadata_mut()
-                    .insert("eventjournal-producer-group", self.producer_group.clone());
+                    .insert(proto::PRODUCER_GROUP_METADATA, self.producer_group.clone());
                 async move { journal.write_events(request).await }
             })
             .await?;

@@ -8,6 +8,11 @@ pub mod v1 {
     tonic::include_proto!("eventjournal.v1");
 }
 
+/// The metadata key a client with several connections sends on each `WriteEvents` call, the
+/// same random 64-bit value (1 to 16 hex digits) on all of them, so the server's group commit
+/// knows them for one client and does not pace one of them for another's small writes.
+pub const PRODUCER_GROUP_METADATA: &str = "eventjournal-producer-group";
+
 /// Encoded `FileDescriptorSet` of the contract, for gRPC server reflection.
 pub const FILE_DESCRIPTOR_SET: &[u8] =
     tonic::include_file_descriptor_set!("eventjournal_descriptor");

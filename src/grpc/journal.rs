@@ -7,6 +7,7 @@ use std::time::Instant;
 use futures::stream::FuturesOrdered;
 use journal::{Journal, Origin, RefusedWrite, StreamPosition, WriteOutcome};
 use model::{AtomicWrite, PersistenceId, ReplayRange, non_negative};
+use proto::PRODUCER_GROUP_METADATA as PRODUCER_GROUP;
 use proto::v1 as pb;
 use proto::v1::atomic_write_result::Outcome;
 use proto::v1::replay_events_response::Item;
@@ -131,12 +132,8 @@ fn validate(write: pb::AtomicWrite, refused: Option<&str>) -> Result<AtomicWrite
     })
 }
 
-/// The metadata key a client with several connections sends on each `WriteEvents` call, the
-/// same on all of them, so the group commit knows them for one client (see
+/// The client's [`PRODUCER_GROUP`], if it sends one: 1 to 16 hex digits (see
 /// `journal::Origin::call`).
-pub(crate) const PRODUCER_GROUP: &str = "eventjournal-producer-group";
-
-/// The client's [`PRODUCER_GROUP`], if it sends one: 1 to 16 hex digits.
 fn producer_group(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>, Status> {
     let Some(value) = metadata.get(PRODUCER_GROUP) else {
         return Ok(None);

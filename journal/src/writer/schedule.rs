@@ -234,7 +234,7 @@ impl Schedule {
         let heavy = heavies
             .into_iter()
             .find(|producer| !limits.heavy_paused || exempt(*producer));
-        self.served_exempt = heavy.is_some_and(exempt);
+        let heavy_exempt = heavy.is_some_and(exempt);
         let serve: Vec<u64> = match (light.is_empty(), heavy) {
             (true, None) => return Vec::new(),
             (true, Some(heavy)) => vec![heavy],
@@ -245,7 +245,7 @@ impl Schedule {
             }
         };
         self.served_light = heavy.is_none_or(|heavy| serve != [heavy]);
-        self.served_exempt &= !self.served_light;
+        self.served_exempt = heavy_exempt && !self.served_light;
         let max_events = if self.served_light {
             limits.max_events
         } else if limits.light_active && !self.served_exempt {
