@@ -282,6 +282,8 @@ struct Series {
     unimplemented: bool,
     /// The failure that stopped the scenario; it is not run again in later rounds.
     error: Option<String>,
+    /// Per round, the service's floor for the scenario, µs (`Bench::floor`; P1 and P3).
+    floor: Vec<f64>,
 }
 
 impl Series {
@@ -370,6 +372,21 @@ async fn measure(
                     }
                 }
             }
+            if series.error.is_none() {
+                match bench.floor(scenario, round).await {
+                    Ok(Some(floor)) => {
+                        let floor = stats::micros(floor);
+                        series.floor.push(floor);
+                        let _ = write!(progress, "  floor {floor:.0} µs");
+                    }
+                    Ok(None) => {}
+                    Err(error) => {
+                        server.check_alive()?;
+                        let _ = write!(progress, "  floor FAILED: {error:#}");
+                        series.error = Some(format!("floor: {error:#}"));
+                    }
+                }
+            }
             eprintln!("{progress}");
         }
         if results.fairness_selected && round <= fairness_rounds && results.fairness_error.is_none()
@@ -401,6 +418,34 @@ async fn measure(
         }
     }
     Ok(results)
+}
+
+/// What each scenario with a floor (`Bench::floor`) could reach at best this run: the raw
+/// driver's median plus the floor.
+fn floor_notes(results: &Results) -> Vec<String> {
+    let of = |scenario| {
+        let series = results.series.get(&scenario)?;
+        Some((median(&series.floor)?, median(&series.raw)?))
+    };
+    let mut notes = Vec::new();
+    if let Some((floor, raw)) = of(Scenario::P1) {
+        notes.push(format!(
+            "P1: a do-nothing unary call (`grpc.health.v1` check) takes {floor:.0} µs, so P1 is at \
+             best ({raw:.0} + {floor:.0}) / {raw:.0} = {:.2}x raw",
+            (raw + floor) / raw
+        ));
+    }
+    if let Some((floor, raw)) = of(Scenario::P3) {
+        let raw_request = scenarios::P3_WRITES_PER_REQUEST as f64 / raw * 1e6;
+        notes.push(format!(
+            "P3: a request of its 100 writes that the server refuses on receipt (it decodes, \
+             validates and answers them, and stores nothing) takes {floor:.0} µs, and the raw \
+             insert_many {raw_request:.0} µs, so P3 is at best {raw_request:.0} / ({raw_request:.0} \
+             + {floor:.0}) = {:.2}x raw",
+            raw_request / (raw_request + floor)
+        ));
+    }
+    notes
 }
 
 /// The table's rows, from the medians across rounds; ratios are of the medians.
@@ -583,6 +628,16 @@ fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
          flight together); its target is against P3.",
             args.rounds,
             config::WriteJournalSettings::default().max_batch_events
+        );
+    }
+    let floors = floor_notes(results);
+    if !floors.is_empty() {
+        let _ = writeln!(
+            out,
+            "Floors (medians of the rounds, measured beside each scenario): {}. The service's \
+             write path and MongoDB come on top, so its ratio cannot be better than that in this \
+             run.",
+            floors.join("; ")
         );
     }
     if results.fairness_selected && !results.fairness.is_empty() {

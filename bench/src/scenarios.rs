@@ -13,6 +13,8 @@ use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
 use tokio::time::MissedTickBehavior;
 use tonic::transport::{Channel, Endpoint};
+use tonic_health::pb::HealthCheckRequest;
+use tonic_health::pb::health_client::HealthClient;
 
 use crate::raw::RawDriver;
 use crate::service::{self, EventStream};
@@ -26,7 +28,7 @@ const P2_ACTORS: usize = 100;
 const P2_EVENTS_PER_ACTOR: i64 = 100;
 /// P3 and P3s: requests of single-event writes of one persistence id.
 const P3_REQUESTS: i64 = 100;
-const P3_WRITES_PER_REQUEST: i64 = 100;
+pub const P3_WRITES_PER_REQUEST: i64 = 100;
 /// P3s and the prolific producer: requests sent and not yet answered.
 const STREAM_WINDOW: usize = 8;
 /// Fairness: producers writing at a modest rate, and that rate.
@@ -176,7 +178,56 @@ impl Bench {
             let event = self.workload.client_event(&pid, sequence_nr);
             service::write_through(&self.client, event).await?;
         }
+        // Small writes make the server pace producers of large batches for a while after them
+        // (fairness, `journal::LIGHT_ACTIVITY`): the first round must not pay for the warm-up's.
+        tokio::time::sleep(journal::LIGHT_ACTIVITY * 2).await;
         Ok(())
+    }
+
+    /// What a call shaped like `scenario`'s costs the service with no MongoDB work in it, in
+    /// this round: the least the service's side can take, whatever its write path does.
+    /// P1: the p50 of 300 sequential `grpc.health.v1` checks (the cheapest unary call). P3:
+    /// the p50 of 100 requests of P3's 100 writes, each refused on receipt (sequence number 0),
+    /// so the server decodes, validates and answers them but stores nothing. `None` for the
+    /// other scenarios.
+    pub async fn floor(&self, scenario: Scenario, round: u32) -> anyhow::Result<Option<Duration>> {
+        let mut latencies = Vec::new();
+        match scenario {
+            Scenario::P1 => {
+                let mut health = HealthClient::new(self.channel.clone());
+                for _ in 0..P1_WRITES {
+                    let start = Instant::now();
+                    health
+                        .check(HealthCheckRequest::default())
+                        .await
+                        .context("floor: grpc.health.v1 check")?;
+                    latencies.push(start.elapsed());
+                }
+            }
+            Scenario::P3 => {
+                let pid = self.workload.pid("p3-floor", round, Side::Service, 0);
+                let mut request = self.workload.request(
+                    (1..=P3_WRITES_PER_REQUEST).map(|sequence_nr| (pid.as_str(), sequence_nr)),
+                );
+                for write in &mut request.writes {
+                    for event in &mut write.events {
+                        event.sequence_nr = 0;
+                    }
+                }
+                let mut client = JournalClient::new(self.channel.clone());
+                for _ in 0..P3_REQUESTS {
+                    let start = Instant::now();
+                    let response = client
+                        .write_events(request.clone())
+                        .await
+                        .context("floor: WriteEvents of refused writes")?;
+                    latencies.push(start.elapsed());
+                    service::check_rejected(response.get_ref(), request.writes.len())?;
+                }
+            }
+            _ => return Ok(None),
+        }
+        Ok(Some(percentile(&mut latencies, 0.50)))
     }
 
     /// A persistence id `warm_up` wrote on `side`.

@@ -31,6 +31,24 @@ pub fn check_written(response: &pb::WriteEventsResponse, expected: usize) -> any
     Ok(())
 }
 
+/// Fails unless `response` has `expected` results, all `Rejected` (nothing was stored).
+pub fn check_rejected(response: &pb::WriteEventsResponse, expected: usize) -> anyhow::Result<()> {
+    if response.results.len() != expected {
+        bail!("{} results for {expected} writes", response.results.len());
+    }
+    match response
+        .results
+        .iter()
+        .position(|result| !matches!(result.outcome, Some(Outcome::Rejected(_))))
+    {
+        Some(index) => bail!(
+            "write {index} was not rejected: {:?}",
+            response.results[index]
+        ),
+        None => Ok(()),
+    }
+}
+
 /// One unary `WriteEvents` whose writes must all come back `Written`.
 pub async fn write(
     client: &mut JournalClient<Channel>,

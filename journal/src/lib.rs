@@ -16,4 +16,4 @@ mod writer;
 pub use error::JournalError;
 pub use indexes::journal_indexes as index_models;
 pub use journal::{Journal, RefusedWrite, Replay, WriteOutcome, cosmos_ttl_seconds};
-pub use writer::{Origin, StreamPosition};
+pub use writer::{LIGHT_ACTIVITY, Origin, StreamPosition};

@@ -147,8 +147,9 @@ pub(crate) struct Ready {
 
 pub(crate) type Outcomes = Result<Vec<WriteOutcome>, JournalError>;
 
-/// How long after a batch of light producers they count as writing (see `Limits`).
-const LIGHT_ACTIVITY: Duration = Duration::from_millis(100);
+/// How long after a batch of light producers they count as writing (see `Limits`): heavy
+/// producers are paced until then.
+pub const LIGHT_ACTIVITY: Duration = Duration::from_millis(100);
 
 /// While light producers write, a heavy producer's batch does not start beside one of theirs,
 /// unless its last batch started this long ago (so it is slowed down, never starved).
