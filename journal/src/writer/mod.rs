@@ -162,6 +162,27 @@ const MAX_HEAVY_GROUPS: usize = 64;
 /// last batch took before the next one, so it has MongoDB at most 1 / (1 + this) of the time.
 const HEAVY_PAUSE_FACTOR: u32 = 8;
 
+/// Whether light producers count as writing at `now`, as [`LightSeen::active`] says (`Some` of
+/// their group when they were all of one), except that a client that writes heavy batches
+/// itself gets no protection for its light writes: they do not pace other clients' heavy
+/// producers.
+fn light_activity(
+    light_seen: &LightSeen,
+    heavy_groups: &HashMap<u64, Instant>,
+    now: Instant,
+) -> Option<Option<u64>> {
+    match light_seen.active(now, LIGHT_ACTIVITY) {
+        Some(Some(group))
+            if heavy_groups
+                .get(&group)
+                .is_some_and(|at| now.duration_since(*at) < LIGHT_ACTIVITY) =>
+        {
+            None
+        }
+        light => light,
+    }
+}
+
 struct Submission {
     origin: Origin,
     writes: Vec<Prepared>,
@@ -455,17 +476,7 @@ impl Committer {
     /// The next admissible batch, as a future for [`Committer::run`] to poll.
     fn next_batch(&mut self) -> Option<BoxFuture<'static, Completed>> {
         let now = Instant::now();
-        let mut light = self.light_seen.active(now, LIGHT_ACTIVITY);
-        // A client that writes heavy batches itself gets no protection for its light writes:
-        // they do not pace other clients' heavy producers.
-        if let Some(Some(group)) = light
-            && self
-                .heavy_groups
-                .get(&group)
-                .is_some_and(|at| now.duration_since(*at) < LIGHT_ACTIVITY)
-        {
-            light = None;
-        }
+        let light = light_activity(&self.light_seen, &self.heavy_groups, now);
         let light_active = light.is_some();
         let limits = Limits {
             light_active,
@@ -734,5 +745,46 @@ mod tests {
         let again = Origin::call(address("10.0.0.1:5000"), Some(7));
         assert_eq!((again.producer, again.group), (first.producer, first.group));
         assert_ne!(again.chain, first.chain, "each call a chain of its own");
+    }
+
+    #[test]
+    fn a_client_with_heavy_batches_of_its_own_gets_no_light_protection() {
+        let start = Instant::now();
+        let at = |millis: u64| start + Duration::from_millis(millis);
+        let (client, other) = (1, 2);
+        let mut seen = LightSeen::default();
+        seen.saw(client, at(0));
+        let mut heavy = HashMap::new();
+        assert_eq!(
+            light_activity(&seen, &heavy, at(10)),
+            Some(Some(client)),
+            "its light writes count while it has no heavy batches"
+        );
+        heavy.insert(other, at(5));
+        assert_eq!(
+            light_activity(&seen, &heavy, at(10)),
+            Some(Some(client)),
+            "another client's heavy batches change nothing"
+        );
+        heavy.insert(client, at(5));
+        assert_eq!(
+            light_activity(&seen, &heavy, at(10)),
+            None,
+            "its light writes pace nobody while it writes heavy batches too"
+        );
+        let later = at(5) + LIGHT_ACTIVITY;
+        seen.saw(client, later);
+        assert_eq!(
+            light_activity(&seen, &heavy, later),
+            Some(Some(client)),
+            "its heavy batches are forgotten after the light-activity window"
+        );
+        seen.saw(other, later);
+        assert_eq!(
+            light_activity(&seen, &heavy, later),
+            Some(None),
+            "light writes of several clients always count"
+        );
+        assert_eq!(light_activity(&seen, &heavy, later + LIGHT_ACTIVITY), None);
     }
 }
