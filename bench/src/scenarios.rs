@@ -185,7 +185,7 @@ impl Bench {
     }
 
     /// What a call shaped like `scenario`'s costs the service with no MongoDB work in it, in
-    /// this round: the least the service's side can take, whatever its write path does.
+    /// this round: about the least the service's side can take, whatever its write path does.
     /// P1: the p50 of 300 sequential `grpc.health.v1` checks (the cheapest unary call). P3:
     /// the p50 of 100 requests of P3's 100 writes, each refused on receipt (sequence number 0),
     /// so the server decodes, validates and answers them but stores nothing. `None` for the
