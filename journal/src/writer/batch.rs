@@ -22,7 +22,7 @@
 //! `mongodb.retry`, reading the highest sequence numbers again first, so a write whose attempt
 //! was applied after all is recognised by content instead of being inserted twice.
 
-use std::collections::{HashMap, HashSet};
+use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant};
 
 use model::PersistentEvent;

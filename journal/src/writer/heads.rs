@@ -11,7 +11,7 @@
 //! server might write can have been purged. Any other case (no knowledge, stale knowledge, a
 //! write that does not continue the highest) reads the highest first.
 
-use std::collections::HashMap;
+use ahash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
 use mongodb::bson::DateTime;

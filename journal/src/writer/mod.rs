@@ -7,13 +7,17 @@
 //! The task owns all shared state, so none of it is locked: the queue, which persistence ids
 //! are in flight, what is known of each id's highest sequence number (`heads`), and the
 //! requests waiting for their outcomes.
+//!
+//! Every write passes through several of the writer's maps and sets (keyed by its own counters
+//! and by persistence ids), so they hash with `ahash` (randomly keyed, DoS-resistant, faster
+//! than the standard SipHash on short keys).
 
 mod batch;
 mod heads;
 mod schedule;
 mod store;
 
-use std::collections::{HashMap, HashSet};
+use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;

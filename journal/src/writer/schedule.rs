@@ -28,7 +28,9 @@
 //! This module is plain data, no I/O: `writer` runs it, and its tests drive it with random
 //! interleavings.
 
-use std::collections::{HashMap, HashSet, VecDeque};
+use std::collections::VecDeque;
+
+use ahash::{HashMap, HashMapExt, HashSet};
 use std::sync::Arc;
 
 /// Identifies a queued write inside the writer.
@@ -377,6 +379,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
+    use ahash::HashSetExt;
     use proptest::prelude::*;
 
     const LIMITS: Limits = Limits {

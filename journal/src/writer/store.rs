@@ -1,7 +1,7 @@
 //! The writer's MongoDB operations: read the highest sequence numbers, read stored events to
 //! compare, insert a batch, move late events forward.
 
-use std::collections::HashMap;
+use ahash::HashMap;
 
 use std::sync::atomic::{AtomicU64, Ordering};
 
