@@ -185,11 +185,11 @@ impl Bench {
     }
 
     /// What a call shaped like `scenario`'s costs the service with no MongoDB work in it, in
-    /// this round: about the least the service's side can take, whatever its write path does.
-    /// P1: the p50 of 300 sequential `grpc.health.v1` checks (the cheapest unary call). P3:
-    /// the p50 of 100 requests of P3's 100 writes, each refused on receipt (sequence number 0),
-    /// so the server decodes, validates and answers them but stores nothing. `None` for the
-    /// other scenarios.
+    /// this round: an estimate of the least the service's side takes, whatever its write path
+    /// does. P1: the p50 of 300 sequential `grpc.health.v1` checks (the cheapest unary call).
+    /// P3: the p50 of 100 requests of P3's 100 writes, each refused on receipt (sequence number
+    /// 0), so the server decodes and answers them (validation stops at the sequence number, each
+    /// answer carries a reason) and stores nothing. `None` for the other scenarios.
     pub async fn floor(&self, scenario: Scenario, round: u32) -> anyhow::Result<Option<Duration>> {
         let mut latencies = Vec::new();
         match scenario {

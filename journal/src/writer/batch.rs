@@ -22,9 +22,9 @@
 //! `mongodb.retry`, reading the highest sequence numbers again first, so a write whose attempt
 //! was applied after all is recognised by content instead of being inserted twice.
 
-use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::time::{Duration, Instant};
 
+use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use model::PersistentEvent;
 use mongo::{Acknowledged, InFlight};
 use mongodb::bson::{DateTime, RawDocumentBuf};

@@ -11,9 +11,9 @@
 //! server might write can have been purged. Any other case (no knowledge, stale knowledge, a
 //! write that does not continue the highest) reads the highest first.
 
-use ahash::{HashMap, HashMapExt};
 use std::time::{Duration, Instant};
 
+use ahash::{HashMap, HashMapExt};
 use mongodb::bson::DateTime;
 
 use crate::writer::schedule::Pid;

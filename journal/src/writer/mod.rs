@@ -17,7 +17,6 @@ mod heads;
 mod schedule;
 mod store;
 
-use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
@@ -25,6 +24,7 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
 use std::time::{Duration, Instant};
 
+use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use config::WriteJournalSettings;
 use futures::FutureExt;
 use futures::future::BoxFuture;
@@ -152,7 +152,8 @@ pub(crate) struct Ready {
 pub(crate) type Outcomes = Result<Vec<WriteOutcome>, JournalError>;
 
 /// How long after a batch of light producers they count as writing (see `Limits`): heavy
-/// producers are paced until then.
+/// producers are paced until then. A tuning constant, public for the benchmark, which waits
+/// it out after its warm-up.
 pub const LIGHT_ACTIVITY: Duration = Duration::from_millis(100);
 
 /// While light producers write, a heavy producer's batch does not start beside one of theirs,

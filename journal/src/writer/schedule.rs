@@ -29,9 +29,9 @@
 //! interleavings.
 
 use std::collections::VecDeque;
+use std::sync::Arc;
 
 use ahash::{HashMap, HashMapExt, HashSet};
-use std::sync::Arc;
 
 /// Identifies a queued write inside the writer.
 pub(crate) type WriteKey = u64;

@@ -1,10 +1,9 @@
 //! The writer's MongoDB operations: read the highest sequence numbers, read stored events to
 //! compare, insert a batch, move late events forward.
 
-use ahash::HashMap;
-
 use std::sync::atomic::{AtomicU64, Ordering};
 
+use ahash::HashMap;
 use futures::{StreamExt, TryStreamExt, stream};
 
 use mongodb::bson::{DateTime, Document, RawDocumentBuf, Timestamp, doc};
