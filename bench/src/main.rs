@@ -644,8 +644,9 @@ fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
             "Floors (medians of the rounds, measured beside each scenario): {}. These are \
              estimates, not bounds: the floor is timed beside the scenario, and its refused \
              writes are not a real write's work (validation stops at the sequence number, each \
-             answer carries a reason). Measured ratios have come out up to 8% better than them; \
-             a target far beyond one is out of the service's reach in this run.",
+             answer carries a reason). Measured ratios often come out better than them (by up to \
+             about a tenth so far); a target far beyond one is out of the service's reach in \
+             this run.",
             floors.join("; ")
         );
     }
