@@ -113,9 +113,10 @@ impl EventDocument {
     }
 }
 
-/// An event encoded for insertion, its `writtenAt` still to be stamped.
+/// An event encoded for insertion, its `writtenAt` still to be stamped. (Always `Some`: the
+/// option lets [`EncodedEvent::stamp`] take the bytes out without allocating a placeholder.)
 #[derive(Debug, Clone)]
-pub struct EncodedEvent(RawDocumentBuf);
+pub struct EncodedEvent(Option<RawDocumentBuf>);
 
 /// `_id` is the first element (type byte, `"_id\0"`, 12 bytes of ObjectId: 17 bytes after the
 /// length), `writtenAt` the second: type byte 0x09 (UTC datetime) at offset 21, then the key,
@@ -204,11 +205,11 @@ impl EncodedEvent {
                 at_least: false,
             });
         }
-        Ok(Self(document))
+        Ok(Self(Some(document)))
     }
 
     pub fn len(&self) -> usize {
-        self.0.as_bytes().len()
+        self.document().as_bytes().len()
     }
 
     pub fn is_empty(&self) -> bool {
@@ -217,17 +218,23 @@ impl EncodedEvent {
 
     /// Sets `writtenAt` in place: the writer stamps each attempt as late as possible.
     pub fn stamp(&mut self, at: DateTime) {
-        let mut bytes = std::mem::take(&mut self.0).into_bytes();
+        let Some(document) = self.0.take() else {
+            unreachable!("an encoded event always holds its document");
+        };
+        let mut bytes = document.into_bytes();
         bytes[WRITTEN_AT_VALUE].copy_from_slice(&at.timestamp_millis().to_le_bytes());
         self.0 = match RawDocumentBuf::from_bytes(bytes) {
-            Ok(document) => document,
+            Ok(document) => Some(document),
             // Length and terminator are untouched, and that is all `from_bytes` checks.
             Err(error) => unreachable!("stamping changed the document's frame: {error}"),
         };
     }
 
     pub fn document(&self) -> &RawDocumentBuf {
-        &self.0
+        match &self.0 {
+            Some(document) => document,
+            None => unreachable!("an encoded event always holds its document"),
+        }
     }
 }
 

@@ -74,6 +74,9 @@ pub(crate) struct Done {
     /// Per `(chain, pid)` with a failed write, the earliest one: the later writes of that id
     /// and chain still queued fail too.
     pub failed: HashMap<(u64, Pid), FailedWrite>,
+    /// The settled writes, their events and documents: freed by the writer once the next
+    /// batches are on their way, not while MongoDB waits for them.
+    pub spent: Vec<BatchWrite>,
 }
 
 /// The earliest failed write of a chain and persistence id in a batch.
@@ -212,10 +215,12 @@ impl Run<'_> {
         let now = Instant::now();
         let mut to_read: Vec<Pid> = Vec::new();
         let mut seen: HashSet<&str> = HashSet::new();
+        let mut last: Option<&Pid> = None;
         for write in writes {
-            if !seen.insert(&write.pid) {
+            if last == Some(&write.pid) || !seen.insert(&write.pid) {
                 continue;
             }
+            last = Some(&write.pid);
             let known = self.heads.get(&write.pid).filter(|head| {
                 now.saturating_duration_since(head.confirmed) < self.validity
                     && head.highest + 1 == write.first
@@ -254,17 +259,16 @@ impl Run<'_> {
         let mut running: HashMap<Pid, i64> = HashMap::new();
         let mut waiting: HashSet<Pid> = HashSet::new();
         for write in writes {
-            if let Some(failed) = self
-                .done
-                .failed
-                .get(&(write.chain, write.pid.clone()))
+            if let Some(failed) = (!self.done.failed.is_empty())
+                .then(|| self.done.failed.get(&(write.chain, write.pid.clone())))
+                .flatten()
                 .filter(|failed| failed.order < write.order)
             {
                 let failure = failed.failure.clone();
                 self.poisoned(write, &failure);
                 continue;
             }
-            if waiting.contains(&write.pid) {
+            if !waiting.is_empty() && waiting.contains(&write.pid) {
                 decided.next.push(write);
                 continue;
             }
@@ -361,7 +365,7 @@ impl Run<'_> {
         let mut plain = Vec::new();
         let mut per_pid: Vec<(Pid, Vec<BatchWrite>)> = Vec::new();
         for write in writes {
-            if !transactional.contains(&write.pid) {
+            if transactional.is_empty() || !transactional.contains(&write.pid) {
                 plain.push(write);
             } else if let Some((_, group)) = per_pid.iter_mut().find(|(pid, _)| *pid == write.pid) {
                 group.push(write);
@@ -678,6 +682,7 @@ impl Run<'_> {
 
     fn settle(&mut self, write: BatchWrite, outcome: Result<WriteOutcome, JournalError>) {
         self.done.outcomes.push((write.key, outcome));
+        self.done.spent.push(write);
     }
 }
 

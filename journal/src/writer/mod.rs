@@ -22,6 +22,7 @@ use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
 use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::task::Poll;
 use std::time::{Duration, Instant};
 
 use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
@@ -235,6 +236,8 @@ impl Writer {
             heavy_resume: None,
             light_in_flight: 0,
             heavy_started: None,
+            answers: Vec::new(),
+            spent: Vec::new(),
             max_in_flight: settings.max_batches_in_flight as usize,
             validity: settings.sequence_nr_cache_validity,
             store,
@@ -341,6 +344,9 @@ struct Committer {
     light_in_flight: usize,
     /// When the last heavy batch started.
     heavy_started: Option<Instant>,
+    /// Outcomes of completed batches not answered yet, and their writes (see `run`).
+    answers: Vec<(WriteKey, Result<WriteOutcome, JournalError>)>,
+    spent: Vec<BatchWrite>,
 }
 
 impl Committer {
@@ -349,12 +355,30 @@ impl Committer {
             FuturesUnordered::new();
         let mut open = true;
         loop {
+            let mut started = false;
             while in_flight.len() < self.max_in_flight {
                 match self.next_batch() {
                     Some(batch) => in_flight.push(batch),
                     None => break,
                 }
+                started = true;
             }
+            if started && !self.answers.is_empty() {
+                // The batches just formed go to MongoDB before the last batch's callers are
+                // answered and its writes freed, which MongoDB need not wait for: they are
+                // polled until they wait on it, once and again after the driver's connection
+                // pool (a task of its own) has handed them a connection.
+                let mut completed = Vec::new();
+                poll_ready(&mut in_flight, &mut completed).await;
+                tokio::task::yield_now().await;
+                poll_ready(&mut in_flight, &mut completed).await;
+                self.answer();
+                for completed in completed {
+                    self.complete(completed);
+                }
+                continue;
+            }
+            self.answer();
             metrics::BATCHES_IN_FLIGHT.set(in_flight.len() as i64);
             metrics::QUEUED_EVENTS.set(self.schedule.queued_events() as i64);
             let resume = self.heavy_resume.filter(|resume| *resume > Instant::now());
@@ -517,7 +541,7 @@ impl Committer {
         let mut writes = Vec::with_capacity(admitted.len());
         for (order, queued) in admitted.into_iter().enumerate() {
             // Busy in the schedule from now on: released with the batch, whatever happens.
-            if seen.insert(queued.pid.clone()) {
+            if pids.last() != Some(&queued.pid) && seen.insert(queued.pid.clone()) {
                 if let Some(head) = self.heads.valid(&queued.pid, now) {
                     heads.insert(queued.pid.clone(), head);
                 }
@@ -625,9 +649,9 @@ impl Committer {
                 self.settle(write.key, Ok(WriteOutcome::Conflict(reason)));
             }
         }
-        for (key, outcome) in done.outcomes {
-            self.settle(key, outcome);
-        }
+        // Answered once the next batches are on their way (see `run`).
+        self.answers.extend(done.outcomes);
+        self.spent.extend(done.spent);
         for (pid, head) in done.heads {
             match head {
                 Some(head) => self.heads.set(&pid, head),
@@ -641,6 +665,16 @@ impl Committer {
             }
         }
         self.schedule.release(&pids, producers);
+    }
+
+    /// Answers the outcomes of the batches completed, and frees their writes.
+    fn answer(&mut self) {
+        let mut answers = std::mem::take(&mut self.answers);
+        for (key, outcome) in answers.drain(..) {
+            self.settle(key, outcome);
+        }
+        self.answers = answers;
+        self.spent.clear();
     }
 
     fn settle(&mut self, key: WriteKey, outcome: Result<WriteOutcome, JournalError>) {
@@ -711,6 +745,20 @@ impl Panicked {
         }
         done
     }
+}
+
+/// Polls `batches` once, collecting the ones that complete.
+async fn poll_ready(
+    batches: &mut FuturesUnordered<BoxFuture<'static, Completed>>,
+    completed: &mut Vec<Completed>,
+) {
+    std::future::poll_fn(|cx| {
+        while let Poll::Ready(Some(batch)) = batches.poll_next_unpin(cx) {
+            completed.push(batch);
+        }
+        Poll::Ready(())
+    })
+    .await;
 }
 
 /// Answers a request whose writes are all settled.

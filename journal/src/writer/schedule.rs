@@ -31,7 +31,7 @@
 use std::collections::VecDeque;
 use std::sync::Arc;
 
-use ahash::{HashMap, HashMapExt, HashSet};
+use ahash::{HashMap, HashSet};
 
 /// Identifies a queued write inside the writer.
 pub(crate) type WriteKey = u64;
@@ -258,34 +258,73 @@ impl Schedule {
                 .min(self.producers[&serve[0]].balanced(limits.fair_share))
         };
         let mut batch: Vec<Queued> = Vec::new();
+        // Per producer served: the writes and events taken.
+        let mut served: Vec<(u64, usize, usize)> = Vec::new();
         let (mut events, mut bytes) = (0, 0);
+        // Every write of a batch passes here, so the loop walks the producers' queues with as
+        // few lookups as it can: its persistence id is looked up once per run of writes of one
+        // id (runs are the rule: a request or stream writing one id), not once per write.
+        let Self {
+            queued,
+            producers,
+            by_pid,
+            busy_pids,
+            queued_events,
+            ..
+        } = self;
         'producers: for producer in serve {
+            let state = producers.get_mut(&producer).expect("producer");
+            let (mut writes, mut taken) = (0, 0);
+            // The id of the writes being taken, and its queue: not busy, and taken up to here.
+            let mut run: Option<(Pid, &mut VecDeque<WriteKey>)> = None;
             let mut index = 0;
-            while let Some(&key) = self.producers[&producer].queue.get(index) {
-                if !self.admissible(key) {
+            while let Some(&key) = state.queue.get(index) {
+                let write = &queued[&key];
+                if run.as_ref().is_none_or(|(pid, _)| *pid != write.pid) {
+                    run = None;
+                    if !busy_pids.contains(&write.pid) {
+                        run = by_pid
+                            .get_mut(&write.pid)
+                            .map(|pid_queue| (write.pid.clone(), pid_queue));
+                    }
+                }
+                // Admissible: the first of its id still queued, and the id not in flight.
+                let Some((_, pid_queue)) = run
+                    .as_mut()
+                    .filter(|(_, pid_queue)| pid_queue.front() == Some(&key))
+                else {
                     index += 1;
                     continue;
-                }
-                let write = &self.queued[&key];
+                };
                 if !batch.is_empty()
                     && (events + write.events > max_events
                         || bytes + write.bytes > limits.max_bytes)
                 {
+                    served.push((producer, writes, taken));
                     break 'producers;
                 }
-                let write = self.take(producer, index);
+                pid_queue.pop_front();
+                state.queue.remove(index);
+                let write = queued.remove(&key).expect("queued write");
+                if pid_queue.is_empty() {
+                    run = None;
+                    by_pid.remove(&write.pid);
+                }
+                state.queued_events -= write.events;
+                *queued_events -= write.events;
+                writes += 1;
+                taken += write.events;
                 events += write.events;
                 bytes += write.bytes;
                 batch.push(write);
             }
+            served.push((producer, writes, taken));
         }
         // The producers served go to the back of the ring, if they have writes left.
-        let mut served: HashMap<u64, usize> = HashMap::new();
-        for write in &batch {
-            *served.entry(write.producer).or_default() += write.events;
-        }
-        self.ring.retain(|producer| !served.contains_key(producer));
-        for (producer, taken) in served {
+        served.retain(|(_, writes, _)| *writes > 0);
+        let served_set: HashSet<u64> = served.iter().map(|(producer, ..)| *producer).collect();
+        self.ring.retain(|producer| !served_set.contains(producer));
+        for (producer, _, taken) in served {
             let state = self.producers.get_mut(&producer).expect("producer");
             state.last_batch = taken;
             state.busy = true;
@@ -294,25 +333,14 @@ impl Schedule {
                 self.ring.push_back(producer);
             }
         }
+        let mut last: Option<&Pid> = None;
         for write in &batch {
-            self.busy_pids.insert(write.pid.clone());
+            if last != Some(&write.pid) {
+                self.busy_pids.insert(write.pid.clone());
+                last = Some(&write.pid);
+            }
         }
         batch
-    }
-
-    /// Removes the write at `index` of `producer`'s queue (admissible, so first of its pid).
-    fn take(&mut self, producer: u64, index: usize) -> Queued {
-        let state = self.producers.get_mut(&producer).expect("producer");
-        let key = state.queue.remove(index).expect("queued write");
-        let write = self.queued.remove(&key).expect("queued write");
-        state.queued_events -= write.events;
-        self.queued_events -= write.events;
-        let pid_queue = self.by_pid.get_mut(&write.pid).expect("pid queue");
-        pid_queue.pop_front();
-        if pid_queue.is_empty() {
-            self.by_pid.remove(&write.pid);
-        }
-        write
     }
 
     /// A batch completed: its persistence ids and producers may go into batches again.
@@ -379,7 +407,7 @@ impl Schedule {
 #[cfg(test)]
 mod tests {
     use super::*;
-    use ahash::HashSetExt;
+    use ahash::{HashMapExt, HashSetExt};
     use proptest::prelude::*;
 
     const LIMITS: Limits = Limits {
