@@ -284,8 +284,6 @@ struct Series {
     error: Option<String>,
     /// Per round, the service's floor for the scenario, µs (`Bench::floor`; P1 and P3).
     floor: Vec<f64>,
-    /// The same after a pause as long as the round's raw call (`Bench::floor`'s `pause`), µs.
-    idle_floor: Vec<f64>,
     /// The failure that stopped the floor's measurement (the scenario itself goes on).
     floor_error: Option<String>,
 }
@@ -376,27 +374,14 @@ async fn measure(
                     }
                 }
             }
-            let raw_call = series
-                .raw
-                .last()
-                .and_then(|raw| raw_call_micros(scenario, *raw));
-            for pause in [None, raw_call] {
-                if series.error.is_some() || series.floor_error.is_some() {
-                    break;
-                }
-                let pause = pause.map(|micros| Duration::from_micros(micros as u64));
-                match bench.floor(scenario, round, pause).await {
+            if series.error.is_none() && series.floor_error.is_none() {
+                match bench.floor(scenario, round).await {
                     Ok(Some(floor)) => {
                         let floor = stats::micros(floor);
-                        if pause.is_none() {
-                            series.floor.push(floor);
-                            let _ = write!(progress, "  floor {floor:.0} µs");
-                        } else {
-                            series.idle_floor.push(floor);
-                            let _ = write!(progress, " ({floor:.0} µs after a pause)");
-                        }
+                        series.floor.push(floor);
+                        let _ = write!(progress, "  floor {floor:.0} µs");
                     }
-                    Ok(None) => break,
+                    Ok(None) => {}
                     Err(error) => {
                         server.check_alive()?;
                         let _ = write!(progress, "  floor FAILED: {error:#}");
@@ -437,27 +422,12 @@ async fn measure(
     Ok(results)
 }
 
-/// How long one of `scenario`'s calls takes the raw driver, µs, from a round's raw value
-/// (P1: its p50 latency; P3: events/s of 100-document inserts). `None` without a floor.
-fn raw_call_micros(scenario: Scenario, raw: f64) -> Option<f64> {
-    match scenario {
-        Scenario::P1 => Some(raw),
-        Scenario::P3 => Some(scenarios::P3_WRITES_PER_REQUEST as f64 / raw * 1e6),
-        _ => None,
-    }
-}
-
 /// About what each scenario with a floor (`Bench::floor`) could reach this run: the raw
-/// driver's median plus the floor, the floor taken after a pause as long as the raw call (as
-/// a real write finds the threads), and back to back in parentheses.
+/// driver's median plus the floor.
 fn floor_notes(results: &Results) -> Vec<String> {
     let of = |scenario| {
         let series = results.series.get(&scenario)?;
-        Some((
-            median(&series.idle_floor)?,
-            median(&series.floor)?,
-            median(&series.raw)?,
-        ))
+        Some((median(&series.floor)?, median(&series.raw)?))
     };
     let mut notes = Vec::new();
     for (scenario, series) in &results.series {
@@ -465,25 +435,21 @@ fn floor_notes(results: &Results) -> Vec<String> {
             notes.push(format!("{}'s floor FAILED: {error}", scenario.label()));
         }
     }
-    if let Some((floor, hot, raw)) = of(Scenario::P1) {
+    if let Some((floor, raw)) = of(Scenario::P1) {
         notes.push(format!(
-            "P1: a do-nothing unary call (`grpc.health.v1` check) takes {floor:.0} µs after a \
-             pause as long as the raw insert_one ({hot:.0} µs back to back), so P1 can be \
-             expected at about ({raw:.0} + {floor:.0}) / {raw:.0} = {:.2}x raw ({:.2}x)",
-            (raw + floor) / raw,
-            (raw + hot) / raw
+            "P1: a do-nothing unary call (`grpc.health.v1` check) takes {floor:.0} µs, so P1 can be \
+             expected at about ({raw:.0} + {floor:.0}) / {raw:.0} = {:.2}x raw",
+            (raw + floor) / raw
         ));
     }
-    if let Some((floor, hot, raw)) = of(Scenario::P3) {
+    if let Some((floor, raw)) = of(Scenario::P3) {
         let raw_request = scenarios::P3_WRITES_PER_REQUEST as f64 / raw * 1e6;
         notes.push(format!(
             "P3: a request of its 100 writes that the server refuses on receipt (sequence \
-             number 0: decoded and answered, nothing stored) takes {floor:.0} µs after a pause \
-             as long as the raw insert_many ({hot:.0} µs back to back), and the raw insert_many \
-             {raw_request:.0} µs, so P3 can be expected at about {raw_request:.0} / \
-             ({raw_request:.0} + {floor:.0}) = {:.2}x raw ({:.2}x)",
-            raw_request / (raw_request + floor),
-            raw_request / (raw_request + hot)
+             number 0: decoded and answered, nothing stored) takes {floor:.0} µs, and the raw \
+             insert_many {raw_request:.0} µs, so P3 can be expected at about {raw_request:.0} / \
+             ({raw_request:.0} + {floor:.0}) = {:.2}x raw",
+            raw_request / (raw_request + floor)
         ));
     }
     notes
@@ -678,11 +644,9 @@ fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
             "Floors (medians of the rounds, measured beside each scenario): {}. These are \
              estimates, not bounds: the floor is timed beside the scenario, and its refused \
              writes are not a real write's work (validation stops at the sequence number, each \
-             answer carries a reason). The pause before each call lets the client's and the \
-             server's threads go idle as they do while a write waits for MongoDB, so the call \
-             pays for waking them as a write does; back to back (in parentheses) it does not, \
-             and that estimate is the optimistic one. A target far beyond the estimates is out \
-             of the service's reach in this run.",
+             answer carries a reason). Measured ratios often come out better than them (by up to \
+             about a tenth so far); a target far beyond one is out of the service's reach in \
+             this run.",
             floors.join("; ")
         );
     }

@@ -190,27 +190,12 @@ impl Bench {
     /// P3: the p50 of 100 requests of P3's 100 writes, each refused on receipt (sequence number
     /// 0), so the server decodes and answers them (validation stops at the sequence number, each
     /// answer carries a reason) and stores nothing. `None` for the other scenarios.
-    ///
-    /// `pause`: waited before each call, so that the client's and the server's threads have
-    /// gone idle, as they do while a real write waits for MongoDB (waking them is part of every
-    /// real write's cost, and a floor of back-to-back calls, hot threads, leaves it out).
-    pub async fn floor(
-        &self,
-        scenario: Scenario,
-        round: u32,
-        pause: Option<Duration>,
-    ) -> anyhow::Result<Option<Duration>> {
+    pub async fn floor(&self, scenario: Scenario, round: u32) -> anyhow::Result<Option<Duration>> {
         let mut latencies = Vec::new();
-        let pause = || async move {
-            if let Some(pause) = pause {
-                tokio::time::sleep(pause).await;
-            }
-        };
         match scenario {
             Scenario::P1 => {
                 let mut health = HealthClient::new(self.channel.clone());
                 for _ in 0..P1_WRITES {
-                    pause().await;
                     let start = Instant::now();
                     health
                         .check(HealthCheckRequest::default())
@@ -231,15 +216,13 @@ impl Bench {
                 }
                 let mut client = JournalClient::new(self.channel.clone());
                 for _ in 0..P3_REQUESTS {
-                    let request = request.clone();
-                    pause().await;
                     let start = Instant::now();
                     let response = client
-                        .write_events(request)
+                        .write_events(request.clone())
                         .await
                         .context("floor: WriteEvents of refused writes")?;
                     latencies.push(start.elapsed());
-                    service::check_rejected(response.get_ref(), P3_WRITES_PER_REQUEST as usize)?;
+                    service::check_rejected(response.get_ref(), request.writes.len())?;
                 }
             }
             _ => return Ok(None),
