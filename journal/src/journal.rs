@@ -122,11 +122,11 @@ impl Journal {
     ) -> impl Future<Output = Result<Vec<WriteOutcome>, JournalError>> + Send + 'static {
         let now = now_millis();
         // Writes of one id in a row share its `Pid`.
-        let mut last: Option<Pid> = None;
+        let mut previous_pid: Option<Pid> = None;
         let writes = writes
             .into_iter()
             .map(|write| match write {
-                Ok(write) => prepare(write, now, &mut last),
+                Ok(write) => prepare(write, now, &mut previous_pid),
                 Err(refused) => Prepared::rejected(
                     refused.persistence_id.map(|pid| pid.as_str().into()),
                     refused.first,
@@ -272,10 +272,12 @@ fn now_millis() -> i64 {
 
 /// Stamps the timestamps and encodes the events, or rejects the write naming the event that
 /// does not fit in a MongoDB document.
-fn prepare(write: AtomicWrite, now: i64, last: &mut Option<Pid>) -> Prepared {
-    let pid: Pid = match last {
+fn prepare(write: AtomicWrite, now: i64, previous_pid: &mut Option<Pid>) -> Prepared {
+    let pid: Pid = match previous_pid {
         Some(pid) if **pid == *write.persistence_id().as_str() => pid.clone(),
-        _ => last.insert(write.persistence_id().as_str().into()).clone(),
+        _ => previous_pid
+            .insert(write.persistence_id().as_str().into())
+            .clone(),
     };
     let (first, last) = (
         write.first_sequence_nr().get(),
