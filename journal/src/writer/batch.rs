@@ -259,16 +259,19 @@ impl Run<'_> {
         let mut running: HashMap<Pid, i64> = HashMap::new();
         let mut waiting: HashSet<Pid> = HashSet::new();
         for write in writes {
-            if let Some(failed) = (!self.done.failed.is_empty())
-                .then(|| self.done.failed.get(&(write.chain, write.pid.clone())))
-                .flatten()
-                .filter(|failed| failed.order < write.order)
+            // (The key costs a `Pid` clone: not built while nothing has failed.)
+            if !self.done.failed.is_empty()
+                && let Some(failed) = self
+                    .done
+                    .failed
+                    .get(&(write.chain, write.pid.clone()))
+                    .filter(|failed| failed.order < write.order)
             {
                 let failure = failed.failure.clone();
                 self.poisoned(write, &failure);
                 continue;
             }
-            if !waiting.is_empty() && waiting.contains(&write.pid) {
+            if waiting.contains(&write.pid) {
                 decided.next.push(write);
                 continue;
             }
@@ -365,7 +368,7 @@ impl Run<'_> {
         let mut plain = Vec::new();
         let mut per_pid: Vec<(Pid, Vec<BatchWrite>)> = Vec::new();
         for write in writes {
-            if transactional.is_empty() || !transactional.contains(&write.pid) {
+            if !transactional.contains(&write.pid) {
                 plain.push(write);
             } else if let Some((_, group)) = per_pid.iter_mut().find(|(pid, _)| *pid == write.pid) {
                 group.push(write);

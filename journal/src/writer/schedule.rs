@@ -258,8 +258,8 @@ impl Schedule {
                 .min(self.producers[&serve[0]].balanced(limits.fair_share))
         };
         let mut batch: Vec<Queued> = Vec::new();
-        // Per producer served: the writes and events taken.
-        let mut served: Vec<(u64, usize, usize)> = Vec::new();
+        // Per producer served: the events taken.
+        let mut served: Vec<(u64, usize)> = Vec::new();
         let (mut events, mut bytes) = (0, 0);
         // Every write of a batch passes here, so the loop walks the producers' queues with as
         // few lookups as it can: its persistence id is looked up once per run of writes of one
@@ -274,7 +274,7 @@ impl Schedule {
         } = self;
         'producers: for producer in serve {
             let state = producers.get_mut(&producer).expect("producer");
-            let (mut writes, mut taken) = (0, 0);
+            let mut taken = 0;
             // The id of the writes being taken, and its queue: not busy, and taken up to here.
             let mut run: Option<(Pid, &mut VecDeque<WriteKey>)> = None;
             let mut index = 0;
@@ -300,7 +300,7 @@ impl Schedule {
                     && (events + write.events > max_events
                         || bytes + write.bytes > limits.max_bytes)
                 {
-                    served.push((producer, writes, taken));
+                    served.push((producer, taken));
                     break 'producers;
                 }
                 pid_queue.pop_front();
@@ -312,19 +312,19 @@ impl Schedule {
                 }
                 state.queued_events -= write.events;
                 *queued_events -= write.events;
-                writes += 1;
                 taken += write.events;
                 events += write.events;
                 bytes += write.bytes;
                 batch.push(write);
             }
-            served.push((producer, writes, taken));
+            served.push((producer, taken));
         }
         // The producers served go to the back of the ring, if they have writes left.
-        served.retain(|(_, writes, _)| *writes > 0);
+        // (Every write has an event at least: `model::AtomicWrite::new`.)
+        served.retain(|(_, taken)| *taken > 0);
         let served_set: HashSet<u64> = served.iter().map(|(producer, ..)| *producer).collect();
         self.ring.retain(|producer| !served_set.contains(producer));
-        for (producer, _, taken) in served {
+        for (producer, taken) in served {
             let state = self.producers.get_mut(&producer).expect("producer");
             state.last_batch = taken;
             state.busy = true;
