@@ -455,6 +455,30 @@ fn floor_notes(results: &Results) -> Vec<String> {
     notes
 }
 
+/// About what P3s's window leaves the service this run, from the raw driver's two insert rates
+/// of one id (P3's 100-event inserts and P3s's ceiling of the writer's largest batch): see
+/// `stats::window_estimate`. P3s's target is against P3, so it also says how fast P3 may be for
+/// both targets to hold.
+fn window_note(results: &Results) -> Option<String> {
+    let raw = |scenario| median(&results.series.get(&scenario)?.raw);
+    let (small_rate, large_rate) = (raw(Scenario::P3)?, raw(Scenario::P3s)?);
+    let small = scenarios::P3_WRITES_PER_REQUEST as f64;
+    let large = f64::from(config::WriteJournalSettings::default().max_batch_events);
+    let window = (scenarios::STREAM_WINDOW as i64 * scenarios::P3_WRITES_PER_REQUEST) as f64;
+    let bound = stats::window_estimate(small, small_rate, large, large_rate, window)?;
+    let of_raw = bound / small_rate;
+    Some(format!(
+        "P3s's window: from the raw inserts of one id this run ({small:.0} events at \
+         {small_rate:.0} events/s, {large:.0} at {large_rate:.0}), {window:.0} events \
+         unanswered, inserted a batch at a time, let one id reach about {bound:.0} events/s \
+         (two consecutive batches share the window), {of_raw:.2}x the raw insert_many of P3; \
+         for P3s >= 1.5x P3, P3 must then stay at or below about {:.2}x raw. An estimate too: \
+         the raw rates include building each document in the loop, which the stream overlaps \
+         with the inserts, so the service can come out above it",
+        of_raw / 1.5
+    ))
+}
+
 /// The table's rows, from the medians across rounds; ratios are of the medians.
 fn rows(results: &Results) -> Vec<Row> {
     let mut rows = Vec::new();
@@ -649,6 +673,9 @@ fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
              this run.",
             floors.join("; ")
         );
+    }
+    if let Some(note) = window_note(results) {
+        let _ = writeln!(out, "{note}.");
     }
     if results.fairness_selected && !results.fairness.is_empty() {
         let rounds = results.fairness.len();

@@ -30,7 +30,7 @@ const P2_EVENTS_PER_ACTOR: i64 = 100;
 const P3_REQUESTS: i64 = 100;
 pub const P3_WRITES_PER_REQUEST: i64 = 100;
 /// P3s and the prolific producer: requests sent and not yet answered.
-const STREAM_WINDOW: usize = 8;
+pub const STREAM_WINDOW: usize = 8;
 /// Fairness: producers writing at a modest rate, and that rate.
 const MODEST_PRODUCERS: usize = 10;
 const MODEST_INTERVAL: Duration = Duration::from_millis(20);
