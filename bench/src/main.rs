@@ -33,7 +33,7 @@ use clap::{Parser, ValueEnum};
 use cpu::Usage;
 use raw::RawDriver;
 use report::{Met, Row, number, optional_number, table};
-use scenarios::{Bench, FairnessRound, Measured, Scenario};
+use scenarios::{Bench, FairnessRound, Measured, ReadRoundTrips, Scenario};
 use server::Server;
 use stats::median;
 use workload::{PAYLOAD_BYTES, Side, Workload};
@@ -198,7 +198,13 @@ async fn run_write_scenarios(
         .await
         .context("starting the service")?;
     let measured = async {
-        let bench = Bench::new(Workload::new(run_id), &server.url(), Arc::clone(raw)).await?;
+        let bench = Bench::new(
+            Workload::new(run_id),
+            &server.url(),
+            Arc::clone(raw),
+            service_database,
+        )
+        .await?;
         bench.warm_up().await.context("warming up")?;
         let service_shape = raw
             .stored_shape(service_database, &bench.warm_up_pid(Side::Service))
@@ -286,6 +292,9 @@ struct Series {
     floor: Vec<f64>,
     /// The failure that stopped the floor's measurement (the scenario itself goes on).
     floor_error: Option<String>,
+    /// Per round, beside P1: one read of MongoDB through the service and by the raw driver
+    /// (`Bench::read_round_trips`).
+    read_round_trips: Vec<ReadRoundTrips>,
 }
 
 impl Series {
@@ -333,11 +342,7 @@ async fn measure(
     };
     for round in 1..=args.rounds {
         // Whoever goes second may find mongod busier (checkpoints, a fuller cache): alternate.
-        let sides = if round % 2 == 1 {
-            [Side::Service, Side::Raw]
-        } else {
-            [Side::Raw, Side::Service]
-        };
+        let sides = Side::in_order(round % 2 == 1);
         for &scenario in scenarios {
             if scenario == Scenario::Fairness {
                 continue;
@@ -385,6 +390,24 @@ async fn measure(
                     Err(error) => {
                         server.check_alive()?;
                         let _ = write!(progress, "  floor FAILED: {error:#}");
+                        series.floor_error = Some(format!("{error:#}"));
+                    }
+                }
+            }
+            if scenario == Scenario::P1 && series.error.is_none() && series.floor_error.is_none() {
+                match bench.read_round_trips(round).await {
+                    Ok(reads) => {
+                        let _ = write!(
+                            progress,
+                            "  read {:.0}/{:.0} µs",
+                            stats::micros(reads.service),
+                            stats::micros(reads.raw)
+                        );
+                        series.read_round_trips.push(reads);
+                    }
+                    Err(error) => {
+                        server.check_alive()?;
+                        let _ = write!(progress, "  read FAILED: {error:#}");
                         series.floor_error = Some(format!("{error:#}"));
                     }
                 }
@@ -441,6 +464,18 @@ fn floor_notes(results: &Results) -> Vec<String> {
              expected at about ({raw:.0} + {floor:.0}) / {raw:.0} = {:.2}x raw",
             (raw + floor) / raw
         ));
+        if let Some(reads) = results.series.get(&Scenario::P1).and_then(read_medians) {
+            let (service, raw_read) = reads;
+            let hop = service - raw_read;
+            notes.push(format!(
+                "P1 beside a read: one `find_one` by `_id` takes {service:.0} µs through the \
+                 service (`DurableStateStore/GetObject` of an id with no object: no write path) \
+                 and {raw_read:.0} µs by the raw driver (paired call by call), so a unary call \
+                 that waits on MongoDB pays {hop:.0} µs for gRPC and the server's process, and P1 \
+                 can be expected at about ({raw:.0} + {hop:.0}) / {raw:.0} = {:.2}x raw",
+                (raw + hop) / raw
+            ));
+        }
     }
     if let Some((floor, raw)) = of(Scenario::P3) {
         let raw_request = scenarios::P3_WRITES_PER_REQUEST as f64 / raw * 1e6;
@@ -453,6 +488,19 @@ fn floor_notes(results: &Results) -> Vec<String> {
         ));
     }
     notes
+}
+
+/// The medians (µs) of the rounds' read round trips beside P1: (service, raw driver).
+fn read_medians(series: &Series) -> Option<(f64, f64)> {
+    let side = |of: fn(&ReadRoundTrips) -> Duration| {
+        let values: Vec<f64> = series
+            .read_round_trips
+            .iter()
+            .map(|reads| stats::micros(of(reads)))
+            .collect();
+        median(&values)
+    };
+    Some((side(|reads| reads.service)?, side(|reads| reads.raw)?))
 }
 
 /// About what P3s's window leaves the service this run, from the raw driver's two insert rates

@@ -12,6 +12,7 @@ pub struct RawDriver {
     database: Database,
     events: Collection<RawDocumentBuf>,
     journal: String,
+    durable_state: String,
 }
 
 impl RawDriver {
@@ -23,6 +24,7 @@ impl RawDriver {
             .await
             .context("raw driver: connecting to MongoDB")?;
         let journal = settings.collections.journal.as_str();
+        let durable_state = settings.collections.durable_state.clone();
         mongo::create_collections(&database, &[journal])
             .await
             .context("raw driver: creating the journal collection")?;
@@ -35,6 +37,7 @@ impl RawDriver {
             database,
             events,
             journal: journal.to_owned(),
+            durable_state,
         })
     }
 
@@ -62,6 +65,19 @@ impl RawDriver {
             .await
             .context("raw driver: insert_many")?;
         Ok(())
+    }
+
+    /// What `DurableState/GetObject` reads, done directly: one `find_one` by `_id` in
+    /// `database`'s durable-state collection (the service's own, so both sides read the same
+    /// collection and index), with the service's default read concern.
+    pub async fn find_object(&self, database: &str, id: &str) -> anyhow::Result<Option<Document>> {
+        self.database
+            .client()
+            .database(database)
+            .collection::<Document>(&self.durable_state)
+            .find_one(doc! { "_id": id })
+            .await
+            .context("raw driver: find_one of a durable-state object")
     }
 
     /// The reply of the admin command `{ name: 1 }`.

@@ -7,7 +7,9 @@ use std::sync::Arc;
 use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
-use anyhow::{Context, anyhow};
+use anyhow::{Context, anyhow, bail};
+use proto::v1::GetObjectRequest;
+use proto::v1::durable_state_store_client::DurableStateStoreClient;
 use proto::v1::journal_client::JournalClient;
 use tokio::sync::mpsc;
 use tokio::task::JoinHandle;
@@ -138,6 +140,16 @@ pub struct Bench {
     /// The project's client on a connection of its own (P2: its concurrent writes share calls).
     client: eventjournal_client::Client,
     raw: Arc<RawDriver>,
+    /// The service's database: the raw side of [`Bench::read_round_trips`] reads it.
+    service_database: String,
+}
+
+/// One round of [`Bench::read_round_trips`]: p50 latencies of the same read of MongoDB, through
+/// the service and by the raw driver.
+#[derive(Debug, Clone, Copy)]
+pub struct ReadRoundTrips {
+    pub service: Duration,
+    pub raw: Duration,
 }
 
 impl Bench {
@@ -145,6 +157,7 @@ impl Bench {
         workload: Workload,
         server_url: &str,
         raw: Arc<RawDriver>,
+        service_database: &str,
     ) -> anyhow::Result<Self> {
         let endpoint = Endpoint::from_shared(server_url.to_owned())?;
         let channel = endpoint
@@ -161,6 +174,7 @@ impl Bench {
             endpoint,
             client,
             raw,
+            service_database: service_database.to_owned(),
         })
     }
 
@@ -228,6 +242,52 @@ impl Bench {
             _ => return Ok(None),
         }
         Ok(Some(percentile(&mut latencies, 0.50)))
+    }
+
+    /// Beside P1: what the service's hop adds to a call that waits on MongoDB, with no write
+    /// path in it. 300 `DurableStateStore/GetObject` calls of an id that has no object (one
+    /// `find_one` by `_id` in the server) and 300 raw `find_one`s of it in the same collection,
+    /// paired one after the other (the order alternating), so both sides see the same moment of
+    /// a noisy machine. The service's p50 minus the raw p50 is what any unary call that waits
+    /// on MongoDB pays for gRPC and the server's process; P1 pays it too.
+    pub async fn read_round_trips(&self, round: u32) -> anyhow::Result<ReadRoundTrips> {
+        let id = self
+            .workload
+            .pid("read-round-trip", round, Side::Service, 0);
+        let mut client = DurableStateStoreClient::new(self.channel.clone());
+        let mut service = Vec::with_capacity(P1_WRITES as usize);
+        let mut raw = Vec::with_capacity(P1_WRITES as usize);
+        for call in 0..P1_WRITES {
+            for side in Side::in_order(call % 2 == 0) {
+                let start = Instant::now();
+                match side {
+                    Side::Service => {
+                        let request = GetObjectRequest {
+                            persistence_id: id.clone(),
+                        };
+                        let response = client
+                            .get_object(request)
+                            .await
+                            .context("read round trip: DurableStateStore/GetObject")?;
+                        service.push(start.elapsed());
+                        if response.get_ref().revision != 0 {
+                            bail!("read round trip: {id} has an object; it must have none");
+                        }
+                    }
+                    Side::Raw => {
+                        let found = self.raw.find_object(&self.service_database, &id).await?;
+                        raw.push(start.elapsed());
+                        if found.is_some() {
+                            bail!("read round trip: raw find_one found an object for {id}");
+                        }
+                    }
+                }
+            }
+        }
+        Ok(ReadRoundTrips {
+            service: percentile(&mut service, 0.50),
+            raw: percentile(&mut raw, 0.50),
+        })
     }
 
     /// A persistence id `warm_up` wrote on `side`.

@@ -23,6 +23,17 @@ pub enum Side {
     Raw,
 }
 
+impl Side {
+    /// Both sides, the service first or the raw driver first.
+    pub fn in_order(service_first: bool) -> [Side; 2] {
+        if service_first {
+            [Side::Service, Side::Raw]
+        } else {
+            [Side::Raw, Side::Service]
+        }
+    }
+}
+
 impl fmt::Display for Side {
     fn fmt(&self, formatter: &mut fmt::Formatter<'_>) -> fmt::Result {
         formatter.write_str(match self {
