@@ -67,7 +67,7 @@ impl RawDriver {
         Ok(())
     }
 
-    /// What `DurableState/GetObject` reads, done directly: one `find_one` by `_id` in
+    /// What `DurableStateStore/GetObject` reads, done directly: one `find_one` by `_id` in
     /// `database`'s durable-state collection (the service's own, so both sides read the same
     /// collection and index), with the service's default read concern.
     pub async fn find_object(&self, database: &str, id: &str) -> anyhow::Result<Option<Document>> {
