@@ -82,13 +82,38 @@ fn main() -> ExitCode {
     let args = Args::parse();
     let outcome = tokio::runtime::Runtime::new()
         .context("starting the async runtime")
-        .and_then(|runtime| runtime.block_on(run(args)));
+        .and_then(|runtime| {
+            runtime.block_on(async {
+                tokio::select! {
+                    outcome = run(args) => outcome,
+                    signal = stop_signal() => Err(anyhow::anyhow!("stopped by {signal}")),
+                }
+            })
+        });
     match outcome {
         Ok(code) => code,
         Err(error) => {
             eprintln!("eventjournal-bench: error: {error:#}");
             ExitCode::FAILURE
         }
+    }
+}
+
+/// SIGINT or SIGTERM. `main` then drops `run`'s future, and with it the servers it started
+/// (`Server`'s `Drop` kills its process): a signal's default action would end this process
+/// alone and leave them running (Ctrl-C reaches them too, a `kill` of this process does not).
+async fn stop_signal() -> &'static str {
+    use tokio::signal::unix::{SignalKind, signal};
+    match (
+        signal(SignalKind::interrupt()),
+        signal(SignalKind::terminate()),
+    ) {
+        (Ok(mut interrupt), Ok(mut terminate)) => tokio::select! {
+            _ = interrupt.recv() => "SIGINT",
+            _ = terminate.recv() => "SIGTERM",
+        },
+        // Not listening: the default actions stay, as before.
+        _ => std::future::pending().await,
     }
 }
 
