@@ -33,7 +33,7 @@ use clap::{Parser, ValueEnum};
 use cpu::Usage;
 use raw::RawDriver;
 use report::{Met, Row, number, optional_number, table};
-use scenarios::{Bench, FairnessRound, Measured, ReadRoundTrips, Scenario};
+use scenarios::{Bench, FairnessRound, Measured, Scenario};
 use server::Server;
 use stats::median;
 use workload::{PAYLOAD_BYTES, Side, Workload};
@@ -317,9 +317,10 @@ struct Series {
     floor: Vec<f64>,
     /// The failure that stopped the floor's measurement (the scenario itself goes on).
     floor_error: Option<String>,
-    /// Per round, beside P1: one read of MongoDB through the service and by the raw driver
-    /// (`Bench::read_round_trips`).
-    read_round_trips: Vec<ReadRoundTrips>,
+    /// Per round, beside P1: the p50 of one read of MongoDB through the service and by the
+    /// raw driver, µs (`Bench::read_round_trips`).
+    read_service: Vec<f64>,
+    read_raw: Vec<f64>,
 }
 
 impl Series {
@@ -422,13 +423,11 @@ async fn measure(
             if scenario == Scenario::P1 && series.error.is_none() && series.floor_error.is_none() {
                 match bench.read_round_trips(round).await {
                     Ok(reads) => {
-                        let _ = write!(
-                            progress,
-                            "  read {:.0}/{:.0} µs",
-                            stats::micros(reads.service),
-                            stats::micros(reads.raw)
-                        );
-                        series.read_round_trips.push(reads);
+                        let (service, raw) =
+                            (stats::micros(reads.service), stats::micros(reads.raw));
+                        let _ = write!(progress, "  read {service:.0}/{raw:.0} µs");
+                        series.read_service.push(service);
+                        series.read_raw.push(raw);
                     }
                     Err(error) => {
                         server.check_alive()?;
@@ -489,8 +488,11 @@ fn floor_notes(results: &Results) -> Vec<String> {
              expected at about ({raw:.0} + {floor:.0}) / {raw:.0} = {:.2}x raw",
             (raw + floor) / raw
         ));
-        if let Some(reads) = results.series.get(&Scenario::P1).and_then(read_medians) {
-            let (service, raw_read) = reads;
+        let reads = results
+            .series
+            .get(&Scenario::P1)
+            .and_then(|series| Some((median(&series.read_service)?, median(&series.read_raw)?)));
+        if let Some((service, raw_read)) = reads {
             let hop = service - raw_read;
             notes.push(format!(
                 "P1 beside a read: one `find_one` by `_id` takes {service:.0} µs through the \
@@ -513,19 +515,6 @@ fn floor_notes(results: &Results) -> Vec<String> {
         ));
     }
     notes
-}
-
-/// The medians (µs) of the rounds' read round trips beside P1: (service, raw driver).
-fn read_medians(series: &Series) -> Option<(f64, f64)> {
-    let side = |of: fn(&ReadRoundTrips) -> Duration| {
-        let values: Vec<f64> = series
-            .read_round_trips
-            .iter()
-            .map(|reads| stats::micros(of(reads)))
-            .collect();
-        median(&values)
-    };
-    Some((side(|reads| reads.service)?, side(|reads| reads.raw)?))
 }
 
 /// About what P3s's window leaves the service this run, from the raw driver's two insert rates

@@ -67,17 +67,14 @@ impl RawDriver {
         Ok(())
     }
 
-    /// What `DurableStateStore/GetObject` reads, done directly: one `find_one` by `_id` in
-    /// `database`'s durable-state collection (the service's own, so both sides read the same
-    /// collection and index), with the service's default read concern.
-    pub async fn find_object(&self, database: &str, id: &str) -> anyhow::Result<Option<Document>> {
+    /// `database`'s durable-state collection, with the service's default read concern: what
+    /// `DurableStateStore/GetObject` reads with one `find_one` by `_id`. Taken once, so a timed
+    /// read does not build handles.
+    pub fn objects(&self, database: &str) -> Collection<Document> {
         self.database
             .client()
             .database(database)
-            .collection::<Document>(&self.durable_state)
-            .find_one(doc! { "_id": id })
-            .await
-            .context("raw driver: find_one of a durable-state object")
+            .collection(&self.durable_state)
     }
 
     /// The reply of the admin command `{ name: 1 }`.

@@ -8,6 +8,8 @@ use std::sync::atomic::{AtomicBool, Ordering};
 use std::time::{Duration, Instant};
 
 use anyhow::{Context, anyhow, bail};
+use mongodb::Collection;
+use mongodb::bson::{Document, doc};
 use proto::v1::GetObjectRequest;
 use proto::v1::durable_state_store_client::DurableStateStoreClient;
 use proto::v1::journal_client::JournalClient;
@@ -140,8 +142,9 @@ pub struct Bench {
     /// The project's client on a connection of its own (P2: its concurrent writes share calls).
     client: eventjournal_client::Client,
     raw: Arc<RawDriver>,
-    /// The service's database: the raw side of [`Bench::read_round_trips`] reads it.
-    service_database: String,
+    /// The service's durable-state collection: the raw side of [`Bench::read_round_trips`]
+    /// reads it (the same collection and index the service reads).
+    service_objects: Collection<Document>,
 }
 
 /// One round of [`Bench::read_round_trips`]: p50 latencies of the same read of MongoDB, through
@@ -173,8 +176,8 @@ impl Bench {
             channel,
             endpoint,
             client,
+            service_objects: raw.objects(service_database),
             raw,
-            service_database: service_database.to_owned(),
         })
     }
 
@@ -275,7 +278,11 @@ impl Bench {
                         }
                     }
                     Side::Raw => {
-                        let found = self.raw.find_object(&self.service_database, &id).await?;
+                        let found = self
+                            .service_objects
+                            .find_one(doc! { "_id": &id })
+                            .await
+                            .context("read round trip: raw find_one")?;
                         raw.push(start.elapsed());
                         if found.is_some() {
                             bail!("read round trip: raw find_one found an object for {id}");
