@@ -321,6 +321,10 @@ struct Series {
     /// raw driver, µs (`Bench::read_round_trips`).
     read_service: Vec<f64>,
     read_raw: Vec<f64>,
+    /// Per round and side, P1 and P3: mongod's own mean time per write command while the side
+    /// wrote, µs (`Bench::mongod_writes`).
+    mongod_service: Vec<f64>,
+    mongod_raw: Vec<f64>,
 }
 
 impl Series {
@@ -328,6 +332,13 @@ impl Series {
         match side {
             Side::Service => self.service.push(value),
             Side::Raw => self.raw.push(value),
+        }
+    }
+
+    fn push_mongod(&mut self, side: Side, micros: f64) {
+        match side {
+            Side::Service => self.mongod_service.push(micros),
+            Side::Raw => self.mongod_raw.push(micros),
         }
     }
 
@@ -379,6 +390,11 @@ async fn measure(
             }
             let mut progress = format!("round {round}/{} {:<4}", args.rounds, scenario.name());
             for side in sides {
+                // A diagnostic, read outside the CPU readings: a failed reading is left out.
+                let mongod_before = match scenario {
+                    Scenario::P1 | Scenario::P3 => bench.mongod_writes().await.ok(),
+                    _ => None,
+                };
                 let before = match scenario.events() {
                     Some(events) => Some((events, cpu::Reading::take(&processes).await?)),
                     None => None,
@@ -391,6 +407,13 @@ async fn measure(
                             series.push_cpu(side, Usage::between(before, &after, *events));
                         }
                         let _ = write!(progress, "  {side} {value:.0} {}", scenario.unit());
+                        if let Some(before) = mongod_before
+                            && let Ok(after) = bench.mongod_writes().await
+                            && let Some(mean) = after.mean_since(&before)
+                        {
+                            series.push_mongod(side, mean);
+                            let _ = write!(progress, " (mongod {mean:.0} µs)");
+                        }
                     }
                     Ok(Measured::Unimplemented) => {
                         series.unimplemented = true;
@@ -515,6 +538,23 @@ fn floor_notes(results: &Results) -> Vec<String> {
         ));
     }
     notes
+}
+
+/// What mongod itself took per insert of each side, P1 and P3 (`Bench::mongod_writes`).
+fn mongod_notes(results: &Results) -> Vec<String> {
+    [Scenario::P1, Scenario::P3]
+        .into_iter()
+        .filter_map(|scenario| {
+            let series = results.series.get(&scenario)?;
+            let (service, raw) = (median(&series.mongod_service)?, median(&series.mongod_raw)?);
+            Some(format!(
+                "{}: {service:.0} µs per insert of the service's, {raw:.0} µs per insert of the \
+                 raw driver's ({:+.0} µs)",
+                scenario.label(),
+                service - raw
+            ))
+        })
+        .collect()
 }
 
 /// About what P3s's window leaves the service this run, from the raw driver's two insert rates
@@ -734,6 +774,17 @@ fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
              about a tenth so far); a target far beyond one is out of the service's reach in \
              this run.",
             floors.join("; ")
+        );
+    }
+    let mongod = mongod_notes(results);
+    if !mongod.is_empty() {
+        let _ = writeln!(
+            out,
+            "Inside mongod (serverStatus opLatencies.writes: from receipt to reply, write concern \
+             included; the mean over each side's run, the median of the rounds): {}. The same \
+             documents, indexes and write concern either way; what differs is what else runs on \
+             the machine's cores meanwhile (the service's process and its gRPC client).",
+            mongod.join("; ")
         );
     }
     if let Some(note) = window_note(results) {

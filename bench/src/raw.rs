@@ -8,6 +8,22 @@ use config::MongoSettings;
 use mongodb::bson::{Bson, Document, RawDocumentBuf, doc};
 use mongodb::{Collection, Database};
 
+/// A reading of mongod's `opLatencies.writes` counters.
+#[derive(Debug, Clone, Copy)]
+pub struct MongodWrites {
+    micros: i64,
+    operations: i64,
+}
+
+impl MongodWrites {
+    /// The mean time mongod spent on each write command between `earlier` and this reading,
+    /// µs; `None` when there was none.
+    pub fn mean_since(&self, earlier: &MongodWrites) -> Option<f64> {
+        let operations = self.operations - earlier.operations;
+        (operations > 0).then(|| (self.micros - earlier.micros) as f64 / operations as f64)
+    }
+}
+
 pub struct RawDriver {
     database: Database,
     events: Collection<RawDocumentBuf>,
@@ -93,6 +109,27 @@ impl RawDriver {
         Ok(info.get_str("version").unwrap_or("unknown").to_owned())
     }
 
+    /// mongod's own time in write commands so far (`serverStatus` `opLatencies.writes`:
+    /// inserts, updates and deletes, from receipt to reply, write concern included).
+    pub async fn mongod_writes(&self) -> anyhow::Result<MongodWrites> {
+        let status = self.admin_command("serverStatus").await?;
+        let writes = status
+            .get_document("opLatencies")
+            .and_then(|latencies| latencies.get_document("writes"))
+            .context("serverStatus: no opLatencies.writes")?;
+        let number = |key: &str| match writes.get(key) {
+            Some(Bson::Int64(value)) => Ok(*value),
+            Some(Bson::Int32(value)) => Ok(i64::from(*value)),
+            other => Err(anyhow::anyhow!(
+                "serverStatus: opLatencies.writes.{key} is {other:?}"
+            )),
+        };
+        Ok(MongodWrites {
+            micros: number("latency")?,
+            operations: number("ops")?,
+        })
+    }
+
     /// mongod's process id (`serverStatus`), for its CPU time when it runs on this machine.
     pub async fn mongod_pid(&self) -> anyhow::Result<u32> {
         let status = self.admin_command("serverStatus").await?;
@@ -141,5 +178,24 @@ fn describe_shape(document: &Document, prefix: &str, shape: &mut Vec<String>) {
             }
             _ => {}
         }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::MongodWrites;
+
+    #[test]
+    fn mongod_writes_give_the_mean_time_of_the_writes_between_two_readings() {
+        let before = MongodWrites {
+            micros: 1_000,
+            operations: 10,
+        };
+        let after = MongodWrites {
+            micros: 1_000 + 3 * 850,
+            operations: 13,
+        };
+        assert_eq!(after.mean_since(&before), Some(850.0));
+        assert_eq!(before.mean_since(&before), None);
     }
 }

@@ -20,7 +20,7 @@ use tonic::transport::{Channel, Endpoint};
 use tonic_health::pb::HealthCheckRequest;
 use tonic_health::pb::health_client::HealthClient;
 
-use crate::raw::RawDriver;
+use crate::raw::{MongodWrites, RawDriver};
 use crate::service::{self, EventStream};
 use crate::stats::{micros, percentile};
 use crate::workload::{Side, Workload};
@@ -179,6 +179,12 @@ impl Bench {
             service_objects: raw.objects(service_database),
             raw,
         })
+    }
+
+    /// mongod's counters of its own time in write commands, read before and after each side of
+    /// P1 and P3: one insert at a time, so their mean is what mongod itself took per insert.
+    pub async fn mongod_writes(&self) -> anyhow::Result<MongodWrites> {
+        self.raw.mongod_writes().await
     }
 
     /// Writes a little on both sides before anything is measured: connection pools fill, the
