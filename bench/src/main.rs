@@ -782,8 +782,8 @@ fn notes(args: &Args, results: &Results, fairness_rounds: u32) -> String {
             out,
             "Inside mongod (serverStatus opLatencies.writes: from receipt to reply, write concern \
              included; the mean over each side's run, the median of the rounds): {}. The same \
-             documents, indexes and write concern either way; what differs is what else runs on \
-             the machine's cores meanwhile (the service's process and its gRPC client).",
+             documents, indexes and write concern either way, one insert at a time: a difference \
+             is time mongod itself took longer over one side's inserts, not time in the service.",
             mongod.join("; ")
         );
     }

@@ -110,7 +110,8 @@ impl RawDriver {
     }
 
     /// mongod's own time in write commands so far (`serverStatus` `opLatencies.writes`:
-    /// inserts, updates and deletes, from receipt to reply, write concern included).
+    /// inserts, updates, deletes and findAndModify, from receipt to reply, write concern
+    /// included).
     pub async fn mongod_writes(&self) -> anyhow::Result<MongodWrites> {
         let status = self.admin_command("serverStatus").await?;
         let writes = status
