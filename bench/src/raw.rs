@@ -118,16 +118,14 @@ impl RawDriver {
             .get_document("opLatencies")
             .and_then(|latencies| latencies.get_document("writes"))
             .context("serverStatus: no opLatencies.writes")?;
-        let number = |key: &str| match writes.get(key) {
-            Some(Bson::Int64(value)) => Ok(*value),
-            Some(Bson::Int32(value)) => Ok(i64::from(*value)),
-            other => Err(anyhow::anyhow!(
-                "serverStatus: opLatencies.writes.{key} is {other:?}"
-            )),
-        };
+        // Both are 64-bit integers (`NumberLong`), like `serverStatus`'s `pid`.
         Ok(MongodWrites {
-            micros: number("latency")?,
-            operations: number("ops")?,
+            micros: writes
+                .get_i64("latency")
+                .context("serverStatus: opLatencies.writes.latency")?,
+            operations: writes
+                .get_i64("ops")
+                .context("serverStatus: opLatencies.writes.ops")?,
         })
     }
 
