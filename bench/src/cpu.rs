@@ -59,6 +59,47 @@ async fn machine_ticks() -> anyhow::Result<(u64, u64)> {
     Ok((all - ticks[3] - ticks[4], all))
 }
 
+/// How this machine's idle cores wait, which sets what waking a process costs: on a virtual
+/// machine, a core that halts is handed back to the host, and waking a process on it takes a
+/// round trip through the hypervisor (tens of µs). Guest halt polling (the `haltpoll` cpuidle
+/// driver's `guest_halt_poll_ns`) spins a while before halting. The service adds a process
+/// (and two wake-ups) to each call, so figures from machines that differ here differ.
+pub fn idle_policy() -> String {
+    let read = |path: &str| std::fs::read_to_string(path).ok();
+    let hypervisor = read("/proc/cpuinfo").map(|info| {
+        info.lines()
+            .find(|line| line.starts_with("flags"))
+            .is_some_and(|flags| flags.split_whitespace().any(|flag| flag == "hypervisor"))
+    });
+    describe_idle(
+        hypervisor,
+        read("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),
+        read("/sys/module/haltpoll/parameters/guest_halt_poll_ns").as_deref(),
+    )
+}
+
+fn describe_idle(
+    hypervisor: Option<bool>,
+    driver: Option<&str>,
+    guest_halt_poll_ns: Option<&str>,
+) -> String {
+    let machine = match hypervisor {
+        Some(true) => "virtual machine",
+        Some(false) => "no hypervisor",
+        None => "hypervisor unknown",
+    };
+    let driver = driver.map(str::trim).filter(|driver| !driver.is_empty());
+    let polling = match guest_halt_poll_ns.map(str::trim) {
+        Some("0") => " (guest halt polling off: guest_halt_poll_ns 0)".to_owned(),
+        Some(ns) if !ns.is_empty() => format!(" (guest halt polling up to {ns} ns)"),
+        _ => String::new(),
+    };
+    match driver {
+        Some(driver) => format!("{machine}, cpuidle driver {driver}{polling}"),
+        None => format!("{machine}, no cpuidle driver"),
+    }
+}
+
 /// `pid` if it is a process of this machine named `name` (a MongoDB elsewhere reports a pid
 /// that means nothing here).
 pub async fn local_process(pid: Option<u32>, name: &str) -> Option<u32> {
@@ -163,6 +204,26 @@ mod tests {
         assert_eq!(usage.client_us, 50.0);
         assert_eq!(usage.mongod_us, Some(200.0));
         assert_eq!(usage.machine_busy, 0.75);
+    }
+
+    #[test]
+    fn the_idle_policy_names_the_driver_and_whether_guests_poll_before_halting() {
+        assert_eq!(
+            describe_idle(Some(true), Some("haltpoll\n"), Some("0\n")),
+            "virtual machine, cpuidle driver haltpoll (guest halt polling off: guest_halt_poll_ns 0)"
+        );
+        assert_eq!(
+            describe_idle(Some(true), Some("haltpoll"), Some("200000")),
+            "virtual machine, cpuidle driver haltpoll (guest halt polling up to 200000 ns)"
+        );
+        assert_eq!(
+            describe_idle(Some(false), Some("intel_idle"), None),
+            "no hypervisor, cpuidle driver intel_idle"
+        );
+        assert_eq!(
+            describe_idle(None, Some(""), None),
+            "hypervisor unknown, no cpuidle driver"
+        );
     }
 
     #[tokio::test]

@@ -835,6 +835,7 @@ fn header(args: &Args, mongod_version: &str, service_database: &str, raw_databas
     format!(
         "# eventjournal benchmark\n\n\
          - machine: {cpus} CPUs (nproc), {}, {} memory\n\
+         - idle cores: {}\n\
          - mongod {mongod_version}, single-node replica set, {}\n\
          - write concern, both sides: w: {}, j: {}, wtimeout: {}\n\
          - service: {} (database {service_database}); raw driver: database {raw_database}, the \
@@ -843,6 +844,7 @@ fn header(args: &Args, mongod_version: &str, service_database: &str, raw_databas
          per round and side\n",
         cpu_model(),
         total_memory(),
+        cpu::idle_policy(),
         config::redact_uri(&args.mongodb_uri),
         concern.w,
         concern.journal,
