@@ -526,10 +526,13 @@ pub struct WriteJournalSettings {
     /// Group commit: the most bytes (as BSON) one MongoDB insert carries; a larger single
     /// event goes alone.
     pub max_batch_bytes: ByteSize,
-    /// Group commit: how many inserts may be in flight at once (each on its own connection).
+    /// Group commit: how many batches may be at MongoDB at once. A batch is one ordered insert
+    /// of its single-event writes plus a transaction per id with a multi-event write, each on
+    /// a connection of its own.
     pub max_batches_in_flight: u32,
-    /// Fairness: how many events a producer (stream or connection) contributes to a batch per
-    /// round-robin turn while others wait.
+    /// Fairness: a producer (stream or connection) with this many events queued is heavy: it
+    /// gets batches of its own, capped at this many events and paced while light producers
+    /// write.
     pub fair_share_events: u32,
     /// `WriteEventsStream`: requests read from a stream and not yet answered; past it the
     /// server stops reading and HTTP/2 flow control pushes back on the client.
@@ -539,7 +542,7 @@ pub struct WriteJournalSettings {
     #[serde(with = "humantime_serde")]
     pub sequence_nr_cache_validity: Duration,
     /// Deleted events become eligible for purging this long after `DeleteEventsTo`: their
-    /// `deletedAt` lies this far ahead. It must exceed twice `sequence-nr-cache-validity`, so a
+    /// `deletedAt` lies this far ahead. It must be at least twice `sequence-nr-cache-validity`, so a
     /// sequence number is never purged while a server may still rely on knowing it is taken.
     #[serde(with = "humantime_serde")]
     pub purge_delay: Duration,

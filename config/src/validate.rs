@@ -285,7 +285,7 @@ impl Settings {
             write.max_batches_in_flight < mongodb.max_pool_size,
             "write-journal.max-batches-in-flight",
             write.max_batches_in_flight,
-            "must be below mongodb.max-pool-size, so reads always find a connection",
+            "must be below mongodb.max-pool-size, so writes leave connections for reads",
         );
         problems.check(
             write.fair_share_events >= 1,

@@ -629,8 +629,8 @@ impl Committer {
         }
         if paces {
             // Pacing: while light producers write, a heavy producer gets MongoDB at most a
-            // quarter of the time, so their writes do not queue behind its inserts for CPU
-            // and journal.
+            // ninth of the time (HEAVY_PAUSE_FACTOR), so their writes do not queue behind its
+            // inserts for CPU and journal.
             let took = started.elapsed();
             self.heavy_resume = Some(Instant::now() + took * HEAVY_PAUSE_FACTOR);
         }
