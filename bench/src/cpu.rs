@@ -64,13 +64,13 @@ async fn machine_ticks() -> anyhow::Result<(u64, u64)> {
 /// round trip through the hypervisor (tens of µs). Guest halt polling (the `haltpoll` cpuidle
 /// driver's `guest_halt_poll_ns`) spins a while before halting. The service adds a process
 /// (and two wake-ups) to each call, so figures from machines that differ here differ.
-pub fn idle_policy() -> String {
+/// `cpuinfo`: the text of `/proc/cpuinfo` (empty when it could not be read).
+pub fn idle_policy(cpuinfo: &str) -> String {
     let read = |path: &str| std::fs::read_to_string(path).ok();
-    let hypervisor = read("/proc/cpuinfo").map(|info| {
-        info.lines()
-            .find(|line| line.starts_with("flags"))
-            .is_some_and(|flags| flags.split_whitespace().any(|flag| flag == "hypervisor"))
-    });
+    let hypervisor = cpuinfo
+        .lines()
+        .find(|line| line.starts_with("flags"))
+        .map(|flags| flags.split_whitespace().any(|flag| flag == "hypervisor"));
     describe_idle(
         hypervisor,
         read("/sys/devices/system/cpu/cpuidle/current_driver").as_deref(),

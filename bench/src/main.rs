@@ -302,14 +302,36 @@ async fn drop_databases(raw: &RawDriver, databases: [&str; 2]) {
     }
 }
 
+/// One figure per round, for each side.
+struct PerSide<T> {
+    service: Vec<T>,
+    raw: Vec<T>,
+}
+
+impl<T> Default for PerSide<T> {
+    fn default() -> Self {
+        Self {
+            service: Vec::new(),
+            raw: Vec::new(),
+        }
+    }
+}
+
+impl<T> PerSide<T> {
+    fn push(&mut self, side: Side, value: T) {
+        match side {
+            Side::Service => self.service.push(value),
+            Side::Raw => self.raw.push(value),
+        }
+    }
+}
+
 /// Per-round numbers of one scenario, per side.
 #[derive(Default)]
 struct Series {
-    service: Vec<f64>,
-    raw: Vec<f64>,
+    values: PerSide<f64>,
     /// Where the CPU went in each round, per side (scenarios with `Scenario::events`).
-    service_cpu: Vec<Usage>,
-    raw_cpu: Vec<Usage>,
+    cpu: PerSide<Usage>,
     unimplemented: bool,
     /// The failure that stopped the scenario; it is not run again in later rounds.
     error: Option<String>,
@@ -319,35 +341,10 @@ struct Series {
     floor_error: Option<String>,
     /// Per round, beside P1: the p50 of one read of MongoDB through the service and by the
     /// raw driver, µs (`Bench::read_round_trips`).
-    read_service: Vec<f64>,
-    read_raw: Vec<f64>,
+    reads: PerSide<f64>,
     /// Per round and side, P1 and P3: mongod's own mean time per write command while the side
     /// wrote, µs (`Bench::mongod_writes`).
-    mongod_service: Vec<f64>,
-    mongod_raw: Vec<f64>,
-}
-
-impl Series {
-    fn push(&mut self, side: Side, value: f64) {
-        match side {
-            Side::Service => self.service.push(value),
-            Side::Raw => self.raw.push(value),
-        }
-    }
-
-    fn push_mongod(&mut self, side: Side, micros: f64) {
-        match side {
-            Side::Service => self.mongod_service.push(micros),
-            Side::Raw => self.mongod_raw.push(micros),
-        }
-    }
-
-    fn push_cpu(&mut self, side: Side, usage: Usage) {
-        match side {
-            Side::Service => self.service_cpu.push(usage),
-            Side::Raw => self.raw_cpu.push(usage),
-        }
-    }
+    mongod: PerSide<f64>,
 }
 
 #[derive(Default)]
@@ -401,17 +398,19 @@ async fn measure(
                 };
                 match bench.run(scenario, side, round).await {
                     Ok(Measured::Value(value)) => {
-                        series.push(side, value);
+                        series.values.push(side, value);
                         if let Some((events, before)) = &before {
                             let after = cpu::Reading::take(&processes).await?;
-                            series.push_cpu(side, Usage::between(before, &after, *events));
+                            series
+                                .cpu
+                                .push(side, Usage::between(before, &after, *events));
                         }
                         let _ = write!(progress, "  {side} {value:.0} {}", scenario.unit());
                         if let Some(before) = mongod_before
                             && let Ok(after) = bench.mongod_writes().await
                             && let Some(mean) = after.mean_since(&before)
                         {
-                            series.push_mongod(side, mean);
+                            series.mongod.push(side, mean);
                             let _ = write!(progress, " (mongod {mean:.0} µs)");
                         }
                     }
@@ -449,8 +448,8 @@ async fn measure(
                         let (service, raw) =
                             (stats::micros(reads.service), stats::micros(reads.raw));
                         let _ = write!(progress, "  read {service:.0}/{raw:.0} µs");
-                        series.read_service.push(service);
-                        series.read_raw.push(raw);
+                        series.reads.push(Side::Service, service);
+                        series.reads.push(Side::Raw, raw);
                     }
                     Err(error) => {
                         server.check_alive()?;
@@ -497,7 +496,7 @@ async fn measure(
 fn floor_notes(results: &Results) -> Vec<String> {
     let of = |scenario| {
         let series = results.series.get(&scenario)?;
-        Some((median(&series.floor)?, median(&series.raw)?))
+        Some((median(&series.floor)?, median(&series.values.raw)?))
     };
     let mut notes = Vec::new();
     for (scenario, series) in &results.series {
@@ -514,7 +513,7 @@ fn floor_notes(results: &Results) -> Vec<String> {
         let reads = results
             .series
             .get(&Scenario::P1)
-            .and_then(|series| Some((median(&series.read_service)?, median(&series.read_raw)?)));
+            .and_then(|series| Some((median(&series.reads.service)?, median(&series.reads.raw)?)));
         if let Some((service, raw_read)) = reads {
             let hop = service - raw_read;
             notes.push(format!(
@@ -546,7 +545,7 @@ fn mongod_notes(results: &Results) -> Vec<String> {
         .into_iter()
         .filter_map(|scenario| {
             let series = results.series.get(&scenario)?;
-            let (service, raw) = (median(&series.mongod_service)?, median(&series.mongod_raw)?);
+            let (service, raw) = (median(&series.mongod.service)?, median(&series.mongod.raw)?);
             Some(format!(
                 "{}: {service:.0} µs per insert of the service's, {raw:.0} µs per insert of the \
                  raw driver's ({:+.0} µs)",
@@ -562,7 +561,7 @@ fn mongod_notes(results: &Results) -> Vec<String> {
 /// `stats::window_estimate`. P3s's target is against P3, so it also says how fast P3 may be for
 /// both targets to hold.
 fn window_note(results: &Results) -> Option<String> {
-    let raw = |scenario| median(&results.series.get(&scenario)?.raw);
+    let raw = |scenario| median(&results.series.get(&scenario)?.values.raw);
     let (small_rate, large_rate) = (raw(Scenario::P3)?, raw(Scenario::P3s)?);
     let small = scenarios::P3_WRITES_PER_REQUEST as f64;
     let large = f64::from(config::WriteJournalSettings::default().max_batch_events);
@@ -587,8 +586,8 @@ fn rows(results: &Results) -> Vec<Row> {
     let medians = |scenario| {
         results.series.get(&scenario).map(|series| {
             (
-                median(&series.service),
-                median(&series.raw),
+                median(&series.values.service),
+                median(&series.values.raw),
                 series.error.as_deref(),
                 series.unimplemented,
             )
@@ -710,8 +709,8 @@ fn cpu_notes(results: &Results) -> String {
     let mut lines = Vec::new();
     for (scenario, series) in &results.series {
         for (side, usage) in [
-            (Side::Service, &series.service_cpu),
-            (Side::Raw, &series.raw_cpu),
+            (Side::Service, &series.cpu.service),
+            (Side::Raw, &series.cpu.raw),
         ] {
             if usage.is_empty() {
                 continue;
@@ -832,6 +831,7 @@ fn header(args: &Args, mongod_version: &str, service_database: &str, raw_databas
     let settings = RawDriver::settings(&args.mongodb_uri, raw_database);
     let concern = &settings.write_concern;
     let cpus = std::thread::available_parallelism().map_or(0, usize::from);
+    let cpuinfo = std::fs::read_to_string("/proc/cpuinfo").unwrap_or_default();
     format!(
         "# eventjournal benchmark\n\n\
          - machine: {cpus} CPUs (nproc), {}, {} memory\n\
@@ -842,9 +842,9 @@ fn header(args: &Args, mongod_version: &str, service_database: &str, raw_databas
          service's client options (max pool size {}) and journal indexes\n\
          - write workload: {PAYLOAD_BYTES}-byte payloads, 1 tag, one writer uuid, fresh persistence ids \
          per round and side\n",
-        cpu_model(),
+        cpu_model(&cpuinfo),
         total_memory(),
-        cpu::idle_policy(),
+        cpu::idle_policy(&cpuinfo),
         config::redact_uri(&args.mongodb_uri),
         concern.w,
         concern.journal,
@@ -856,16 +856,16 @@ fn header(args: &Args, mongod_version: &str, service_database: &str, raw_databas
     )
 }
 
-fn cpu_model() -> String {
-    std::fs::read_to_string("/proc/cpuinfo")
-        .ok()
-        .and_then(|info| {
-            info.lines()
-                .find(|line| line.starts_with("model name"))
-                .and_then(|line| line.split_once(':'))
-                .map(|(_, model)| model.trim().to_owned())
-        })
-        .unwrap_or_else(|| "unknown CPU".to_owned())
+/// The CPU's model name from `/proc/cpuinfo`'s text.
+fn cpu_model(cpuinfo: &str) -> String {
+    cpuinfo
+        .lines()
+        .find(|line| line.starts_with("model name"))
+        .and_then(|line| line.split_once(':'))
+        .map_or_else(
+            || "unknown CPU".to_owned(),
+            |(_, model)| model.trim().to_owned(),
+        )
 }
 
 fn total_memory() -> String {
