@@ -170,6 +170,9 @@ pub struct InFlight {
     inner: Option<Arc<Inner>>,
     millis: i64,
     epoch: u64,
+    /// Handed to a task by a panic, to hold the watermark for a lease. Dropped again during a
+    /// panic (the runtime shutting down cancels that task), it lets go at once.
+    held_after_panic: bool,
 }
 
 impl InFlight {
@@ -203,7 +206,7 @@ impl Drop for InFlight {
         let Some(inner) = self.inner.take() else {
             return;
         };
-        if std::thread::panicking() {
+        if std::thread::panicking() && !self.held_after_panic {
             // A panic unwinds through the code that held the write: its outcome is unknown.
             if let (Mode::Published(publisher), Ok(runtime)) =
                 (&inner.mode, tokio::runtime::Handle::try_current())
@@ -213,6 +216,7 @@ impl Drop for InFlight {
                     inner: Some(inner),
                     millis: self.millis,
                     epoch: self.epoch,
+                    held_after_panic: true,
                 };
                 runtime.spawn(async move {
                     tokio::time::sleep(lease).await;
@@ -381,6 +385,7 @@ impl Watermarks {
                 inner: None,
                 millis,
                 epoch: 0,
+                held_after_panic: false,
             };
         }
         *state.in_flight.entry(millis).or_default() += 1;
@@ -388,6 +393,7 @@ impl Watermarks {
             inner: Some(Arc::clone(&self.inner)),
             millis,
             epoch: state.epoch,
+            held_after_panic: false,
         }
     }
 
@@ -966,6 +972,29 @@ mod tests {
         assert_eq!(lock(&watermarks.inner.state).watermark(0), millis - 1);
         tokio::time::sleep(Duration::from_millis(400)).await;
         assert!(lock(&watermarks.inner.state).watermark(0) >= millis);
+    }
+
+    /// A panic that unwinds through the runtime's owner shuts the runtime down while a task
+    /// still holds a stamp: the stamp is dropped during the panic, on a runtime that cancels
+    /// whatever is spawned on it. Handing itself to a new task again and again overflowed the
+    /// stack (and aborted the process) instead of letting the panic through.
+    #[test]
+    fn a_stamp_dropped_by_a_panic_while_the_runtime_shuts_down_lets_go() {
+        let unwound = std::panic::catch_unwind(|| {
+            let runtime = tokio::runtime::Builder::new_current_thread()
+                .enable_all()
+                .build()
+                .unwrap();
+            let watermarks = runtime.block_on(async { published() });
+            let stamp = watermarks.stamp();
+            runtime.spawn(async move {
+                let _held = stamp;
+                std::future::pending::<()>().await
+            });
+            runtime.block_on(tokio::task::yield_now());
+            panic!("a bug while a write was in flight");
+        });
+        assert!(unwound.is_err());
     }
 
     #[tokio::test]
