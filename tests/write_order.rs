@@ -511,6 +511,79 @@ async fn a_stale_writer_on_another_server_cannot_resurrect_history() {
     assert!(is_written(&outcome[0]), "{outcome:?}");
 }
 
+/// Another server stores an event between this server's read of the highest and its insert:
+/// the insert is refused as a duplicate although the highest was just read. The write is
+/// decided again after another read (a `Conflict`, or `Written` for the same content), also
+/// with `max-attempts = 1`, and the writes behind it in the ordered insert, which MongoDB never
+/// refused, are stored.
+#[tokio::test]
+async fn a_write_racing_another_servers_fails_alone() {
+    const APP: &str = "order_race";
+    let racing = TestServer::start_with("order_race", |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.mongodb.retry.max_attempts = 1;
+    })
+    .await;
+    let mut other_settings = racing.settings.clone();
+    other_settings.mongodb.uri = mongodb_uri();
+    let other = TestServer::start_on_database(other_settings).await;
+    let mut through_racing = racing.journal().await;
+    let mut through_other = other.journal().await;
+    // The racing server's next insert waits 2 s before it runs; it reads the highest of the
+    // three ids first, and finds them empty.
+    hold_next(APP, "insert", 2_000).await;
+    let writes = vec![single("taken", 1), single("same", 1), single("free", 1)];
+    let racing_write = tokio::spawn(async move {
+        through_racing
+            .write_events(pb::WriteEventsRequest {
+                writes,
+                ..Default::default()
+            })
+            .await
+    });
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // Meanwhile the other server stores event 1 of "taken" (other content) and of "same" (this
+    // content, as a client retrying on another server would).
+    let stored = write(
+        &mut through_other,
+        vec![
+            atomic(vec![event("taken", 1, "the other writer's")]),
+            single("same", 1),
+        ],
+    )
+    .await;
+    assert!(stored.iter().all(is_written), "{stored:?}");
+    let response = racing_write
+        .await
+        .unwrap()
+        .expect("the call succeeds: no write of it failed")
+        .into_inner();
+    let outcomes: Vec<String> = response
+        .results
+        .iter()
+        .map(|result| describe(result.outcome.as_ref().unwrap()))
+        .collect();
+    assert!(
+        outcomes[0].starts_with(
+            "conflict: sequence number(s) 1 of persistence id \"taken\" are already taken"
+        ),
+        "{outcomes:?}"
+    );
+    assert_eq!(outcomes[1..], ["written", "written"], "{outcomes:?}");
+    let mut client = other.journal().await;
+    let (taken, _) = replay(&mut client, "taken", 1, None, None).await;
+    assert_eq!(
+        taken
+            .iter()
+            .map(|event| event.payload.as_ref().unwrap().data.clone())
+            .collect::<Vec<_>>(),
+        [b"the other writer's".to_vec()]
+    );
+    for pid in ["same", "free"] {
+        assert_eq!(highest(&mut client, pid).await, 1, "{pid}");
+    }
+}
+
 #[tokio::test]
 async fn servers_notice_each_others_writes_at_once() {
     let first = TestServer::start("order_two_servers").await;

@@ -9,6 +9,9 @@ pub enum JournalError {
     Corrupt(String),
     #[error("internal error: {0}")]
     Internal(String),
+    /// A write collided with an event that majority reads do not show yet, on every attempt.
+    #[error("{0}")]
+    Unseen(String),
 }
 
 impl StorageError for JournalError {
@@ -16,6 +19,7 @@ impl StorageError for JournalError {
         match self {
             Self::Mongo(error) => error.kind(),
             Self::Corrupt(_) | Self::Internal(_) => FailureKind::Internal,
+            Self::Unseen(_) => FailureKind::Unavailable,
         }
     }
 }

@@ -102,6 +102,8 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
     let mut remaining = batch.writes;
     let mut must_read: HashSet<Pid> = HashSet::new();
     let mut attempt = 1;
+    // Rounds that found writes colliding with events majority reads did not show.
+    let mut looks = 0;
     while !remaining.is_empty() {
         let fresh = match run.know(&remaining, &must_read).await {
             Ok(fresh) => fresh,
@@ -120,16 +122,15 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
             run.compare(write).await;
         }
         let mut transient = None;
+        let mut unseen = Vec::new();
         if !insert.is_empty() {
-            let Inserted {
-                retry,
-                failed_transiently,
-            } = run.insert(insert, &fresh).await;
-            for write in &retry {
+            let inserted = run.insert(insert, &fresh).await;
+            for write in &inserted.retry {
                 must_read.insert(write.pid.clone());
             }
-            next.extend(retry);
-            transient = failed_transiently;
+            next.extend(inserted.retry);
+            transient = inserted.failed_transiently;
+            unseen = inserted.unseen;
         }
         remaining = next;
         remaining.sort_by_key(|write| write.order);
@@ -144,6 +145,24 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
                 .pause_before_retry(OPERATION, attempt, &error)
                 .await;
             attempt += 1;
+        } else if !unseen.is_empty() {
+            // Usually a race: another writer stored the event after this batch read the highest.
+            // The next read is causal (it waits until majority reads show what MongoDB had
+            // when it refused the insert), so it finds the event, and the write is compared.
+            // Looked at again at least once, also with `max-attempts = 1`.
+            looks += 1;
+            if looks >= store.retry.max_attempts().max(2) {
+                // Still not shown: only the writes that collide fail (and, through their
+                // failure, the later writes of their ids); the others were not refused.
+                let (colliding, rest): (Vec<_>, Vec<_>) = remaining
+                    .into_iter()
+                    .partition(|write| unseen.contains(&write.key));
+                for write in colliding {
+                    let error = JournalError::Unseen(unseen_reason(&write, looks));
+                    run.error(write, error);
+                }
+                remaining = rest;
+            }
         }
     }
     // Stamps of inserts that may have been applied after all stay in flight until the batch is
@@ -202,6 +221,10 @@ struct Inserted {
     retry: Vec<BatchWrite>,
     /// The error, when MongoDB failed in a way worth retrying.
     failed_transiently: Option<Error>,
+    /// Writes refused as duplicates although their id's highest was just read: they collided
+    /// with an event the read did not show. Decided again after another read; if that keeps
+    /// happening, only they fail.
+    unseen: Vec<WriteKey>,
 }
 
 impl Run<'_> {
@@ -404,6 +427,7 @@ impl Run<'_> {
         let mut inserted = Inserted {
             retry: Vec::new(),
             failed_transiently: None,
+            unseen: Vec::new(),
         };
         for (group, result) in groups.into_iter().zip(results) {
             let settled = self
@@ -412,6 +436,7 @@ impl Run<'_> {
             inserted.retry.extend(settled.retry);
             inserted.failed_transiently =
                 inserted.failed_transiently.or(settled.failed_transiently);
+            inserted.unseen.extend(settled.unseen);
         }
         if inserted.failed_transiently.is_some() || !inserted.retry.is_empty() || self.uncertain {
             self.held.push(stamp);
@@ -457,6 +482,7 @@ impl Run<'_> {
                 return Inserted {
                     retry: Vec::new(),
                     failed_transiently: None,
+                    unseen: Vec::new(),
                 };
             }
             Err(error) => error,
@@ -468,6 +494,7 @@ impl Run<'_> {
                 return Inserted {
                     retry: writes,
                     failed_transiently: Some(error),
+                    unseen: Vec::new(),
                 };
             }
             let error = JournalError::from(self.store.retry.failure(OPERATION, true, error));
@@ -477,6 +504,7 @@ impl Run<'_> {
             return Inserted {
                 retry,
                 failed_transiently: None,
+                unseen: Vec::new(),
             };
         };
         // Without a transaction, the writes before the failing document are stored.
@@ -495,6 +523,7 @@ impl Run<'_> {
         let rest = writes.split_off(stored);
         self.inserted(writes, sent, acknowledged).await;
         let mut failed_transiently = None;
+        let mut unseen = Vec::new();
         let mut offset = stored_documents;
         for (write, _) in rest {
             let documents = offset..offset + write.documents.len();
@@ -503,9 +532,12 @@ impl Run<'_> {
                 if failure.code == DUPLICATE_KEY && !fresh.contains(&write.pid) {
                     // Someone else wrote it: compare once the highest is read again.
                     retry.push(write);
-                } else if failure.code == DUPLICATE_KEY || self.store.retry.is_retryable(&error) {
-                    // A duplicate although the highest was just read: what it collided with is
-                    // not visible to majority reads yet. Wait, then look again.
+                } else if failure.code == DUPLICATE_KEY {
+                    // A duplicate although the highest was just read: what it collided with was
+                    // not in the read. Read again, then decide.
+                    unseen.push(write.key);
+                    retry.push(write);
+                } else if self.store.retry.is_retryable(&error) {
                     retry.push(write);
                     failed_transiently = Some(error.clone());
                 } else {
@@ -526,6 +558,7 @@ impl Run<'_> {
         Inserted {
             retry,
             failed_transiently,
+            unseen,
         }
     }
 
@@ -713,6 +746,17 @@ struct DocumentFailure {
     index: usize,
     code: i32,
     message: String,
+}
+
+/// Why a write that kept colliding with an event majority reads do not show fails.
+fn unseen_reason(write: &BatchWrite, looks: u32) -> String {
+    format!(
+        "sequence number(s) {} of persistence id {:?} collide with an event MongoDB holds but \
+         majority reads did not show ({looks} reads; is replication behind?); this write was not \
+         stored, and retrying it is safe",
+        range(write.first, write.last),
+        write.pid
+    )
 }
 
 fn document_failure(error: &Error) -> Option<DocumentFailure> {
