@@ -584,6 +584,39 @@ async fn a_write_racing_another_servers_fails_alone() {
     }
 }
 
+/// A write at the largest sequence number there is leaves a gap (a persistence id starts at
+/// 1), and the writes of its id after it are answered like any other: no arithmetic past it,
+/// which a debug build turned into a panic that failed every write of the batch.
+#[tokio::test]
+async fn writes_after_one_at_the_largest_sequence_number_are_answered() {
+    let server = TestServer::start("order_largest").await;
+    let mut client = server.journal().await;
+    let outcomes = write(
+        &mut client,
+        vec![
+            single("last", i64::MAX),
+            single("last", 1),
+            single("next", 1),
+        ],
+    )
+    .await;
+    let outcomes: Vec<String> = outcomes.iter().map(describe).collect();
+    assert!(
+        outcomes[0].starts_with(&format!("conflict: sequence number {} of", i64::MAX)),
+        "{outcomes:?}"
+    );
+    assert!(outcomes[1].starts_with("conflict: "), "{outcomes:?}");
+    assert_eq!(outcomes[2], "written", "{outcomes:?}");
+    // A later gap of the id is named after that failure's run, and its first write goes in.
+    let outcome = write(&mut client, vec![single("last", 3)]).await;
+    assert!(
+        describe(&outcome[0]).starts_with("conflict: "),
+        "{outcome:?}"
+    );
+    let outcome = write(&mut client, vec![single("last", 1)]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+}
+
 #[tokio::test]
 async fn servers_notice_each_others_writes_at_once() {
     let first = TestServer::start("order_two_servers").await;

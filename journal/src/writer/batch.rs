@@ -246,7 +246,7 @@ impl Run<'_> {
             last = Some(&write.pid);
             let known = self.heads.get(&write.pid).filter(|head| {
                 now.saturating_duration_since(head.confirmed) < self.validity
-                    && head.highest + 1 == write.first
+                    && head.highest.checked_add(1) == Some(write.first)
             });
             if known.is_none() || must_read.contains(&write.pid) {
                 to_read.push(write.pid.clone());
@@ -308,7 +308,7 @@ impl Run<'_> {
                 } else {
                     decided.compare.push(write);
                 }
-            } else if write.first == highest + 1 {
+            } else if highest.checked_add(1) == Some(write.first) {
                 running.insert(write.pid.clone(), write.last);
                 decided.insert.push(write);
             } else if running.contains_key(&write.pid) {
@@ -611,13 +611,17 @@ impl Run<'_> {
         let first = write.first;
         let pid = write.pid.clone();
         let reason = match self.failures.get(&pid) {
-            Some(failure) if failure.last + 1 == first && failure.first > highest => format!(
-                "sequence number {first} of persistence id {pid:?} does not follow its highest \
+            Some(failure)
+                if failure.last.checked_add(1) == Some(first) && failure.first > highest =>
+            {
+                format!(
+                    "sequence number {first} of persistence id {pid:?} does not follow its highest \
                  stored sequence number {highest}, because the write of sequence number(s) {} \
                  before it failed: {}",
-                range(failure.first, failure.last),
-                failure.reason
-            ),
+                    range(failure.first, failure.last),
+                    failure.reason
+                )
+            }
             _ => format!(
                 "sequence number {first} of persistence id {pid:?} does not follow its highest \
                  stored sequence number {highest}: the next write must start at {} (a persistence \
@@ -668,7 +672,7 @@ impl Run<'_> {
             reason,
         };
         let run = match self.failures.get(&write.pid) {
-            Some(earlier) if earlier.last + 1 == write.first => Failure {
+            Some(earlier) if earlier.last.checked_add(1) == Some(write.first) => Failure {
                 first: earlier.first,
                 last: write.last,
                 reason: earlier.reason.clone(),
