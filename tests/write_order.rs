@@ -617,6 +617,49 @@ async fn writes_after_one_at_the_largest_sequence_number_are_answered() {
     assert!(is_written(&outcome[0]), "{outcome:?}");
 }
 
+/// A call that gives up (its deadline passes, or its client cancels it) while its writes wait
+/// for a batch takes them with it: they are not sent to MongoDB afterwards, so a client that
+/// retried or recovered meanwhile does not find them appearing later, and the server does not
+/// hold the writes of calls nobody waits for.
+#[tokio::test]
+async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
+    const APP: &str = "order_gave_up";
+    let server = TestServer::start_with("order_gave_up", |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.write_journal.max_batches_in_flight = 1;
+    })
+    .await;
+    let mut client = server.journal().await;
+    // The first batch waits at MongoDB for 1.5 s; the next writes queue behind it.
+    hold_next(APP, "insert", 1_500).await;
+    let mut first_client = client.clone();
+    let first =
+        tokio::spawn(async move { write(&mut first_client, vec![single("held", 1)]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let mut request = tonic::Request::new(pb::WriteEventsRequest {
+        writes: vec![single("gave-up", 1), single("gave-up", 2)],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(200));
+    let status = client
+        .write_events(request)
+        .await
+        .expect_err("the call passes its deadline while its writes wait");
+    // (Cancelled when the client's own timer ends the call first.)
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    let first = first.await.unwrap();
+    assert!(is_written(&first[0]), "{first:?}");
+    // The queued writes' turn has come and gone.
+    let outcome = write(&mut client, vec![single("after", 1)]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+    assert_eq!(highest(&mut client, "gave-up").await, 0);
+    let outcome = write(&mut client, vec![single("gave-up", 1)]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+}
+
 #[tokio::test]
 async fn servers_notice_each_others_writes_at_once() {
     let first = TestServer::start("order_two_servers").await;

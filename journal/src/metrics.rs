@@ -43,3 +43,13 @@ pub static SEQUENCE_NR_READS: LazyLock<IntCounter> = LazyLock::new(|| {
     )
     .expect("metric registered once")
 });
+
+/// Writes not sent to MongoDB because their caller had gone (cancelled the call, passed its
+/// deadline, or closed its stream) while they waited for a batch.
+pub static ABANDONED_WRITES: LazyLock<IntCounter> = LazyLock::new(|| {
+    register_int_counter!(
+        "eventjournal_write_abandoned_total",
+        "Writes dropped before they went to MongoDB because their caller had gone"
+    )
+    .expect("metric registered once")
+});

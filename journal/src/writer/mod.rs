@@ -247,7 +247,9 @@ impl Writer {
     }
 
     /// Queues the writes now, in order; the future resolves to their outcomes in the same
-    /// order. Memory is bounded upstream: by the requests the server has read.
+    /// order. Dropping the future before its writes go to MongoDB drops them (see
+    /// `Committer::next_batch`). Memory is bounded upstream: by the requests the server has
+    /// read and not answered.
     pub fn submit(
         &self,
         origin: Origin,
@@ -539,6 +541,7 @@ impl Committer {
         let mut groups: Vec<u64> = Vec::new();
         let mut seen = HashSet::new();
         let mut writes = Vec::with_capacity(admitted.len());
+        let mut abandoned = Vec::new();
         for (order, queued) in admitted.into_iter().enumerate() {
             // Busy in the schedule from now on: released with the batch, whatever happens.
             if pids.last() != Some(&queued.pid) && seen.insert(queued.pid.clone()) {
@@ -559,6 +562,17 @@ impl Committer {
             let Some(entry) = self.entries.get_mut(&queued.key) else {
                 continue;
             };
+            // Its caller has gone (cancelled the call, passed its deadline, closed its stream)
+            // while it waited: it is not sent. Nobody would get its outcome, and a caller that
+            // gave up cannot count on it being stored; it retries it or recovers.
+            if self
+                .requests
+                .get(&entry.request)
+                .is_some_and(|request| request.reply.is_closed())
+            {
+                abandoned.push(queued.key);
+                continue;
+            }
             let Some(ready) = entry.ready.take() else {
                 continue;
             };
@@ -584,6 +598,13 @@ impl Committer {
             for group in groups {
                 self.light_seen.saw(group, now);
             }
+        }
+        metrics::ABANDONED_WRITES.inc_by(abandoned.len() as u64);
+        for key in abandoned {
+            self.settle(
+                key,
+                Err(JournalError::Internal("the caller has gone".to_owned())),
+            );
         }
         let panicked = Panicked::of(&writes);
         let store = self.store.clone();
@@ -771,7 +792,7 @@ fn finish(request: Request) {
             .collect::<Option<Vec<_>>>()
             .ok_or_else(|| JournalError::Internal("a write was left without outcome".to_owned())),
     };
-    // The caller may have gone (client cancelled); the writes stand either way.
+    // The caller may have gone (client cancelled) after its writes went to MongoDB; they stand.
     let _ = request.reply.send(outcomes);
 }
 
