@@ -660,6 +660,51 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     assert!(is_written(&outcome[0]), "{outcome:?}");
 }
 
+/// What a server knows of an id's highest is trusted for `sequence-nr-cache-validity` (the
+/// purge delay is at least twice that), also when the batch takes longer than that before its
+/// insert: here a compare in the same batch stalls while another server writes on, deletes and
+/// purges. The stale server reads the highest again before it inserts, and finds the history.
+#[tokio::test]
+async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_inserting() {
+    const APP: &str = "order_stall";
+    let stale = TestServer::start_with("order_stall", |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(1);
+        settings.write_journal.purge_delay = Duration::from_secs(2);
+    })
+    .await;
+    let mut current_settings = stale.settings.clone();
+    current_settings.mongodb.uri = mongodb_uri();
+    let current = TestServer::start_on_database(current_settings).await;
+    let database = stale.mongodb().await;
+    let mut through_stale = stale.journal().await;
+    let mut through_current = current.journal().await;
+    let first = write(&mut through_stale, vec![single("q", 1), single("r", 1)]).await;
+    assert!(first.iter().all(is_written), "{first:?}");
+    // The stale server's next batch: r's write again (a retry: compared with what is stored,
+    // which stalls for 6 s) and q's next write, which its knowledge of q continues.
+    hold_next(APP, "find", 6_000).await;
+    let stalled = tokio::spawn(async move {
+        write(&mut through_stale, vec![single("r", 1), single("q", 2)]).await
+    });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    // Meanwhile q goes on through the other server, is deleted, and purged.
+    let next = write(&mut through_current, vec![single("q", 2), single("q", 3)]).await;
+    assert!(next.iter().all(is_written), "{next:?}");
+    delete_all(&mut through_current, "q").await;
+    purge_deleted_events(&database, "q", Duration::from_secs(5)).await;
+    assert!(!stalled.is_finished(), "the stale batch was still waiting");
+    let outcomes: Vec<String> = stalled.await.unwrap().iter().map(describe).collect();
+    assert_eq!(outcomes[0], "written", "{outcomes:?}");
+    assert!(
+        outcomes[1].starts_with(
+            "conflict: sequence number(s) 2 of persistence id \"q\" are at or below its highest \
+             sequence number 3"
+        ),
+        "{outcomes:?}"
+    );
+}
+
 #[tokio::test]
 async fn servers_notice_each_others_writes_at_once() {
     let first = TestServer::start("order_two_servers").await;

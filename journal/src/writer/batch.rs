@@ -121,6 +121,21 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
         for write in compare {
             run.compare(write).await;
         }
+        // Knowledge kept from earlier batches is trusted for `validity` from when it was
+        // confirmed (see `heads.rs`: purged events must stay in the unique index for longer),
+        // and the compares (with their retries) may have outlasted it: such an id's writes go
+        // round again, its highest read first. Knowledge read in this round goes ahead.
+        let now = Instant::now();
+        let (insert, expired): (Vec<_>, Vec<_>) = insert.into_iter().partition(|write| {
+            fresh.contains(&write.pid)
+                || run.heads.get(&write.pid).is_some_and(|head| {
+                    now.saturating_duration_since(head.confirmed) < run.validity
+                })
+        });
+        for write in expired {
+            must_read.insert(write.pid.clone());
+            next.push(write);
+        }
         let mut transient = None;
         let mut unseen = Vec::new();
         if !insert.is_empty() {
