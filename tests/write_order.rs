@@ -50,6 +50,23 @@ fn single(pid: &str, sequence_nr: i64) -> pb::AtomicWrite {
     atomic(vec![tagged(pid, sequence_nr, &["order"])])
 }
 
+/// Two servers on one database: the first's connections carry the application name `app`, so
+/// `hold_next` and `fail_next` reach it alone; the second's do not.
+async fn held_and_free(
+    app: &str,
+    customize: impl FnOnce(&mut config::Settings),
+) -> (TestServer, TestServer) {
+    let held = TestServer::start_with(app, |settings| {
+        settings.mongodb.uri = format!("{}&appName={app}", mongodb_uri());
+        customize(settings);
+    })
+    .await;
+    let mut settings = held.settings.clone();
+    settings.mongodb.uri = mongodb_uri();
+    let free = TestServer::start_on_database(settings).await;
+    (held, free)
+}
+
 async fn delete_all(client: &mut JournalClient, pid: &str) {
     client
         .delete_events_to(pb::DeleteEventsToRequest {
@@ -193,15 +210,11 @@ async fn an_invalid_write_stops_the_later_writes_of_its_pid() {
 #[tokio::test]
 async fn a_write_behind_a_failing_one_is_decided_on_the_real_highest() {
     const APP: &str = "order_behind";
-    let first = TestServer::start_with(APP, |settings| {
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    let (first, second) = held_and_free(APP, |settings| {
         settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(60);
         settings.write_journal.purge_delay = Duration::from_secs(120);
     })
     .await;
-    let mut settings = first.settings.clone();
-    settings.mongodb.uri = mongodb_uri();
-    let second = TestServer::start_on_database(settings).await;
     let channel = first.channel().await;
     let mut client = JournalClient::new(channel.clone());
     // The first server knows 4 as the highest; the second writes 5..8 meanwhile.
@@ -519,14 +532,10 @@ async fn a_stale_writer_on_another_server_cannot_resurrect_history() {
 #[tokio::test]
 async fn a_write_racing_another_servers_fails_alone() {
     const APP: &str = "order_race";
-    let racing = TestServer::start_with("order_race", |settings| {
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    let (racing, other) = held_and_free(APP, |settings| {
         settings.mongodb.retry.max_attempts = 1;
     })
     .await;
-    let mut other_settings = racing.settings.clone();
-    other_settings.mongodb.uri = mongodb_uri();
-    let other = TestServer::start_on_database(other_settings).await;
     let mut through_racing = racing.journal().await;
     let mut through_other = other.journal().await;
     // The racing server's next insert waits 2 s before it runs; it reads the highest of the
@@ -667,15 +676,11 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
 #[tokio::test]
 async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_inserting() {
     const APP: &str = "order_stall";
-    let stale = TestServer::start_with("order_stall", |settings| {
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    let (stale, current) = held_and_free(APP, |settings| {
         settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(1);
         settings.write_journal.purge_delay = Duration::from_secs(2);
     })
     .await;
-    let mut current_settings = stale.settings.clone();
-    current_settings.mongodb.uri = mongodb_uri();
-    let current = TestServer::start_on_database(current_settings).await;
     let database = stale.mongodb().await;
     let mut through_stale = stale.journal().await;
     let mut through_current = current.journal().await;
