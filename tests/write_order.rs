@@ -180,6 +180,60 @@ async fn a_later_failure_found_first_does_not_let_writes_past_an_earlier_one() {
     assert_eq!(highest, 0);
 }
 
+/// Writes of one id from three requests in one batch: the middle one is refused, and the first
+/// (in the same transaction, aborted with it) is stored when it goes round again. The third,
+/// which would leave a gap where the refused one failed, names that failure, also though a write
+/// before the failure was stored after it.
+#[tokio::test]
+async fn a_gap_names_the_failure_it_follows_though_an_earlier_write_was_stored_since() {
+    const APP: &str = "order_named";
+    let server = TestServer::start_with(APP, |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.write_journal.max_batches_in_flight = 1;
+    })
+    .await;
+    let database = server.mongodb().await;
+    refuse(&database, "named", 3).await;
+    let channel = server.channel().await;
+    // A batch that waits at MongoDB, so that the three requests after it queue together.
+    hold_next(APP, "insert", 800).await;
+    let mut client = JournalClient::new(channel.clone());
+    let blocker = tokio::spawn(async move { write(&mut client, vec![single("blocker", 1)]).await });
+    tokio::time::sleep(Duration::from_millis(200)).await;
+    let mut requests = Vec::new();
+    for writes in [
+        vec![atomic(
+            (1..=2).map(|n| tagged("named", n, &["order"])).collect(),
+        )],
+        vec![single("named", 3)],
+        vec![single("named", 4)],
+    ] {
+        let mut client = JournalClient::new(channel.clone());
+        requests.push(tokio::spawn(
+            async move { write(&mut client, writes).await },
+        ));
+        tokio::time::sleep(Duration::from_millis(50)).await;
+    }
+    assert!(is_written(&blocker.await.unwrap()[0]));
+    let mut outcomes = Vec::new();
+    for request in requests {
+        outcomes.push(describe(&request.await.unwrap()[0]));
+    }
+    assert_eq!(outcomes[0], "written", "{outcomes:?}");
+    assert!(
+        outcomes[1].starts_with("rejected: MongoDB refused event 3"),
+        "{outcomes:?}"
+    );
+    assert!(
+        outcomes[2].starts_with(
+            "conflict: sequence number 4 of persistence id \"named\" does not follow its highest \
+             stored sequence number 2, because the write of sequence number(s) 3 before it \
+             failed: MongoDB refused event 3"
+        ),
+        "{outcomes:?}"
+    );
+}
+
 /// A write refused on receipt (it fails validation) is a failed write of the persistence id
 /// it names like any other.
 #[tokio::test]

@@ -609,8 +609,16 @@ impl Run<'_> {
                 }
             }
             self.learn(&pid, head);
-            self.failures.remove(&pid);
-            self.done.failures.insert(pid, None);
+            // A failure the stored events reached past is history; one after them (a write
+            // stored when it went round again, behind a failed one) still explains a gap.
+            if self
+                .failures
+                .get(&pid)
+                .is_none_or(|failure| failure.first <= last)
+            {
+                self.failures.remove(&pid);
+                self.done.failures.insert(pid, None);
+            }
         }
         for (write, _) in writes {
             match failed.get(&write.pid) {
