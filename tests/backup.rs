@@ -626,6 +626,7 @@ async fn failpoint_off() {
 /// stored): the backup fails with the error, and nothing of it is left or listed.
 #[tokio::test]
 async fn a_backup_failing_midway_leaves_nothing_that_looks_complete() {
+    let _failpoint = failpoint_turn().await;
     let server = TestServer::start("bk_midway").await;
     populate(&server).await;
     let directory = scratch("midway");
@@ -924,6 +925,7 @@ async fn a_backup_to_s3_restores_bit_exact_and_verifies() {
 /// multipart upload left), the objects already stored are deleted, nothing is listed.
 #[tokio::test]
 async fn a_failed_backup_to_s3_aborts_its_upload_and_leaves_nothing() {
+    let _failpoint = failpoint_turn().await;
     let server = TestServer::start("bk_s3_fail").await;
     populate(&server).await;
     let bucket = new_bucket("failing").await;
@@ -1551,6 +1553,7 @@ async fn the_backup_service_backs_up_and_restores_for_admins_only() {
 /// (it used to wait for ever, its decoding thread blocked on a batch nobody would take).
 #[tokio::test]
 async fn a_restore_failing_midway_reports_the_failure_and_does_not_hang() {
+    let _failpoint = failpoint_turn().await;
     let server = TestServer::start("bk_restore_fail").await;
     write_noise(&server, "big", 200).await;
     let directory = scratch("restore_fail");

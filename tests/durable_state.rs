@@ -326,6 +326,7 @@ async fn lose_next_reply(app: &str, command: &str) {
 
 #[tokio::test]
 async fn a_change_retried_after_its_reply_was_lost_succeeds() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "state_lost_reply";
     let _turn = FAIL_POINT.lock().await;
     let server = TestServer::start_with("state_lost_reply", |settings| {
@@ -384,6 +385,7 @@ async fn a_change_retried_after_its_reply_was_lost_succeeds() {
 /// prompt retry leaves it where it is.
 #[tokio::test]
 async fn a_change_found_stored_by_a_late_retry_moves_forward_in_change_order() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "state_late_retry";
     const LEASE: std::time::Duration = std::time::Duration::from_secs(2);
     let _turn = FAIL_POINT.lock().await;
@@ -437,6 +439,7 @@ async fn a_change_found_stored_by_a_late_retry_moves_forward_in_change_order() {
 /// call), so a live change query waits for it and delivers it with the others.
 #[tokio::test]
 async fn a_change_whose_call_was_cancelled_while_mongodb_held_it_is_still_delivered() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "state_cancelled";
     const TAG: &str = "held";
     let _turn = FAIL_POINT.lock().await;

@@ -186,6 +186,7 @@ async fn a_later_failure_found_first_does_not_let_writes_past_an_earlier_one() {
 /// before the failure was stored after it.
 #[tokio::test]
 async fn a_gap_names_the_failure_it_follows_though_an_earlier_write_was_stored_since() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "order_named";
     let server = TestServer::start_with(APP, |settings| {
         settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
@@ -263,6 +264,7 @@ async fn an_invalid_write_stops_the_later_writes_of_its_pid() {
 /// assumed.
 #[tokio::test]
 async fn a_write_behind_a_failing_one_is_decided_on_the_real_highest() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "order_behind";
     let (first, second) = held_and_free(APP, |settings| {
         settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(60);
@@ -371,6 +373,7 @@ async fn duplicates_inside_a_batch_are_settled_per_write() {
 
 #[tokio::test]
 async fn a_storage_failure_on_a_stream_leaves_a_gapless_prefix() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "order_failpoint";
     const WRITES: i64 = 40;
     let server = TestServer::start_with("order_failpoint", |settings| {
@@ -447,6 +450,7 @@ async fn a_storage_failure_on_a_stream_leaves_a_gapless_prefix() {
 
 #[tokio::test]
 async fn writes_retried_through_transient_failures_land_once_in_order() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "order_transient";
     let server = TestServer::start_with("order_transient", |settings| {
         fast(settings);
@@ -585,6 +589,7 @@ async fn a_stale_writer_on_another_server_cannot_resurrect_history() {
 /// refused, are stored.
 #[tokio::test]
 async fn a_write_racing_another_servers_fails_alone() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "order_race";
     let (racing, other) = held_and_free(APP, |settings| {
         settings.mongodb.retry.max_attempts = 1;
@@ -670,7 +675,7 @@ async fn writes_after_one_at_the_largest_sequence_number_are_answered() {
     );
     assert!(outcomes[1].starts_with("conflict: "), "{outcomes:?}");
     assert_eq!(outcomes[2], "written", "{outcomes:?}");
-    // A later gap of the id is named after that failure's run, and its first write goes in.
+    // A later gap of the id is a conflict too, and its first write goes in.
     let outcome = write(&mut client, vec![single("last", 3)]).await;
     assert!(
         describe(&outcome[0]).starts_with("conflict: "),
@@ -686,6 +691,7 @@ async fn writes_after_one_at_the_largest_sequence_number_are_answered() {
 /// hold the writes of calls nobody waits for.
 #[tokio::test]
 async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "order_gave_up";
     let server = TestServer::start_with("order_gave_up", |settings| {
         settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
@@ -725,10 +731,12 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
 
 /// What a server knows of an id's highest is trusted for `sequence-nr-cache-validity` (the
 /// purge delay is at least twice that), also when the batch takes longer than that before its
-/// insert: here a compare in the same batch stalls while another server writes on, deletes and
-/// purges. The stale server reads the highest again before it inserts, and finds the history.
+/// insert: here a read for another write of the batch stalls while another server writes on,
+/// deletes and purges. The stale server reads the highest again before it inserts, and finds
+/// the history.
 #[tokio::test]
 async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_inserting() {
+    let _failpoint = failpoint_turn().await;
     const APP: &str = "order_stall";
     let (stale, current) = held_and_free(APP, |settings| {
         settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(1);
@@ -740,9 +748,10 @@ async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_insert
     let mut through_current = current.journal().await;
     let first = write(&mut through_stale, vec![single("q", 1), single("r", 1)]).await;
     assert!(first.iter().all(is_written), "{first:?}");
-    // The stale server's next batch: r's write again (a retry: compared with what is stored,
-    // which stalls for 6 s) and q's next write, which its knowledge of q continues.
-    hold_next(APP, "find", 6_000).await;
+    // The stale server's next batch: r's write again (a retry, which does not continue what
+    // the server knows of r, so r's highest is read first: that read stalls for 12 s) and q's
+    // next write, which its knowledge of q continues.
+    hold_next(APP, "find", 12_000).await;
     let stalled = tokio::spawn(async move {
         write(&mut through_stale, vec![single("r", 1), single("q", 2)]).await
     });
@@ -751,7 +760,7 @@ async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_insert
     let next = write(&mut through_current, vec![single("q", 2), single("q", 3)]).await;
     assert!(next.iter().all(is_written), "{next:?}");
     delete_all(&mut through_current, "q").await;
-    purge_deleted_events(&database, "q", Duration::from_secs(5)).await;
+    purge_deleted_events(&database, "q", Duration::from_secs(10)).await;
     assert!(!stalled.is_finished(), "the stale batch was still waiting");
     let outcomes: Vec<String> = stalled.await.unwrap().iter().map(describe).collect();
     assert_eq!(outcomes[0], "written", "{outcomes:?}");
@@ -762,6 +771,50 @@ async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_insert
         ),
         "{outcomes:?}"
     );
+}
+
+/// Reads of the highest so slow that the knowledge is too old to trust by the time of the
+/// insert, round after round: the write is given up with UNAVAILABLE naming why (nothing is
+/// stored, retrying is safe), rather than tried forever; once reads are quick it goes in.
+#[tokio::test]
+async fn a_write_whose_reads_stay_too_slow_to_trust_is_given_up() {
+    let _failpoint = failpoint_turn().await;
+    const APP: &str = "order_slow_reads";
+    let server = TestServer::start_with(APP, |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.mongodb.retry.max_attempts = 1;
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(1);
+        settings.write_journal.purge_delay = Duration::from_secs(2);
+    })
+    .await;
+    let mut client = server.journal().await;
+    // Each read of the highest is two `find`s (the journal's top, then the recorded highest):
+    // the next four take 0.6 s each, so two rounds each read for 1.2 s.
+    fail_next(
+        APP,
+        4,
+        "find",
+        doc! { "blockConnection": true, "blockTimeMS": 600 },
+    )
+    .await;
+    let status = client
+        .write_events(pb::WriteEventsRequest {
+            writes: vec![single("slow", 1)],
+            ..Default::default()
+        })
+        .await
+        .expect_err("the write is given up");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().starts_with(
+            "sequence number(s) 1 of persistence id \"slow\": reading its highest sequence \
+             number and deciding took longer than write-journal.sequence-nr-cache-validity 2 times"
+        ),
+        "{status:?}"
+    );
+    assert_eq!(highest(&mut client, "slow").await, 0);
+    let outcome = write(&mut client, vec![single("slow", 1)]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
 }
 
 #[tokio::test]

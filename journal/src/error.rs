@@ -9,9 +9,10 @@ pub enum JournalError {
     Corrupt(String),
     #[error("internal error: {0}")]
     Internal(String),
-    /// A write collided with an event that majority reads do not show yet, on every attempt.
+    /// A write the server could not decide safely, round after round (an event majority reads
+    /// did not show, or reads too slow to trust); it was not stored.
     #[error("{0}")]
-    Unseen(String),
+    Undecided(String),
 }
 
 impl StorageError for JournalError {
@@ -19,7 +20,7 @@ impl StorageError for JournalError {
         match self {
             Self::Mongo(error) => error.kind(),
             Self::Corrupt(_) | Self::Internal(_) => FailureKind::Internal,
-            Self::Unseen(_) => FailureKind::Unavailable,
+            Self::Undecided(_) => FailureKind::Unavailable,
         }
     }
 }

@@ -222,6 +222,13 @@ pub async fn purge_deleted_events(
     .await;
 }
 
+/// The test mongod has one `failCommand` failpoint, and setting it replaces what another test
+/// set: tests of one binary (run in parallel) that set it take turns by holding this.
+pub async fn failpoint_turn() -> tokio::sync::MutexGuard<'static, ()> {
+    static TURN: tokio::sync::Mutex<()> = tokio::sync::Mutex::const_new(());
+    TURN.lock().await
+}
+
 /// Makes the test mongod fail this server's next `times` `command`s (only connections with
 /// `app_name`, so parallel tests are not affected), as CosmosDB does when over its throughput.
 pub async fn fail_next(

@@ -102,8 +102,10 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
     let mut remaining = batch.writes;
     let mut must_read: HashSet<Pid> = HashSet::new();
     let mut attempt = 1;
-    // Rounds that found writes colliding with events majority reads did not show.
-    let mut looks = 0;
+    // Per write, the rounds that could not decide it safely (see `undecided`), and how many
+    // it gets: at least two, also with `max-attempts = 1`.
+    let mut undecided_rounds: HashMap<WriteKey, u32> = HashMap::new();
+    let rounds = store.retry.max_attempts().max(2);
     while !remaining.is_empty() {
         let fresh = match run.know(&remaining, &must_read).await {
             Ok(fresh) => fresh,
@@ -121,18 +123,29 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
         for write in compare {
             run.compare(write).await;
         }
-        // Knowledge kept from earlier batches is trusted for `validity` from when it was
-        // confirmed (see `heads.rs`: purged events must stay in the unique index for longer),
-        // and the compares (with their retries) may have outlasted it: such an id's writes go
-        // round again, its highest read first. Knowledge read in this round goes ahead.
+        // Knowledge is trusted for `validity` from when it was confirmed (see `heads.rs`:
+        // purged events stay in the unique index for longer), and this round's reads and
+        // compares (with their retries) may have outlasted it: such an id's writes go round
+        // again, its highest read first.
         let now = Instant::now();
         let (insert, expired): (Vec<_>, Vec<_>) = insert.into_iter().partition(|write| {
-            fresh.contains(&write.pid)
-                || run.heads.get(&write.pid).is_some_and(|head| {
-                    now.saturating_duration_since(head.confirmed) < run.validity
-                })
+            run.heads
+                .get(&write.pid)
+                .is_some_and(|head| now.saturating_duration_since(head.confirmed) < run.validity)
         });
         for write in expired {
+            if fresh.contains(&write.pid) && undecided(&mut undecided_rounds, &write) >= rounds {
+                let reason = format!(
+                    "sequence number(s) {} of persistence id {:?}: reading its highest \
+                     sequence number and deciding took longer than \
+                     write-journal.sequence-nr-cache-validity {rounds} times (is MongoDB \
+                     overloaded?); this write was not stored, and retrying it is safe",
+                    range(write.first, write.last),
+                    write.pid
+                );
+                run.given_up(write, JournalError::Undecided(reason));
+                continue;
+            }
             must_read.insert(write.pid.clone());
             next.push(write);
         }
@@ -164,20 +177,22 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
             // Usually a race: another writer stored the event after this batch read the highest.
             // The next read is causal (it waits until majority reads show what MongoDB had
             // when it refused the insert), so it finds the event, and the write is compared.
-            // Looked at again at least once, also with `max-attempts = 1`.
-            looks += 1;
-            if looks >= store.retry.max_attempts().max(2) {
-                // Still not shown: only the writes that collide fail (and, through their
-                // failure, the later writes of their ids); the others were not refused.
-                let (colliding, rest): (Vec<_>, Vec<_>) = remaining
-                    .into_iter()
-                    .partition(|write| unseen.contains(&write.key));
-                for write in colliding {
-                    let error = JournalError::Unseen(unseen_reason(&write, looks));
-                    run.error(write, error);
-                }
-                remaining = rest;
+            // If a write keeps colliding, only it fails (and, through its failure, the later
+            // writes of its id); the others were not refused. Nothing of it was stored.
+            let (colliding, rest): (Vec<_>, Vec<_>) = remaining.into_iter().partition(|write| {
+                unseen.contains(&write.key) && undecided(&mut undecided_rounds, write) >= rounds
+            });
+            for write in colliding {
+                let reason = format!(
+                    "sequence number(s) {} of persistence id {:?} collide with an event MongoDB \
+                     holds but majority reads did not show ({rounds} reads; is replication \
+                     behind?); this write was not stored, and retrying it is safe",
+                    range(write.first, write.last),
+                    write.pid
+                );
+                run.given_up(write, JournalError::Undecided(reason));
             }
+            remaining = rest;
         }
     }
     // Stamps of inserts that may have been applied after all stay in flight until the batch is
@@ -671,9 +686,14 @@ impl Run<'_> {
         self.settle(write, Ok(outcome));
     }
 
-    /// MongoDB failed for this write: knowledge of its id is in doubt.
+    /// MongoDB failed for this write: knowledge of its id is in doubt, and so is its outcome.
     fn error(&mut self, write: BatchWrite, error: JournalError) {
         self.uncertain = true;
+        self.given_up(write, error);
+    }
+
+    /// A write given up without being stored: knowledge of its id is in doubt.
+    fn given_up(&mut self, write: BatchWrite, error: JournalError) {
         self.heads.remove(&write.pid);
         self.done.heads.insert(write.pid.clone(), None);
         self.record_failure(&write, error.to_string());
@@ -775,15 +795,11 @@ struct DocumentFailure {
     message: String,
 }
 
-/// Why a write that kept colliding with an event majority reads do not show fails.
-fn unseen_reason(write: &BatchWrite, looks: u32) -> String {
-    format!(
-        "sequence number(s) {} of persistence id {:?} collide with an event MongoDB holds but \
-         majority reads did not show ({looks} reads; is replication behind?); this write was not \
-         stored, and retrying it is safe",
-        range(write.first, write.last),
-        write.pid
-    )
+/// Counts one more round that could not decide `write` safely, and returns the count.
+fn undecided(counts: &mut HashMap<WriteKey, u32>, write: &BatchWrite) -> u32 {
+    let count = counts.entry(write.key).or_default();
+    *count += 1;
+    *count
 }
 
 fn document_failure(error: &Error) -> Option<DocumentFailure> {
