@@ -50,17 +50,23 @@ fn single(pid: &str, sequence_nr: i64) -> pb::AtomicWrite {
     atomic(vec![tagged(pid, sequence_nr, &["order"])])
 }
 
+/// A server whose connections carry the application name `app` (its database's prefix too),
+/// so `hold_next` and `fail_next` reach it alone.
+async fn held_server(app: &str, customize: impl FnOnce(&mut config::Settings)) -> TestServer {
+    TestServer::start_with(app, |settings| {
+        settings.mongodb.uri = format!("{}&appName={app}", mongodb_uri());
+        customize(settings);
+    })
+    .await
+}
+
 /// Two servers on one database: the first's connections carry the application name `app`, so
 /// `hold_next` and `fail_next` reach it alone; the second's do not.
 async fn held_and_free(
     app: &str,
     customize: impl FnOnce(&mut config::Settings),
 ) -> (TestServer, TestServer) {
-    let held = TestServer::start_with(app, |settings| {
-        settings.mongodb.uri = format!("{}&appName={app}", mongodb_uri());
-        customize(settings);
-    })
-    .await;
+    let held = held_server(app, customize).await;
     let mut settings = held.settings.clone();
     settings.mongodb.uri = mongodb_uri();
     let free = TestServer::start_on_database(settings).await;
@@ -188,8 +194,7 @@ async fn a_later_failure_found_first_does_not_let_writes_past_an_earlier_one() {
 async fn a_gap_names_the_failure_it_follows_though_an_earlier_write_was_stored_since() {
     let _failpoint = failpoint_turn().await;
     const APP: &str = "order_named";
-    let server = TestServer::start_with(APP, |settings| {
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    let server = held_server(APP, |settings| {
         settings.write_journal.max_batches_in_flight = 1;
     })
     .await;
@@ -693,8 +698,7 @@ async fn writes_after_one_at_the_largest_sequence_number_are_answered() {
 async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     let _failpoint = failpoint_turn().await;
     const APP: &str = "order_gave_up";
-    let server = TestServer::start_with("order_gave_up", |settings| {
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    let server = held_server(APP, |settings| {
         settings.write_journal.max_batches_in_flight = 1;
     })
     .await;
@@ -780,8 +784,7 @@ async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_insert
 async fn a_write_whose_reads_stay_too_slow_to_trust_is_given_up() {
     let _failpoint = failpoint_turn().await;
     const APP: &str = "order_slow_reads";
-    let server = TestServer::start_with(APP, |settings| {
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    let server = held_server(APP, |settings| {
         settings.mongodb.retry.max_attempts = 1;
         settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(1);
         settings.write_journal.purge_delay = Duration::from_secs(2);
