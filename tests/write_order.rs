@@ -733,11 +733,10 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     assert!(is_written(&outcome[0]), "{outcome:?}");
 }
 
-/// What a server knows of an id's highest is trusted for `sequence-nr-cache-validity` (the
-/// purge delay is at least twice that), also when the batch takes longer than that before its
-/// insert: here a read for another write of the batch stalls while another server writes on,
-/// deletes and purges. The stale server reads the highest again before it inserts, and finds
-/// the history.
+/// What a server knows of an id's highest is trusted to insert on for the purge delay less the
+/// cache validity, also when the batch takes longer than that before its insert: here a read
+/// for another write of the batch stalls while another server writes on, deletes and purges.
+/// The stale server reads the highest again before it inserts, and finds the history.
 #[tokio::test]
 async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_inserting() {
     let _failpoint = failpoint_turn().await;
@@ -777,9 +776,10 @@ async fn knowledge_that_expires_while_a_batch_stalls_is_read_again_before_insert
     );
 }
 
-/// Reads of the highest so slow that the knowledge is too old to trust by the time of the
-/// insert, round after round: the write is given up with UNAVAILABLE naming why (nothing is
-/// stored, retrying is safe), rather than tried forever; once reads are quick it goes in.
+/// Reads of the highest so slow that the knowledge is too old to insert on (older than the
+/// purge delay less the cache validity) by the time of the insert, round after round: the
+/// write is given up with UNAVAILABLE naming why (nothing is stored, retrying is safe), rather
+/// than tried forever; once reads are quick it goes in.
 #[tokio::test]
 async fn a_write_whose_reads_stay_too_slow_to_trust_is_given_up() {
     let _failpoint = failpoint_turn().await;
@@ -811,7 +811,8 @@ async fn a_write_whose_reads_stay_too_slow_to_trust_is_given_up() {
     assert!(
         status.message().starts_with(
             "sequence number(s) 1 of persistence id \"slow\": reading its highest sequence \
-             number and deciding took longer than write-journal.sequence-nr-cache-validity 2 times"
+             number and deciding took longer than 1s (write-journal.purge-delay less \
+             sequence-nr-cache-validity) 2 times"
         ),
         "{status:?}"
     );

@@ -89,10 +89,21 @@ pub(crate) struct FailedWrite {
     pub failure: Failure,
 }
 
-pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration) -> Done {
+/// How long knowledge of an id's highest sequence number is trusted (see `heads.rs`).
+#[derive(Clone, Copy)]
+pub(crate) struct Trust {
+    /// To decide a write on it without reading: `sequence-nr-cache-validity`.
+    pub validity: Duration,
+    /// To send an insert decided on it: `purge-delay` less the validity. Events another server
+    /// writes, deletes and has purged after the knowledge was confirmed leave the unique index
+    /// no sooner than the purge delay after that; the validity is the margin for clocks.
+    pub until_insert: Duration,
+}
+
+pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> Done {
     let mut run = Run {
         store,
-        validity,
+        validity: trust.validity,
         heads: batch.heads,
         failures: batch.failures,
         done: Done::default(),
@@ -123,25 +134,25 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, validity: Duration
         for write in compare {
             run.compare(write).await;
         }
-        // Knowledge is trusted for `validity` from when it was confirmed (see `heads.rs`:
-        // purged events stay in the unique index for longer), and this round's reads and
-        // compares (with their retries) may have outlasted it: such an id's writes go round
-        // again, its highest read first.
+        // This round's reads and compares (with their retries) may have taken so long that
+        // the knowledge a write was decided on is too old to insert on (`Trust::until_insert`):
+        // such an id's writes go round again, its highest read first.
         let now = Instant::now();
         let (insert, expired): (Vec<_>, Vec<_>) = insert.into_iter().partition(|write| {
-            run.heads
-                .get(&write.pid)
-                .is_some_and(|head| now.saturating_duration_since(head.confirmed) < run.validity)
+            run.heads.get(&write.pid).is_some_and(|head| {
+                now.saturating_duration_since(head.confirmed) < trust.until_insert
+            })
         });
         for write in expired {
             if fresh.contains(&write.pid) && undecided(&mut undecided_rounds, &write) >= rounds {
                 let reason = format!(
                     "sequence number(s) {} of persistence id {:?}: reading its highest \
-                     sequence number and deciding took longer than \
-                     write-journal.sequence-nr-cache-validity {rounds} times (is MongoDB \
-                     overloaded?); this write was not stored, and retrying it is safe",
+                     sequence number and deciding took longer than {} (write-journal.purge-delay \
+                     less sequence-nr-cache-validity) {rounds} times (is MongoDB overloaded?); \
+                     this write was not stored, and retrying it is safe",
                     range(write.first, write.last),
-                    write.pid
+                    write.pid,
+                    humantime::format_duration(trust.until_insert)
                 );
                 run.given_up(write, JournalError::Undecided(reason));
                 continue;

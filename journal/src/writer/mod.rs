@@ -239,7 +239,13 @@ impl Writer {
             answers: Vec::new(),
             spent: Vec::new(),
             max_in_flight: settings.max_batches_in_flight as usize,
-            validity: settings.sequence_nr_cache_validity,
+            trust: batch::Trust {
+                validity: settings.sequence_nr_cache_validity,
+                until_insert: settings
+                    .purge_delay
+                    .saturating_sub(settings.sequence_nr_cache_validity)
+                    .max(settings.sequence_nr_cache_validity),
+            },
             store,
         };
         tokio::spawn(committer.run(receiver));
@@ -332,7 +338,7 @@ struct Committer {
     next_request: u64,
     limits: Limits,
     max_in_flight: usize,
-    validity: Duration,
+    trust: batch::Trust,
     store: Arc<EventStore>,
     /// Which light producers had writes in batches lately, and when.
     light_seen: LightSeen,
@@ -608,7 +614,7 @@ impl Committer {
         }
         let panicked = Panicked::of(&writes);
         let store = self.store.clone();
-        let validity = self.validity;
+        let trust = self.trust;
         let batch = Batch {
             writes,
             heads,
@@ -618,7 +624,7 @@ impl Committer {
         // here, and back to its caller) instead of four. A panic must not take the writer
         // down, so it becomes an error for the batch's writes.
         Some(Box::pin(async move {
-            let running = AssertUnwindSafe(batch::execute(batch, &store, validity));
+            let running = AssertUnwindSafe(batch::execute(batch, &store, trust));
             let done = running
                 .catch_unwind()
                 .await
