@@ -733,6 +733,53 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     assert!(is_written(&outcome[0]), "{outcome:?}");
 }
 
+/// The same for a stream its client cancels while its requests' writes wait for a batch.
+#[tokio::test]
+async fn writes_of_a_stream_cancelled_before_their_batch_are_not_stored() {
+    let _failpoint = failpoint_turn().await;
+    const APP: &str = "order_stream_gone";
+    let server = held_server(APP, |settings| {
+        settings.write_journal.max_batches_in_flight = 1;
+    })
+    .await;
+    let mut client = server.journal().await;
+    hold_next(APP, "insert", 1_500).await;
+    let mut first_client = client.clone();
+    let first =
+        tokio::spawn(async move { write(&mut first_client, vec![single("held", 1)]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (requests, receiver) = tokio::sync::mpsc::channel(8);
+    let mut responses = client
+        .write_events_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
+        .await
+        .unwrap()
+        .into_inner();
+    for sequence_nr in 1..=2 {
+        requests
+            .send(pb::WriteEventsRequest {
+                writes: vec![single("stream-gone", sequence_nr)],
+                ..Default::default()
+            })
+            .await
+            .unwrap();
+    }
+    // Read by the server (answers would come once the held batch is done), then cancelled.
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    assert!(
+        tokio::time::timeout(Duration::from_millis(50), responses.message())
+            .await
+            .is_err(),
+        "no answer while the batch before is held"
+    );
+    drop(responses);
+    drop(requests);
+    let first = first.await.unwrap();
+    assert!(is_written(&first[0]), "{first:?}");
+    let outcome = write(&mut client, vec![single("after-stream", 1)]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+    assert_eq!(highest(&mut client, "stream-gone").await, 0);
+}
+
 /// What a server knows of an id's highest is trusted to insert on for the purge delay less the
 /// cache validity, also when the batch takes longer than that before its insert: here a read
 /// for another write of the batch stalls while another server writes on, deletes and purges.

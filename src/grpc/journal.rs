@@ -240,6 +240,10 @@ impl pb::journal_server::Journal for JournalService {
                             }
                         }
                     }
+                    // The client cancelled the stream (or left): its requests' writes not sent
+                    // to MongoDB yet go with it, as a cancelled `WriteEvents` call's do.
+                    () = sender.closed(), if reading || !unanswered.is_empty() => return,
+                    // Everything read is answered, and the client sends no more.
                     else => return,
                 }
             }
