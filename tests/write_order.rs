@@ -690,6 +690,29 @@ async fn writes_after_one_at_the_largest_sequence_number_are_answered() {
     assert!(is_written(&outcome[0]), "{outcome:?}");
 }
 
+/// A server writing one batch at a time, whose first batch (a write of "held") waits at
+/// MongoDB for 1.5 s, so writes sent meanwhile queue behind it; the held write's outcome comes
+/// from the task returned.
+async fn a_batch_held_at_mongodb(
+    app: &str,
+) -> (
+    TestServer,
+    JournalClient,
+    tokio::task::JoinHandle<Vec<Outcome>>,
+) {
+    let server = held_server(app, |settings| {
+        settings.write_journal.max_batches_in_flight = 1;
+    })
+    .await;
+    let client = server.journal().await;
+    hold_next(app, "insert", 1_500).await;
+    let mut first_client = client.clone();
+    let first =
+        tokio::spawn(async move { write(&mut first_client, vec![single("held", 1)]).await });
+    tokio::time::sleep(Duration::from_millis(300)).await;
+    (server, client, first)
+}
+
 /// A call that gives up (its deadline passes, or its client cancels it) while its writes wait
 /// for a batch takes them with it: they are not sent to MongoDB afterwards, so a client that
 /// retried or recovered meanwhile does not find them appearing later, and the server does not
@@ -697,18 +720,7 @@ async fn writes_after_one_at_the_largest_sequence_number_are_answered() {
 #[tokio::test]
 async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     let _failpoint = failpoint_turn().await;
-    const APP: &str = "order_gave_up";
-    let server = held_server(APP, |settings| {
-        settings.write_journal.max_batches_in_flight = 1;
-    })
-    .await;
-    let mut client = server.journal().await;
-    // The first batch waits at MongoDB for 1.5 s; the next writes queue behind it.
-    hold_next(APP, "insert", 1_500).await;
-    let mut first_client = client.clone();
-    let first =
-        tokio::spawn(async move { write(&mut first_client, vec![single("held", 1)]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_server, mut client, first) = a_batch_held_at_mongodb("order_gave_up").await;
     let mut request = tonic::Request::new(pb::WriteEventsRequest {
         writes: vec![single("gave-up", 1), single("gave-up", 2)],
         ..Default::default()
@@ -737,17 +749,7 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
 #[tokio::test]
 async fn writes_of_a_stream_cancelled_before_their_batch_are_not_stored() {
     let _failpoint = failpoint_turn().await;
-    const APP: &str = "order_stream_gone";
-    let server = held_server(APP, |settings| {
-        settings.write_journal.max_batches_in_flight = 1;
-    })
-    .await;
-    let mut client = server.journal().await;
-    hold_next(APP, "insert", 1_500).await;
-    let mut first_client = client.clone();
-    let first =
-        tokio::spawn(async move { write(&mut first_client, vec![single("held", 1)]).await });
-    tokio::time::sleep(Duration::from_millis(300)).await;
+    let (_server, mut client, first) = a_batch_held_at_mongodb("order_stream_gone").await;
     let (requests, receiver) = tokio::sync::mpsc::channel(8);
     let mut responses = client
         .write_events_stream(tokio_stream::wrappers::ReceiverStream::new(receiver))
