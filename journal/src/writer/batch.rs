@@ -103,7 +103,7 @@ pub(crate) struct Trust {
 pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> Done {
     let mut run = Run {
         store,
-        validity: trust.validity,
+        trust,
         heads: batch.heads,
         failures: batch.failures,
         done: Done::default(),
@@ -127,7 +127,7 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
         };
         must_read.clear();
         let Decided {
-            insert,
+            mut insert,
             compare,
             mut next,
         } = run.decide(remaining);
@@ -138,11 +138,14 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
         // the knowledge a write was decided on is too old to insert on (`Trust::until_insert`):
         // such an id's writes go round again, its highest read first.
         let now = Instant::now();
-        let (insert, expired): (Vec<_>, Vec<_>) = insert.into_iter().partition(|write| {
-            run.heads.get(&write.pid).is_some_and(|head| {
-                now.saturating_duration_since(head.confirmed) < trust.until_insert
+        let heads = &run.heads;
+        let expired: Vec<BatchWrite> = insert
+            .extract_if(.., |write| {
+                heads.get(&write.pid).is_none_or(|head| {
+                    now.saturating_duration_since(head.confirmed) >= trust.until_insert
+                })
             })
-        });
+            .collect();
         for write in expired {
             if fresh.contains(&write.pid) && undecided(&mut undecided_rounds, &write) >= rounds {
                 let reason = format!(
@@ -218,7 +221,7 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
 
 struct Run<'a> {
     store: &'a EventStore,
-    validity: Duration,
+    trust: Trust,
     heads: HashMap<Pid, Head>,
     failures: HashMap<Pid, Failure>,
     done: Done,
@@ -286,7 +289,7 @@ impl Run<'_> {
             }
             last = Some(&write.pid);
             let known = self.heads.get(&write.pid).filter(|head| {
-                now.saturating_duration_since(head.confirmed) < self.validity
+                now.saturating_duration_since(head.confirmed) < self.trust.validity
                     && head.highest.checked_add(1) == Some(write.first)
             });
             if known.is_none() || must_read.contains(&write.pid) {
