@@ -202,3 +202,27 @@ impl ResumingSubscriber {
         }
     }
 }
+
+/// `(seqNr, writtenAt in ms)` of each stored event of `pid`, by sequence number.
+pub async fn stamps_of(server: &super::TestServer, pid: &str) -> Vec<(i64, i64)> {
+    use futures::TryStreamExt;
+    use mongodb::bson::{Document, doc};
+    server
+        .mongodb()
+        .await
+        .collection::<Document>("journal")
+        .find(doc! { "pid": pid })
+        .sort(doc! { "seqNr": 1 })
+        .await
+        .unwrap()
+        .map_ok(|document| {
+            let written_at = document.get_datetime("writtenAt").unwrap();
+            (
+                document.get_i64("seqNr").unwrap(),
+                written_at.timestamp_millis(),
+            )
+        })
+        .try_collect()
+        .await
+        .unwrap()
+}

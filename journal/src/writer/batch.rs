@@ -389,14 +389,31 @@ impl Run<'_> {
                         .is_ok_and(|stored| stored.same_content_as(event))
             });
         if identical {
-            // The first attempt's call may have failed before it could check for lateness.
-            let stored_at = stored.iter().map(|document| document.written_at).min();
-            if let Some(stored_at) =
-                stored_at.filter(|at| self.store.watermarks.stored_late(at.timestamp_millis()))
-            {
-                match self.store.restamp(&pid, write.first, stored_at).await {
-                    Ok(moved) => self.moved(&pid, moved),
+            // The first attempt's call may have failed before it could check for lateness, or
+            // before it could check the events before it (`later_predecessors`).
+            if let Some(stored_at) = stored.iter().map(|document| document.written_at).min() {
+                let before = match self
+                    .store
+                    .later_predecessors(&[(pid.clone(), write.first, stored_at)])
+                    .await
+                {
+                    Ok(mut later) => later.remove(&pid),
                     Err(error) => return self.error(write, error.into()),
+                };
+                if before.is_some()
+                    || self
+                        .store
+                        .watermarks
+                        .stored_late(stored_at.timestamp_millis())
+                {
+                    match self
+                        .store
+                        .restamp(&pid, write.first, stored_at, before)
+                        .await
+                    {
+                        Ok(moved) => self.moved(&pid, moved),
+                        Err(error) => return self.error(write, error.into()),
+                    }
                 }
             }
             return self.settle(write, Ok(WriteOutcome::Written));
@@ -623,14 +640,33 @@ impl Run<'_> {
             }
         }
         let mut failed: HashMap<Pid, JournalError> = HashMap::new();
+        let firsts: Vec<(Pid, i64, DateTime)> = stored
+            .iter()
+            .map(|(pid, first, _, stamp)| (pid.clone(), *first, *stamp))
+            .collect();
+        let later_before = match self.store.later_predecessors(&firsts).await {
+            Ok(later) => later,
+            Err(error) => {
+                // Stored, but maybe placed before earlier events: the client retries it, and
+                // the retry checks again.
+                let error = JournalError::from(error);
+                for (pid, ..) in firsts {
+                    failed.insert(pid, error.clone());
+                }
+                HashMap::new()
+            }
+        };
         for (pid, first, last, stamp) in stored {
             let mut head = Head {
                 highest: last,
                 written_at: Some(stamp),
                 confirmed: sent,
             };
-            if acknowledged.is_late(stamp.timestamp_millis()) {
-                match self.store.restamp(&pid, first, stamp).await {
+            let before = later_before.get(&pid).copied();
+            if !failed.contains_key(&pid)
+                && (before.is_some() || acknowledged.is_late(stamp.timestamp_millis()))
+            {
+                match self.store.restamp(&pid, first, stamp, before).await {
                     Ok(moved) => head.written_at = moved.or(head.written_at),
                     Err(error) => {
                         failed.insert(pid.clone(), error.into());

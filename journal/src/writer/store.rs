@@ -24,6 +24,10 @@ const HEAD_READS_IN_PARALLEL: usize = 8;
 /// How often one late write is moved forward at most (see [`EventStore::restamp`]).
 const MAX_RESTAMPS: usize = 3;
 
+/// How many ids' events before a write are looked up in one read at most (one `$or` branch
+/// each, see [`EventStore::later_predecessors`]).
+const PREDECESSOR_LOOKUPS_PER_READ: usize = 100;
+
 /// The stored highest of a persistence id: the journal's top event (with its `writtenAt`), or
 /// the metadata's record when its events were deleted and purged.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -214,10 +218,69 @@ impl EventStore {
         result
     }
 
-    /// Moves the events of `pid` from `first` on forward in read-journal order: their write
-    /// was acknowledged late (see [`Watermarks::acknowledged`]), so queries may have passed over
-    /// their stamp. Subscribers that missed them get them at the new stamp; one that did see
-    /// them gets them twice: clients de-duplicate by (pid, seqNr).
+    /// Fixed-drift mode only: of the events just stored (per id: the first sequence number
+    /// stored and the stamp it got), the ids whose event before `first` is stamped later, with
+    /// that stamp. The caller moves such events forward to it ([`EventStore::restamp`]).
+    ///
+    /// In fixed-drift mode a late write is moved *ahead of now* ([`EventStore::restamp`]), by
+    /// whichever server finds it late: a client's retry on another server does. The server
+    /// that stored the write first still knows the id's highest from its own insert, with the
+    /// old stamp, and stamps the id's next write on that without reading: it could land before
+    /// the moved events in read-journal order. This read comes after the insert was
+    /// acknowledged (causally after it), so a move applied before the insert shows here, and
+    /// one applied after it took the new events along (it moves every later sequence number).
+    /// In watermark mode a move stamps now, which a later write is stamped no earlier than.
+    pub async fn later_predecessors(
+        &self,
+        stored: &[(Pid, i64, DateTime)],
+    ) -> Result<HashMap<Pid, DateTime>, MongoError> {
+        let mut later = HashMap::default();
+        if !self.watermarks.is_fixed_drift() {
+            return Ok(later);
+        }
+        let operation = "read the position of the events before a write";
+        let lookups: Vec<Document> = stored
+            .iter()
+            .filter(|(_, first, _)| *first > 1)
+            .map(|(pid, first, stamp)| {
+                doc! { PERSISTENCE_ID: &**pid, SEQUENCE_NR: first - 1, WRITTEN_AT: { "$gt": stamp } }
+            })
+            .collect();
+        for lookups in lookups.chunks(PREDECESSOR_LOOKUPS_PER_READ) {
+            let filter = doc! { "$or": lookups };
+            let found: Vec<Document> = self
+                .retry
+                .run(operation, || async {
+                    let mut session = self.causal_session().await?;
+                    self.tops
+                        .find(filter.clone())
+                        .projection(doc! { PERSISTENCE_ID: 1, WRITTEN_AT: 1, "_id": 0 })
+                        .session(&mut session)
+                        .await?
+                        .stream(&mut session)
+                        .try_collect()
+                        .await
+                })
+                .await
+                .map_err(|error| self.retry.failure(operation, false, error))?;
+            for document in found {
+                if let (Ok(pid), Ok(at)) = (
+                    document.get_str(PERSISTENCE_ID),
+                    document.get_datetime(WRITTEN_AT),
+                ) {
+                    later.insert(Pid::from(pid), *at);
+                }
+            }
+        }
+        Ok(later)
+    }
+
+    /// Moves the events of `pid` from `first` on forward in read-journal order, to no earlier
+    /// than `at_least` when given (see [`EventStore::later_predecessors`]): their write was
+    /// acknowledged late (see [`Watermarks::acknowledged`]), so queries may have passed over
+    /// their stamp, or events before them were moved ahead of it. Subscribers that missed them
+    /// get them at the new stamp; one that did see them gets them twice: clients de-duplicate
+    /// by (pid, seqNr).
     ///
     /// Events of the same persistence id after `first` move too (any that exist were written
     /// after it), so read-journal order keeps agreeing with sequence-number order.
@@ -230,6 +293,7 @@ impl EventStore {
         pid: &str,
         first: i64,
         stamped: DateTime,
+        at_least: Option<DateTime>,
     ) -> Result<Option<DateTime>, MongoError> {
         let operation = "re-stamp late events";
         let began = std::time::Instant::now();
@@ -243,12 +307,22 @@ impl EventStore {
             } else {
                 stamp.millis()
             };
-            tracing::warn!(
-                pid,
-                first,
-                lateness_ms = lateness,
-                "write acknowledged late; moving its events forward in read-journal order"
-            );
+            let restamp = at_least.map_or(restamp, |at| restamp.max(at.timestamp_millis()));
+            match at_least {
+                Some(at) if moved.is_none() => tracing::warn!(
+                    pid,
+                    first,
+                    before_at = %at,
+                    "events before this write were moved ahead of its stamp; moving its events \
+                     after them in read-journal order"
+                ),
+                _ => tracing::warn!(
+                    pid,
+                    first,
+                    lateness_ms = lateness,
+                    "write acknowledged late; moving its events forward in read-journal order"
+                ),
+            }
             let restamp = DateTime::from_millis(restamp);
             let filter = doc! {
                 PERSISTENCE_ID: pid,
