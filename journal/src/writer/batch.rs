@@ -17,6 +17,9 @@
 //!    all at once. MongoDB stops at the first failing document: the writes before it are
 //!    stored (none, in a transaction), the failing one is settled (a duplicate is compared next
 //!    round, a refused document is `Rejected`), and the rest go round again.
+//! 5. **Place**: stored events acknowledged late are moved forward (`EventStore::restamp`);
+//!    in fixed-drift mode, so are events placed before their id's earlier events, which
+//!    another server may have moved ahead of now (`EventStore::later_predecessors`).
 //!
 //! A round that settles nothing because MongoDB failed transiently is retried per
 //! `mongodb.retry`, reading the highest sequence numbers again first, so a write whose attempt
@@ -624,7 +627,8 @@ impl Run<'_> {
     }
 
     /// Writes one insert stored (with their stamps): `Written`, and per persistence id once,
-    /// knowledge of its new highest, re-stamped first if the insert was acknowledged late.
+    /// knowledge of its new highest, re-stamped first if the insert was acknowledged late or
+    /// (fixed drift) placed before the id's earlier events (`EventStore::later_predecessors`).
     async fn inserted(
         &mut self,
         writes: Vec<(BatchWrite, DateTime)>,
@@ -650,7 +654,7 @@ impl Run<'_> {
                 // Stored, but maybe placed before earlier events: the client retries it, and
                 // the retry checks again.
                 let error = JournalError::from(error);
-                for (pid, ..) in firsts {
+                for (pid, ..) in firsts.into_iter().filter(|(_, first, _)| *first > 1) {
                     failed.insert(pid, error.clone());
                 }
                 HashMap::new()
