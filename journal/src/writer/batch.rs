@@ -17,9 +17,6 @@
 //!    all at once. MongoDB stops at the first failing document: the writes before it are
 //!    stored (none, in a transaction), the failing one is settled (a duplicate is compared next
 //!    round, a refused document is `Rejected`), and the rest go round again.
-//! 5. **Place**: stored events acknowledged late are moved forward (`EventStore::restamp`);
-//!    in fixed-drift mode, so are events placed before their id's earlier events, which
-//!    another server may have moved ahead of now (`EventStore::later_predecessors`).
 //!
 //! A round that settles nothing because MongoDB failed transiently is retried per
 //! `mongodb.retry`, reading the highest sequence numbers again first, so a write whose attempt
@@ -392,31 +389,13 @@ impl Run<'_> {
                         .is_ok_and(|stored| stored.same_content_as(event))
             });
         if identical {
-            // The first attempt's call may have failed before it could check for lateness, or
-            // before it could check the events before it (`later_predecessors`).
-            if let Some(stored_at) = stored.iter().map(|document| document.written_at).min() {
-                let before = match self
-                    .store
-                    .later_predecessors(&[(pid.clone(), write.first, stored_at)])
-                    .await
-                {
-                    Ok(mut later) => later.remove(&pid),
+            // The first attempt's call may have failed before it could check for lateness.
+            let stored_at = stored.iter().map(|document| document.written_at).min();
+            if stored_at.is_some_and(|at| self.store.watermarks.stored_late(at.timestamp_millis()))
+            {
+                match self.store.restamp(&pid, write.first, None).await {
+                    Ok(moved) => self.moved(&pid, moved),
                     Err(error) => return self.error(write, error.into()),
-                };
-                if before.is_some()
-                    || self
-                        .store
-                        .watermarks
-                        .stored_late(stored_at.timestamp_millis())
-                {
-                    match self
-                        .store
-                        .restamp(&pid, write.first, stored_at, before)
-                        .await
-                    {
-                        Ok(moved) => self.moved(&pid, moved),
-                        Err(error) => return self.error(write, error.into()),
-                    }
                 }
             }
             return self.settle(write, Ok(WriteOutcome::Written));
@@ -627,8 +606,7 @@ impl Run<'_> {
     }
 
     /// Writes one insert stored (with their stamps): `Written`, and per persistence id once,
-    /// knowledge of its new highest, re-stamped first if the insert was acknowledged late or
-    /// (fixed drift) placed before the id's earlier events (`EventStore::later_predecessors`).
+    /// knowledge of its new highest, re-stamped first if the insert was acknowledged late.
     async fn inserted(
         &mut self,
         writes: Vec<(BatchWrite, DateTime)>,
@@ -644,33 +622,14 @@ impl Run<'_> {
             }
         }
         let mut failed: HashMap<Pid, JournalError> = HashMap::new();
-        let firsts: Vec<(Pid, i64, DateTime)> = stored
-            .iter()
-            .map(|(pid, first, _, stamp)| (pid.clone(), *first, *stamp))
-            .collect();
-        let later_before = match self.store.later_predecessors(&firsts).await {
-            Ok(later) => later,
-            Err(error) => {
-                // Stored, but maybe placed before earlier events: the client retries it, and
-                // the retry checks again.
-                let error = JournalError::from(error);
-                for (pid, ..) in firsts.into_iter().filter(|(_, first, _)| *first > 1) {
-                    failed.insert(pid, error.clone());
-                }
-                HashMap::new()
-            }
-        };
         for (pid, first, last, stamp) in stored {
             let mut head = Head {
                 highest: last,
                 written_at: Some(stamp),
                 confirmed: sent,
             };
-            let before = later_before.get(&pid).copied();
-            if !failed.contains_key(&pid)
-                && (before.is_some() || acknowledged.is_late(stamp.timestamp_millis()))
-            {
-                match self.store.restamp(&pid, first, stamp, before).await {
+            if acknowledged.is_late(stamp.timestamp_millis()) {
+                match self.store.restamp(&pid, first, Some(stamp)).await {
                     Ok(moved) => head.written_at = moved.or(head.written_at),
                     Err(error) => {
                         failed.insert(pid.clone(), error.into());

@@ -24,10 +24,6 @@ const HEAD_READS_IN_PARALLEL: usize = 8;
 /// How often one late write is moved forward at most (see [`EventStore::restamp`]).
 const MAX_RESTAMPS: usize = 3;
 
-/// How many ids' events before a write are looked up in one read at most (one `$or` branch
-/// each, see [`EventStore::later_predecessors`]).
-const PREDECESSOR_LOOKUPS_PER_READ: usize = 100;
-
 /// The stored highest of a persistence id: the journal's top event (with its `writtenAt`), or
 /// the metadata's record when its events were deleted and purged.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -218,110 +214,60 @@ impl EventStore {
         result
     }
 
-    /// Fixed-drift mode only: of the events just stored (per id: the first sequence number
-    /// stored and the stamp it got), the ids whose event before `first` is stamped later, with
-    /// that stamp. The caller moves such events forward to it ([`EventStore::restamp`]).
-    ///
-    /// In fixed-drift mode a late write is moved *ahead of now* ([`EventStore::restamp`]), by
-    /// whichever server finds it late: a client's retry on another server does. The server
-    /// that stored the write first still knows the id's highest from its own insert, with the
-    /// old stamp, and stamps the id's next write on that without reading: it could land before
-    /// the moved events in read-journal order. This read comes after the insert was
-    /// acknowledged (causally after it), so a move applied before the insert shows here, and
-    /// one applied after it took the new events along (it moves every later sequence number).
-    /// In watermark mode a move stamps now, which a later write is stamped no earlier than.
-    pub async fn later_predecessors(
-        &self,
-        stored: &[(Pid, i64, DateTime)],
-    ) -> Result<HashMap<Pid, DateTime>, MongoError> {
-        let mut later = HashMap::default();
-        if !self.watermarks.is_fixed_drift() {
-            return Ok(later);
-        }
-        let operation = "read the position of the events before a write";
-        let lookups: Vec<Document> = stored
-            .iter()
-            .filter(|(_, first, _)| *first > 1)
-            .map(|(pid, first, stamp)| {
-                doc! { PERSISTENCE_ID: &**pid, SEQUENCE_NR: first - 1, WRITTEN_AT: { "$gt": stamp } }
-            })
-            .collect();
-        for lookups in lookups.chunks(PREDECESSOR_LOOKUPS_PER_READ) {
-            let filter = doc! { "$or": lookups };
-            let found: Vec<Document> = self
-                .retry
-                .run(operation, || async {
-                    let mut session = self.causal_session().await?;
-                    self.tops
-                        .find(filter.clone())
-                        .projection(doc! { PERSISTENCE_ID: 1, WRITTEN_AT: 1, "_id": 0 })
-                        .session(&mut session)
-                        .await?
-                        .stream(&mut session)
-                        .try_collect()
-                        .await
-                })
-                .await
-                .map_err(|error| self.retry.failure(operation, false, error))?;
-            for document in found {
-                if let (Ok(pid), Ok(at)) = (
-                    document.get_str(PERSISTENCE_ID),
-                    document.get_datetime(WRITTEN_AT),
-                ) {
-                    later.insert(Pid::from(pid), *at);
-                }
-            }
-        }
-        Ok(later)
-    }
-
-    /// Moves the events of `pid` from `first` on forward in read-journal order, to no earlier
-    /// than `at_least` when given (see [`EventStore::later_predecessors`]): their write was
-    /// acknowledged late (see [`Watermarks::acknowledged`]), so queries may have passed over
-    /// their stamp, or events before them were moved ahead of it. Subscribers that missed them
-    /// get them at the new stamp; one that did see them gets them twice: clients de-duplicate
-    /// by (pid, seqNr).
+    /// Moves the events of `pid` from `first` on forward in read-journal order: their write
+    /// was acknowledged late (see [`Watermarks::acknowledged`]), or a retry found them stored at
+    /// a position queries may have passed ([`Watermarks::stored_late`]). Subscribers that
+    /// missed them get them at the new stamp; one that did see them gets them twice: clients
+    /// de-duplicate by (pid, seqNr).
     ///
     /// Events of the same persistence id after `first` move too (any that exist were written
     /// after it), so read-journal order keeps agreeing with sequence-number order.
     ///
-    /// The move is a write too, and can itself be late. In fixed-drift mode, while MongoDB stays
-    /// slow, each new stamp lies ahead of now by the lateness just seen; after [`MAX_RESTAMPS`]
+    /// `acknowledged_late`: the stamp of the insert MongoDB just acknowledged late, or `None`
+    /// when a retry found the events stored. The move is a write too, and can itself be late.
+    /// In fixed-drift mode, while MongoDB stays slow, each new stamp lies ahead of now by the
+    /// lateness just seen: by the insert's, then by each late move's. After [`MAX_RESTAMPS`]
     /// the events stay where they are, logged. Returns the last stamp given, if any.
+    ///
+    /// Events a retry found stored are first moved to now, in both modes. How long ago they
+    /// were written says nothing of how slow MongoDB is (a retry an hour later would put them
+    /// an hour ahead, out of live queries' sight for that long), and any server may make this
+    /// move, while the server that stored them still knows the id's highest from its own insert,
+    /// with the old position, and stamps the id's next write now without reading: it would
+    /// land before events moved ahead of now.
     pub async fn restamp(
         &self,
         pid: &str,
         first: i64,
-        stamped: DateTime,
-        at_least: Option<DateTime>,
+        acknowledged_late: Option<DateTime>,
     ) -> Result<Option<DateTime>, MongoError> {
         let operation = "re-stamp late events";
         let began = std::time::Instant::now();
-        let mut stamped = stamped.timestamp_millis();
+        // The stamp of the last write of these events that MongoDB acknowledged late.
+        let mut late = acknowledged_late.map(|stamp| stamp.timestamp_millis());
         let mut moved = None;
         for _ in 0..MAX_RESTAMPS {
             let stamp = self.watermarks.fresh_stamp(operation).await?;
-            let lateness = stamp.millis() - stamped;
+            let lateness = late.map_or(0, |late| (stamp.millis() - late).max(0));
             let restamp = if self.watermarks.is_fixed_drift() {
-                stamp.millis() + lateness.max(0)
+                stamp.millis() + lateness
             } else {
                 stamp.millis()
             };
-            let restamp = at_least.map_or(restamp, |at| restamp.max(at.timestamp_millis()));
-            match at_least {
-                Some(at) if moved.is_none() => tracing::warn!(
-                    pid,
-                    first,
-                    before_at = %at,
-                    "events before this write were moved ahead of its stamp; moving its events \
-                     after them in read-journal order"
-                ),
-                _ => tracing::warn!(
+            if late.is_some() {
+                tracing::warn!(
                     pid,
                     first,
                     lateness_ms = lateness,
                     "write acknowledged late; moving its events forward in read-journal order"
-                ),
+                );
+            } else {
+                tracing::warn!(
+                    pid,
+                    first,
+                    "retry found the events stored at a position live queries may have passed; \
+                     moving them forward in read-journal order"
+                );
             }
             let restamp = DateTime::from_millis(restamp);
             let filter = doc! {
@@ -344,10 +290,11 @@ impl EventStore {
                 return Err(self.retry.failure(operation, true, error));
             }
             moved = Some(restamp);
-            stamped = restamp.timestamp_millis().min(self.watermarks.now_millis());
+            let stamped = restamp.timestamp_millis().min(self.watermarks.now_millis());
             if !self.watermarks.acknowledged(&stamp).is_late(stamped) {
                 return Ok(moved);
             }
+            late = Some(stamped);
         }
         self.watermarks.restamps_exhausted(operation, began)?;
         tracing::error!(
