@@ -956,16 +956,33 @@ async fn concurrent_requests_of_one_pid_never_leave_a_gap() {
     assert_eq!(highest, 2);
 }
 
-/// Fixed drift (`read-journal.horizon = "fixed-drift"`, a 500 ms drift), two servers on one
-/// database; the first trusts what it knows of an id for the whole test.
+/// Fixed drift (`read-journal.horizon = "fixed-drift"`), two servers on one database; the
+/// first trusts what it knows of an id for the whole test. A 2 s drift: a write is late when
+/// acknowledged more than 1 s after its stamp, which a slow machine does not reach by itself.
 async fn fixed_drift_servers(app: &str) -> (TestServer, TestServer) {
     held_and_free(app, |settings| {
         fast(settings);
         settings.read_journal.horizon = Some(config::HorizonMode::FixedDrift);
+        settings.read_journal.allowed_time_drift = Duration::from_secs(2);
         settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(10);
         settings.write_journal.purge_delay = Duration::from_secs(30);
     })
     .await
+}
+
+/// Checks that `pid`'s two events are placed in sequence-number order, in the journal and in
+/// a current query of `tag`.
+async fn in_order(server: &TestServer, pid: &str, tag: &str) {
+    let stamps = stamps_of(server, pid).await;
+    assert_eq!(stamps.len(), 2, "{stamps:?}");
+    assert!(
+        stamps[1].1 >= stamps[0].1,
+        "event 2 is placed before event 1 (seqNr, writtenAt): {stamps:?}"
+    );
+    assert_eq!(
+        current_ids_once(&server.channel().await, tag, 2).await,
+        [(pid.to_owned(), 1), (pid.to_owned(), 2)]
+    );
 }
 
 /// Fixed drift: server A stores event 1 of an id, but its answer is lost, and the client
@@ -983,30 +1000,21 @@ async fn a_write_after_another_server_moved_the_events_before_it_forward_follows
     assert!(is_written(&write(&mut through_a, vec![event(1)]).await[0]));
     let written = stamps_of(&a, "moved").await;
     // More than half the drift later, the client's retry of the same write, on B.
-    tokio::time::sleep(Duration::from_millis(400)).await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
     assert!(is_written(&write(&mut through_b, vec![event(1)]).await[0]));
     let moved = stamps_of(&a, "moved").await;
     assert!(
-        moved[0].1 >= written[0].1 + 400,
+        moved[0].1 >= written[0].1 + 1_200,
         "B moved event 1: {written:?} -> {moved:?}"
     );
     assert!(is_written(&write(&mut through_a, vec![event(2)]).await[0]));
 
-    let stamps = stamps_of(&a, "moved").await;
-    assert_eq!(stamps.len(), 2, "{stamps:?}");
-    assert!(
-        stamps[1].1 >= stamps[0].1,
-        "event 2 is placed before event 1 (seqNr, writtenAt): {stamps:?}"
-    );
-    assert_eq!(
-        current_ids_once(&a.channel().await, "moved-ahead", 2).await,
-        [("moved".to_owned(), 1), ("moved".to_owned(), 2)]
-    );
+    in_order(&a, "moved", "moved-ahead").await;
 }
 
-/// A retry long after its write was stored moves it forward to now, not ahead of now by the
-/// time since it was written: live queries deliver it at once (a drift later), not that much
-/// later.
+/// Fixed drift: a retry long after its write was stored moves it forward to now, not ahead of
+/// now by the time since it was written (which would keep it from live queries for that much
+/// longer).
 #[tokio::test]
 async fn a_retry_long_after_its_write_moves_it_to_now_not_ahead() {
     let (server, _) = fixed_drift_servers("order_retried_late").await;
@@ -1024,4 +1032,30 @@ async fn a_retry_long_after_its_write_moves_it_to_now_not_ahead() {
         moved[0].1 >= written[0].1 + 3_000 && moved[0].1 <= answered,
         "moved to the retry's time, at most {answered}: {written:?} -> {moved:?}"
     );
+}
+
+/// The same when server B's move of event 1 is itself acknowledged late (held 1.5 s inside
+/// MongoDB, over half the 2 s drift): B moves it again, to now again, not ahead of now by the
+/// move's lateness, so A's next write still comes after it.
+#[tokio::test]
+async fn a_write_after_another_servers_late_move_of_the_events_before_it_follows_them() {
+    let _failpoint = failpoint_turn().await;
+    const APP: &str = "order_moved_late";
+    // The held server is B here: its move is what MongoDB holds.
+    let (b, a) = fixed_drift_servers(APP).await;
+    let mut through_a = a.journal().await;
+    let mut through_b = b.journal().await;
+    let event = |n| atomic(vec![tagged("late-move", n, &["late-move"])]);
+    assert!(is_written(&write(&mut through_a, vec![event(1)]).await[0]));
+    let written = stamps_of(&a, "late-move").await;
+    tokio::time::sleep(Duration::from_millis(1_200)).await;
+    hold_next(APP, "update", 1_500).await;
+    assert!(is_written(&write(&mut through_b, vec![event(1)]).await[0]));
+    let moved = stamps_of(&a, "late-move").await;
+    assert!(
+        moved[0].1 >= written[0].1 + 2_700,
+        "B moved event 1 twice: {written:?} -> {moved:?}"
+    );
+    assert!(is_written(&write(&mut through_a, vec![event(2)]).await[0]));
+    in_order(&a, "late-move", "late-move").await;
 }

@@ -349,8 +349,9 @@ impl DurableStateStore {
             let later = self.watermarks.fresh_stamp(operation).await?;
             tracing::warn!(
                 pid = persistence_id.as_str(),
-                lateness_ms = later.millis() - stored_at.timestamp_millis(),
-                "change acknowledged late; moving it forward in change-query order"
+                moved_by_ms = later.millis() - stored_at.timestamp_millis(),
+                "change acknowledged late, or found stored by a retry at a position change \
+                 queries may have passed; moving it forward in change-query order"
             );
             let filter = doc! {
                 "_id": persistence_id.as_str(),

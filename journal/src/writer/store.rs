@@ -224,17 +224,19 @@ impl EventStore {
     /// after it), so read-journal order keeps agreeing with sequence-number order.
     ///
     /// `acknowledged_late`: the stamp of the insert MongoDB just acknowledged late, or `None`
-    /// when a retry found the events stored. The move is a write too, and can itself be late.
-    /// In fixed-drift mode, while MongoDB stays slow, each new stamp lies ahead of now by the
-    /// lateness just seen: by the insert's, then by each late move's. After [`MAX_RESTAMPS`]
-    /// the events stay where they are, logged. Returns the last stamp given, if any.
+    /// when a retry found the events stored. The move is a write too, and can itself be late;
+    /// after [`MAX_RESTAMPS`] late moves the events stay where they are, logged. Returns the
+    /// last stamp given, if any.
     ///
-    /// Events a retry found stored are first moved to now, in both modes. How long ago they
-    /// were written says nothing of how slow MongoDB is (a retry an hour later would put them
-    /// an hour ahead, out of live queries' sight for that long), and any server may make this
-    /// move, while the server that stored them still knows the id's highest from its own insert,
-    /// with the old position, and stamps the id's next write now without reading: it would
-    /// land before events moved ahead of now.
+    /// In fixed-drift mode, while MongoDB stays slow, the moves of a late insert lie ahead of
+    /// now by the lateness just seen (the insert's, then each move's). Only this server knows
+    /// the id's highest with the insert's stamp: it learns the new one, and other servers read
+    /// it before writing the id again. Events a retry found stored are moved to now, in both
+    /// modes and every time. Any server may make that move, while the server that stored them
+    /// may still know the id's highest from its own insert, with the old position, and stamp
+    /// the id's next write now without reading: it would land before events moved ahead of
+    /// now. (And the time since the events were written says nothing of how slow MongoDB is:
+    /// a retry an hour later would have hidden them from live queries for an hour.)
     pub async fn restamp(
         &self,
         pid: &str,
@@ -243,7 +245,8 @@ impl EventStore {
     ) -> Result<Option<DateTime>, MongoError> {
         let operation = "re-stamp late events";
         let began = std::time::Instant::now();
-        // The stamp of the last write of these events that MongoDB acknowledged late.
+        // The stamp of the last write of these events that MongoDB acknowledged late (after a
+        // late insert only: see above).
         let mut late = acknowledged_late.map(|stamp| stamp.timestamp_millis());
         let mut moved = None;
         for _ in 0..MAX_RESTAMPS {
@@ -294,7 +297,9 @@ impl EventStore {
             if !self.watermarks.acknowledged(&stamp).is_late(stamped) {
                 return Ok(moved);
             }
-            late = Some(stamped);
+            if late.is_some() {
+                late = Some(stamped);
+            }
         }
         self.watermarks.restamps_exhausted(operation, began)?;
         tracing::error!(
