@@ -363,9 +363,12 @@ impl Committer {
             FuturesUnordered::new();
         let mut open = true;
         loop {
+            // One clock reading per pass: what `next_batch` found paused, the wake-up below
+            // is armed for (a later reading could find the pause just over, and arm nothing).
+            let now = Instant::now();
             let mut started = false;
             while in_flight.len() < self.max_in_flight {
-                match self.next_batch() {
+                match self.next_batch(now) {
                     Some(batch) => in_flight.push(batch),
                     None => break,
                 }
@@ -389,15 +392,19 @@ impl Committer {
             self.answer();
             metrics::BATCHES_IN_FLIGHT.set(in_flight.len() as i64);
             metrics::QUEUED_EVENTS.set(self.schedule.queued_events() as i64);
-            let resume = self.heavy_resume.filter(|resume| *resume > Instant::now());
+            let wake = self.heavy_wake(now);
+            // Nothing in flight and writes queued: only a pause holds them, and its end wakes
+            // the loop (nothing else may: a paced producer with a full window sends nothing).
+            debug_assert!(
+                !in_flight.is_empty() || self.schedule.is_empty() || wake.is_some(),
+                "writes queued with nothing in flight and no wake-up armed"
+            );
             tokio::select! {
                 biased;
                 Some(completed) = in_flight.next(), if !in_flight.is_empty() => {
                     self.complete(completed);
                 }
-                () = tokio::time::sleep_until(resume.unwrap_or_else(Instant::now).into()), if resume.is_some() => {
-                    self.heavy_resume = None;
-                }
+                () = tokio::time::sleep_until(wake.unwrap_or(now).into()), if wake.is_some() => {}
                 received = inbox.recv(), if open => match received {
                     Some(message) => {
                         self.receive(message);
@@ -510,9 +517,20 @@ impl Committer {
             });
     }
 
-    /// The next admissible batch, as a future for [`Committer::run`] to poll.
-    fn next_batch(&mut self) -> Option<BoxFuture<'static, Completed>> {
-        let now = Instant::now();
+    /// When a heavy producer paused at `now` (see [`Committer::next_batch`]) may start again,
+    /// if later than `now`: at the end of its pacing pause, or `HEAVY_MAX_WAIT` after the last
+    /// heavy batch started beside light ones in flight.
+    fn heavy_wake(&self, now: Instant) -> Option<Instant> {
+        let resume = self.heavy_resume.filter(|resume| *resume > now);
+        let beside_light = self
+            .heavy_started
+            .map(|started| started + HEAVY_MAX_WAIT)
+            .filter(|at| self.light_in_flight > 0 && *at > now);
+        resume.into_iter().chain(beside_light).min()
+    }
+
+    /// The next admissible batch at `now`, as a future for [`Committer::run`] to poll.
+    fn next_batch(&mut self, now: Instant) -> Option<BoxFuture<'static, Completed>> {
         let light = light_activity(&self.light_seen, &self.heavy_groups, now);
         let light_active = light.is_some();
         let limits = Limits {

@@ -191,7 +191,6 @@ impl Schedule {
         self.queued_events
     }
 
-    #[cfg(test)]
     pub fn is_empty(&self) -> bool {
         self.queued.is_empty()
     }
