@@ -195,13 +195,24 @@ impl Drop for Spool {
 }
 
 /// Appends a record to the current segment (starting a new one when it is full) and syncs it.
+///
+/// An append that fails (disk full, an I/O error) may leave part of its record in the file.
+/// It is cut off, here or before the next append: a record written after it would start inside
+/// a torn one, and be read (and recovered) as the end of the log, lost with everything after
+/// it although `send` had said it was on disk.
 fn append(log: &mut Log, body: &[u8], segment_bytes: u64) -> io::Result<()> {
+    if log.file.metadata()?.len() > log.writing.offset {
+        log.file.set_len(log.writing.offset)?;
+    }
     if log.writing.offset >= segment_bytes {
         let next = log.writing.segment + 1;
-        log.file = std::fs::OpenOptions::new()
+        let file = std::fs::OpenOptions::new()
             .create(true)
             .append(true)
             .open(segment_path(&log.directory, next))?;
+        // The new segment's name is on disk before a record in it is said to be.
+        std::fs::File::open(&log.directory)?.sync_all()?;
+        log.file = file;
         log.writing = Position {
             segment: next,
             offset: 0,
@@ -211,8 +222,16 @@ fn append(log: &mut Log, body: &[u8], segment_bytes: u64) -> io::Result<()> {
     record.extend_from_slice(&(body.len() as u32).to_le_bytes());
     record.extend_from_slice(&crc32fast::hash(body).to_le_bytes());
     record.extend_from_slice(body);
-    log.file.write_all(&record)?;
-    log.file.sync_data()?;
+    if let Err(error) = log
+        .file
+        .write_all(&record)
+        .and_then(|()| log.file.sync_data())
+    {
+        // Not on disk as far as the producer knows: cut it off (tried again before the next
+        // append if this fails too).
+        let _ = log.file.set_len(log.writing.offset);
+        return Err(error);
+    }
     log.writing.offset += record.len() as u64;
     Ok(())
 }
@@ -441,5 +460,56 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
             log.acked = next;
         }
         shared.acknowledged.notify_waiters();
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn record(sequence_nr: i64) -> Vec<u8> {
+        pb::AtomicWrite {
+            events: vec![pb::PersistentEvent {
+                persistence_id: "p".into(),
+                sequence_nr,
+                ..Default::default()
+            }],
+        }
+        .encode_to_vec()
+    }
+
+    fn sequence_nrs(writes: &[pb::AtomicWrite]) -> Vec<i64> {
+        writes
+            .iter()
+            .map(|write| write.events[0].sequence_nr)
+            .collect()
+    }
+
+    /// An append that failed part-way left the start of its record in the segment (as
+    /// `write_all` does when the disk fills): the next append still starts a whole record,
+    /// and it is read, and recovered after a restart, with the records before it.
+    #[test]
+    fn a_record_after_a_failed_append_is_not_lost() {
+        let directory = std::env::temp_dir().join(format!(
+            "eventjournal-spool-test-{}-{}",
+            std::process::id(),
+            std::time::SystemTime::now()
+                .duration_since(std::time::UNIX_EPOCH)
+                .unwrap()
+                .as_nanos()
+        ));
+        let mut log = recover(&directory).unwrap();
+        append(&mut log, &record(1), u64::MAX).unwrap();
+        // What a failed append leaves: part of a record, the offset not moved past it.
+        log.file.write_all(&[42_u8; 12]).unwrap();
+        append(&mut log, &record(2), u64::MAX).unwrap();
+
+        let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10).unwrap();
+        assert_eq!(sequence_nrs(&writes), [1, 2]);
+        drop(log);
+        let log = recover(&directory).unwrap();
+        let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10).unwrap();
+        assert_eq!(sequence_nrs(&writes), [1, 2], "after a restart");
+        std::fs::remove_dir_all(&directory).unwrap();
     }
 }
