@@ -1,7 +1,8 @@
 //! `eventjournal-client`'s write coalescing against a real server and mongod: the writes of
 //! concurrent `write_events` calls share `WriteEvents` calls, each caller gets the outcomes of
-//! its own writes, a caller that stops waiting leaves the others answered, and a caller that
-//! waits for a call longer than the call timeout gives up without its writes being sent. Counted with the
+//! its own writes, a caller that stops waiting leaves the others answered, a combined call
+//! failing for one caller's write fails only that caller, and a caller that waits for a call
+//! longer than the call timeout gives up without its writes being sent. Counted with the
 //! server's metrics, so in a test binary of its own with one test (the registry is global to
 //! the process).
 
@@ -217,7 +218,62 @@ async fn concurrent_writes_of_a_client_share_calls_and_keep_their_own_outcomes()
         .unwrap();
     assert_eq!(outcomes, vec![WriteOutcome::Written]);
 
-    // 4. While both lanes retry through an outage, a caller that waits for one longer than
+    // 4. A combined call that fails as a whole (MongoDB refuses one caller's transaction
+    // commit, so the service fails the request) fails only that caller: the other caller's
+    // write, in the same call, is sent again alone and answered `Written`. Both lanes are
+    // taken by multi-event writes whose commits MongoDB holds for 500 ms and then refuses, as
+    // it does the failing caller's (mongod has one `failCommand`, and setting it again waits
+    // for the commands it holds: one setting for all).
+    let before = calls(port).await;
+    let hold_and_refuse =
+        mongodb::bson::doc! { "blockConnection": true, "blockTimeMS": 500, "errorCode": 2 };
+    fail_next(APP, 4, "commitTransaction", hold_and_refuse).await;
+    let two_events = |pid: &'static str| {
+        let client = coalescing.clone();
+        tokio::spawn(async move {
+            client
+                .write_events(vec![vec![event(pid, 1), event(pid, 2)]])
+                .await
+        })
+    };
+    let holders = [two_events("held-c"), two_events("held-d")];
+    tokio::time::sleep(Duration::from_millis(150)).await;
+    let failing = two_events("refused");
+    tokio::time::sleep(Duration::from_millis(20)).await;
+    let bystander = {
+        let client = coalescing.clone();
+        tokio::spawn(async move { client.write_events(vec![vec![event("bystander", 1)]]).await })
+    };
+    for caller in holders.into_iter().chain([failing]) {
+        let error = caller.await.unwrap().unwrap_err();
+        assert!(
+            matches!(
+                &error,
+                Error::Other {
+                    code: tonic::Code::Internal,
+                    ..
+                }
+            ),
+            "{error:?}"
+        );
+    }
+    assert_eq!(
+        bystander.await.unwrap().unwrap(),
+        vec![WriteOutcome::Written],
+        "not failed by the other caller's refused write"
+    );
+    assert_eq!(
+        calls(port).await - before,
+        1.0,
+        "the bystander's own call, after the combined one failed"
+    );
+    assert_eq!(
+        coalescing.highest_sequence_nr("bystander").await.unwrap(),
+        1
+    );
+    assert_eq!(coalescing.highest_sequence_nr("refused").await.unwrap(), 0);
+
+    // 5. While both lanes retry through an outage, a caller that waits for one longer than
     // the call timeout gives up, and its write is never sent, not even after the outage.
     let proxy = CuttableProxy::start(server.address).await;
     let client = Client::builder(format!("http://{}", proxy.address))

@@ -23,7 +23,10 @@
 //! for the same persistence id (in one request a failed write of an id stops the later writes
 //! of that id, which must not reach across callers), so a caller whose id is already in the
 //! call waits for the next. Every write is idempotent, so a combined call that fails with
-//! `UNAVAILABLE` is retried as a whole, and each caller gets the answer to its own writes.
+//! `UNAVAILABLE` is retried as a whole, and each caller gets the answer to its own writes. A
+//! combined call that still fails is not one caller's failure for all: each caller's writes go
+//! again in a call of their own, so one caller's failing write (the service fails a request
+//! when a write ends in an error) does not fail the others'.
 
 use std::collections::{HashSet, VecDeque};
 use std::sync::{Arc, Mutex, MutexGuard};
@@ -156,7 +159,9 @@ impl Coalescer {
         writes: Vec<pb::AtomicWrite>,
     ) -> Answer {
         if self.settings.max_calls_in_flight == 0 {
-            return client.write_call(None, writes).await;
+            return client
+                .write_call(None, &writes, client.retry.max_attempts)
+                .await;
         }
         // A lane free and nobody waiting: a call of its own, in this task. The lane is given
         // back (and the writes that wait meanwhile sent) even if this future is dropped half
@@ -167,7 +172,9 @@ impl Coalescer {
         };
         if let Some(lane) = free {
             let _lane = LaneTaken(self, client, lane);
-            return client.write_call(Some(lane), writes).await;
+            return client
+                .write_call(Some(lane), &writes, client.retry.max_attempts)
+                .await;
         }
         let (waiting, mut receiver) = Waiting::new(writes);
         let (id, batch) = {
@@ -249,8 +256,14 @@ impl Coalescer {
                 callers.push((waiting.writes.len(), waiting.answer));
                 writes.extend(waiting.writes);
             }
-            let sent = writes.len();
-            answer_each(callers, sent, client.write_call(Some(lane), writes).await);
+            let answer = client
+                .write_call(Some(lane), &writes, client.retry.max_attempts)
+                .await;
+            if answer.is_err() && callers.len() > 1 {
+                resend_alone(&client, lane, callers, writes).await;
+            } else {
+                answer_each(callers, writes.len(), answer);
+            }
             // The callers just answered usually write again at once: let them queue first, so
             // the next call carries them too instead of leaving with the first of them.
             tokio::task::yield_now().await;
@@ -284,6 +297,32 @@ impl Coalescer {
             }
         }
     }
+}
+
+/// A combined call failed as a whole. The service fails a request when one of its writes ends
+/// in an error rather than an outcome (MongoDB refused one id's transaction, a write it could
+/// not decide safely), so the other callers' writes may well be stored, or fine to store: each
+/// caller's writes go again in a call of their own, all at once, each with one attempt (the
+/// combined call had the retries), and each caller gets the answer to its own writes. Every
+/// write is idempotent: one already stored is answered `Written` again.
+async fn resend_alone(
+    client: &Client,
+    lane: Lane,
+    callers: Vec<(usize, oneshot::Sender<Answer>)>,
+    writes: Vec<pb::AtomicWrite>,
+) {
+    let mut writes = writes.into_iter();
+    let calls = callers.into_iter().map(|(count, answer)| {
+        let own: Vec<pb::AtomicWrite> = writes.by_ref().take(count).collect();
+        async move {
+            if answer.is_closed() {
+                return;
+            }
+            let result = client.write_call(Some(lane), &own, 1).await;
+            answer_each(vec![(count, answer)], count, result);
+        }
+    });
+    futures::future::join_all(calls).await;
 }
 
 /// Splits a combined call's answer between its callers (each with its number of writes), in

@@ -343,7 +343,22 @@ impl Client {
 
     /// Sends `call` until it succeeds, fails with something other than `UNAVAILABLE`, or the
     /// attempts run out.
-    async fn retrying<T, F, Fut>(&self, what: &str, mut call: F) -> Result<T>
+    async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
+    where
+        F: FnMut(Duration) -> Fut,
+        Fut: Future<Output = Result<T, tonic::Status>>,
+    {
+        self.retrying_up_to(what, self.retry.max_attempts, call)
+            .await
+    }
+
+    /// [`Client::retrying`] with at most `max_attempts` attempts.
+    async fn retrying_up_to<T, F, Fut>(
+        &self,
+        what: &str,
+        max_attempts: u32,
+        mut call: F,
+    ) -> Result<T>
     where
         F: FnMut(Duration) -> Fut,
         Fut: Future<Output = Result<T, tonic::Status>>,
@@ -353,7 +368,7 @@ impl Client {
         loop {
             match call(self.call_timeout).await {
                 Ok(value) => return Ok(value),
-                Err(status) if Error::unreachable(&status) && attempt < self.retry.max_attempts => {
+                Err(status) if Error::unreachable(&status) && attempt < max_attempts => {
                     tracing::debug!(what, attempt, message = status.message(), "retrying");
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.retry.max_backoff);
@@ -402,20 +417,23 @@ impl Client {
 
     /// One `WriteEvents` call on `lane` (`None`: the client's connection), retried while
     /// `UNAVAILABLE`, answered with one result per write.
+    /// One `WriteEvents` call of `writes` on `lane` (the client's connection for `None`), with
+    /// at most `max_attempts` attempts.
     async fn write_call(
         &self,
         lane: Option<coalesce::Lane>,
-        writes: Vec<pb::AtomicWrite>,
+        writes: &[pb::AtomicWrite],
+        max_attempts: u32,
     ) -> Result<Vec<pb::AtomicWriteResult>> {
         let journal = lane.map_or(&self.journal, |lane| &self.write_lanes[lane]);
-        let request = pb::WriteEventsRequest {
-            writes,
-            responses_received: None,
-        };
         let response = self
-            .retrying("WriteEvents", |timeout| {
+            .retrying_up_to("WriteEvents", max_attempts, |timeout| {
                 let mut journal = journal.clone();
-                let mut request = Self::request(request.clone(), timeout);
+                let request = pb::WriteEventsRequest {
+                    writes: writes.to_vec(),
+                    responses_received: None,
+                };
+                let mut request = Self::request(request, timeout);
                 request
                     .metadata_mut()
                     .insert(proto::PRODUCER_GROUP_METADATA, self.producer_group.clone());
