@@ -1012,3 +1012,30 @@ async fn the_cart_projector_survives_kill_9_counting_each_event_once() {
     second.kill().unwrap();
     second.wait().unwrap();
 }
+
+/// An event larger than gRPC's usual 4 MiB limit on received messages is written and read
+/// back through the client (it receives messages up to the server's 32 MiB by default).
+#[tokio::test]
+async fn an_event_over_4_mib_is_written_and_replayed() {
+    let server = TestServer::start("client_large").await;
+    let client = Client::builder(server.url()).connect().await.unwrap();
+    let data = vec![7_u8; 5 << 20];
+    let large = Event::new("large", 1, Payload::new(data.clone(), 1, "Bytes"));
+    assert_eq!(
+        client.write_events(vec![vec![large]]).await.unwrap(),
+        vec![WriteOutcome::Written]
+    );
+    let replayed: Vec<Replayed> = client
+        .replay("large", 1, None, None)
+        .await
+        .unwrap()
+        .try_collect()
+        .await
+        .unwrap();
+    match &replayed[..] {
+        [Replayed::Event(event), Replayed::HighestSequenceNr(1)] => {
+            assert_eq!(event.payload.data, data)
+        }
+        other => panic!("{} items, not the event and the highest", other.len()),
+    }
+}

@@ -145,7 +145,13 @@ pub struct ClientBuilder {
     call_timeout: Duration,
     retry: RetryPolicy,
     write_coalescing: WriteCoalescing,
+    max_message_size: usize,
 }
+
+/// The largest message a client receives by default: the server's default
+/// `server.max-message-size`, above MongoDB's 16 MiB document limit, so an event or snapshot
+/// as large as MongoDB stores can be read back.
+pub const DEFAULT_MAX_MESSAGE_SIZE: usize = 32 << 20;
 
 impl ClientBuilder {
     /// Sends `authorization: Bearer <token>` with every call.
@@ -192,6 +198,14 @@ impl ClientBuilder {
     /// [`WriteCoalescing::off`]: a call per `write_events`).
     pub fn write_coalescing(mut self, coalescing: WriteCoalescing) -> Self {
         self.write_coalescing = coalescing;
+        self
+    }
+
+    /// The largest message the client receives (default [`DEFAULT_MAX_MESSAGE_SIZE`], 32 MiB).
+    /// Keep it at the server's `server.max-message-size`: a replayed event, a snapshot or a
+    /// state larger than it cannot be read.
+    pub fn max_message_size(mut self, bytes: usize) -> Self {
+        self.max_message_size = bytes;
         self
     }
 
@@ -252,18 +266,31 @@ impl ClientBuilder {
         };
         let authorize = Authorize(authorization);
         let intercepted = InterceptedService::new(channel, authorize.clone());
-        let write_lanes =
-            std::iter::once(JournalClient::new(intercepted.clone()))
-                .chain(lanes.into_iter().map(|lane| {
-                    JournalClient::new(InterceptedService::new(lane, authorize.clone()))
-                }))
-                .collect();
+        let limit = self.max_message_size;
+        let journal = |service| {
+            JournalClient::new(service)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit)
+        };
+        let write_lanes = std::iter::once(journal(intercepted.clone()))
+            .chain(
+                lanes
+                    .into_iter()
+                    .map(|lane| journal(InterceptedService::new(lane, authorize.clone()))),
+            )
+            .collect();
         Ok(Client {
             write_lanes,
-            journal: JournalClient::new(intercepted.clone()),
-            snapshots: SnapshotStoreClient::new(intercepted.clone()),
-            state: DurableStateStoreClient::new(intercepted.clone()),
-            queries: ReadJournalClient::new(intercepted),
+            journal: journal(intercepted.clone()),
+            snapshots: SnapshotStoreClient::new(intercepted.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+            state: DurableStateStoreClient::new(intercepted.clone())
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
+            queries: ReadJournalClient::new(intercepted)
+                .max_decoding_message_size(limit)
+                .max_encoding_message_size(limit),
             call_timeout: self.call_timeout,
             retry: self.retry,
             coalescer: coalesce::Coalescer::new(self.write_coalescing),
@@ -338,6 +365,7 @@ impl Client {
             call_timeout: Duration::from_secs(30),
             retry: RetryPolicy::default(),
             write_coalescing: WriteCoalescing::default(),
+            max_message_size: DEFAULT_MAX_MESSAGE_SIZE,
         }
     }
 
