@@ -1039,3 +1039,41 @@ async fn an_event_over_4_mib_is_written_and_replayed() {
         other => panic!("{} items, not the event and the highest", other.len()),
     }
 }
+
+/// The spool sends large records in batches the server takes (capped in bytes: 100 records of
+/// 400 KiB are 40 MiB, over the server's 32 MiB messages), and a record larger than any
+/// message goes to `rejected.log` instead of holding up everything after it for ever.
+#[tokio::test]
+async fn the_spool_sends_large_records_and_refuses_one_too_large_for_any_message() {
+    use eventjournal_client::spool::{Spool, SpoolOptions};
+    let server = TestServer::start("client_spool_large").await;
+    let directory =
+        std::env::temp_dir().join(format!("ej_spool_{}", uuid::Uuid::new_v4().simple()));
+    let client = Client::builder(server.url()).connect().await.unwrap();
+    let spool = Spool::open(&directory, client.clone(), SpoolOptions::default())
+        .await
+        .unwrap();
+    let sized = |pid: &str, n: i64, bytes: usize| {
+        vec![Event::new(
+            pid,
+            n,
+            Payload::new(vec![1_u8; bytes], 1, "Bytes"),
+        )]
+    };
+    for n in 1..=100 {
+        spool.send(sized("large", n, 400 << 10)).await.unwrap();
+    }
+    spool.send(sized("too-large", 1, 33 << 20)).await.unwrap();
+    spool.send(sized("after", 1, 10)).await.unwrap();
+    tokio::time::timeout(Duration::from_secs(60), spool.drained())
+        .await
+        .expect("everything acknowledged within a minute");
+    assert_eq!(spool.rejected(), 1);
+    assert_eq!(client.highest_sequence_nr("large").await.unwrap(), 100);
+    assert_eq!(client.highest_sequence_nr("too-large").await.unwrap(), 0);
+    assert_eq!(client.highest_sequence_nr("after").await.unwrap(), 1);
+    let rejected = std::fs::read_to_string(directory.join("rejected.log")).unwrap();
+    assert!(rejected.starts_with("too-large 1..=1: "), "{rejected}");
+    drop(spool);
+    std::fs::remove_dir_all(&directory).unwrap();
+}

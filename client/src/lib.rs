@@ -295,6 +295,7 @@ impl ClientBuilder {
             retry: self.retry,
             coalescer: coalesce::Coalescer::new(self.write_coalescing),
             producer_group: producer_group(),
+            max_message_size: limit,
         })
     }
 }
@@ -347,6 +348,8 @@ pub struct Client {
     /// Sent with every `WriteEvents` call as `eventjournal-producer-group`: the server then
     /// knows the write lanes for one client and does not pace one lane for another's writes.
     producer_group: AsciiMetadataValue,
+    /// [`ClientBuilder::max_message_size`].
+    max_message_size: usize,
 }
 
 /// A stream of results from the service.
@@ -453,6 +456,24 @@ impl Client {
         writes: &[pb::AtomicWrite],
         max_attempts: u32,
     ) -> Result<Vec<pb::AtomicWriteResult>> {
+        // Refused here with a clear error: past the limit, tonic fails the call with an HTTP/2
+        // error that says nothing of why.
+        let size: usize = writes
+            .iter()
+            .map(|write| {
+                let length = prost::Message::encoded_len(write);
+                1 + prost::encoding::encoded_len_varint(length as u64) + length
+            })
+            .sum();
+        if size > self.max_message_size {
+            return Err(Error::InvalidArgument(format!(
+                "the request's {} write(s) encode to {size} bytes, over the largest message of \
+                 {} bytes (ClientBuilder::max_message_size; the server's is \
+                 server.max-message-size)",
+                writes.len(),
+                self.max_message_size
+            )));
+        }
         let journal = lane.map_or(&self.journal, |lane| &self.write_lanes[lane]);
         let response = self
             .retrying_up_to("WriteEvents", max_attempts, |timeout| {

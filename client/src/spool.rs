@@ -12,8 +12,10 @@
 //!   that had in fact been stored is answered `Written` again, not stored twice. A record torn by
 //!   the crash (a partial append) is cut off.
 //! * A write the service refuses for good (`Rejected`, or a `Conflict`: another writer has that
-//!   sequence number with other content) is not retried for ever: it goes to `rejected.log` in
-//!   the directory with the reason, and is counted.
+//!   sequence number with other content, or a record whose request the service refuses as
+//!   invalid, e.g. one larger than its messages) is not retried for ever: it goes to
+//!   `rejected.log` in the directory with the reason, and is counted. Batches are capped in
+//!   records and in bytes (`SpoolOptions::batch_bytes`).
 //!
 //! Layout: `NNNNNNNNNNNNNNNNNNNN.seg` segments of records `[length u32 LE][crc32 u32 LE][the
 //! write, protobuf-encoded]`, and `ack`: the segment and offset of the first record not yet
@@ -57,6 +59,9 @@ pub struct SpoolOptions {
     pub segment_bytes: u64,
     /// Atomic writes sent per `WriteEvents` call.
     pub batch: usize,
+    /// Record bytes sent per `WriteEvents` call at most (a larger record goes alone): keep it
+    /// well under the server's `server.max-message-size`.
+    pub batch_bytes: u64,
 }
 
 impl Default for SpoolOptions {
@@ -65,6 +70,7 @@ impl Default for SpoolOptions {
             max_bytes: 256 << 20,
             segment_bytes: 16 << 20,
             batch: 100,
+            batch_bytes: 8 << 20,
         }
     }
 }
@@ -319,12 +325,14 @@ fn recover(directory: &Path) -> Result<Log> {
     })
 }
 
-/// Up to `batch` records from `from`: the writes, and the position after the last.
+/// Up to `batch` records from `from`, of `max_bytes` at most (the first in any case): the
+/// writes, and the position after the last.
 fn read_batch(
     directory: &Path,
     mut from: Position,
     writing: Position,
     batch: usize,
+    max_bytes: u64,
 ) -> io::Result<(Vec<pb::AtomicWrite>, Position, u64)> {
     let mut writes = Vec::new();
     let mut bytes = 0;
@@ -349,6 +357,11 @@ fn read_batch(
         };
         while writes.len() < batch && from.offset < limit {
             match read_record(&mut file, from.offset)? {
+                Some(body)
+                    if !writes.is_empty() && bytes + HEADER + body.len() as u64 > max_bytes =>
+                {
+                    return Ok((writes, from, bytes));
+                }
                 Some(body) => {
                     from.offset += HEADER + body.len() as u64;
                     bytes += HEADER + body.len() as u64;
@@ -373,6 +386,8 @@ fn read_batch(
 /// Sends what the log holds, in order, for as long as the spool is open.
 async fn send_forever(shared: Arc<Shared>, client: Client) {
     let mut backoff = Duration::from_millis(100);
+    // Records still to send one at a time (see below).
+    let mut alone: usize = 0;
     loop {
         let appended = shared.appended.notified();
         let (directory, acked, writing) = {
@@ -384,10 +399,13 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
             let _ = tokio::time::timeout(Duration::from_secs(1), appended).await;
             continue;
         }
-        let batch = shared.options.batch;
+        // After a batch the service refused as a whole as invalid, one record at a time, to
+        // find the one it cannot take.
+        let batch = if alone > 0 { 1 } else { shared.options.batch };
+        let batch_bytes = shared.options.batch_bytes;
         let read = tokio::task::spawn_blocking({
             let directory = directory.clone();
-            move || read_batch(&directory, acked, writing, batch)
+            move || read_batch(&directory, acked, writing, batch, batch_bytes)
         })
         .await;
         let Ok(Ok((writes, next, sent))) = read else {
@@ -401,6 +419,15 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
             .collect();
         let outcomes = match client.write_events(events).await {
             Ok(outcomes) => outcomes,
+            // The request itself is refused (a record too large for the server's messages):
+            // sent again one record at a time, and a record refused alone is refused for good,
+            // as a `Rejected` write is (else nothing after it would ever be sent).
+            Err(Error::InvalidArgument(reason)) if writes.len() > 1 => {
+                tracing::warn!(%reason, "spool: the service refused a batch; sending it a record at a time");
+                alone = writes.len();
+                continue;
+            }
+            Err(Error::InvalidArgument(reason)) => vec![WriteOutcome::Rejected(reason)],
             Err(error) => {
                 // Unreachable, or anything else: the records stay, and are sent again.
                 tracing::warn!(%error, "spool: sending failed; retrying");
@@ -410,6 +437,7 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
             }
         };
         backoff = Duration::from_millis(100);
+        alone = alone.saturating_sub(1);
         for (outcome, write) in outcomes
             .iter()
             .zip(writes.iter().map(|write| &write.events))
@@ -425,7 +453,7 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
                     write.first().map(|e| e.sequence_nr).unwrap_or(0),
                     write.last().map(|e| e.sequence_nr).unwrap_or(0),
                 );
-                tracing::error!("spool: the service refused a write: {line}");
+                tracing::error!("spool: a write was refused for good: {line}");
                 let _ = std::fs::OpenOptions::new()
                     .create(true)
                     .append(true)
@@ -504,11 +532,11 @@ mod tests {
         log.file.write_all(&[42_u8; 12]).unwrap();
         append(&mut log, &record(2), u64::MAX).unwrap();
 
-        let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10).unwrap();
+        let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10, u64::MAX).unwrap();
         assert_eq!(sequence_nrs(&writes), [1, 2]);
         drop(log);
         let log = recover(&directory).unwrap();
-        let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10).unwrap();
+        let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10, u64::MAX).unwrap();
         assert_eq!(sequence_nrs(&writes), [1, 2], "after a restart");
         std::fs::remove_dir_all(&directory).unwrap();
     }
