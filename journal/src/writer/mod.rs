@@ -200,6 +200,7 @@ enum Message {
     /// A stream ended: forget its failures.
     StreamClosed {
         chain: u64,
+        producer: u64,
     },
 }
 
@@ -284,6 +285,7 @@ impl Writer {
         // Gone only when the writer has stopped, with everything it knew.
         let _ = self.inbox.send(Message::StreamClosed {
             chain: origin.chain,
+            producer: origin.producer,
         });
     }
 }
@@ -423,8 +425,25 @@ impl Committer {
     fn receive(&mut self, message: Message) {
         match message {
             Message::Submit(submission) => self.accept(submission),
-            Message::StreamClosed { chain } => {
+            Message::StreamClosed { chain, producer } => {
                 self.streams.remove(&chain);
+                // Its client has gone: its writes still queued are dropped now, as a batch
+                // forming would drop them (`next_batch`), so they neither wait for their turn
+                // nor hold a new stream's writes of the same ids behind them.
+                let (entries, requests) = (&self.entries, &self.requests);
+                let gone = self.schedule.remove_producer(producer, |key| {
+                    entries
+                        .get(&key)
+                        .and_then(|entry| requests.get(&entry.request))
+                        .is_some_and(|request| request.reply.is_closed())
+                });
+                metrics::ABANDONED_WRITES.inc_by(gone.len() as u64);
+                for write in gone {
+                    self.settle(
+                        write.key,
+                        Err(JournalError::Internal("the caller has gone".to_owned())),
+                    );
+                }
             }
         }
     }

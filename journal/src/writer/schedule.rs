@@ -387,6 +387,41 @@ impl Schedule {
         removed
     }
 
+    /// Removes and returns the queued writes of `producer` that `belongs` selects (in its
+    /// order): how a stream whose client has gone takes its writes out at once.
+    pub fn remove_producer(
+        &mut self,
+        producer: u64,
+        belongs: impl Fn(WriteKey) -> bool,
+    ) -> Vec<Queued> {
+        let Some(state) = self.producers.get_mut(&producer) else {
+            return Vec::new();
+        };
+        let (removed, kept): (Vec<WriteKey>, Vec<WriteKey>) =
+            state.queue.iter().partition(|key| belongs(**key));
+        if removed.is_empty() {
+            return Vec::new();
+        }
+        state.queue = kept.into();
+        let removed: Vec<Queued> = removed
+            .into_iter()
+            .filter_map(|key| self.queued.remove(&key))
+            .collect();
+        let keys: HashSet<WriteKey> = removed.iter().map(|write| write.key).collect();
+        for write in &removed {
+            self.queued_events -= write.events;
+            state.queued_events -= write.events;
+            if let Some(pid_queue) = self.by_pid.get_mut(&write.pid) {
+                pid_queue.retain(|key| !keys.contains(key));
+                if pid_queue.is_empty() {
+                    self.by_pid.remove(&write.pid);
+                }
+            }
+        }
+        self.forget_idle_producers();
+        removed
+    }
+
     /// Producers with nothing queued leave the ring; with nothing in flight either, the map.
     fn forget_idle_producers(&mut self) {
         let producers = &mut self.producers;
@@ -437,6 +472,26 @@ mod tests {
     fn release(schedule: &mut Schedule, batch: &[Queued]) {
         let pids: Vec<Pid> = batch.iter().map(|write| write.pid.clone()).collect();
         schedule.release(&pids, batch.iter().map(|write| write.producer));
+    }
+
+    /// A gone stream's queued writes leave at once: a later producer's write of the same id,
+    /// queued behind them, is the next of that id, and nothing of the gone one is counted.
+    #[test]
+    fn a_removed_producers_writes_leave_the_queues_they_held_up() {
+        let mut schedule = Schedule::default();
+        schedule.push(write(0, 1, "p", 1));
+        schedule.push(write(1, 1, "q", 2));
+        schedule.push(write(2, 1, "p", 1));
+        schedule.push(write(3, 2, "p", 1));
+        let removed = schedule.remove_producer(1, |key| key != 1);
+        assert_eq!(keys(&removed), [0, 2]);
+        assert_eq!(schedule.queued_events(), 3);
+        assert_eq!(keys(&schedule.next_batch(LIMITS)), [1, 3]);
+        assert!(
+            schedule.remove_producer(1, |_| true).is_empty(),
+            "nothing queued"
+        );
+        assert!(schedule.remove_producer(7, |_| true).is_empty(), "unknown");
     }
 
     #[test]
