@@ -496,6 +496,51 @@ async fn writes_retried_through_transient_failures_land_once_in_order() {
     assert_in_sequence_order(&order);
 }
 
+/// A refused commit leaves no transaction open on the server: MongoDB can refuse the commit
+/// without running it, and the transaction would then hold its events for a minute, failing
+/// every other session's write of the id with a write conflict. (The next write of the
+/// server usually reuses the same session, which ends the old transaction: a second session
+/// shows it.)
+#[tokio::test]
+async fn a_refused_commit_leaves_no_transaction_holding_its_events() {
+    let _failpoint = failpoint_turn().await;
+    const APP: &str = "order_refused_commit";
+    let server = held_server(APP, |_| {}).await;
+    let mut client = server.journal().await;
+    fail_next(APP, 1, "commitTransaction", doc! { "errorCode": 2 }).await;
+    let refused = client
+        .write_events(pb::WriteEventsRequest {
+            writes: vec![atomic(vec![tagged("p", 1, &["t"]), tagged("p", 2, &["t"])])],
+            ..Default::default()
+        })
+        .await
+        .unwrap_err();
+    assert_eq!(refused.code(), Code::Internal, "{refused:?}");
+
+    // Another session writes the same event in a transaction: it conflicts with a transaction
+    // still holding the event, at once (and is aborted, either way).
+    let database = server.mongodb().await;
+    let mut session = database.client().start_session().await.unwrap();
+    session.start_transaction().await.unwrap();
+    let other = database
+        .collection::<Document>("journal")
+        .insert_one(doc! { "pid": "p", "seqNr": 1_i64 })
+        .session(&mut session)
+        .await;
+    session.abort_transaction().await.unwrap();
+    assert!(
+        other.is_ok(),
+        "the refused transaction still holds its events: {other:?}"
+    );
+
+    let outcomes = write(
+        &mut client,
+        vec![atomic(vec![tagged("p", 1, &["t"]), tagged("p", 2, &["t"])])],
+    )
+    .await;
+    assert!(is_written(&outcomes[0]), "{outcomes:?}");
+}
+
 #[tokio::test]
 async fn a_purged_sequence_number_is_never_written_again() {
     let server = TestServer::start("order_purged").await;

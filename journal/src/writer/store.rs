@@ -202,7 +202,13 @@ impl EventStore {
         } else {
             session.start_transaction().await?;
             match insert.session(&mut session).await {
-                Ok(_) => session.commit_transaction().await,
+                Ok(_) => {
+                    let committed = session.commit_transaction().await;
+                    if committed.is_err() {
+                        self.end_transaction(&session).await;
+                    }
+                    committed
+                }
                 Err(error) => {
                     // The server aborted it already on most errors; this makes sure.
                     let _ = session.abort_transaction().await;
@@ -212,6 +218,19 @@ impl EventStore {
         };
         self.answered(&session);
         result
+    }
+
+    /// Ends the transaction of `session` after its commit failed. MongoDB may have refused the
+    /// commit without running it (a failed command, an interrupted one): the transaction then
+    /// stays open on the server, holding its documents, until its lifetime runs out (a minute
+    /// by default), and every later write of its ids fails with a write conflict. The driver
+    /// cannot abort a transaction once it has sent the commit; killing the session does.
+    /// A transaction that did commit stays committed. Best effort: a failure is logged.
+    async fn end_transaction(&self, session: &ClientSession) {
+        let kill = doc! { "killSessions": [session.id().clone()] };
+        if let Err(error) = self.client.database("admin").run_command(kill).await {
+            tracing::warn!(%error, "could not end the transaction of a failed commit");
+        }
     }
 
     /// Moves the events of `pid` from `first` on forward in read-journal order: their write
