@@ -283,6 +283,12 @@ fn recover(directory: &Path) -> Result<Log> {
             offset: 0,
         },
     };
+    // Segments wholly acknowledged whose deletion a crash cut short go now.
+    for segment in segments.iter().filter(|segment| **segment < acked.segment) {
+        std::fs::remove_file(segment_path(directory, *segment))
+            .map_err(io_error("delete an acknowledged segment"))?;
+    }
+    segments.retain(|segment| *segment >= acked.segment);
     let last = segments.last().copied().unwrap_or(acked.segment.max(1));
     // The last segment ends after its last whole record: a torn append is cut off.
     let path = segment_path(directory, last);
@@ -470,6 +476,8 @@ async fn send_forever(shared: Arc<Shared>, client: Client) {
                 file.write_all(format!("{} {}\n", next.segment, next.offset).as_bytes())?;
                 file.sync_data()?;
                 std::fs::rename(&temporary, directory.join("ack"))?;
+                // The new position is durable before the segments it passed are deleted.
+                std::fs::File::open(&directory)?.sync_all()?;
                 for segment in acked.segment..next.segment {
                     let _ = std::fs::remove_file(segment_path(&directory, segment));
                 }
@@ -516,16 +524,20 @@ mod tests {
     /// An append that failed part-way left the start of its record in the segment (as
     /// `write_all` does when the disk fills): the next append still starts a whole record,
     /// and it is read, and recovered after a restart, with the records before it.
-    #[test]
-    fn a_record_after_a_failed_append_is_not_lost() {
-        let directory = std::env::temp_dir().join(format!(
+    fn test_directory() -> PathBuf {
+        std::env::temp_dir().join(format!(
             "eventjournal-spool-test-{}-{}",
             std::process::id(),
             std::time::SystemTime::now()
                 .duration_since(std::time::UNIX_EPOCH)
                 .unwrap()
                 .as_nanos()
-        ));
+        ))
+    }
+
+    #[test]
+    fn a_record_after_a_failed_append_is_not_lost() {
+        let directory = test_directory();
         let mut log = recover(&directory).unwrap();
         append(&mut log, &record(1), u64::MAX).unwrap();
         // What a failed append leaves: part of a record, the offset not moved past it.
@@ -538,6 +550,33 @@ mod tests {
         let log = recover(&directory).unwrap();
         let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10, u64::MAX).unwrap();
         assert_eq!(sequence_nrs(&writes), [1, 2], "after a restart");
+        std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    /// A crash between recording the acknowledged position and deleting the segments it
+    /// passed leaves them behind: they go when the spool opens, and the records after the
+    /// position are still the ones sent next.
+    #[test]
+    fn segments_left_behind_by_a_crash_after_an_acknowledgement_are_deleted() {
+        let directory = test_directory();
+        std::fs::create_dir_all(&directory).unwrap();
+        for (segment, sequence_nr) in [(1, 1), (2, 2), (3, 3)] {
+            let mut log = Log {
+                directory: directory.clone(),
+                writing: Position { segment, offset: 0 },
+                file: std::fs::File::create(segment_path(&directory, segment)).unwrap(),
+                acked: Position { segment, offset: 0 },
+                pending: 0,
+            };
+            append(&mut log, &record(sequence_nr), u64::MAX).unwrap();
+        }
+        std::fs::write(directory.join("ack"), "3 0\n").unwrap();
+
+        let log = recover(&directory).unwrap();
+        assert!(!segment_path(&directory, 1).exists());
+        assert!(!segment_path(&directory, 2).exists());
+        let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10, u64::MAX).unwrap();
+        assert_eq!(sequence_nrs(&writes), [3]);
         std::fs::remove_dir_all(&directory).unwrap();
     }
 }

@@ -326,6 +326,8 @@ struct Completed {
     heavy: bool,
     /// A heavy batch that sets the pacing (not one exempt from it, `Limits::light_only_group`).
     paces: bool,
+    /// Counted in flight (`light_in_flight`, `exempt_in_flight`, pacing): it has writes to send.
+    counted: bool,
     started: Instant,
 }
 
@@ -569,14 +571,7 @@ impl Committer {
             return None;
         }
         let heavy = !self.schedule.served_light();
-        let paces = heavy && !self.schedule.served_exempt();
-        if paces {
-            self.heavy_started = Some(now);
-        } else if heavy {
-            self.exempt_in_flight += 1;
-        } else {
-            self.light_in_flight += 1;
-        }
+        let exempt = self.schedule.served_exempt();
         let mut heads = HashMap::new();
         let mut failures = HashMap::new();
         let mut pids: Vec<Pid> = Vec::new();
@@ -630,6 +625,17 @@ impl Committer {
                 documents: ready.documents,
             });
         }
+        // A batch whose writes were all abandoned only releases its ids in the schedule when it
+        // completes: it neither paces the heavy producer nor holds it back as one in flight.
+        let counted = !writes.is_empty();
+        let paces = counted && heavy && !exempt;
+        if paces {
+            self.heavy_started = Some(now);
+        } else if counted && heavy {
+            self.exempt_in_flight += 1;
+        } else if counted {
+            self.light_in_flight += 1;
+        }
         if heavy {
             if self.heavy_groups.len() > MAX_HEAVY_GROUPS {
                 self.heavy_groups
@@ -672,6 +678,7 @@ impl Committer {
                 done,
                 heavy,
                 paces,
+                counted,
                 started: now,
             }
         }))
@@ -684,11 +691,12 @@ impl Committer {
             done,
             heavy,
             paces,
+            counted,
             started,
         } = completed;
-        if !heavy {
+        if counted && !heavy {
             self.light_in_flight -= 1;
-        } else if !paces {
+        } else if counted && !paces {
             self.exempt_in_flight -= 1;
         }
         if paces {
