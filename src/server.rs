@@ -91,6 +91,11 @@ pub async fn run(
 
     let max_message_size = settings.server.max_message_size.as_u64() as usize;
     let mut builder = Server::builder();
+    if !settings.server.keep_alive_interval.is_zero() {
+        builder = builder
+            .http2_keepalive_interval(Some(settings.server.keep_alive_interval))
+            .http2_keepalive_timeout(Some(settings.server.keep_alive_timeout));
+    }
     if let Some(tls) = tls_config(&settings.server.tls)? {
         builder = builder
             .tls_config(tls)

@@ -143,6 +143,7 @@ pub struct ClientBuilder {
     tls_domain: Option<String>,
     connect_timeout: Duration,
     call_timeout: Duration,
+    keep_alive: (Duration, Duration),
     retry: RetryPolicy,
     write_coalescing: WriteCoalescing,
     max_message_size: usize,
@@ -183,6 +184,18 @@ impl ClientBuilder {
     /// Streams themselves have no deadline: a live query runs until dropped.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
+        self
+    }
+
+    /// HTTP/2 pings on each connection every `interval`, idle connections too; a connection
+    /// whose ping goes unanswered for `timeout` is closed: its calls and streams fail with
+    /// `UNAVAILABLE` (a live stream ends with it) and the next call connects again. Default:
+    /// every 30 s, 10 s to answer; an `interval` of zero: no pings. Without them a connection
+    /// whose peer vanished (the service's host gone, a NAT or load balancer that dropped it
+    /// silently) stays open until TCP gives up, a quarter of an hour or so, and a live stream
+    /// on it waits that long for events that never come.
+    pub fn keep_alive(mut self, interval: Duration, timeout: Duration) -> Self {
+        self.keep_alive = (interval, timeout);
         self
     }
 
@@ -233,6 +246,13 @@ impl ClientBuilder {
             .map_err(|error| Error::Configuration(format!("url {:?}: {error}", self.url)))?
             .connect_timeout(self.connect_timeout)
             .tcp_nodelay(true);
+        let (interval, timeout) = self.keep_alive;
+        if !interval.is_zero() {
+            endpoint = endpoint
+                .http2_keep_alive_interval(interval)
+                .keep_alive_timeout(timeout)
+                .keep_alive_while_idle(true);
+        }
         if let Some(pem) = &self.ca_pem {
             let mut tls = ClientTlsConfig::new().ca_certificate(Certificate::from_pem(pem));
             if let Some(domain) = &self.tls_domain {
@@ -366,6 +386,7 @@ impl Client {
             tls_domain: None,
             connect_timeout: Duration::from_secs(5),
             call_timeout: Duration::from_secs(30),
+            keep_alive: (Duration::from_secs(30), Duration::from_secs(10)),
             retry: RetryPolicy::default(),
             write_coalescing: WriteCoalescing::default(),
             max_message_size: DEFAULT_MAX_MESSAGE_SIZE,

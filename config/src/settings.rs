@@ -313,6 +313,16 @@ pub struct ServerSettings {
     /// How often the server pings MongoDB to report `grpc.health.v1` SERVING or NOT_SERVING.
     #[serde(with = "humantime_serde")]
     pub health_check_interval: Duration,
+    /// How often the server pings each client connection (HTTP/2 PING); `0s`: never. A
+    /// connection whose ping is not answered within `keep_alive_timeout` is closed, with its
+    /// calls and live queries: a client that vanished without closing (its host gone, a NAT or
+    /// load balancer that dropped the connection silently) no longer keeps a live query
+    /// polling MongoDB for nobody, which an idle query otherwise does for ever.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_interval: Duration,
+    /// How long a ping of `keep_alive_interval` may go unanswered.
+    #[serde(with = "humantime_serde")]
+    pub keep_alive_timeout: Duration,
     /// Threads running the server's tasks; 0: chosen from the CPU cores (see
     /// [`ServerSettings::worker_threads_for`]).
     pub worker_threads: usize,
@@ -348,6 +358,8 @@ impl Default for ServerSettings {
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             health_check_interval: Duration::from_secs(5),
+            keep_alive_interval: Duration::from_secs(30),
+            keep_alive_timeout: Duration::from_secs(10),
             worker_threads: 0,
             tls: ServerTlsSettings::default(),
         }

@@ -115,6 +115,13 @@ impl Settings {
             humantime::format_duration(server.health_check_interval).to_string(),
             "must be at least 10ms",
         );
+        problems.check(
+            server.keep_alive_interval.is_zero()
+                || server.keep_alive_timeout >= Duration::from_millis(10),
+            "server.keep-alive-timeout",
+            humantime::format_duration(server.keep_alive_timeout).to_string(),
+            "must be at least 10ms (or server.keep-alive-interval \"0s\": no pings)",
+        );
 
         let mongodb = &self.mongodb;
         problems.check(

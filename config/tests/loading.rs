@@ -177,6 +177,8 @@ fn unknown_keys_and_wrong_types_name_the_key() {
 fn validation_lists_every_bad_key_with_its_value() {
     let file = temp_toml(
         r#"
+        [server]
+        keep-alive-timeout = "1ms"
         [mongodb]
         uri = "http://localhost"
         database = "bad.name"
@@ -201,6 +203,7 @@ fn validation_lists_every_bad_key_with_its_value() {
         &Overrides::default(),
     ));
     for expected in [
+        "server.keep-alive-timeout = \"1ms\": must be at least 10ms",
         "mongodb.uri = \"http://localhost\": must start with mongodb://",
         "mongodb.database = \"bad.name\"",
         "mongodb.read-concern = \"snapshot\"",
