@@ -17,10 +17,11 @@ use proto::v1::read_journal_client::ReadJournalClient;
 use tonic::transport::Channel;
 
 const SUBSCRIBERS: &str = "eventjournal_live_subscribers{query=\"EventsByTag\"}";
-const PINGS: Duration = Duration::from_millis(200);
-const ANSWER_WITHIN: Duration = Duration::from_millis(300);
+const PINGS: Duration = Duration::from_millis(250);
+/// Generous: on a loaded machine an answered ping must not look like a vanished peer.
+const ANSWER_WITHIN: Duration = Duration::from_secs(2);
 
-#[tokio::test]
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn connections_to_vanished_peers_are_closed_with_their_live_queries() {
     let port = free_port();
     let server = TestServer::start_with("keep_alive", |settings| {
@@ -50,7 +51,7 @@ async fn connections_to_vanished_peers_are_closed_with_their_live_queries() {
         .unwrap()
         .into_inner();
     assert_eq!(subscribers().await, Some(1.0));
-    tokio::time::sleep(PINGS * 5).await;
+    tokio::time::sleep(PINGS * 6).await;
     assert_eq!(
         subscribers().await,
         Some(1.0),
@@ -75,7 +76,7 @@ async fn connections_to_vanished_peers_are_closed_with_their_live_queries() {
         .unwrap();
     let mut live = client.events_by_tag("k", Offset::start()).await.unwrap();
     assert!(
-        tokio::time::timeout(PINGS * 5, live.next()).await.is_err(),
+        tokio::time::timeout(PINGS * 6, live.next()).await.is_err(),
         "a stream whose connection answers pings stays open"
     );
     proxy.set_delay(Duration::from_secs(3600));

@@ -258,6 +258,37 @@ fn read_record(file: &mut std::fs::File, offset: u64) -> io::Result<Option<Vec<u
     Ok(Some(body))
 }
 
+/// The position an `ack` file holds: `<segment> <offset>` and a line end, nothing else.
+fn parse_ack(text: &str) -> Option<Position> {
+    let (segment, offset) = text.strip_suffix('\n')?.split_once(' ')?;
+    Some(Position {
+        segment: segment.parse().ok()?,
+        offset: offset.parse().ok()?,
+    })
+}
+
+/// Whether `position` starts a record of the log in `directory` (or is its end): its segment is
+/// on disk (or the log has none yet), and the records from the segment's start end exactly there.
+fn is_record_start(directory: &Path, segments: &[u64], position: Position) -> bool {
+    if segments.is_empty() {
+        return position.offset == 0;
+    }
+    if !segments.contains(&position.segment) {
+        return false;
+    }
+    let Ok(mut file) = std::fs::File::open(segment_path(directory, position.segment)) else {
+        return false;
+    };
+    let mut offset = 0;
+    while offset < position.offset {
+        match read_record(&mut file, offset) {
+            Ok(Some(body)) => offset += HEADER + body.len() as u64,
+            _ => return false,
+        }
+    }
+    offset == position.offset
+}
+
 /// Opens the log in `directory`: the acknowledged position, the segments after it, the last
 /// one cut after its last whole record.
 fn recover(directory: &Path) -> Result<Log> {
@@ -270,24 +301,34 @@ fn recover(directory: &Path) -> Result<Log> {
         })
         .collect();
     segments.sort_unstable();
-    let acked = match std::fs::read_to_string(directory.join("ack")) {
-        Ok(text) => {
-            let (segment, offset) = text.trim().split_once(' ').unwrap_or(("0", "0"));
-            Position {
-                segment: segment.parse().unwrap_or(0),
-                offset: offset.parse().unwrap_or(0),
-            }
-        }
-        Err(_) => Position {
-            segment: segments.first().copied().unwrap_or(1),
-            offset: 0,
-        },
+    let first = Position {
+        segment: segments.first().copied().unwrap_or(1),
+        offset: 0,
     };
-    // Segments wholly acknowledged whose deletion a crash cut short go now.
-    for segment in segments.iter().filter(|segment| **segment < acked.segment) {
-        std::fs::remove_file(segment_path(directory, *segment))
-            .map_err(io_error("delete an acknowledged segment"))?;
-    }
+    let recorded = std::fs::read_to_string(directory.join("ack"))
+        .ok()
+        .map(|text| parse_ack(&text).filter(|acked| is_record_start(directory, &segments, *acked)));
+    let acked = match recorded {
+        Some(Some(acked)) => {
+            // Segments wholly acknowledged whose deletion a crash cut short go now.
+            for segment in segments.iter().filter(|segment| **segment < acked.segment) {
+                std::fs::remove_file(segment_path(directory, *segment))
+                    .map_err(io_error("delete an acknowledged segment"))?;
+            }
+            acked
+        }
+        Some(None) => {
+            // Not a position in the log (the file damaged): nothing is deleted, and every
+            // record is sent again (the service answers a write it has as written).
+            tracing::warn!(
+                "spool: {} does not name the start of a record; sending the log from its first \
+                 record again",
+                directory.join("ack").display()
+            );
+            first
+        }
+        None => first,
+    };
     segments.retain(|segment| *segment >= acked.segment);
     let last = segments.last().copied().unwrap_or(acked.segment.max(1));
     // The last segment ends after its last whole record: a torn append is cut off.
@@ -553,11 +594,8 @@ mod tests {
         std::fs::remove_dir_all(&directory).unwrap();
     }
 
-    /// A crash between recording the acknowledged position and deleting the segments it
-    /// passed leaves them behind: they go when the spool opens, and the records after the
-    /// position are still the ones sent next.
-    #[test]
-    fn segments_left_behind_by_a_crash_after_an_acknowledgement_are_deleted() {
+    /// A log of three segments holding one record each (sequence numbers 1, 2, 3).
+    fn three_segments() -> PathBuf {
         let directory = test_directory();
         std::fs::create_dir_all(&directory).unwrap();
         for (segment, sequence_nr) in [(1, 1), (2, 2), (3, 3)] {
@@ -570,6 +608,15 @@ mod tests {
             };
             append(&mut log, &record(sequence_nr), u64::MAX).unwrap();
         }
+        directory
+    }
+
+    /// A crash between recording the acknowledged position and deleting the segments it
+    /// passed leaves them behind: they go when the spool opens, and the records after the
+    /// position are still the ones sent next.
+    #[test]
+    fn segments_left_behind_by_a_crash_after_an_acknowledgement_are_deleted() {
+        let directory = three_segments();
         std::fs::write(directory.join("ack"), "3 0\n").unwrap();
 
         let log = recover(&directory).unwrap();
@@ -578,5 +625,21 @@ mod tests {
         let (writes, _, _) = read_batch(&directory, log.acked, log.writing, 10, u64::MAX).unwrap();
         assert_eq!(sequence_nrs(&writes), [3]);
         std::fs::remove_dir_all(&directory).unwrap();
+    }
+
+    /// An `ack` that names no record's start (damaged: a segment not on disk, an offset inside
+    /// a record, a cut line) deletes nothing: the whole log is sent again.
+    #[test]
+    fn a_damaged_acknowledgement_deletes_nothing_and_sends_everything_again() {
+        for damaged in ["9 0\n", "3 5\n", "3 ", "2 0 junk\n"] {
+            let directory = three_segments();
+            std::fs::write(directory.join("ack"), damaged).unwrap();
+
+            let log = recover(&directory).unwrap();
+            let (writes, _, _) =
+                read_batch(&directory, log.acked, log.writing, 10, u64::MAX).unwrap();
+            assert_eq!(sequence_nrs(&writes), [1, 2, 3], "ack {damaged:?}");
+            std::fs::remove_dir_all(&directory).unwrap();
+        }
     }
 }

@@ -117,6 +117,13 @@ impl Settings {
         );
         problems.check(
             server.keep_alive_interval.is_zero()
+                || server.keep_alive_interval >= Duration::from_millis(10),
+            "server.keep-alive-interval",
+            humantime::format_duration(server.keep_alive_interval).to_string(),
+            "must be \"0s\" (no pings) or at least 10ms",
+        );
+        problems.check(
+            server.keep_alive_interval.is_zero()
                 || server.keep_alive_timeout >= Duration::from_millis(10),
             "server.keep-alive-timeout",
             humantime::format_duration(server.keep_alive_timeout).to_string(),

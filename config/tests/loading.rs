@@ -178,6 +178,7 @@ fn validation_lists_every_bad_key_with_its_value() {
     let file = temp_toml(
         r#"
         [server]
+        keep-alive-interval = "1ms"
         keep-alive-timeout = "1ms"
         [mongodb]
         uri = "http://localhost"
@@ -203,6 +204,7 @@ fn validation_lists_every_bad_key_with_its_value() {
         &Overrides::default(),
     ));
     for expected in [
+        "server.keep-alive-interval = \"1ms\": must be \"0s\" (no pings) or at least 10ms",
         "server.keep-alive-timeout = \"1ms\": must be at least 10ms",
         "mongodb.uri = \"http://localhost\": must start with mongodb://",
         "mongodb.database = \"bad.name\"",

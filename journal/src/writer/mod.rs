@@ -626,7 +626,8 @@ impl Committer {
             });
         }
         // A batch whose writes were all abandoned only releases its ids in the schedule when it
-        // completes: it neither paces the heavy producer nor holds it back as one in flight.
+        // completes: it neither paces the heavy producer nor holds it back as one in flight,
+        // nor counts as a light or heavy producer's activity.
         let counted = !writes.is_empty();
         let paces = counted && heavy && !exempt;
         if paces {
@@ -636,14 +637,14 @@ impl Committer {
         } else if counted {
             self.light_in_flight += 1;
         }
-        if heavy {
+        if counted && heavy {
             if self.heavy_groups.len() > MAX_HEAVY_GROUPS {
                 self.heavy_groups
                     .retain(|_, at| now.duration_since(*at) < LIGHT_ACTIVITY);
             }
             self.heavy_groups
                 .extend(groups.into_iter().map(|group| (group, now)));
-        } else {
+        } else if counted {
             for group in groups {
                 self.light_seen.saw(group, now);
             }

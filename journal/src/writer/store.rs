@@ -24,6 +24,10 @@ const HEAD_READS_IN_PARALLEL: usize = 8;
 /// How often one late write is moved forward at most (see [`EventStore::restamp`]).
 const MAX_RESTAMPS: usize = 3;
 
+/// How long ending a transaction whose commit failed may take (see
+/// [`EventStore::end_transaction`]).
+const END_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+
 /// The stored highest of a persistence id: the journal's top event (with its `writtenAt`), or
 /// the metadata's record when its events were deleted and purged.
 #[derive(Debug, Clone, Copy, Default, PartialEq)]
@@ -205,7 +209,7 @@ impl EventStore {
                 Ok(_) => {
                     let committed = session.commit_transaction().await;
                     if committed.is_err() {
-                        self.end_transaction(&session).await;
+                        self.end_transaction(&mut session).await;
                     }
                     committed
                 }
@@ -223,13 +227,27 @@ impl EventStore {
     /// Ends the transaction of `session` after its commit failed. MongoDB may have refused the
     /// commit without running it (a failed command, an interrupted one): the transaction then
     /// stays open on the server, holding its documents, until its lifetime runs out (a minute
-    /// by default), and every later write of its ids fails with a write conflict. The driver
-    /// cannot abort a transaction once it has sent the commit; killing the session does.
-    /// A transaction that did commit stays committed. Best effort: a failure is logged.
-    async fn end_transaction(&self, session: &ClientSession) {
-        let kill = doc! { "killSessions": [session.id().clone()] };
-        if let Err(error) = self.client.database("admin").run_command(kill).await {
-            tracing::warn!(%error, "could not end the transaction of a failed commit");
+    /// by default), and every other session's write of its ids fails with a write conflict.
+    /// The driver cannot abort a transaction once it has sent the commit; a newer transaction
+    /// of the same session ends it (MongoDB aborts the older one when the newer one sends its
+    /// first command), and is aborted in turn. A transaction that did commit stays committed.
+    /// This works wherever transactions do and needs no privilege. Best effort, bounded by
+    /// [`END_TRANSACTION_TIMEOUT`]: a failure is logged.
+    async fn end_transaction(&self, session: &mut ClientSession) {
+        let ended = async {
+            session.start_transaction().await?;
+            self.raw
+                .find_one(doc! { "_id": 0 })
+                .session(&mut *session)
+                .await?;
+            session.abort_transaction().await
+        };
+        match tokio::time::timeout(END_TRANSACTION_TIMEOUT, ended).await {
+            Ok(Ok(())) => {}
+            Ok(Err(error)) => {
+                tracing::warn!(%error, "could not end the transaction of a failed commit")
+            }
+            Err(_) => tracing::warn!("could not end the transaction of a failed commit in time"),
         }
     }
 
