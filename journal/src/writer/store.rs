@@ -7,6 +7,7 @@ use ahash::HashMap;
 use futures::{StreamExt, TryStreamExt, stream};
 
 use mongodb::bson::{DateTime, Document, RawDocumentBuf, Timestamp, doc};
+use mongodb::error::ErrorKind;
 use mongodb::options::{CollectionOptions, ReadPreference, SelectionCriteria};
 use mongodb::{Client, ClientSession, Collection, Database};
 
@@ -26,7 +27,7 @@ const MAX_RESTAMPS: usize = 3;
 
 /// How long ending a transaction whose commit failed may take (see
 /// [`EventStore::end_transaction`]).
-const END_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(5);
+const END_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_secs(2);
 
 /// The stored highest of a persistence id: the journal's top event (with its `writtenAt`), or
 /// the metadata's record when its events were deleted and purged.
@@ -34,6 +35,18 @@ const END_TRANSACTION_TIMEOUT: std::time::Duration = std::time::Duration::from_s
 pub(crate) struct StoredHead {
     pub highest: i64,
     pub written_at: Option<DateTime>,
+}
+
+/// Whether a failed commit may have left its transaction open on the server: MongoDB answered
+/// the commit with an error it did not label. Not after a network error or a timeout (MongoDB
+/// is likely out of reach, and ending the transaction would only wait for it too, while the
+/// write's caller waits), and not when the error says the transaction is over or its commit may
+/// have run (`TransientTransactionError`: aborted; `UnknownTransactionCommitResult`: the commit
+/// may still apply, and the write is then decided by reading what is stored).
+fn may_hold_transaction(error: &mongodb::error::Error) -> bool {
+    matches!(*error.kind, ErrorKind::Command(_))
+        && !error.contains_label("TransientTransactionError")
+        && !error.contains_label("UnknownTransactionCommitResult")
 }
 
 pub(crate) struct EventStore {
@@ -208,7 +221,9 @@ impl EventStore {
             match insert.session(&mut session).await {
                 Ok(_) => {
                     let committed = session.commit_transaction().await;
-                    if committed.is_err() {
+                    if let Err(error) = &committed
+                        && may_hold_transaction(error)
+                    {
                         self.end_transaction(&mut session).await;
                     }
                     committed
@@ -231,7 +246,8 @@ impl EventStore {
     /// The driver cannot abort a transaction once it has sent the commit; a newer transaction
     /// of the same session ends it (MongoDB aborts the older one when the newer one sends its
     /// first command), and is aborted in turn. A transaction that did commit stays committed.
-    /// This works wherever transactions do and needs no privilege. Best effort, bounded by
+    /// This works wherever transactions do and needs no privilege. Only after an error that may
+    /// have left it open ([`may_hold_transaction`]). Best effort, bounded by
     /// [`END_TRANSACTION_TIMEOUT`]: a failure is logged.
     async fn end_transaction(&self, session: &mut ClientSession) {
         let ended = async {
