@@ -305,7 +305,8 @@ fn recover(directory: &Path) -> Result<Log> {
         segment: segments.first().copied().unwrap_or(1),
         offset: 0,
     };
-    let recorded = std::fs::read_to_string(directory.join("ack"))
+    let ack = directory.join("ack");
+    let recorded = std::fs::read_to_string(&ack)
         .ok()
         .map(|text| parse_ack(&text).filter(|acked| is_record_start(directory, &segments, *acked)));
     let acked = match recorded {
@@ -323,7 +324,7 @@ fn recover(directory: &Path) -> Result<Log> {
             tracing::warn!(
                 "spool: {} does not name the start of a record; sending the log from its first \
                  record again",
-                directory.join("ack").display()
+                ack.display()
             );
             first
         }
@@ -562,9 +563,7 @@ mod tests {
             .collect()
     }
 
-    /// An append that failed part-way left the start of its record in the segment (as
-    /// `write_all` does when the disk fills): the next append still starts a whole record,
-    /// and it is read, and recovered after a restart, with the records before it.
+    /// A directory of its own for one test's log.
     fn test_directory() -> PathBuf {
         std::env::temp_dir().join(format!(
             "eventjournal-spool-test-{}-{}",
@@ -576,6 +575,9 @@ mod tests {
         ))
     }
 
+    /// An append that failed part-way left the start of its record in the segment (as
+    /// `write_all` does when the disk fills): the next append still starts a whole record,
+    /// and it is read, and recovered after a restart, with the records before it.
     #[test]
     fn a_record_after_a_failed_append_is_not_lost() {
         let directory = test_directory();

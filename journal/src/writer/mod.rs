@@ -439,13 +439,7 @@ impl Committer {
                         .and_then(|entry| requests.get(&entry.request))
                         .is_some_and(|request| request.reply.is_closed())
                 });
-                metrics::ABANDONED_WRITES.inc_by(gone.len() as u64);
-                for write in gone {
-                    self.settle(
-                        write.key,
-                        Err(JournalError::Internal("the caller has gone".to_owned())),
-                    );
-                }
+                self.abandon(gone.into_iter().map(|write| write.key).collect());
             }
         }
     }
@@ -630,32 +624,28 @@ impl Committer {
         // nor counts as a light or heavy producer's activity.
         let counted = !writes.is_empty();
         let paces = counted && heavy && !exempt;
-        if paces {
-            self.heavy_started = Some(now);
-        } else if counted && heavy {
-            self.exempt_in_flight += 1;
-        } else if counted {
-            self.light_in_flight += 1;
-        }
-        if counted && heavy {
-            if self.heavy_groups.len() > MAX_HEAVY_GROUPS {
+        if counted {
+            if paces {
+                self.heavy_started = Some(now);
+            } else if heavy {
+                self.exempt_in_flight += 1;
+            } else {
+                self.light_in_flight += 1;
+            }
+            if heavy {
+                if self.heavy_groups.len() > MAX_HEAVY_GROUPS {
+                    self.heavy_groups
+                        .retain(|_, at| now.duration_since(*at) < LIGHT_ACTIVITY);
+                }
                 self.heavy_groups
-                    .retain(|_, at| now.duration_since(*at) < LIGHT_ACTIVITY);
-            }
-            self.heavy_groups
-                .extend(groups.into_iter().map(|group| (group, now)));
-        } else if counted {
-            for group in groups {
-                self.light_seen.saw(group, now);
+                    .extend(groups.into_iter().map(|group| (group, now)));
+            } else {
+                for group in groups {
+                    self.light_seen.saw(group, now);
+                }
             }
         }
-        metrics::ABANDONED_WRITES.inc_by(abandoned.len() as u64);
-        for key in abandoned {
-            self.settle(
-                key,
-                Err(JournalError::Internal("the caller has gone".to_owned())),
-            );
-        }
+        self.abandon(abandoned);
         let panicked = Panicked::of(&writes);
         let store = self.store.clone();
         let trust = self.trust;
@@ -748,6 +738,17 @@ impl Committer {
         }
         self.answers = answers;
         self.spent.clear();
+    }
+
+    /// Settles writes not sent because their caller has gone (nobody gets the outcome).
+    fn abandon(&mut self, keys: Vec<WriteKey>) {
+        metrics::ABANDONED_WRITES.inc_by(keys.len() as u64);
+        for key in keys {
+            self.settle(
+                key,
+                Err(JournalError::Internal("the caller has gone".to_owned())),
+            );
+        }
     }
 
     fn settle(&mut self, key: WriteKey, outcome: Result<WriteOutcome, JournalError>) {

@@ -362,29 +362,10 @@ impl Schedule {
     /// Removes and returns the queued writes of `pid` that `belongs` selects (in arrival
     /// order): how a failed write takes the later writes of its request or stream with it.
     pub fn remove_where(&mut self, pid: &str, belongs: impl Fn(WriteKey) -> bool) -> Vec<Queued> {
-        let Some(pid_queue) = self.by_pid.get_mut(pid) else {
-            return Vec::new();
-        };
-        let (removed, kept): (Vec<WriteKey>, Vec<WriteKey>) =
-            pid_queue.iter().partition(|key| belongs(**key));
-        if kept.is_empty() {
-            self.by_pid.remove(pid);
-        } else {
-            *pid_queue = kept.into();
-        }
-        let removed: Vec<Queued> = removed
-            .into_iter()
-            .filter_map(|key| self.queued.remove(&key))
-            .collect();
-        for write in &removed {
-            self.queued_events -= write.events;
-            if let Some(state) = self.producers.get_mut(&write.producer) {
-                state.queue.retain(|key| *key != write.key);
-                state.queued_events -= write.events;
-            }
-        }
-        self.forget_idle_producers();
-        removed
+        let keys = self.by_pid.get(pid).map_or_else(Vec::new, |queue| {
+            queue.iter().copied().filter(|key| belongs(*key)).collect()
+        });
+        self.take_out(keys)
     }
 
     /// Removes and returns the queued writes of `producer` that `belongs` selects (in its
@@ -394,25 +375,38 @@ impl Schedule {
         producer: u64,
         belongs: impl Fn(WriteKey) -> bool,
     ) -> Vec<Queued> {
-        let Some(state) = self.producers.get_mut(&producer) else {
-            return Vec::new();
-        };
-        let (removed, kept): (Vec<WriteKey>, Vec<WriteKey>) =
-            state.queue.iter().partition(|key| belongs(**key));
-        if removed.is_empty() {
+        let keys = self
+            .producers
+            .get(&producer)
+            .map_or_else(Vec::new, |state| {
+                state
+                    .queue
+                    .iter()
+                    .copied()
+                    .filter(|key| belongs(*key))
+                    .collect()
+            });
+        self.take_out(keys)
+    }
+
+    /// Takes the queued writes `keys` (in that order) out of every queue and count.
+    fn take_out(&mut self, keys: Vec<WriteKey>) -> Vec<Queued> {
+        if keys.is_empty() {
             return Vec::new();
         }
-        state.queue = kept.into();
-        let removed: Vec<Queued> = removed
+        let removed: Vec<Queued> = keys
             .into_iter()
             .filter_map(|key| self.queued.remove(&key))
             .collect();
-        let keys: HashSet<WriteKey> = removed.iter().map(|write| write.key).collect();
+        let gone: HashSet<WriteKey> = removed.iter().map(|write| write.key).collect();
         for write in &removed {
             self.queued_events -= write.events;
-            state.queued_events -= write.events;
+            if let Some(state) = self.producers.get_mut(&write.producer) {
+                state.queue.retain(|key| !gone.contains(key));
+                state.queued_events -= write.events;
+            }
             if let Some(pid_queue) = self.by_pid.get_mut(&write.pid) {
-                pid_queue.retain(|key| !keys.contains(key));
+                pid_queue.retain(|key| !gone.contains(key));
                 if pid_queue.is_empty() {
                     self.by_pid.remove(&write.pid);
                 }
