@@ -11,6 +11,7 @@ mod health;
 mod linger;
 mod metrics;
 pub mod ops;
+mod request_memory;
 mod rpc_metrics;
 pub mod server;
 pub mod signal;

@@ -32,8 +32,9 @@ pub(crate) mod server {
     use std::sync::LazyLock;
 
     use prometheus::{
-        Histogram, IntCounter, IntCounterVec, IntGaugeVec, exponential_buckets, register_histogram,
-        register_int_counter, register_int_counter_vec, register_int_gauge_vec,
+        Histogram, IntCounter, IntCounterVec, IntGauge, IntGaugeVec, exponential_buckets,
+        register_histogram, register_int_counter, register_int_counter_vec, register_int_gauge,
+        register_int_gauge_vec,
     };
 
     pub(crate) static EVENTS_WRITTEN: LazyLock<IntCounter> = LazyLock::new(|| {
@@ -86,6 +87,23 @@ pub(crate) mod server {
             "eventjournal_live_subscribers",
             "Open live read-journal queries",
             &["query"]
+        )
+        .expect("metric registered once")
+    });
+
+    /// Bytes of request messages held now (see `request_memory`).
+    pub(crate) static REQUEST_MEMORY: LazyLock<IntGauge> = LazyLock::new(|| {
+        register_int_gauge!(
+            "eventjournal_request_memory_bytes",
+            "Bytes of request messages the server holds now (bounded by server.max-request-memory)"
+        )
+        .expect("metric registered once")
+    });
+
+    pub(crate) static REQUEST_MEMORY_REFUSALS: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "eventjournal_request_memory_refusals_total",
+            "Request messages refused with UNAVAILABLE because server.max-request-memory was held"
         )
         .expect("metric registered once")
     });

@@ -104,6 +104,9 @@ pub async fn run(
     let router = builder
         .layer(crate::rpc_metrics::RpcMetricsLayer)
         .layer(crate::auth::AuthLayer::new(&settings.auth))
+        .layer(crate::request_memory::RequestMemoryLayer::new(
+            &settings.server,
+        ))
         .add_service(health_service)
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)

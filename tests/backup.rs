@@ -612,16 +612,6 @@ async fn fail_command_after(name: &str, command: &str, skip: u32) -> String {
     format!("{}{separator}appName={app}", mongodb_uri())
 }
 
-async fn failpoint_off() {
-    mongodb::Client::with_uri_str(mongodb_uri())
-        .await
-        .unwrap()
-        .database("admin")
-        .run_command(doc! { "configureFailPoint": "failCommand", "mode": "off" })
-        .await
-        .unwrap();
-}
-
 /// MongoDB failing mid-backup (the third collection's read, after the journal's parts were
 /// stored): the backup fails with the error, and nothing of it is left or listed.
 #[tokio::test]

@@ -248,6 +248,7 @@ async fn a_flooding_client_is_held_back_by_flow_control() {
     const APP: &str = "stream_flood";
     const UNACKNOWLEDGED: usize = 4;
     const PAYLOAD: usize = 64 * 1024;
+    let _failpoint = failpoint_turn().await;
     let server = TestServer::start_with("stream_flood", |settings| {
         settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
         settings.write_journal.stream_max_unacknowledged = UNACKNOWLEDGED as u32;
@@ -290,13 +291,7 @@ async fn a_flooding_client_is_held_back_by_flow_control() {
         "the client could send {taken} requests while none was answered"
     );
     // Once MongoDB answers, everything flows, in order.
-    mongodb::Client::with_uri_str(mongodb_uri())
-        .await
-        .unwrap()
-        .database("admin")
-        .run_command(doc! { "configureFailPoint": "failCommand", "mode": "off" })
-        .await
-        .unwrap();
+    failpoint_off().await;
     for _ in 0..3 * taken {
         let response = tokio::time::timeout(Duration::from_secs(30), responses.message())
             .await
@@ -314,4 +309,90 @@ async fn a_flooding_client_is_held_back_by_flow_control() {
         (1..=highest).collect::<Vec<_>>(),
         "in order, no gap"
     );
+}
+
+/// A request of one event of `bytes` payload bytes.
+fn large(pid: &str, sequence_nr: i64, bytes: usize) -> pb::WriteEventsRequest {
+    let mut large = event(pid, sequence_nr, "");
+    large.payload = Some(pb::Payload {
+        data: vec![1; bytes],
+        serializer_id: 1,
+        manifest: String::new(),
+    });
+    request(vec![atomic(vec![large])])
+}
+
+/// `server.max-request-memory` of 2 MiB, with messages of at most 1 MiB.
+fn small_budget(settings: &mut config::Settings) {
+    settings.server.max_message_size = bytesize::ByteSize::mib(1);
+    settings.server.max_request_memory = bytesize::ByteSize::mib(2);
+}
+
+#[tokio::test]
+async fn an_answered_request_gives_its_bytes_back_to_the_server_budget() {
+    let server = TestServer::start_with("stream_budget_release", small_budget).await;
+    let mut client = server.journal().await;
+    let mut stream = Conversation::open(&mut client).await;
+    // Each request takes 40% of the budget while it is held: a stream that kept them after
+    // their response would be refused at the third.
+    for sequence_nr in 1..=10 {
+        assert_eq!(
+            stream.ask(large("p", sequence_nr, 800 << 10)).await,
+            ["written"],
+            "request {sequence_nr}"
+        );
+    }
+}
+
+#[tokio::test]
+async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_it_are_answered() {
+    const APP: &str = "stream_budget_refused";
+    let _failpoint = failpoint_turn().await;
+    let server = TestServer::start_with(APP, |settings| {
+        small_budget(settings);
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    })
+    .await;
+    let mut client = server.journal().await;
+    // MongoDB holds this server's inserts for 2 s: the requests read stay held meanwhile.
+    fail_next(
+        APP,
+        100,
+        "insert",
+        doc! { "blockConnection": true, "blockTimeMS": 2_000 },
+    )
+    .await;
+    // 600 KiB each: three fit in the 2 MiB, the fourth does not.
+    let requests = (1..=5).map(|sequence_nr| large("p", sequence_nr, 600 << 10));
+    let mut responses = client
+        .write_events_stream(tokio_stream::iter(requests.collect::<Vec<_>>()))
+        .await
+        .unwrap()
+        .into_inner();
+    for sequence_nr in 1..=3 {
+        let response = tokio::time::timeout(Duration::from_secs(30), responses.message())
+            .await
+            .expect("a response within 30 s")
+            .unwrap_or_else(|status| panic!("request {sequence_nr}: {status:?}"))
+            .expect("a response");
+        assert_eq!(outcomes(&response), ["written"], "request {sequence_nr}");
+    }
+    let refused = tokio::time::timeout(Duration::from_secs(30), responses.message())
+        .await
+        .expect("the stream ends within 30 s")
+        .expect_err("the fourth request does not fit");
+    assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+    assert!(
+        refused
+            .message()
+            .contains("server.max-request-memory is 2.0 MiB")
+            && refused.message().contains("retrying is safe"),
+        "{refused:?}"
+    );
+    failpoint_off().await;
+    // Stored: the three answered, nothing of the refused one; it can be sent again.
+    let (events, highest) = replay(&mut client, "p", 1, None, None).await;
+    assert_eq!((sequence_nrs(&events), highest), (vec![1, 2, 3], 3));
+    let mut again = Conversation::open(&mut client).await;
+    assert_eq!(again.ask(large("p", 4, 600 << 10)).await, ["written"]);
 }

@@ -305,6 +305,12 @@ pub struct ServerSettings {
     /// Largest gRPC message accepted or sent. Must exceed MongoDB's 16 MiB document limit so
     /// an oversized event is answered with a clear rejection rather than a transport error.
     pub max_message_size: ByteSize,
+    /// Most bytes of request messages the server holds at once, over all calls and
+    /// connections: messages being received and decoded, waiting in their call's handler, or
+    /// read from a `WriteEventsStream` and not answered yet. A message the budget cannot cover
+    /// fails its call at once with UNAVAILABLE (nothing of it is read or written), so a burst
+    /// of large requests cannot exhaust the server's memory. At least `max_message_size`.
+    pub max_request_memory: ByteSize,
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
@@ -355,6 +361,7 @@ impl Default for ServerSettings {
         Self {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_size: ByteSize::mib(32),
+            max_request_memory: ByteSize::mib(256),
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             health_check_interval: Duration::from_secs(5),

@@ -90,6 +90,16 @@ impl Settings {
             server.max_message_size.to_string(),
             "must be between 1 MiB and 2 GiB",
         );
+        problems.check(
+            server.max_request_memory >= server.max_message_size,
+            "server.max-request-memory",
+            server.max_request_memory.to_string(),
+            &format!(
+                "must be at least server.max-message-size ({}), so that a message of that size \
+                 can be received",
+                server.max_message_size
+            ),
+        );
         let tls = &server.tls;
         if tls.enabled {
             problems.check(

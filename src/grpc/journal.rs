@@ -19,6 +19,7 @@ use tracing::Instrument;
 
 use crate::grpc::STREAM_BUFFER;
 use crate::metrics::server as metrics;
+use crate::request_memory::HeldMessages;
 use crate::status::{invalid_argument, storage_status};
 
 pub(crate) struct JournalService {
@@ -187,6 +188,8 @@ impl pb::journal_server::Journal for JournalService {
         &self,
         request: Request<Streaming<pb::WriteEventsRequest>>,
     ) -> Result<Response<Self::WriteEventsStreamStream>, Status> {
+        // The requests' bytes stay counted against server.max-request-memory until answered.
+        let held = request.extensions().get::<HeldMessages>().cloned();
         let mut inbound = request.into_inner();
         let origin = Origin::stream();
         let journal = self.journal.clone();
@@ -197,12 +200,18 @@ impl pb::journal_server::Journal for JournalService {
             let _closed = StreamClosed(&journal, origin);
             let mut unanswered = FuturesOrdered::new();
             let mut reading = true;
+            // Why reading ended early (a bad message, server.max-request-memory): sent once the
+            // requests read before it are answered.
+            let mut read_failure = None;
             // Requests read, and responses sent.
             let (mut read, mut sent) = (0, 0);
             loop {
                 tokio::select! {
                     biased;
                     Some(response) = unanswered.next(), if !unanswered.is_empty() => {
+                        if let Some(held) = &held {
+                            held.release_oldest();
+                        }
                         let failed = Result::is_err(&response);
                         // A failed send means the client left; a storage failure ends the stream.
                         if sender.send(response).await.is_err() || failed {
@@ -235,16 +244,21 @@ impl pb::journal_server::Journal for JournalService {
                             }
                             Ok(None) => reading = false,
                             Err(status) => {
-                                let _ = sender.send(Err(status)).await;
-                                return;
+                                reading = false;
+                                read_failure = Some(status);
                             }
                         }
                     }
                     // The client cancelled the stream (or left): its requests' writes not sent
                     // to MongoDB yet go with it, as a cancelled `WriteEvents` call's do.
                     () = sender.closed(), if reading || !unanswered.is_empty() => return,
-                    // Everything read is answered, and the client sends no more.
-                    else => return,
+                    // Everything read is answered, and the client sends no more (or cannot).
+                    else => {
+                        if let Some(status) = read_failure {
+                            let _ = sender.send(Err(status)).await;
+                        }
+                        return;
+                    }
                 }
             }
         };

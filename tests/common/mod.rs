@@ -252,6 +252,18 @@ pub async fn fail_next(
         .expect("configureFailPoint (the test mongod runs with enableTestCommands=1)");
 }
 
+/// Turns the test mongod's `failCommand` failpoint off: commands already held finish their
+/// hold.
+pub async fn failpoint_off() {
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+        .run_command(mongodb::bson::doc! { "configureFailPoint": "failCommand", "mode": "off" })
+        .await
+        .unwrap();
+}
+
 /// Makes the test mongod hold `app_name`'s next `command` for `millis` before running it, as a
 /// lock wait or a stall would.
 pub async fn hold_next(app_name: &str, command: &str, millis: i32) {

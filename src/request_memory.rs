@@ -1,0 +1,487 @@
+//! The server-wide budget for request messages (`server.max-request-memory`), as a tower layer
+//! in front of every gRPC service.
+//!
+//! `server.max-message-size` bounds one message, and a `WriteEventsStream` holds at most
+//! `write-journal.stream-max-unacknowledged` requests; neither bounds what many calls hold
+//! together. Here every request body is read through a [`Metered`] body that follows the gRPC
+//! framing (a 5-byte prefix: a compression flag and the message's length, then the message). As
+//! soon as a message's prefix has arrived, before tonic allocates its buffer, the message's
+//! length is reserved from the budget. When the budget cannot cover it, the call fails at once
+//! with `UNAVAILABLE`, naming the setting: nothing of that message is read or written, so the
+//! client can retry it safely (the Rust client does, with backoff).
+//!
+//! Why fail instead of waiting for room: a request left unread keeps its data in the
+//! connection's shared HTTP/2 window, and the calls holding the budget on that connection may
+//! need that window to receive the rest of their own messages. Waiting could stall the
+//! connection for good.
+//!
+//! How long a message holds its bytes:
+//! - a unary call's, and a server-streaming call's request: until the handler has answered;
+//! - a `WriteEventsStream` request's: until its response is ready. The handler releases one
+//!   message per response with [`HeldMessages::release_oldest`]; it finds them in the request's
+//!   extensions;
+//! - any other stream of requests (reflection): only while it is being received.
+//!
+//! Not counted: what HTTP/2 buffers before a call reads it (at most the connection's window,
+//! 1 MiB, per connection), and the responses.
+
+use std::collections::VecDeque;
+use std::pin::Pin;
+use std::sync::{Arc, Mutex};
+use std::task::{Context, Poll, ready};
+
+use bytes::Bytes;
+use bytesize::ByteSize;
+use futures::future::BoxFuture;
+use http_body::{Body, Frame};
+use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tonic::Status;
+
+use crate::metrics::server as metrics;
+
+type BoxError = Box<dyn std::error::Error + Send + Sync>;
+
+/// The one method whose handler releases its messages itself, one per response.
+const RELEASED_BY_HANDLER: &str = "/eventjournal.v1.Journal/WriteEventsStream";
+
+/// Bytes of a gRPC message's prefix: the compression flag, then the length (big-endian u32).
+const PREFIX: usize = 5;
+
+/// The budget, shared by every call of the server.
+struct Budget {
+    permits: Arc<Semaphore>,
+    limit: u64,
+    /// `server.max-message-size`: a longer message is refused by tonic, with its own status,
+    /// before it allocates anything; it reserves nothing here.
+    max_message_size: u64,
+}
+
+impl Budget {
+    fn reserve(&self, bytes: u32) -> Result<Reservation, Status> {
+        match self.permits.clone().try_acquire_many_owned(bytes) {
+            Ok(permit) => {
+                metrics::REQUEST_MEMORY.add(i64::from(bytes));
+                Ok(Reservation {
+                    _permit: permit,
+                    bytes,
+                })
+            }
+            Err(_) => {
+                metrics::REQUEST_MEMORY_REFUSALS.inc();
+                let held = self
+                    .limit
+                    .saturating_sub(self.permits.available_permits() as u64);
+                tracing::debug!(bytes, held, "request refused: server.max-request-memory");
+                Err(Status::unavailable(format!(
+                    "the server holds {} of request messages and server.max-request-memory is \
+                     {}: no room for this message of {}. Nothing of it was read or written; \
+                     retrying is safe",
+                    ByteSize::b(held),
+                    ByteSize::b(self.limit),
+                    ByteSize::b(u64::from(bytes)),
+                )))
+            }
+        }
+    }
+}
+
+/// A message's share of the budget, given back when dropped.
+struct Reservation {
+    _permit: OwnedSemaphorePermit,
+    bytes: u32,
+}
+
+impl Drop for Reservation {
+    fn drop(&mut self) {
+        metrics::REQUEST_MEMORY.sub(i64::from(self.bytes));
+    }
+}
+
+/// The messages of one call that have been received and still hold their bytes, oldest first.
+#[derive(Clone, Default)]
+pub(crate) struct HeldMessages(Arc<Mutex<Held>>);
+
+#[derive(Default)]
+struct Held {
+    messages: VecDeque<Reservation>,
+    /// The call has been answered: messages received from now on do not stay held.
+    answered: bool,
+}
+
+impl HeldMessages {
+    fn lock(&self) -> std::sync::MutexGuard<'_, Held> {
+        // A panic while holding it cannot leave the queue inconsistent.
+        self.0
+            .lock()
+            .unwrap_or_else(|poisoned| poisoned.into_inner())
+    }
+
+    /// Gives back the bytes of the oldest message still held: a `WriteEventsStream` calls it
+    /// once per response.
+    pub(crate) fn release_oldest(&self) {
+        let released = self.lock().messages.pop_front();
+        drop(released);
+    }
+
+    fn keep(&self, message: Reservation) {
+        let mut held = self.lock();
+        if !held.answered {
+            held.messages.push_back(message);
+        }
+    }
+
+    fn answer(&self) {
+        let released = {
+            let mut held = self.lock();
+            held.answered = true;
+            std::mem::take(&mut held.messages)
+        };
+        drop(released);
+    }
+}
+
+/// Releases a call's messages when its handler has answered (or the call is dropped).
+struct Answered(HeldMessages);
+
+impl Drop for Answered {
+    fn drop(&mut self) {
+        self.0.answer();
+    }
+}
+
+/// The tower layer.
+#[derive(Clone)]
+pub struct RequestMemoryLayer {
+    budget: Arc<Budget>,
+}
+
+impl RequestMemoryLayer {
+    pub fn new(settings: &config::ServerSettings) -> Self {
+        let limit = settings
+            .max_request_memory
+            .as_u64()
+            .min(Semaphore::MAX_PERMITS as u64);
+        Self {
+            budget: Arc::new(Budget {
+                permits: Arc::new(Semaphore::new(limit as usize)),
+                limit,
+                max_message_size: settings.max_message_size.as_u64(),
+            }),
+        }
+    }
+}
+
+impl<S> tower::Layer<S> for RequestMemoryLayer {
+    type Service = RequestMemory<S>;
+
+    fn layer(&self, inner: S) -> Self::Service {
+        RequestMemory {
+            inner,
+            budget: self.budget.clone(),
+        }
+    }
+}
+
+#[derive(Clone)]
+pub struct RequestMemory<S> {
+    inner: S,
+    budget: Arc<Budget>,
+}
+
+impl<S, B, R> tower::Service<http::Request<B>> for RequestMemory<S>
+where
+    S: tower::Service<http::Request<tonic::body::Body>, Response = http::Response<R>>,
+    S::Future: Send + 'static,
+    S::Error: Send + 'static,
+    B: Body<Data = Bytes> + Unpin + Send + 'static,
+    B::Error: Into<BoxError>,
+    R: Send + 'static,
+{
+    type Response = S::Response;
+    type Error = S::Error;
+    type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
+
+    fn poll_ready(&mut self, context: &mut Context<'_>) -> Poll<Result<(), Self::Error>> {
+        self.inner.poll_ready(context)
+    }
+
+    fn call(&mut self, request: http::Request<B>) -> Self::Future {
+        let held = HeldMessages::default();
+        let released_by_handler = request.uri().path() == RELEASED_BY_HANDLER;
+        let (mut parts, body) = request.into_parts();
+        if released_by_handler {
+            parts.extensions.insert(held.clone());
+        }
+        let body = tonic::body::Body::new(Metered::new(body, self.budget.clone(), held.clone()));
+        let response = self.inner.call(http::Request::from_parts(parts, body));
+        if released_by_handler {
+            return Box::pin(response);
+        }
+        let answered = Answered(held);
+        Box::pin(async move {
+            let response = response.await;
+            drop(answered);
+            response
+        })
+    }
+}
+
+/// Where the reading of a request body is in the gRPC framing.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Framing {
+    /// `filled` bytes of a message's prefix have arrived.
+    Prefix { prefix: [u8; PREFIX], filled: usize },
+    /// `remaining` bytes of the current message are still to come.
+    Message { remaining: u64 },
+    /// A message over `max-message-size`: tonic ends the call on its prefix; the rest passes.
+    Unchecked,
+}
+
+impl Framing {
+    const START: Framing = Framing::Prefix {
+        prefix: [0; PREFIX],
+        filled: 0,
+    };
+}
+
+/// A request body that reserves each message's bytes from the budget as its prefix arrives.
+pub(crate) struct Metered<B> {
+    body: B,
+    budget: Arc<Budget>,
+    held: HeldMessages,
+    framing: Framing,
+    /// The reservation of the message being received.
+    receiving: Option<Reservation>,
+    /// A refusal to report once the data before it has been passed on.
+    refused: Option<Status>,
+    ended: bool,
+}
+
+impl<B> Metered<B> {
+    fn new(body: B, budget: Arc<Budget>, held: HeldMessages) -> Self {
+        Self {
+            body,
+            budget,
+            held,
+            framing: Framing::START,
+            receiving: None,
+            refused: None,
+            ended: false,
+        }
+    }
+
+    /// Follows the framing through `data`, reserving each message whose prefix completes. On a
+    /// refusal: how many bytes of `data` come before the refused message's prefix.
+    fn meter(&mut self, data: &[u8]) -> Result<(), (usize, Status)> {
+        let mut at = 0;
+        while at < data.len() {
+            match &mut self.framing {
+                Framing::Unchecked => return Ok(()),
+                Framing::Message { remaining } => {
+                    let taken = (*remaining).min((data.len() - at) as u64);
+                    *remaining -= taken;
+                    at += taken as usize;
+                    if *remaining == 0 {
+                        self.received();
+                    }
+                }
+                Framing::Prefix { prefix, filled } => {
+                    let taken = (PREFIX - *filled).min(data.len() - at);
+                    prefix[*filled..*filled + taken].copy_from_slice(&data[at..at + taken]);
+                    *filled += taken;
+                    at += taken;
+                    if *filled < PREFIX {
+                        continue;
+                    }
+                    let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+                    if u64::from(length) > self.budget.max_message_size {
+                        self.framing = Framing::Unchecked;
+                        continue;
+                    }
+                    let reservation = self
+                        .budget
+                        .reserve(length)
+                        .map_err(|status| (at.saturating_sub(PREFIX), status))?;
+                    self.receiving = Some(reservation);
+                    self.framing = Framing::Message {
+                        remaining: u64::from(length),
+                    };
+                    if length == 0 {
+                        self.received();
+                    }
+                }
+            }
+        }
+        Ok(())
+    }
+
+    /// The current message has arrived whole: it stays held as long as its call says.
+    fn received(&mut self) {
+        if let Some(message) = self.receiving.take() {
+            self.held.keep(message);
+        }
+        self.framing = Framing::START;
+    }
+}
+
+impl<B> Body for Metered<B>
+where
+    B: Body<Data = Bytes> + Unpin,
+    B::Error: Into<BoxError>,
+{
+    type Data = Bytes;
+    type Error = Status;
+
+    fn poll_frame(
+        self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let this = self.get_mut();
+        if let Some(status) = this.refused.take() {
+            this.ended = true;
+            return Poll::Ready(Some(Err(status)));
+        }
+        if this.ended {
+            return Poll::Ready(None);
+        }
+        let frame = match ready!(Pin::new(&mut this.body).poll_frame(context)) {
+            Some(Ok(frame)) => frame,
+            Some(Err(error)) => return Poll::Ready(Some(Err(Status::from_error(error.into())))),
+            None => {
+                this.ended = true;
+                this.receiving = None;
+                return Poll::Ready(None);
+            }
+        };
+        let mut data = match frame.into_data() {
+            Ok(data) => data,
+            Err(frame) => return Poll::Ready(Some(Ok(frame))),
+        };
+        match this.meter(&data) {
+            Ok(()) => Poll::Ready(Some(Ok(Frame::data(data)))),
+            // The messages before the refused one still reach the call (a stream answers them).
+            Err((before, status)) if before > 0 => {
+                this.refused = Some(status);
+                data.truncate(before);
+                Poll::Ready(Some(Ok(Frame::data(data))))
+            }
+            Err((_, status)) => {
+                this.ended = true;
+                Poll::Ready(Some(Err(status)))
+            }
+        }
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.refused.is_none() && (self.ended || self.body.is_end_stream())
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        if self.ended || self.refused.is_some() {
+            return http_body::SizeHint::default();
+        }
+        self.body.size_hint()
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn budget(limit: u64) -> Arc<Budget> {
+        Arc::new(Budget {
+            permits: Arc::new(Semaphore::new(limit as usize)),
+            limit,
+            max_message_size: 1_000,
+        })
+    }
+
+    fn message(length: usize) -> Vec<u8> {
+        let mut framed = vec![0];
+        framed.extend_from_slice(&(length as u32).to_be_bytes());
+        framed.extend(std::iter::repeat_n(7, length));
+        framed
+    }
+
+    fn available(budget: &Budget) -> usize {
+        budget.permits.available_permits()
+    }
+
+    /// A body on `budget`, and its call's held messages.
+    fn metered(budget: &Arc<Budget>) -> (Metered<()>, HeldMessages) {
+        let held = HeldMessages::default();
+        (Metered::new((), budget.clone(), held.clone()), held)
+    }
+
+    #[test]
+    fn a_message_reserves_its_length_as_its_prefix_arrives_in_any_cut() {
+        let framed = [message(10), message(0), message(20)].concat();
+        // Every way of cutting the bytes into two chunks meters the same.
+        for cut in 0..=framed.len() {
+            let budget = budget(100);
+            let (mut body, held) = metered(&budget);
+            body.meter(&framed[..cut]).unwrap();
+            body.meter(&framed[cut..]).unwrap();
+            assert_eq!(available(&budget), 70, "cut at {cut}");
+            assert_eq!(held.lock().messages.len(), 3, "cut at {cut}");
+            assert_eq!(body.framing, Framing::START);
+            held.release_oldest();
+            assert_eq!(available(&budget), 80);
+            held.answer();
+            assert_eq!(available(&budget), 100);
+        }
+    }
+
+    #[test]
+    fn a_message_being_received_holds_its_bytes_until_it_ends_or_the_body_goes() {
+        let budget = budget(100);
+        let (mut body, held) = metered(&budget);
+        let framed = message(40);
+        body.meter(&framed[..PREFIX + 1]).unwrap();
+        assert_eq!(available(&budget), 60, "reserved on the prefix");
+        assert!(held.lock().messages.is_empty(), "not whole yet");
+        drop(body);
+        assert_eq!(available(&budget), 100);
+    }
+
+    #[test]
+    fn a_message_the_budget_cannot_cover_is_refused_after_the_ones_before_it() {
+        let budget = budget(50);
+        let (mut body, _held) = metered(&budget);
+        let first = message(30);
+        let framed = [first.clone(), message(30)].concat();
+        let (before, status) = body.meter(&framed).unwrap_err();
+        assert_eq!(before, first.len(), "the first message passes whole");
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("server.max-request-memory"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(available(&budget), 20, "the first stays held");
+        // A refused prefix cut over two chunks: nothing of the second chunk passes.
+        let (mut body, _) = metered(&budget);
+        let second = message(30);
+        body.meter(&second[..3]).unwrap();
+        let (before, _) = body.meter(&second[3..]).unwrap_err();
+        assert_eq!(before, 0);
+    }
+
+    #[test]
+    fn a_message_over_the_size_limit_reserves_nothing_and_is_left_to_tonic() {
+        let budget = budget(100);
+        let (mut body, _) = metered(&budget);
+        body.meter(&message(5_000)).unwrap();
+        assert_eq!(available(&budget), 100);
+        assert_eq!(body.framing, Framing::Unchecked);
+    }
+
+    #[test]
+    fn messages_received_after_the_answer_are_not_held() {
+        let budget = budget(100);
+        let (mut body, held) = metered(&budget);
+        held.answer();
+        body.meter(&message(10)).unwrap();
+        assert_eq!(available(&budget), 100);
+    }
+}
