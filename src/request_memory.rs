@@ -8,7 +8,8 @@
 //! soon as a message's prefix has arrived, before tonic allocates its buffer, the message's
 //! length is reserved from the budget. When the budget cannot cover it, the call fails at once
 //! with `UNAVAILABLE`, naming the setting: nothing of that message is read or written, so the
-//! client can retry it safely (the Rust client does, with backoff).
+//! client can retry it safely (the Rust client does, with backoff). The client's body is dropped
+//! then, so HTTP/2 discards what it still sends.
 //!
 //! Why fail instead of waiting for room: a request left unread keeps its data in the
 //! connection's shared HTTP/2 window, and the calls holding the budget on that connection may
@@ -16,14 +17,21 @@
 //! connection for good.
 //!
 //! How long a message holds its bytes:
-//! - a unary call's, and a server-streaming call's request: until the handler has answered;
+//! - a unary call's, and a server-streaming call's request: until the handler has answered, or
+//!   the call is cancelled;
 //! - a `WriteEventsStream` request's: until its response is ready. The handler releases one
 //!   message per response with [`HeldMessages::release_oldest`]; it finds them in the request's
-//!   extensions;
-//! - any other stream of requests (reflection): only while it is being received.
+//!   extensions. A refusal ends the stream after the requests read before it are answered;
+//! - any other stream of requests (reflection): only while it is being received. Reflection
+//!   ends its stream quietly (OK) on a refused message, as on any error of its input.
 //!
-//! Not counted: what HTTP/2 buffers before a call reads it (at most the connection's window,
-//! 1 MiB, per connection), and the responses.
+//! What the budget does not count: what HTTP/2 buffers before a call reads it (at most the
+//! connection's window, 1 MiB, per connection); the copies a message is made into while it is
+//! handled (the decoded request, its BSON documents, the driver's command: together two to four
+//! times its size); the responses; and writes that reached MongoDB before their call was
+//! cancelled (the call's bytes are free again at once). A client that sends a message's prefix
+//! and then stalls holds that message's bytes until the rest arrives, the call is cancelled, or
+//! its connection fails the keep-alive pings (`server.keep-alive-interval`).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -47,12 +55,16 @@ const RELEASED_BY_HANDLER: &str = "/eventjournal.v1.Journal/WriteEventsStream";
 /// Bytes of a gRPC message's prefix: the compression flag, then the length (big-endian u32).
 const PREFIX: usize = 5;
 
+/// tonic's limit for a message received, for the services the server does not give
+/// `server.max-message-size` (health, reflection, the read journal, backups).
+const TONIC_DEFAULT_MAX_MESSAGE_SIZE: u64 = 4 << 20;
+
 /// The budget, shared by every call of the server.
 struct Budget {
     permits: Arc<Semaphore>,
     limit: u64,
-    /// `server.max-message-size`: a longer message is refused by tonic, with its own status,
-    /// before it allocates anything; it reserves nothing here.
+    /// The largest message any service takes: a longer one is refused by tonic's decoder, with
+    /// its own status, on its prefix and before it allocates anything; it reserves nothing.
     max_message_size: u64,
 }
 
@@ -165,7 +177,10 @@ impl RequestMemoryLayer {
             budget: Arc::new(Budget {
                 permits: Arc::new(Semaphore::new(limit as usize)),
                 limit,
-                max_message_size: settings.max_message_size.as_u64(),
+                max_message_size: settings
+                    .max_message_size
+                    .as_u64()
+                    .max(TONIC_DEFAULT_MAX_MESSAGE_SIZE),
             }),
         }
     }
@@ -233,7 +248,8 @@ enum Framing {
     Prefix { prefix: [u8; PREFIX], filled: usize },
     /// `remaining` bytes of the current message are still to come.
     Message { remaining: u64 },
-    /// A message over `max-message-size`: tonic ends the call on its prefix; the rest passes.
+    /// A message over every service's limit: tonic ends the call on its prefix; the rest
+    /// passes.
     Unchecked,
 }
 
@@ -246,7 +262,10 @@ impl Framing {
 
 /// A request body that reserves each message's bytes from the budget as its prefix arrives.
 pub(crate) struct Metered<B> {
-    body: B,
+    /// The client's body; dropped once it has ended, failed or been refused, so that HTTP/2
+    /// stops keeping what the client still sends (and the connection's window is free for the
+    /// other calls on it) while the call finishes.
+    body: Option<B>,
     budget: Arc<Budget>,
     held: HeldMessages,
     framing: Framing,
@@ -254,20 +273,24 @@ pub(crate) struct Metered<B> {
     receiving: Option<Reservation>,
     /// A refusal to report once the data before it has been passed on.
     refused: Option<Status>,
-    ended: bool,
 }
 
 impl<B> Metered<B> {
     fn new(body: B, budget: Arc<Budget>, held: HeldMessages) -> Self {
         Self {
-            body,
+            body: Some(body),
             budget,
             held,
             framing: Framing::START,
             receiving: None,
             refused: None,
-            ended: false,
         }
+    }
+
+    /// Nothing more is read from the client.
+    fn finish(&mut self) {
+        self.body = None;
+        self.receiving = None;
     }
 
     /// Follows the framing through `data`, reserving each message whose prefix completes. On a
@@ -338,18 +361,19 @@ where
     ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
         let this = self.get_mut();
         if let Some(status) = this.refused.take() {
-            this.ended = true;
             return Poll::Ready(Some(Err(status)));
         }
-        if this.ended {
+        let Some(body) = this.body.as_mut() else {
             return Poll::Ready(None);
-        }
-        let frame = match ready!(Pin::new(&mut this.body).poll_frame(context)) {
+        };
+        let frame = match ready!(Pin::new(body).poll_frame(context)) {
             Some(Ok(frame)) => frame,
-            Some(Err(error)) => return Poll::Ready(Some(Err(Status::from_error(error.into())))),
+            Some(Err(error)) => {
+                this.finish();
+                return Poll::Ready(Some(Err(Status::from_error(error.into()))));
+            }
             None => {
-                this.ended = true;
-                this.receiving = None;
+                this.finish();
                 return Poll::Ready(None);
             }
         };
@@ -357,30 +381,28 @@ where
             Ok(data) => data,
             Err(frame) => return Poll::Ready(Some(Ok(frame))),
         };
-        match this.meter(&data) {
-            Ok(()) => Poll::Ready(Some(Ok(Frame::data(data)))),
-            // The messages before the refused one still reach the call (a stream answers them).
-            Err((before, status)) if before > 0 => {
-                this.refused = Some(status);
-                data.truncate(before);
-                Poll::Ready(Some(Ok(Frame::data(data))))
-            }
-            Err((_, status)) => {
-                this.ended = true;
-                Poll::Ready(Some(Err(status)))
-            }
+        let Err((before, status)) = this.meter(&data) else {
+            return Poll::Ready(Some(Ok(Frame::data(data))));
+        };
+        this.finish();
+        if before == 0 {
+            return Poll::Ready(Some(Err(status)));
         }
+        // The messages before the refused one still reach the call (a stream answers them).
+        this.refused = Some(status);
+        data.truncate(before);
+        Poll::Ready(Some(Ok(Frame::data(data))))
     }
 
     fn is_end_stream(&self) -> bool {
-        self.refused.is_none() && (self.ended || self.body.is_end_stream())
+        self.refused.is_none() && self.body.as_ref().is_none_or(B::is_end_stream)
     }
 
     fn size_hint(&self) -> http_body::SizeHint {
-        if self.ended || self.refused.is_some() {
-            return http_body::SizeHint::default();
+        match &self.body {
+            Some(body) => body.size_hint(),
+            None => http_body::SizeHint::with_exact(0),
         }
-        self.body.size_hint()
     }
 }
 
@@ -474,6 +496,59 @@ mod tests {
         body.meter(&message(5_000)).unwrap();
         assert_eq!(available(&budget), 100);
         assert_eq!(body.framing, Framing::Unchecked);
+    }
+
+    /// A client's body: these chunks, then its end; says when it is dropped.
+    struct Chunks(VecDeque<Bytes>, Arc<std::sync::atomic::AtomicBool>);
+
+    impl Body for Chunks {
+        type Data = Bytes;
+        type Error = Status;
+
+        fn poll_frame(
+            mut self: Pin<&mut Self>,
+            _: &mut Context<'_>,
+        ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+            Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+        }
+    }
+
+    impl Drop for Chunks {
+        fn drop(&mut self) {
+            self.1.store(true, std::sync::atomic::Ordering::SeqCst);
+        }
+    }
+
+    #[test]
+    fn the_body_passes_the_messages_before_a_refusal_then_fails_and_lets_the_client_go() {
+        let budget = budget(50);
+        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let first = message(30);
+        let chunk = Bytes::from([first.clone(), message(30), message(1)].concat());
+        let client = Chunks(VecDeque::from([chunk]), dropped.clone());
+        let mut body = Metered::new(client, budget.clone(), HeldMessages::default());
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        let mut poll = |body: &mut Metered<Chunks>| match Pin::new(body).poll_frame(&mut context) {
+            Poll::Ready(Some(Ok(frame))) => Ok(Some(frame.into_data().unwrap())),
+            Poll::Ready(Some(Err(status))) => Err(status),
+            Poll::Ready(None) => Ok(None),
+            Poll::Pending => panic!("the test body is always ready"),
+        };
+        assert_eq!(
+            poll(&mut body).unwrap().unwrap(),
+            first,
+            "the first message, whole"
+        );
+        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(!body.is_end_stream(), "the refusal is still to come");
+        assert_eq!(
+            poll(&mut body).unwrap_err().code(),
+            tonic::Code::Unavailable
+        );
+        assert!(body.is_end_stream());
+        assert_eq!(body.size_hint().exact(), Some(0));
+        assert_eq!(poll(&mut body).unwrap(), None);
+        assert_eq!(available(&budget), 20, "the first message stays held");
     }
 
     #[test]

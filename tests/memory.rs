@@ -202,7 +202,12 @@ async fn a_burst_of_large_requests_is_held_to_the_server_budget() {
     let mut peak = before;
     let (mut written, mut refused) = (Vec::new(), Vec::new());
     let mut unblocked = false;
+    let deadline = tokio::time::Instant::now() + Duration::from_secs(60);
     while written.len() + refused.len() < BURST {
+        assert!(
+            tokio::time::Instant::now() < deadline,
+            "answered within 60 s: {written:?} written, {refused:?} refused"
+        );
         let answer = tokio::time::timeout(Duration::from_millis(50), calls.next()).await;
         peak = peak.max(server.resident_bytes());
         let Ok(Some((n, answer))) = answer else {

@@ -354,14 +354,9 @@ async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_
     })
     .await;
     let mut client = server.journal().await;
-    // MongoDB holds this server's inserts for 2 s: the requests read stay held meanwhile.
-    fail_next(
-        APP,
-        100,
-        "insert",
-        doc! { "blockConnection": true, "blockTimeMS": 2_000 },
-    )
-    .await;
+    // MongoDB holds this server's first insert for 8 s: the requests read stay held meanwhile
+    // (one id's batches go one at a time).
+    hold_next(APP, "insert", 8_000).await;
     // 600 KiB each: three fit in the 2 MiB, the fourth does not.
     let requests = (1..=5).map(|sequence_nr| large("p", sequence_nr, 600 << 10));
     let mut responses = client
@@ -369,6 +364,16 @@ async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_
         .await
         .unwrap()
         .into_inner();
+    // While the stream waits for MongoDB, the client goes on sending the refused request and
+    // the next: the server discards them, and another call on the connection is not held up
+    // behind them (kept, they would fill the connection's 1 MiB HTTP/2 window).
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    let mut other = client.clone();
+    let other_call = tokio::time::timeout(Duration::from_secs(4), highest(&mut other, "other"));
+    assert_eq!(
+        other_call.await.expect("another call answered meanwhile"),
+        0
+    );
     for sequence_nr in 1..=3 {
         let response = tokio::time::timeout(Duration::from_secs(30), responses.message())
             .await

@@ -154,6 +154,16 @@ fn producer_group(metadata: &tonic::metadata::MetadataMap) -> Result<Option<u64>
         })
 }
 
+/// The stream's next request; none once its inbound side has been dropped.
+async fn next_request(
+    inbound: &mut Option<Streaming<pb::WriteEventsRequest>>,
+) -> Result<Option<pb::WriteEventsRequest>, Status> {
+    match inbound {
+        Some(inbound) => inbound.message().await,
+        None => Ok(None),
+    }
+}
+
 /// Tells the journal that a `WriteEventsStream` has ended, when dropped.
 struct StreamClosed<'a>(&'a Journal, Origin);
 
@@ -190,7 +200,9 @@ impl pb::journal_server::Journal for JournalService {
     ) -> Result<Response<Self::WriteEventsStreamStream>, Status> {
         // The requests' bytes stay counted against server.max-request-memory until answered.
         let held = request.extensions().get::<HeldMessages>().cloned();
-        let mut inbound = request.into_inner();
+        // Dropped when reading ends early, so HTTP/2 discards what the client still sends
+        // instead of holding the connection's window while the requests read are answered.
+        let mut inbound = Some(request.into_inner());
         let origin = Origin::stream();
         let journal = self.journal.clone();
         let max_unacknowledged = self.stream_max_unacknowledged;
@@ -221,7 +233,7 @@ impl pb::journal_server::Journal for JournalService {
                     }
                     // Past the limit the request is left unread: HTTP/2 flow control then
                     // stops the client, and the server holds at most this many requests.
-                    message = inbound.message(), if reading && unanswered.len() < max_unacknowledged => {
+                    message = next_request(&mut inbound), if reading && unanswered.len() < max_unacknowledged => {
                         match message {
                             Ok(Some(request)) => {
                                 let received = request.responses_received.unwrap_or(0);
@@ -245,6 +257,7 @@ impl pb::journal_server::Journal for JournalService {
                             Ok(None) => reading = false,
                             Err(status) => {
                                 reading = false;
+                                inbound = None;
                                 read_failure = Some(status);
                             }
                         }
