@@ -21,7 +21,9 @@
 //!   the call is cancelled;
 //! - a `WriteEventsStream` request's: until its response is ready. The handler releases one
 //!   message per response with [`HeldMessages::release_oldest`]; it finds them in the request's
-//!   extensions. A refusal ends the stream after the requests read before it are answered;
+//!   extensions. It reads ahead only while its requests hold less than
+//!   [`stream_share`] of the budget, so one stream cannot take it all. A refusal ends the
+//!   stream after the requests read before it are answered;
 //! - any other stream of requests (reflection): only while it is being received. Reflection
 //!   ends its stream quietly (OK) on a refused message, as on any error of its input.
 //!
@@ -109,6 +111,12 @@ impl Drop for Reservation {
     }
 }
 
+/// How much of the budget one `WriteEventsStream` may hold before it stops reading ahead: a
+/// quarter. It may go over by one request, and always reads when nothing of it is unanswered.
+pub(crate) fn stream_share(settings: &config::ServerSettings) -> u64 {
+    settings.max_request_memory.as_u64() / 4
+}
+
 /// The messages of one call that have been received and still hold their bytes, oldest first.
 #[derive(Clone, Default)]
 pub(crate) struct HeldMessages(Arc<Mutex<Held>>);
@@ -116,6 +124,8 @@ pub(crate) struct HeldMessages(Arc<Mutex<Held>>);
 #[derive(Default)]
 struct Held {
     messages: VecDeque<Reservation>,
+    /// Their bytes.
+    bytes: u64,
     /// The call has been answered: messages received from now on do not stay held.
     answered: bool,
 }
@@ -131,13 +141,26 @@ impl HeldMessages {
     /// Gives back the bytes of the oldest message still held: a `WriteEventsStream` calls it
     /// once per response.
     pub(crate) fn release_oldest(&self) {
-        let released = self.lock().messages.pop_front();
+        let released = {
+            let mut held = self.lock();
+            let released = held.messages.pop_front();
+            held.bytes -= released
+                .as_ref()
+                .map_or(0, |message| u64::from(message.bytes));
+            released
+        };
         drop(released);
+    }
+
+    /// The bytes of the messages held.
+    pub(crate) fn bytes(&self) -> u64 {
+        self.lock().bytes
     }
 
     fn keep(&self, message: Reservation) {
         let mut held = self.lock();
         if !held.answered {
+            held.bytes += u64::from(message.bytes);
             held.messages.push_back(message);
         }
     }
@@ -146,6 +169,7 @@ impl HeldMessages {
         let released = {
             let mut held = self.lock();
             held.answered = true;
+            held.bytes = 0;
             std::mem::take(&mut held.messages)
         };
         drop(released);
@@ -446,9 +470,10 @@ mod tests {
             body.meter(&framed[cut..]).unwrap();
             assert_eq!(available(&budget), 70, "cut at {cut}");
             assert_eq!(held.lock().messages.len(), 3, "cut at {cut}");
+            assert_eq!(held.bytes(), 30, "cut at {cut}");
             assert_eq!(body.framing, Framing::START);
             held.release_oldest();
-            assert_eq!(available(&budget), 80);
+            assert_eq!((available(&budget), held.bytes()), (80, 20));
             held.answer();
             assert_eq!(available(&budget), 100);
         }

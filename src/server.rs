@@ -111,7 +111,7 @@ pub async fn run(
         .add_service(reflection_v1)
         .add_service(reflection_v1alpha)
         .add_service(
-            JournalServer::new(JournalService::new(journal, &settings.write_journal))
+            JournalServer::new(JournalService::new(journal, &settings))
                 .max_decoding_message_size(max_message_size)
                 .max_encoding_message_size(max_message_size),
         )

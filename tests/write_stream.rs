@@ -14,6 +14,7 @@ use futures::StreamExt;
 use mongodb::bson::doc;
 use proto::v1 as pb;
 use proto::v1::atomic_write_result::Outcome;
+use tokio::task::JoinHandle;
 
 fn request(writes: Vec<pb::AtomicWrite>) -> pb::WriteEventsRequest {
     pb::WriteEventsRequest {
@@ -344,23 +345,58 @@ async fn an_answered_request_gives_its_bytes_back_to_the_server_budget() {
     }
 }
 
-#[tokio::test]
-async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_it_are_answered() {
-    const APP: &str = "stream_budget_refused";
-    let _failpoint = failpoint_turn().await;
-    let server = TestServer::start_with(APP, |settings| {
+/// Writes `pid`'s event 1 of `bytes` payload bytes in a unary call on a connection of its own;
+/// the call holds its bytes of the server's budget until answered.
+fn unary_large(server: &TestServer, pid: &'static str, bytes: usize) -> JoinHandle<Vec<Outcome>> {
+    let url = server.url();
+    tokio::spawn(async move {
+        let channel = tonic::transport::Channel::from_shared(url)
+            .unwrap()
+            .connect()
+            .await
+            .unwrap();
+        let mut client = proto::v1::journal_client::JournalClient::new(channel);
+        write(&mut client, large(pid, 1, bytes).writes).await
+    })
+}
+
+/// A server on the small budget whose inserts MongoDB holds for `millis` each.
+async fn server_with_inserts_held(app: &str, millis: i32) -> TestServer {
+    let server = TestServer::start_with(app, |settings| {
         small_budget(settings);
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+        settings.mongodb.uri = format!("{}&appName={app}", mongodb_uri());
     })
     .await;
+    fail_next(
+        app,
+        100,
+        "insert",
+        doc! { "blockConnection": true, "blockTimeMS": millis },
+    )
+    .await;
+    server
+}
+
+#[tokio::test]
+async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_it_are_answered() {
+    let _failpoint = failpoint_turn().await;
+    // What the server reads stays held while MongoDB holds its inserts, 8 s.
+    let server = server_with_inserts_held("stream_budget_refused", 8_000).await;
+    // Two unary writes take 1.6 MiB of the 2 MiB.
+    let unary = [
+        unary_large(&server, "a", 800 << 10),
+        unary_large(&server, "b", 800 << 10),
+    ];
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // On a stream, request 1 (100 KiB) fits; request 2 (600 KiB) does not.
     let mut client = server.journal().await;
-    // MongoDB holds this server's first insert for 8 s: the requests read stay held meanwhile
-    // (one id's batches go one at a time).
-    hold_next(APP, "insert", 8_000).await;
-    // 600 KiB each: three fit in the 2 MiB, the fourth does not.
-    let requests = (1..=5).map(|sequence_nr| large("p", sequence_nr, 600 << 10));
+    let requests = vec![
+        large("p", 1, 100 << 10),
+        large("p", 2, 600 << 10),
+        large("p", 3, 600 << 10),
+    ];
     let mut responses = client
-        .write_events_stream(tokio_stream::iter(requests.collect::<Vec<_>>()))
+        .write_events_stream(tokio_stream::iter(requests))
         .await
         .unwrap()
         .into_inner();
@@ -374,18 +410,16 @@ async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_
         other_call.await.expect("another call answered meanwhile"),
         0
     );
-    for sequence_nr in 1..=3 {
-        let response = tokio::time::timeout(Duration::from_secs(30), responses.message())
-            .await
-            .expect("a response within 30 s")
-            .unwrap_or_else(|status| panic!("request {sequence_nr}: {status:?}"))
-            .expect("a response");
-        assert_eq!(outcomes(&response), ["written"], "request {sequence_nr}");
-    }
+    let first = tokio::time::timeout(Duration::from_secs(30), responses.message())
+        .await
+        .expect("a response within 30 s")
+        .unwrap_or_else(|status| panic!("request 1: {status:?}"))
+        .expect("a response");
+    assert_eq!(outcomes(&first), ["written"]);
     let refused = tokio::time::timeout(Duration::from_secs(30), responses.message())
         .await
         .expect("the stream ends within 30 s")
-        .expect_err("the fourth request does not fit");
+        .expect_err("request 2 does not fit");
     assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
     assert!(
         refused
@@ -395,9 +429,45 @@ async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_
         "{refused:?}"
     );
     failpoint_off().await;
-    // Stored: the three answered, nothing of the refused one; it can be sent again.
+    for call in unary {
+        assert!(call.await.unwrap().iter().all(is_written));
+    }
+    // Stored: the request answered, nothing of the refused one; it can be sent again.
     let (events, highest) = replay(&mut client, "p", 1, None, None).await;
-    assert_eq!((sequence_nrs(&events), highest), (vec![1, 2, 3], 3));
+    assert_eq!((sequence_nrs(&events), highest), (vec![1], 1));
     let mut again = Conversation::open(&mut client).await;
-    assert_eq!(again.ask(large("p", 4, 600 << 10)).await, ["written"]);
+    assert_eq!(again.ask(large("p", 2, 600 << 10)).await, ["written"]);
+}
+
+#[tokio::test]
+async fn one_stream_does_not_take_the_whole_server_budget() {
+    let _failpoint = failpoint_turn().await;
+    let server = server_with_inserts_held("stream_budget_share", 6_000).await;
+    // A stream of 300 KiB requests reads ahead only while it holds less than a quarter of the
+    // 2 MiB: two, 600 KiB (without that, all five: 1.5 MiB).
+    let mut client = server.journal().await;
+    let requests = (1..=5).map(|sequence_nr| large("p", sequence_nr, 300 << 10));
+    let mut responses = client
+        .write_events_stream(tokio_stream::iter(requests.collect::<Vec<_>>()))
+        .await
+        .unwrap()
+        .into_inner();
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    // So a unary write of 900 KiB still fits.
+    let unary = unary_large(&server, "q", 900 << 10);
+    tokio::time::sleep(Duration::from_secs(1)).await;
+    failpoint_off().await;
+    let unary = tokio::time::timeout(Duration::from_secs(30), unary)
+        .await
+        .expect("answered within 30 s")
+        .expect("not refused: the stream holds at most a quarter of the budget and one request");
+    assert!(unary.iter().all(is_written));
+    for sequence_nr in 1..=5 {
+        let response = tokio::time::timeout(Duration::from_secs(30), responses.message())
+            .await
+            .expect("a response within 30 s")
+            .unwrap_or_else(|status| panic!("request {sequence_nr}: {status:?}"))
+            .expect("a response");
+        assert_eq!(outcomes(&response), ["written"], "request {sequence_nr}");
+    }
 }

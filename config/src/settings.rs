@@ -309,7 +309,9 @@ pub struct ServerSettings {
     /// connections: messages being received and decoded, waiting in their call's handler, or
     /// read from a `WriteEventsStream` and not answered yet. A message the budget cannot cover
     /// fails its call at once with UNAVAILABLE (nothing of it is read or written), so a burst
-    /// of large requests cannot exhaust the server's memory. At least `max_message_size`.
+    /// of large requests cannot exhaust the server's memory. One `WriteEventsStream` reads
+    /// ahead only while its unanswered requests hold less than a quarter of it. At least
+    /// `max_message_size`.
     pub max_request_memory: ByteSize,
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
     #[serde(with = "humantime_serde")]

@@ -26,13 +26,17 @@ pub(crate) struct JournalService {
     journal: Journal,
     /// `WriteEventsStream`: requests read and not yet answered, per stream.
     stream_max_unacknowledged: usize,
+    /// `WriteEventsStream`: a stream whose unanswered requests hold this many bytes of
+    /// `server.max-request-memory` stops reading ahead.
+    stream_max_held_bytes: u64,
 }
 
 impl JournalService {
-    pub(crate) fn new(journal: Journal, settings: &config::WriteJournalSettings) -> Self {
+    pub(crate) fn new(journal: Journal, settings: &config::Settings) -> Self {
         Self {
             journal,
-            stream_max_unacknowledged: settings.stream_max_unacknowledged as usize,
+            stream_max_unacknowledged: settings.write_journal.stream_max_unacknowledged as usize,
+            stream_max_held_bytes: crate::request_memory::stream_share(&settings.server),
         }
     }
 }
@@ -206,6 +210,12 @@ impl pb::journal_server::Journal for JournalService {
         let origin = Origin::stream();
         let journal = self.journal.clone();
         let max_unacknowledged = self.stream_max_unacknowledged;
+        let max_held_bytes = self.stream_max_held_bytes;
+        // Whether the requests read hold little enough of the server's budget to read another.
+        let room = move |held: &Option<HeldMessages>| {
+            held.as_ref()
+                .is_none_or(|held| held.bytes() < max_held_bytes)
+        };
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let producer = async move {
             // Its failures stop nothing once it has ended, however it ends.
@@ -231,9 +241,12 @@ impl pb::journal_server::Journal for JournalService {
                         }
                         sent += 1;
                     }
-                    // Past the limit the request is left unread: HTTP/2 flow control then
-                    // stops the client, and the server holds at most this many requests.
-                    message = next_request(&mut inbound), if reading && unanswered.len() < max_unacknowledged => {
+                    // Past the limits the request is left unread: HTTP/2 flow control then
+                    // stops the client, and the server holds at most this many requests, and
+                    // (but for one) this much of its request budget.
+                    message = next_request(&mut inbound), if reading
+                        && unanswered.len() < max_unacknowledged
+                        && (unanswered.is_empty() || room(&held)) => {
                         match message {
                             Ok(Some(request)) => {
                                 let received = request.responses_received.unwrap_or(0);
