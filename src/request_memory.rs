@@ -14,7 +14,9 @@
 //! Why fail instead of waiting for room: a request left unread keeps its data in the
 //! connection's shared HTTP/2 window, and the calls holding the budget on that connection may
 //! need that window to receive the rest of their own messages. Waiting could stall the
-//! connection for good.
+//! connection for good. A `WriteEventsStream` that stops reading ahead (below) holds its own
+//! HTTP/2 window in the same way, which can hold up the other calls on its connection, but
+//! only until its answers come from MongoDB: it waits on nothing else.
 //!
 //! How long a message holds its bytes:
 //! - a unary call's, and a server-streaming call's request: until the handler has answered, or
@@ -112,7 +114,9 @@ impl Drop for Reservation {
 }
 
 /// How much of the budget one `WriteEventsStream` may hold before it stops reading ahead: a
-/// quarter. It may go over by one request, and always reads when nothing of it is unanswered.
+/// quarter. It may go over by the request that crosses it and one whose length has arrived
+/// with it (and small ones that came whole in the same HTTP/2 frame), and it always reads when
+/// nothing of it is unanswered.
 pub(crate) fn stream_share(settings: &config::ServerSettings) -> u64 {
     settings.max_request_memory.as_u64() / 4
 }

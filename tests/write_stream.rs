@@ -377,17 +377,46 @@ async fn server_with_inserts_held(app: &str, millis: i32) -> TestServer {
     server
 }
 
+/// Waits until MongoDB holds an insert into `server`'s journal (the `failCommand` hold of
+/// `app_name`): the writes in it are still waiting for their answer.
+async fn wait_for_held_insert(server: &TestServer, app_name: &str) {
+    let journal = server.settings.mongodb.collections.journal.clone();
+    let admin = mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin");
+    let held = || async {
+        let pipeline = [
+            doc! { "$currentOp": { "allUsers": true } },
+            doc! { "$match": { "appName": app_name, "command.insert": &journal } },
+        ];
+        let mut operations = admin.aggregate(pipeline).await.unwrap();
+        operations.next().await.is_some()
+    };
+    wait_until("MongoDB holds the insert", Duration::from_secs(30), held).await;
+}
+
 #[tokio::test]
 async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_it_are_answered() {
+    const APP: &str = "stream_budget_refused";
     let _failpoint = failpoint_turn().await;
-    // What the server reads stays held while MongoDB holds its inserts, 8 s.
-    let server = server_with_inserts_held("stream_budget_refused", 8_000).await;
-    // Two unary writes take 1.6 MiB of the 2 MiB.
-    let unary = [
-        unary_large(&server, "a", 800 << 10),
-        unary_large(&server, "b", 800 << 10),
-    ];
-    tokio::time::sleep(Duration::from_secs(1)).await;
+    let server = TestServer::start_with(APP, |settings| {
+        settings.server.max_message_size = bytesize::ByteSize::mib(1);
+        settings.server.max_request_memory = bytesize::ByteSize::kib(1536);
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    })
+    .await;
+    // MongoDB holds this server's inserts for 8 s: the writes read stay held meanwhile.
+    fail_next(
+        APP,
+        100,
+        "insert",
+        doc! { "blockConnection": true, "blockTimeMS": 8_000 },
+    )
+    .await;
+    // A unary write takes 900 KiB of the 1.5 MiB.
+    let unary = unary_large(&server, "a", 900 << 10);
+    wait_for_held_insert(&server, APP).await;
     // On a stream, request 1 (100 KiB) fits; request 2 (600 KiB) does not.
     let mut client = server.journal().await;
     let requests = vec![
@@ -424,14 +453,12 @@ async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_
     assert!(
         refused
             .message()
-            .contains("server.max-request-memory is 2.0 MiB")
+            .contains("server.max-request-memory is 1.5 MiB")
             && refused.message().contains("retrying is safe"),
         "{refused:?}"
     );
     failpoint_off().await;
-    for call in unary {
-        assert!(call.await.unwrap().iter().all(is_written));
-    }
+    assert!(unary.await.unwrap().iter().all(is_written));
     // Stored: the request answered, nothing of the refused one; it can be sent again.
     let (events, highest) = replay(&mut client, "p", 1, None, None).await;
     assert_eq!((sequence_nrs(&events), highest), (vec![1], 1));

@@ -243,7 +243,7 @@ impl pb::journal_server::Journal for JournalService {
                     }
                     // Past the limits the request is left unread: HTTP/2 flow control then
                     // stops the client, and the server holds at most this many requests, and
-                    // (but for one) this much of its request budget.
+                    // about this much of its request budget (see `stream_share`).
                     message = next_request(&mut inbound), if reading
                         && unanswered.len() < max_unacknowledged
                         && (unanswered.is_empty() || room(&held)) => {
