@@ -360,10 +360,16 @@ fn unary_large(server: &TestServer, pid: &'static str, bytes: usize) -> JoinHand
     })
 }
 
-/// A server on the small budget whose inserts MongoDB holds for `millis` each.
-async fn server_with_inserts_held(app: &str, millis: i32) -> TestServer {
+/// A server with messages of at most 1 MiB and a request budget of `budget`, whose inserts
+/// MongoDB holds for `millis` each.
+async fn server_with_inserts_held(
+    app: &str,
+    budget: bytesize::ByteSize,
+    millis: i32,
+) -> TestServer {
     let server = TestServer::start_with(app, |settings| {
         small_budget(settings);
+        settings.server.max_request_memory = budget;
         settings.mongodb.uri = format!("{}&appName={app}", mongodb_uri());
     })
     .await;
@@ -400,20 +406,8 @@ async fn wait_for_held_insert(server: &TestServer, app_name: &str) {
 async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_it_are_answered() {
     const APP: &str = "stream_budget_refused";
     let _failpoint = failpoint_turn().await;
-    let server = TestServer::start_with(APP, |settings| {
-        settings.server.max_message_size = bytesize::ByteSize::mib(1);
-        settings.server.max_request_memory = bytesize::ByteSize::kib(1536);
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
-    })
-    .await;
-    // MongoDB holds this server's inserts for 8 s: the writes read stay held meanwhile.
-    fail_next(
-        APP,
-        100,
-        "insert",
-        doc! { "blockConnection": true, "blockTimeMS": 8_000 },
-    )
-    .await;
+    // What the server reads stays held while MongoDB holds its inserts, 8 s.
+    let server = server_with_inserts_held(APP, bytesize::ByteSize::kib(1536), 8_000).await;
     // A unary write takes 900 KiB of the 1.5 MiB.
     let unary = unary_large(&server, "a", 900 << 10);
     wait_for_held_insert(&server, APP).await;
@@ -469,7 +463,8 @@ async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_
 #[tokio::test]
 async fn one_stream_does_not_take_the_whole_server_budget() {
     let _failpoint = failpoint_turn().await;
-    let server = server_with_inserts_held("stream_budget_share", 6_000).await;
+    let server =
+        server_with_inserts_held("stream_budget_share", bytesize::ByteSize::mib(2), 6_000).await;
     // A stream of 300 KiB requests reads ahead only while it holds less than a quarter of the
     // 2 MiB: two, 600 KiB (without that, all five: 1.5 MiB).
     let mut client = server.journal().await;
