@@ -77,10 +77,7 @@ impl Budget {
         match self.permits.clone().try_acquire_many_owned(bytes) {
             Ok(permit) => {
                 metrics::REQUEST_MEMORY.add(i64::from(bytes));
-                Ok(Reservation {
-                    _permit: permit,
-                    bytes,
-                })
+                Ok(Reservation(permit))
             }
             Err(_) => {
                 metrics::REQUEST_MEMORY_REFUSALS.inc();
@@ -101,15 +98,18 @@ impl Budget {
     }
 }
 
-/// A message's share of the budget, given back when dropped.
-struct Reservation {
-    _permit: OwnedSemaphorePermit,
-    bytes: u32,
+/// A message's share of the budget (a permit per byte), given back when dropped.
+struct Reservation(OwnedSemaphorePermit);
+
+impl Reservation {
+    fn bytes(&self) -> u64 {
+        self.0.num_permits() as u64
+    }
 }
 
 impl Drop for Reservation {
     fn drop(&mut self) {
-        metrics::REQUEST_MEMORY.sub(i64::from(self.bytes));
+        metrics::REQUEST_MEMORY.sub(self.bytes() as i64);
     }
 }
 
@@ -128,8 +128,6 @@ pub(crate) struct HeldMessages(Arc<Mutex<Held>>);
 #[derive(Default)]
 struct Held {
     messages: VecDeque<Reservation>,
-    /// Their bytes.
-    bytes: u64,
     /// The call has been answered: messages received from now on do not stay held.
     answered: bool,
 }
@@ -145,26 +143,18 @@ impl HeldMessages {
     /// Gives back the bytes of the oldest message still held: a `WriteEventsStream` calls it
     /// once per response.
     pub(crate) fn release_oldest(&self) {
-        let released = {
-            let mut held = self.lock();
-            let released = held.messages.pop_front();
-            held.bytes -= released
-                .as_ref()
-                .map_or(0, |message| u64::from(message.bytes));
-            released
-        };
+        let released = self.lock().messages.pop_front();
         drop(released);
     }
 
-    /// The bytes of the messages held.
+    /// The bytes of the messages held (a stream holds a few: it reads a bounded number ahead).
     pub(crate) fn bytes(&self) -> u64 {
-        self.lock().bytes
+        self.lock().messages.iter().map(Reservation::bytes).sum()
     }
 
     fn keep(&self, message: Reservation) {
         let mut held = self.lock();
         if !held.answered {
-            held.bytes += u64::from(message.bytes);
             held.messages.push_back(message);
         }
     }
@@ -173,7 +163,6 @@ impl HeldMessages {
         let released = {
             let mut held = self.lock();
             held.answered = true;
-            held.bytes = 0;
             std::mem::take(&mut held.messages)
         };
         drop(released);

@@ -347,17 +347,13 @@ async fn an_answered_request_gives_its_bytes_back_to_the_server_budget() {
 
 /// Writes `pid`'s event 1 of `bytes` payload bytes in a unary call on a connection of its own;
 /// the call holds its bytes of the server's budget until answered.
-fn unary_large(server: &TestServer, pid: &'static str, bytes: usize) -> JoinHandle<Vec<Outcome>> {
-    let url = server.url();
-    tokio::spawn(async move {
-        let channel = tonic::transport::Channel::from_shared(url)
-            .unwrap()
-            .connect()
-            .await
-            .unwrap();
-        let mut client = proto::v1::journal_client::JournalClient::new(channel);
-        write(&mut client, large(pid, 1, bytes).writes).await
-    })
+async fn unary_large(
+    server: &TestServer,
+    pid: &'static str,
+    bytes: usize,
+) -> JoinHandle<Vec<Outcome>> {
+    let mut client = server.journal().await;
+    tokio::spawn(async move { write(&mut client, large(pid, 1, bytes).writes).await })
 }
 
 /// A server with messages of at most 1 MiB and a request budget of `budget`, whose inserts
@@ -409,7 +405,7 @@ async fn a_request_over_the_server_budget_ends_the_stream_after_the_ones_before_
     // What the server reads stays held while MongoDB holds its inserts, 8 s.
     let server = server_with_inserts_held(APP, bytesize::ByteSize::kib(1536), 8_000).await;
     // A unary write takes 900 KiB of the 1.5 MiB.
-    let unary = unary_large(&server, "a", 900 << 10);
+    let unary = unary_large(&server, "a", 900 << 10).await;
     wait_for_held_insert(&server, APP).await;
     // On a stream, request 1 (100 KiB) fits; request 2 (600 KiB) does not.
     let mut client = server.journal().await;
@@ -476,7 +472,7 @@ async fn one_stream_does_not_take_the_whole_server_budget() {
         .into_inner();
     tokio::time::sleep(Duration::from_secs(1)).await;
     // So a unary write of 900 KiB still fits.
-    let unary = unary_large(&server, "q", 900 << 10);
+    let unary = unary_large(&server, "q", 900 << 10).await;
     tokio::time::sleep(Duration::from_secs(1)).await;
     failpoint_off().await;
     let unary = tokio::time::timeout(Duration::from_secs(30), unary)
