@@ -204,24 +204,19 @@ impl pb::journal_server::Journal for JournalService {
     ) -> Result<Response<Self::WriteEventsStreamStream>, Status> {
         // The requests' bytes stay counted against server.max-request-memory until answered.
         let held = request.extensions().get::<HeldMessages>().cloned();
-        // Dropped when reading ends early, so HTTP/2 discards what the client still sends
-        // instead of holding the connection's window while the requests read are answered.
+        // `None` once reading has ended; dropped then, so after an early end HTTP/2 discards
+        // what the client still sends instead of holding the connection's window while the
+        // requests read are answered.
         let mut inbound = Some(request.into_inner());
         let origin = Origin::stream();
         let journal = self.journal.clone();
         let max_unacknowledged = self.stream_max_unacknowledged;
         let max_held_bytes = self.stream_max_held_bytes;
-        // Whether the requests read hold little enough of the server's budget to read another.
-        let room = move |held: &Option<HeldMessages>| {
-            held.as_ref()
-                .is_none_or(|held| held.bytes() < max_held_bytes)
-        };
         let (sender, receiver) = mpsc::channel(STREAM_BUFFER);
         let producer = async move {
             // Its failures stop nothing once it has ended, however it ends.
             let _closed = StreamClosed(&journal, origin);
             let mut unanswered = FuturesOrdered::new();
-            let mut reading = true;
             // Why reading ended early (a bad message, server.max-request-memory): sent once the
             // requests read before it are answered.
             let mut read_failure = None;
@@ -244,9 +239,10 @@ impl pb::journal_server::Journal for JournalService {
                     // Past the limits the request is left unread: HTTP/2 flow control then
                     // stops the client, and the server holds at most this many requests, and
                     // about this much of its request budget (see `stream_share`).
-                    message = next_request(&mut inbound), if reading
+                    message = next_request(&mut inbound), if inbound.is_some()
                         && unanswered.len() < max_unacknowledged
-                        && (unanswered.is_empty() || room(&held)) => {
+                        && (unanswered.is_empty()
+                            || held.as_ref().is_none_or(|held| held.bytes() < max_held_bytes)) => {
                         match message {
                             Ok(Some(request)) => {
                                 let received = request.responses_received.unwrap_or(0);
@@ -267,9 +263,8 @@ impl pb::journal_server::Journal for JournalService {
                                     "WriteEventsStream",
                                 ));
                             }
-                            Ok(None) => reading = false,
+                            Ok(None) => inbound = None,
                             Err(status) => {
-                                reading = false;
                                 inbound = None;
                                 read_failure = Some(status);
                             }
@@ -277,7 +272,7 @@ impl pb::journal_server::Journal for JournalService {
                     }
                     // The client cancelled the stream (or left): its requests' writes not sent
                     // to MongoDB yet go with it, as a cancelled `WriteEvents` call's do.
-                    () = sender.closed(), if reading || !unanswered.is_empty() => return,
+                    () = sender.closed(), if inbound.is_some() || !unanswered.is_empty() => return,
                     // Everything read is answered, and the client sends no more (or cannot).
                     else => {
                         if let Some(status) = read_failure {
