@@ -108,6 +108,15 @@ pub(crate) mod server {
         .expect("metric registered once")
     });
 
+    pub(crate) static REQUEST_MESSAGE_STALLS: LazyLock<IntCounter> = LazyLock::new(|| {
+        register_int_counter!(
+            "eventjournal_request_message_stalls_total",
+            "Calls failed with UNAVAILABLE because a request message stopped arriving for \
+             server.message-idle-timeout"
+        )
+        .expect("metric registered once")
+    });
+
     pub(crate) fn event_bytes(event: &model::PersistentEvent) -> u64 {
         (event.payload.data.len()
             + event

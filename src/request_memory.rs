@@ -33,20 +33,30 @@
 //! connection's window, 1 MiB, per connection); the copies a message is made into while it is
 //! handled (the decoded request, its BSON documents, the driver's command: together two to four
 //! times its size); the responses; and writes that reached MongoDB before their call was
-//! cancelled (the call's bytes are free again at once). A client that sends a message's prefix
-//! and then stalls holds that message's bytes until the rest arrives, the call is cancelled, or
-//! its connection fails the keep-alive pings (`server.keep-alive-interval`).
+//! cancelled (the call's bytes are free again at once).
+//!
+//! A message that has begun to arrive must keep arriving: when none of its bytes come for
+//! `server.message-idle-timeout` while the call waits for them, the call fails with
+//! `UNAVAILABLE` naming the setting and the message's bytes are free again. Otherwise a client
+//! that sent a large message's prefix and stalled (or a slow one, on purpose) would hold that
+//! share of the budget for as long as its connection lived, and others' requests would be
+//! refused meanwhile. Only time spent waiting on the client counts: a slow sender that keeps
+//! sending is not cut, and a `WriteEventsStream` that has stopped reading ahead is not waiting
+//! on its client. A client that stalls between messages holds nothing; a stream may stay open
+//! and idle.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
 use std::sync::{Arc, Mutex};
 use std::task::{Context, Poll, ready};
+use std::time::Duration;
 
 use bytes::Bytes;
 use bytesize::ByteSize;
 use futures::future::BoxFuture;
 use http_body::{Body, Frame};
 use tokio::sync::{OwnedSemaphorePermit, Semaphore};
+use tokio::time::Sleep;
 use tonic::Status;
 
 use crate::metrics::server as metrics;
@@ -70,6 +80,8 @@ struct Budget {
     /// The largest message any service takes: a longer one is refused by tonic's decoder, with
     /// its own status, on its prefix and before it allocates anything; it reserves nothing.
     max_message_size: u64,
+    /// `server.message-idle-timeout`.
+    idle_timeout: Duration,
 }
 
 impl Budget {
@@ -95,6 +107,25 @@ impl Budget {
                 )))
             }
         }
+    }
+
+    /// The status of a call whose message of `length` bytes stopped arriving with `remaining`
+    /// of them still to come.
+    fn stalled(&self, length: u64, remaining: u64) -> Status {
+        metrics::REQUEST_MESSAGE_STALLS.inc();
+        tracing::debug!(
+            length,
+            remaining,
+            "request message stalled: server.message-idle-timeout"
+        );
+        Status::unavailable(format!(
+            "the request's message of {} stopped arriving with {} of it still to come: no more \
+             of it came for {} (server.message-idle-timeout). Nothing of it was read or written; \
+             retrying is safe",
+            ByteSize::b(length),
+            ByteSize::b(remaining),
+            humantime::format_duration(self.idle_timeout),
+        ))
     }
 }
 
@@ -198,6 +229,7 @@ impl RequestMemoryLayer {
                     .max_message_size
                     .as_u64()
                     .max(TONIC_DEFAULT_MAX_MESSAGE_SIZE),
+                idle_timeout: settings.message_idle_timeout,
             }),
         }
     }
@@ -290,6 +322,10 @@ pub(crate) struct Metered<B> {
     receiving: Option<Reservation>,
     /// A refusal to report once the data before it has been passed on.
     refused: Option<Status>,
+    /// While a message is being received and the call waits for more of it: when it fails for
+    /// want of more (`server.message-idle-timeout`). Started when the client's body is first
+    /// found with nothing to give, cleared whenever it gives something.
+    stall: Option<Pin<Box<Sleep>>>,
 }
 
 impl<B> Metered<B> {
@@ -301,6 +337,7 @@ impl<B> Metered<B> {
             framing: Framing::START,
             receiving: None,
             refused: None,
+            stall: None,
         }
     }
 
@@ -308,6 +345,26 @@ impl<B> Metered<B> {
     fn finish(&mut self) {
         self.body = None;
         self.receiving = None;
+        self.stall = None;
+    }
+
+    /// The client's body has nothing to give: whether the message being received (if any) has
+    /// now waited `server.message-idle-timeout` for more of its bytes.
+    fn poll_stalled(&mut self, context: &mut Context<'_>) -> Option<Status> {
+        let (Some(message), Framing::Message { remaining }) = (&self.receiving, self.framing)
+        else {
+            return None;
+        };
+        let length = message.bytes();
+        let idle_timeout = self.budget.idle_timeout;
+        let stall = self
+            .stall
+            .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_timeout)));
+        stall.as_mut().poll(context).is_ready().then(|| {
+            let status = self.budget.stalled(length, remaining);
+            self.finish();
+            status
+        })
     }
 
     /// Follows the framing through `data`, reserving each message whose prefix completes. On a
@@ -383,7 +440,15 @@ where
         let Some(body) = this.body.as_mut() else {
             return Poll::Ready(None);
         };
-        let frame = match ready!(Pin::new(body).poll_frame(context)) {
+        let polled = Pin::new(body).poll_frame(context);
+        if polled.is_pending() {
+            return match this.poll_stalled(context) {
+                Some(status) => Poll::Ready(Some(Err(status))),
+                None => Poll::Pending,
+            };
+        }
+        this.stall = None;
+        let frame = match ready!(polled) {
             Some(Ok(frame)) => frame,
             Some(Err(error)) => {
                 this.finish();
@@ -432,8 +497,11 @@ mod tests {
             permits: Arc::new(Semaphore::new(limit as usize)),
             limit,
             max_message_size: 1_000,
+            idle_timeout: IDLE_TIMEOUT,
         })
     }
+
+    const IDLE_TIMEOUT: Duration = Duration::from_secs(30);
 
     fn message(length: usize) -> Vec<u8> {
         let mut framed = vec![0];
@@ -516,48 +584,62 @@ mod tests {
         assert_eq!(body.framing, Framing::Unchecked);
     }
 
-    /// A client's body: these chunks, then its end; says when it is dropped.
-    struct Chunks(VecDeque<Bytes>, Arc<std::sync::atomic::AtomicBool>);
+    /// A client's body fed by the test, chunk by chunk; it ends when the sender goes.
+    struct Feed(tokio::sync::mpsc::UnboundedReceiver<Bytes>);
 
-    impl Body for Chunks {
+    impl Body for Feed {
         type Data = Bytes;
         type Error = Status;
 
         fn poll_frame(
             mut self: Pin<&mut Self>,
-            _: &mut Context<'_>,
+            context: &mut Context<'_>,
         ) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
-            Poll::Ready(self.0.pop_front().map(|chunk| Ok(Frame::data(chunk))))
+            self.0
+                .poll_recv(context)
+                .map(|chunk| chunk.map(|chunk| Ok(Frame::data(chunk))))
         }
     }
 
-    impl Drop for Chunks {
-        fn drop(&mut self) {
-            self.1.store(true, std::sync::atomic::Ordering::SeqCst);
-        }
+    /// A body on `budget` fed through the returned sender.
+    fn fed(budget: &Arc<Budget>) -> (Metered<Feed>, tokio::sync::mpsc::UnboundedSender<Bytes>) {
+        let (feed, client) = tokio::sync::mpsc::unbounded_channel();
+        let body = Metered::new(Feed(client), budget.clone(), HeldMessages::default());
+        (body, feed)
+    }
+
+    async fn next(body: &mut Metered<Feed>) -> Result<Option<Bytes>, Status> {
+        std::future::poll_fn(|context| Pin::new(&mut *body).poll_frame(context))
+            .await
+            .transpose()
+            .map(|frame| frame.map(|frame| frame.into_data().unwrap()))
+    }
+
+    /// Polls `body` once, as a handler that then stops reading for a while would.
+    fn poll_once(body: &mut Metered<Feed>) -> Poll<Option<Result<Frame<Bytes>, Status>>> {
+        let mut context = Context::from_waker(std::task::Waker::noop());
+        Pin::new(body).poll_frame(&mut context)
     }
 
     #[test]
     fn the_body_passes_the_messages_before_a_refusal_then_fails_and_lets_the_client_go() {
         let budget = budget(50);
-        let dropped = Arc::new(std::sync::atomic::AtomicBool::new(false));
+        let (mut body, feed) = fed(&budget);
         let first = message(30);
-        let chunk = Bytes::from([first.clone(), message(30), message(1)].concat());
-        let client = Chunks(VecDeque::from([chunk]), dropped.clone());
-        let mut body = Metered::new(client, budget.clone(), HeldMessages::default());
-        let mut context = Context::from_waker(std::task::Waker::noop());
-        let mut poll = |body: &mut Metered<Chunks>| match Pin::new(body).poll_frame(&mut context) {
+        feed.send([first.clone(), message(30), message(1)].concat().into())
+            .unwrap();
+        let poll = |body: &mut Metered<Feed>| match poll_once(body) {
             Poll::Ready(Some(Ok(frame))) => Ok(Some(frame.into_data().unwrap())),
             Poll::Ready(Some(Err(status))) => Err(status),
             Poll::Ready(None) => Ok(None),
-            Poll::Pending => panic!("the test body is always ready"),
+            Poll::Pending => panic!("the client's body has given everything it had"),
         };
         assert_eq!(
             poll(&mut body).unwrap().unwrap(),
             first,
             "the first message, whole"
         );
-        assert!(dropped.load(std::sync::atomic::Ordering::SeqCst));
+        assert!(feed.is_closed(), "the client's body is let go");
         assert!(!body.is_end_stream(), "the refusal is still to come");
         assert_eq!(
             poll(&mut body).unwrap_err().code(),
@@ -576,5 +658,97 @@ mod tests {
         held.answer();
         body.meter(&message(10)).unwrap();
         assert_eq!(available(&budget), 100);
+    }
+
+    /// A body on `budget` whose client has sent the first 100 bytes of a message of 600 (the
+    /// whole message is returned, prefix included).
+    fn begun(
+        budget: &Arc<Budget>,
+    ) -> (
+        Metered<Feed>,
+        tokio::sync::mpsc::UnboundedSender<Bytes>,
+        Vec<u8>,
+    ) {
+        let (body, feed) = fed(budget);
+        let framed = message(600);
+        feed.send(Bytes::copy_from_slice(&framed[..100])).unwrap();
+        (body, feed, framed)
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_message_that_stops_arriving_fails_its_call_and_frees_its_bytes() {
+        let budget = budget(1_000);
+        let (mut body, feed, _) = begun(&budget);
+        assert_eq!(next(&mut body).await.unwrap().unwrap().len(), 100);
+        assert_eq!(available(&budget), 400, "reserved on the prefix");
+        let start = tokio::time::Instant::now();
+        let status = tokio::time::timeout(IDLE_TIMEOUT * 4, next(&mut body))
+            .await
+            .expect("the call fails within four times the timeout")
+            .unwrap_err();
+        assert_eq!(start.elapsed(), IDLE_TIMEOUT);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert!(
+            status.message().contains("server.message-idle-timeout")
+                && status.message().contains("505 B of it still to come"),
+            "{}",
+            status.message()
+        );
+        assert_eq!(available(&budget), 1_000, "its bytes are free again");
+        assert!(feed.is_closed(), "the client's body is let go");
+        assert!(body.is_end_stream());
+        assert_eq!(next(&mut body).await.unwrap(), None);
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_slow_message_that_keeps_arriving_is_not_cut() {
+        let budget = budget(1_000);
+        let (mut body, feed) = fed(&budget);
+        let framed = message(600);
+        // A chunk every two thirds of the timeout: seven of them, the whole takes more than four
+        // times as long, and the body waits for each.
+        let chunks: Vec<Bytes> = framed.chunks(100).map(Bytes::copy_from_slice).collect();
+        let sent = chunks.len() as u32;
+        tokio::spawn(async move {
+            for chunk in chunks {
+                tokio::time::sleep(IDLE_TIMEOUT * 2 / 3).await;
+                feed.send(chunk).unwrap();
+            }
+        });
+        let start = tokio::time::Instant::now();
+        let mut received = 0;
+        while let Some(chunk) = next(&mut body).await.unwrap() {
+            received += chunk.len();
+        }
+        assert_eq!(received, framed.len());
+        assert_eq!(start.elapsed(), IDLE_TIMEOUT * 2 / 3 * sent);
+        assert_eq!(available(&budget), 400, "received whole and held");
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn a_client_idle_between_messages_is_not_cut() {
+        let budget = budget(1_000);
+        let (mut body, feed) = fed(&budget);
+        feed.send(message(10).into()).unwrap();
+        assert!(next(&mut body).await.unwrap().is_some());
+        // No message is being received: waiting for the next one has no end.
+        let waiting = tokio::time::timeout(IDLE_TIMEOUT * 10, next(&mut body)).await;
+        assert!(waiting.is_err(), "still waiting: {waiting:?}");
+        feed.send(message(10).into()).unwrap();
+        assert!(next(&mut body).await.unwrap().is_some());
+    }
+
+    #[tokio::test(start_paused = true)]
+    async fn time_the_call_does_not_read_is_not_held_against_the_client() {
+        let budget = budget(1_000);
+        let (mut body, feed, framed) = begun(&budget);
+        assert!(poll_once(&mut body).is_ready());
+        // The call looks for more once and finds nothing, then stops reading (a stream that
+        // waits for its answers) for longer than the timeout, while the client sends the rest.
+        assert!(poll_once(&mut body).is_pending());
+        tokio::time::sleep(IDLE_TIMEOUT * 2).await;
+        feed.send(Bytes::copy_from_slice(&framed[100..])).unwrap();
+        assert_eq!(next(&mut body).await.unwrap().unwrap().len(), 505);
+        assert_eq!(available(&budget), 400);
     }
 }

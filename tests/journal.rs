@@ -704,14 +704,7 @@ async fn a_slow_reader_gets_the_whole_replay_across_shutdown() {
         .await
         .unwrap();
     let mut connection = Box::pin(connection);
-    let request = http::Request::post(format!(
-        "http://{}/eventjournal.v1.Journal/ReplayEvents",
-        server.address
-    ))
-    .header("content-type", "application/grpc")
-    .header("te", "trailers")
-    .body(())
-    .unwrap();
+    let request = raw_grpc_request(server.address, "eventjournal.v1.Journal/ReplayEvents");
     let (response, mut send) = h2.send_request(request, false).unwrap();
     let message = pb::ReplayEventsRequest {
         persistence_id: "s".into(),

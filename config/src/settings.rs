@@ -313,6 +313,13 @@ pub struct ServerSettings {
     /// ahead only while its unanswered requests hold less than a quarter of it. At least
     /// `max_message_size`.
     pub max_request_memory: ByteSize,
+    /// How long a request message that has begun to arrive may go without any more of its
+    /// bytes while the server waits for them. Past it the call fails with UNAVAILABLE and the
+    /// message's share of `max_request_memory` is free again: a client that stalls in the
+    /// middle of a message cannot hold it for as long as its connection lives. A slow client
+    /// that keeps sending is not cut, and a client idle between messages holds nothing.
+    #[serde(with = "humantime_serde")]
+    pub message_idle_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
@@ -364,6 +371,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_size: ByteSize::mib(32),
             max_request_memory: ByteSize::mib(256),
+            message_idle_timeout: Duration::from_secs(30),
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             health_check_interval: Duration::from_secs(5),

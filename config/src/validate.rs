@@ -100,6 +100,12 @@ impl Settings {
                 server.max_message_size
             ),
         );
+        problems.check(
+            server.message_idle_timeout >= Duration::from_millis(10),
+            "server.message-idle-timeout",
+            humantime::format_duration(server.message_idle_timeout).to_string(),
+            "must be at least 10ms",
+        );
         let tls = &server.tls;
         if tls.enabled {
             problems.check(

@@ -181,6 +181,7 @@ fn validation_lists_every_bad_key_with_its_value() {
         keep-alive-interval = "1ms"
         keep-alive-timeout = "1ms"
         max-request-memory = "16 MiB"
+        message-idle-timeout = "1ms"
         [mongodb]
         uri = "http://localhost"
         database = "bad.name"
@@ -208,6 +209,7 @@ fn validation_lists_every_bad_key_with_its_value() {
         "server.keep-alive-interval = \"1ms\": must be \"0s\" (no pings) or at least 10ms",
         "server.keep-alive-timeout = \"1ms\": must be at least 10ms",
         "server.max-request-memory = \"16.0 MiB\": must be at least server.max-message-size (32.0 MiB)",
+        "server.message-idle-timeout = \"1ms\": must be at least 10ms",
         "mongodb.uri = \"http://localhost\": must start with mongodb://",
         "mongodb.database = \"bad.name\"",
         "mongodb.read-concern = \"snapshot\"",

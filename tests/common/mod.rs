@@ -424,3 +424,13 @@ pub async fn highest(client: &mut JournalClient<Channel>, pid: &str) -> i64 {
         .into_inner()
         .highest_sequence_nr
 }
+
+/// The HTTP/2 request of a gRPC call to `method` (`package.Service/Method`), for a test that
+/// speaks HTTP/2 itself to control what the server receives and when.
+pub fn raw_grpc_request(address: SocketAddr, method: &str) -> http::Request<()> {
+    http::Request::post(format!("http://{address}/{method}"))
+        .header("content-type", "application/grpc")
+        .header("te", "trailers")
+        .body(())
+        .unwrap()
+}
