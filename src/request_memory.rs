@@ -38,12 +38,13 @@
 //! A message that has begun to arrive must keep arriving: when none of its bytes come for
 //! `server.message-idle-timeout` while the call waits for them, the call fails with
 //! `UNAVAILABLE` naming the setting and the message's bytes are free again. Otherwise a client
-//! that sent a large message's prefix and stalled (or a slow one, on purpose) would hold that
-//! share of the budget for as long as its connection lived, and others' requests would be
-//! refused meanwhile. Only time spent waiting on the client counts: a slow sender that keeps
-//! sending is not cut, and a `WriteEventsStream` that has stopped reading ahead is not waiting
-//! on its client. A client that stalls between messages holds nothing; a stream may stay open
-//! and idle.
+//! that sent a large message's prefix and stalled would hold that share of the budget for as
+//! long as its connection lived, and others' requests would be refused meanwhile. Only time
+//! spent waiting on the client counts: a slow sender that keeps sending is not cut, and a
+//! `WriteEventsStream` that has stopped reading ahead is not waiting on its client. A client
+//! that stalls between messages holds nothing; a stream may stay open and idle. There is no
+//! minimum rate: a client that trickles a message on purpose, a few bytes inside every timeout,
+//! still holds its share.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
