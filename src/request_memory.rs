@@ -41,10 +41,15 @@
 //! that sent a large message's prefix and stalled would hold that share of the budget for as
 //! long as its connection lived, and others' requests would be refused meanwhile. Only time
 //! spent waiting on the client counts: a slow sender that keeps sending is not cut, and a
-//! `WriteEventsStream` that has stopped reading ahead is not waiting on its client. A client
-//! that stalls between messages holds nothing; a stream may stay open and idle. There is no
-//! minimum rate: a client that trickles a message on purpose, a few bytes inside every timeout,
-//! still holds its share.
+//! `WriteEventsStream` that has stopped reading ahead is not waiting on its client (a timeout
+//! that ran out while the call was not reading starts again when it reads). A client that
+//! stalls between messages holds nothing; a stream may stay open and idle. There is no minimum
+//! rate: a client that trickles a message on purpose, a few bytes inside every timeout, still
+//! holds its share. A message can also wait through no fault of its client, when another call
+//! on its connection has filled the connection's HTTP/2 window and stopped reading (a stream
+//! waiting for MongoDB); the setting's default, above MongoDB's longest wait with the default
+//! settings, keeps that from cutting it. Reflection ends its stream quietly (OK) on a stalled
+//! message too.
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -69,6 +74,10 @@ const RELEASED_BY_HANDLER: &str = "/eventjournal.v1.Journal/WriteEventsStream";
 
 /// Bytes of a gRPC message's prefix: the compression flag, then the length (big-endian u32).
 const PREFIX: usize = 5;
+
+/// A call that looks at its body this long after the message's idle timeout ran out had
+/// stopped reading meanwhile (a call waiting for its body is woken when the timeout runs out).
+const READ_AGAIN_LATE: Duration = Duration::from_secs(1);
 
 /// tonic's limit for a message received, for the services the server does not give
 /// `server.max-message-size` (health, reflection, the read journal, backups).
@@ -324,9 +333,11 @@ pub(crate) struct Metered<B> {
     /// A refusal to report once the data before it has been passed on.
     refused: Option<Status>,
     /// While a message is being received and the call waits for more of it: when it fails for
-    /// want of more (`server.message-idle-timeout`). Started when the client's body is first
-    /// found with nothing to give, cleared whenever it gives something.
+    /// want of more (`server.message-idle-timeout`). Made when first needed, then reset.
     stall: Option<Pin<Box<Sleep>>>,
+    /// `stall` runs: the client's body was found with nothing to give, and has given nothing
+    /// since.
+    stall_armed: bool,
 }
 
 impl<B> Metered<B> {
@@ -339,6 +350,7 @@ impl<B> Metered<B> {
             receiving: None,
             refused: None,
             stall: None,
+            stall_armed: false,
         }
     }
 
@@ -347,6 +359,7 @@ impl<B> Metered<B> {
         self.body = None;
         self.receiving = None;
         self.stall = None;
+        self.stall_armed = false;
     }
 
     /// The client's body has nothing to give: whether the message being received (if any) has
@@ -358,14 +371,28 @@ impl<B> Metered<B> {
         };
         let length = message.bytes();
         let idle_timeout = self.budget.idle_timeout;
+        let now = tokio::time::Instant::now();
         let stall = self
             .stall
             .get_or_insert_with(|| Box::pin(tokio::time::sleep(idle_timeout)));
-        stall.as_mut().poll(context).is_ready().then(|| {
-            let status = self.budget.stalled(length, remaining);
-            self.finish();
-            status
-        })
+        if !self.stall_armed {
+            stall.as_mut().reset(now + idle_timeout);
+            self.stall_armed = true;
+        }
+        if stall.as_mut().poll(context).is_pending() {
+            return None;
+        }
+        if now.saturating_duration_since(stall.deadline()) > READ_AGAIN_LATE {
+            // It ran out while the call was not reading (a stream waiting for its answers, or
+            // for its client to take them): that time was not spent waiting on the client, so
+            // the client has the whole timeout again from now.
+            stall.as_mut().reset(now + idle_timeout);
+            let _ = stall.as_mut().poll(context);
+            return None;
+        }
+        let status = self.budget.stalled(length, remaining);
+        self.finish();
+        Some(status)
     }
 
     /// Follows the framing through `data`, reserving each message whose prefix completes. On a
@@ -448,7 +475,7 @@ where
                 None => Poll::Pending,
             };
         }
-        this.stall = None;
+        this.stall_armed = false;
         let frame = match ready!(polled) {
             Some(Ok(frame)) => frame,
             Some(Err(error)) => {
@@ -741,15 +768,30 @@ mod tests {
 
     #[tokio::test(start_paused = true)]
     async fn time_the_call_does_not_read_is_not_held_against_the_client() {
-        let budget = budget(1_000);
-        let (mut body, feed, framed) = begun(&budget);
-        assert!(poll_once(&mut body).is_ready());
+        let budget = budget(2_000);
         // The call looks for more once and finds nothing, then stops reading (a stream that
-        // waits for its answers) for longer than the timeout, while the client sends the rest.
-        assert!(poll_once(&mut body).is_pending());
-        tokio::time::sleep(IDLE_TIMEOUT * 2).await;
+        // waits for its answers) for twice the timeout.
+        let paused = |body: &mut Metered<Feed>| {
+            assert!(poll_once(body).is_ready());
+            assert!(poll_once(body).is_pending());
+            tokio::time::sleep(IDLE_TIMEOUT * 2)
+        };
+        // The client sends the rest meanwhile: the call reads it when it reads again.
+        let (mut body, feed, framed) = begun(&budget);
+        paused(&mut body).await;
         feed.send(Bytes::copy_from_slice(&framed[100..])).unwrap();
         assert_eq!(next(&mut body).await.unwrap().unwrap().len(), 505);
-        assert_eq!(available(&budget), 400);
+        // The client sends nothing meanwhile: it has the whole timeout from when the call reads
+        // again.
+        let (mut body, _feed, _) = begun(&budget);
+        paused(&mut body).await;
+        let resumed = tokio::time::Instant::now();
+        let status = tokio::time::timeout(IDLE_TIMEOUT * 4, next(&mut body))
+            .await
+            .expect("the call fails within four times the timeout")
+            .unwrap_err();
+        assert_eq!(resumed.elapsed(), IDLE_TIMEOUT);
+        assert_eq!(status.code(), tonic::Code::Unavailable);
+        assert_eq!(available(&budget), 1_400, "the first message stays held");
     }
 }

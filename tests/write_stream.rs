@@ -255,7 +255,7 @@ async fn a_flooding_client_is_held_back_by_flow_control() {
         settings.write_journal.stream_max_unacknowledged = UNACKNOWLEDGED as u32;
         // The stream stops reading for seconds at a time with a message begun: that time is
         // not the client's and must not cut the call.
-        settings.server.message_idle_timeout = Duration::from_millis(500);
+        settings.server.message_idle_timeout = Duration::from_secs(1);
     })
     .await;
     let mut client = server.journal().await;

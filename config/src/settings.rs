@@ -317,7 +317,11 @@ pub struct ServerSettings {
     /// bytes while the server waits for them. Past it the call fails with UNAVAILABLE and the
     /// message's share of `max_request_memory` is free again: a client that stalls in the
     /// middle of a message cannot hold it for as long as its connection lives. A slow client
-    /// that keeps sending is not cut, and a client idle between messages holds nothing.
+    /// that keeps sending is not cut, and a client idle between messages holds nothing. Keep it
+    /// above MongoDB's longest wait (`mongodb.write-concern.timeout` + `mongodb.retry.max-attempts`
+    /// × (`mongodb.server-selection-timeout` + `mongodb.retry.delay`), about 41 s by default):
+    /// a `WriteEventsStream` waiting that long for its answers can hold its connection's HTTP/2
+    /// window, and another call's message on that connection waits with it.
     #[serde(with = "humantime_serde")]
     pub message_idle_timeout: Duration,
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
@@ -371,7 +375,7 @@ impl Default for ServerSettings {
             listen: SocketAddr::from(([127, 0, 0, 1], 50051)),
             max_message_size: ByteSize::mib(32),
             max_request_memory: ByteSize::mib(256),
-            message_idle_timeout: Duration::from_secs(30),
+            message_idle_timeout: Duration::from_secs(60),
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             health_check_interval: Duration::from_secs(5),
