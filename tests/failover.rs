@@ -36,17 +36,24 @@ const WRITERS_PER_SERVER: usize = 3;
 /// The servers' bounds on a call's wait (see `settings`). A write in flight when the primary
 /// goes waits for its write concern (`WRITE_CONCERN_TIMEOUT`) at most; each retry then waits for
 /// a primary (`SERVER_SELECTION_TIMEOUT`) at most, after `RETRY_DELAY`; a write queued behind a
-/// batch in flight waits for that batch too, which the third attempt's allowance covers. The
-/// README's faults section gives the same bound.
+/// batch in flight waits for that batch too, which the third attempt's allowance covers. A
+/// batch MongoDB acknowledged after the server's watermark lease lapsed (around the majority's
+/// loss or return) is moved forward in read-journal order first, under a holding lease: that
+/// waits for the lease once per batch, `WATERMARK_LEASE` and four `WATERMARK_INTERVAL`s at
+/// most. The README's faults section gives the same bound.
 const WRITE_CONCERN_TIMEOUT: Duration = Duration::from_secs(4);
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY_DELAY: Duration = Duration::from_millis(100);
 const MAX_ATTEMPTS: u32 = 3;
+const WATERMARK_LEASE: Duration = Duration::from_secs(5);
+const WATERMARK_INTERVAL: Duration = Duration::from_millis(50);
 /// What a failing call may take at most: the bound above plus 2 s of scheduling slack.
 const CALL_BOUND: Duration = Duration::from_millis(
     WRITE_CONCERN_TIMEOUT.as_millis() as u64
         + MAX_ATTEMPTS as u64
             * (SERVER_SELECTION_TIMEOUT.as_millis() as u64 + RETRY_DELAY.as_millis() as u64)
+        + WATERMARK_LEASE.as_millis() as u64
+        + 4 * WATERMARK_INTERVAL.as_millis() as u64
         + 2_000,
 );
 
@@ -66,6 +73,8 @@ fn settings(settings: &mut config::Settings, uri: &str, change_streams: bool) {
     settings.mongodb.write_concern.timeout = Some(WRITE_CONCERN_TIMEOUT);
     settings.mongodb.retry.delay = RETRY_DELAY;
     settings.mongodb.retry.max_attempts = MAX_ATTEMPTS;
+    settings.read_journal.watermark_lease = WATERMARK_LEASE;
+    settings.read_journal.watermark_interval = WATERMARK_INTERVAL;
     settings.server.health_check_interval = Duration::from_millis(200);
 }
 

@@ -1104,3 +1104,96 @@ async fn a_write_after_another_servers_late_move_of_the_events_before_it_follows
     assert!(is_written(&write(&mut through_a, vec![event(2)]).await[0]));
     in_order(&a, "late-move", "late-move").await;
 }
+
+#[tokio::test]
+async fn a_batch_acknowledged_after_the_lease_lapsed_waits_for_the_lease_once_not_once_per_id() {
+    const APP: &str = "order_late_batch";
+    const IDS: usize = 10;
+    let lease = Duration::from_secs(1);
+    let interval = Duration::from_millis(50);
+    let _failpoint = failpoint_turn().await;
+    let server = held_server(APP, |settings| {
+        settings.read_journal.watermark_lease = lease;
+        settings.read_journal.watermark_interval = interval;
+    })
+    .await;
+    let mut client = server.journal().await;
+    let warm = write(&mut client, vec![single("warm", 1)]).await;
+    assert_eq!(describe(&warm[0]), "written");
+    // MongoDB holds this server's inserts and its lease renewals (`findAndModify`) for 2 s
+    // each: a renewal answered 2 s after it was sent does not hold a 1 s lease, so none holds.
+    fail_next(
+        APP,
+        1_000,
+        "insert",
+        doc! {
+            "failCommands": ["insert", "findAndModify"],
+            "blockConnection": true,
+            "blockTimeMS": 2_000,
+        },
+    )
+    .await;
+    // One insert of ten ids' writes, acknowledged after the lease lapsed: each id's events
+    // must move forward under a holding lease before they are answered, and none comes.
+    let writes: Vec<_> = (0..IDS)
+        .map(|id| single(&format!("late-{id}"), 1))
+        .collect();
+    let started = std::time::Instant::now();
+    let call = client
+        .write_events(pb::WriteEventsRequest {
+            writes: writes.clone(),
+            ..Default::default()
+        })
+        .await;
+    let took = started.elapsed();
+    failpoint_off().await;
+    let status = call.expect_err("no lease to place the late writes with");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("could not renew its watermark lease"),
+        "{status:?}"
+    );
+    // The insert's hold, then one wait for the lease (1 s + 4 intervals), not one per id
+    // (12 s more).
+    let one_wait = lease + 4 * interval;
+    assert!(
+        took < Duration::from_secs(2) + one_wait + Duration::from_secs(2),
+        "the call took {took:?}"
+    );
+    // Stored, so retrying is safe: once the lease holds again the retry is answered Written.
+    let mut answered = None;
+    for _ in 0..50 {
+        match client
+            .write_events(pb::WriteEventsRequest {
+                writes: writes.clone(),
+                ..Default::default()
+            })
+            .await
+        {
+            Ok(response) => {
+                answered = Some(response.into_inner().results);
+                break;
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    let answered = answered.expect("the retry answered within 10 s");
+    assert!(
+        answered
+            .iter()
+            .all(|result| matches!(result.outcome, Some(Outcome::Written(_))))
+    );
+    let stored = server
+        .mongodb()
+        .await
+        .collection::<Document>("journal")
+        .count_documents(doc! { "pid": { "$regex": "^late-" } })
+        .await
+        .unwrap();
+    assert_eq!(stored, IDS as u64, "each stored once");
+}

@@ -109,6 +109,7 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
         done: Done::default(),
         held: Vec::new(),
         uncertain: false,
+        restamp_failed: None,
     };
     let mut remaining = batch.writes;
     let mut must_read: HashSet<Pid> = HashSet::new();
@@ -229,6 +230,10 @@ struct Run<'a> {
     held: Vec<InFlight>,
     /// A write ended with an error: its outcome may be unknown.
     uncertain: bool,
+    /// A re-stamp of this batch failed (no lease to be had, or MongoDB not answering): the
+    /// batch's later re-stamps fail with the same error at once instead of each waiting as long
+    /// again, so the last id's write is not kept waiting once per id before it.
+    restamp_failed: Option<JournalError>,
 }
 
 struct Decided {
@@ -393,9 +398,9 @@ impl Run<'_> {
             let stored_at = stored.iter().map(|document| document.written_at).min();
             if stored_at.is_some_and(|at| self.store.watermarks.stored_late(at.timestamp_millis()))
             {
-                match self.store.restamp(&pid, write.first, None).await {
+                match self.restamp(&pid, write.first, None).await {
                     Ok(moved) => self.moved(&pid, moved),
-                    Err(error) => return self.error(write, error.into()),
+                    Err(error) => return self.error(write, error),
                 }
             }
             return self.settle(write, Ok(WriteOutcome::Written));
@@ -605,6 +610,26 @@ impl Run<'_> {
         }
     }
 
+    /// Moves `pid`'s events from `first` on forward in read-journal order (see
+    /// [`EventStore::restamp`]), unless a re-stamp of this batch has failed already: then with
+    /// that failure, at once. The events are stored either way; a retry of the write moves them.
+    async fn restamp(
+        &mut self,
+        pid: &str,
+        first: i64,
+        acknowledged_late: Option<DateTime>,
+    ) -> Result<Option<DateTime>, JournalError> {
+        if let Some(failed) = &self.restamp_failed {
+            return Err(failed.clone());
+        }
+        let restamped = self.store.restamp(pid, first, acknowledged_late).await;
+        restamped.map_err(|error| {
+            let error = JournalError::from(error);
+            self.restamp_failed = Some(error.clone());
+            error
+        })
+    }
+
     /// Writes one insert stored (with their stamps): `Written`, and per persistence id once,
     /// knowledge of its new highest, re-stamped first if the insert was acknowledged late.
     async fn inserted(
@@ -629,10 +654,10 @@ impl Run<'_> {
                 confirmed: sent,
             };
             if acknowledged.is_late(stamp.timestamp_millis()) {
-                match self.store.restamp(&pid, first, Some(stamp)).await {
+                match self.restamp(&pid, first, Some(stamp)).await {
                     Ok(moved) => head.written_at = moved.or(head.written_at),
                     Err(error) => {
-                        failed.insert(pid.clone(), error.into());
+                        failed.insert(pid.clone(), error);
                     }
                 }
             }
