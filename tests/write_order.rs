@@ -1163,31 +1163,7 @@ async fn a_batch_acknowledged_after_the_lease_lapsed_waits_for_the_lease_once_no
         "the call took {took:?}"
     );
     // Stored, so retrying is safe: once the lease holds again the retry is answered Written.
-    let mut answered = None;
-    for _ in 0..50 {
-        match client
-            .write_events(pb::WriteEventsRequest {
-                writes: writes.clone(),
-                ..Default::default()
-            })
-            .await
-        {
-            Ok(response) => {
-                answered = Some(response.into_inner().results);
-                break;
-            }
-            Err(status) => {
-                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-                tokio::time::sleep(Duration::from_millis(200)).await;
-            }
-        }
-    }
-    let answered = answered.expect("the retry answered within 10 s");
-    assert!(
-        answered
-            .iter()
-            .all(|result| matches!(result.outcome, Some(Outcome::Written(_))))
-    );
+    assert!(all_written_when_retried(&mut client, &writes).await);
     let stored = server
         .mongodb()
         .await
@@ -1196,4 +1172,74 @@ async fn a_batch_acknowledged_after_the_lease_lapsed_waits_for_the_lease_once_no
         .await
         .unwrap();
     assert_eq!(stored, IDS as u64, "each stored once");
+}
+
+/// Sends `writes` until the call is answered (retrying `UNAVAILABLE` for up to 10 s) and says
+/// whether every one was `Written`.
+async fn all_written_when_retried(
+    client: &mut proto::v1::journal_client::JournalClient<tonic::transport::Channel>,
+    writes: &[pb::AtomicWrite],
+) -> bool {
+    for _ in 0..50 {
+        let request = pb::WriteEventsRequest {
+            writes: writes.to_vec(),
+            ..Default::default()
+        };
+        match client.write_events(request).await {
+            Ok(response) => {
+                let results = response.into_inner().results;
+                return results
+                    .iter()
+                    .all(|result| matches!(result.outcome, Some(Outcome::Written(_))));
+            }
+            Err(status) => {
+                assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+                tokio::time::sleep(Duration::from_millis(200)).await;
+            }
+        }
+    }
+    panic!("not answered within 10 s");
+}
+
+#[tokio::test]
+async fn a_batch_of_retries_finds_mongodb_unavailable_once_not_once_per_id() {
+    const APP: &str = "order_compare_batch";
+    const IDS: usize = 10;
+    let _failpoint = failpoint_turn().await;
+    let server = held_server(APP, |_| {}).await;
+    let mut client = server.journal().await;
+    let writes: Vec<_> = (0..IDS)
+        .map(|id| single(&format!("retried-{id}"), 1))
+        .collect();
+    let first = write(&mut client, writes.clone()).await;
+    assert!(first.iter().all(|outcome| describe(outcome) == "written"));
+    // The same writes again, as clients retrying after an unknown outcome: the batch reads the
+    // ten ids' highest (ten `find`s and one of their records), then compares each write with
+    // what is stored (a `find` each). Those reads fail (`WriteConflict`, which is retried),
+    // each after 3 attempts of 300 ms.
+    fail_after(
+        APP,
+        IDS as i32 + 1,
+        "find",
+        doc! { "errorCode": 112, "blockConnection": true, "blockTimeMS": 300 },
+    )
+    .await;
+    let started = std::time::Instant::now();
+    let call = client
+        .write_events(pb::WriteEventsRequest {
+            writes: writes.clone(),
+            ..Default::default()
+        })
+        .await;
+    let took = started.elapsed();
+    failpoint_off().await;
+    let status = call.expect_err("MongoDB unavailable for the compares");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("check stored events"),
+        "{status:?}"
+    );
+    // One compare's attempts (about 1.3 s), not ten (13 s).
+    assert!(took < Duration::from_secs(5), "the call took {took:?}");
+    assert!(all_written_when_retried(&mut client, &writes).await);
 }

@@ -237,6 +237,38 @@ pub async fn fail_next(
     command: &str,
     failure: mongodb::bson::Document,
 ) {
+    fail_command(
+        app_name,
+        mongodb::bson::doc! { "times": times },
+        command,
+        failure,
+    )
+    .await;
+}
+
+/// Like [`fail_next`], but lets this server's first `skip` `command`s through and fails every
+/// one after them, until [`failpoint_off`].
+pub async fn fail_after(
+    app_name: &str,
+    skip: i32,
+    command: &str,
+    failure: mongodb::bson::Document,
+) {
+    fail_command(
+        app_name,
+        mongodb::bson::doc! { "skip": skip },
+        command,
+        failure,
+    )
+    .await;
+}
+
+async fn fail_command(
+    app_name: &str,
+    mode: mongodb::bson::Document,
+    command: &str,
+    failure: mongodb::bson::Document,
+) {
     let mut data = mongodb::bson::doc! { "failCommands": [command], "appName": app_name };
     data.extend(failure);
     mongodb::Client::with_uri_str(mongodb_uri())
@@ -245,7 +277,7 @@ pub async fn fail_next(
         .database("admin")
         .run_command(mongodb::bson::doc! {
             "configureFailPoint": "failCommand",
-            "mode": { "times": times },
+            "mode": mode,
             "data": data,
         })
         .await

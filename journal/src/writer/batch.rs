@@ -26,7 +26,7 @@ use std::time::{Duration, Instant};
 
 use ahash::{HashMap, HashMapExt, HashSet, HashSetExt};
 use model::PersistentEvent;
-use mongo::{Acknowledged, InFlight};
+use mongo::{Acknowledged, InFlight, MongoError};
 use mongodb::bson::{DateTime, RawDocumentBuf};
 use mongodb::error::{Error, ErrorKind};
 
@@ -110,6 +110,7 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
         held: Vec::new(),
         uncertain: false,
         restamp_failed: None,
+        compare_failed: None,
     };
     let mut remaining = batch.writes;
     let mut must_read: HashSet<Pid> = HashSet::new();
@@ -234,6 +235,10 @@ struct Run<'a> {
     /// batch's later re-stamps fail with the same error at once instead of each waiting as long
     /// again, so the last id's write is not kept waiting once per id before it.
     restamp_failed: Option<JournalError>,
+    /// A read of stored events to compare with found MongoDB unavailable after its retries:
+    /// the batch's later compares fail with it at once, for the same reason (after a failover,
+    /// a batch can be many clients' retries, each a compare).
+    compare_failed: Option<JournalError>,
 }
 
 struct Decided {
@@ -375,13 +380,21 @@ impl Run<'_> {
 
     /// A write at or below the highest: written already (a retry) or a conflict.
     async fn compare(&mut self, write: BatchWrite) {
+        if let Some(failed) = &self.compare_failed {
+            return self.error(write, failed.clone());
+        }
         let stored = match self
             .store
             .read_stored(&write.pid, write.first, write.last)
             .await
         {
             Ok(stored) => stored,
-            Err(error) => return self.error(write, error.into()),
+            Err(error) => {
+                if matches!(error, MongoError::Unavailable { .. }) {
+                    self.compare_failed = Some(error.clone().into());
+                }
+                return self.error(write, error.into());
+            }
         };
         let range = range(write.first, write.last);
         let pid = write.pid.clone();
