@@ -1138,23 +1138,7 @@ async fn a_batch_acknowledged_after_the_lease_lapsed_waits_for_the_lease_once_no
     let writes: Vec<_> = (0..IDS)
         .map(|id| single(&format!("late-{id}"), 1))
         .collect();
-    let started = std::time::Instant::now();
-    let call = client
-        .write_events(pb::WriteEventsRequest {
-            writes: writes.clone(),
-            ..Default::default()
-        })
-        .await;
-    let took = started.elapsed();
-    failpoint_off().await;
-    let status = call.expect_err("no lease to place the late writes with");
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(
-        status
-            .message()
-            .contains("could not renew its watermark lease"),
-        "{status:?}"
-    );
+    let took = failing_call(&mut client, &writes, "could not renew its watermark lease").await;
     // The insert's hold, then one wait for the lease (1 s + 4 intervals), not one per id
     // (12 s more).
     let one_wait = lease + 4 * interval;
@@ -1172,6 +1156,28 @@ async fn a_batch_acknowledged_after_the_lease_lapsed_waits_for_the_lease_once_no
         .await
         .unwrap();
     assert_eq!(stored, IDS as u64, "each stored once");
+}
+
+/// Sends `writes` in one call, turns the failpoint off once it is answered, checks that it
+/// failed with `UNAVAILABLE` naming `naming`, and says how long it took.
+async fn failing_call(
+    client: &mut proto::v1::journal_client::JournalClient<tonic::transport::Channel>,
+    writes: &[pb::AtomicWrite],
+    naming: &str,
+) -> Duration {
+    let started = std::time::Instant::now();
+    let call = client
+        .write_events(pb::WriteEventsRequest {
+            writes: writes.to_vec(),
+            ..Default::default()
+        })
+        .await;
+    let took = started.elapsed();
+    failpoint_off().await;
+    let status = call.expect_err("the call fails");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(status.message().contains(naming), "{status:?}");
+    took
 }
 
 /// Sends `writes` until the call is answered (retrying `UNAVAILABLE` for up to 10 s) and says
@@ -1224,21 +1230,7 @@ async fn a_batch_of_retries_finds_mongodb_unavailable_once_not_once_per_id() {
         doc! { "errorCode": 112, "blockConnection": true, "blockTimeMS": 300 },
     )
     .await;
-    let started = std::time::Instant::now();
-    let call = client
-        .write_events(pb::WriteEventsRequest {
-            writes: writes.clone(),
-            ..Default::default()
-        })
-        .await;
-    let took = started.elapsed();
-    failpoint_off().await;
-    let status = call.expect_err("MongoDB unavailable for the compares");
-    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
-    assert!(
-        status.message().contains("check stored events"),
-        "{status:?}"
-    );
+    let took = failing_call(&mut client, &writes, "check stored events").await;
     // One compare's attempts (about 1.3 s), not ten (13 s).
     assert!(took < Duration::from_secs(5), "the call took {took:?}");
     assert!(all_written_when_retried(&mut client, &writes).await);
