@@ -39,8 +39,8 @@ const WRITERS_PER_SERVER: usize = 3;
 /// batch in flight waits for that batch too, which the third attempt's allowance covers. A
 /// batch MongoDB acknowledged after the server's watermark lease lapsed (around the majority's
 /// loss or return) is moved forward in read-journal order first, under a holding lease: that
-/// waits for the lease once per batch, `WATERMARK_LEASE` and four `WATERMARK_INTERVAL`s at
-/// most. The README's faults section gives the same bound.
+/// waits for the lease once per round of the batch (usually one), `WATERMARK_LEASE` and four
+/// `WATERMARK_INTERVAL`s at most. The README's faults section gives the same bound.
 const WRITE_CONCERN_TIMEOUT: Duration = Duration::from_secs(4);
 const SERVER_SELECTION_TIMEOUT: Duration = Duration::from_secs(3);
 const RETRY_DELAY: Duration = Duration::from_millis(100);

@@ -120,6 +120,9 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
     let mut undecided_rounds: HashMap<WriteKey, u32> = HashMap::new();
     let rounds = store.retry.max_attempts().max(2);
     while !remaining.is_empty() {
+        // A round after a retry pause tries MongoDB and the lease afresh.
+        run.restamp_failed = None;
+        run.compare_failed = None;
         let fresh = match run.know(&remaining, &must_read).await {
             Ok(fresh) => fresh,
             Err(error) => {
@@ -231,12 +234,12 @@ struct Run<'a> {
     held: Vec<InFlight>,
     /// A write ended with an error: its outcome may be unknown.
     uncertain: bool,
-    /// A re-stamp of this batch failed (no lease to be had, or MongoDB not answering): the
-    /// batch's later re-stamps fail with the same error at once instead of each waiting as long
-    /// again, so the last id's write is not kept waiting once per id before it.
+    /// A re-stamp in this round failed for want of a lease or of MongoDB: the round's later
+    /// re-stamps fail with the same error at once instead of each waiting as long again, so
+    /// the last id's write is not kept waiting once per id before it.
     restamp_failed: Option<JournalError>,
     /// A read of stored events to compare with found MongoDB unavailable after its retries:
-    /// the batch's later compares fail with it at once, for the same reason (after a failover,
+    /// the round's later compares fail with it at once, for the same reason (after a failover,
     /// a batch can be many clients' retries, each a compare).
     compare_failed: Option<JournalError>,
 }
@@ -624,8 +627,8 @@ impl Run<'_> {
     }
 
     /// Moves `pid`'s events from `first` on forward in read-journal order (see
-    /// [`EventStore::restamp`]), unless a re-stamp of this batch has failed already: then with
-    /// that failure, at once. The events are stored either way; a retry of the write moves them.
+    /// [`EventStore::restamp`]), unless a re-stamp of this round found no lease or no MongoDB
+    /// already: then with that failure, at once. The events are stored either way; a retry of the write moves them.
     async fn restamp(
         &mut self,
         pid: &str,
@@ -637,8 +640,12 @@ impl Run<'_> {
         }
         let restamped = self.store.restamp(pid, first, acknowledged_late).await;
         restamped.map_err(|error| {
+            // Not an error of this id's own (MongoDB refusing its update): that fails it alone.
+            let unavailable = !matches!(error, MongoError::Internal { .. });
             let error = JournalError::from(error);
-            self.restamp_failed = Some(error.clone());
+            if unavailable {
+                self.restamp_failed = Some(error.clone());
+            }
             error
         })
     }
