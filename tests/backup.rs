@@ -591,19 +591,9 @@ async fn fail_third_find(name: &str) -> String {
 
 /// Makes MongoDB fail `command` after `skip` successes, for clients named by the connection
 /// string returned.
-async fn fail_command_after(name: &str, command: &str, skip: u32) -> String {
+async fn fail_command_after(name: &str, command: &str, skip: i32) -> String {
     let app = format!("{name}_{}", std::process::id());
-    mongodb::Client::with_uri_str(mongodb_uri())
-        .await
-        .unwrap()
-        .database("admin")
-        .run_command(doc! {
-            "configureFailPoint": "failCommand",
-            "mode": { "skip": skip },
-            "data": { "failCommands": [command], "appName": &app, "errorCode": 2 },
-        })
-        .await
-        .unwrap();
+    fail_after(&app, skip, command, doc! { "errorCode": 2 }).await;
     let separator = if mongodb_uri().contains('?') {
         '&'
     } else {

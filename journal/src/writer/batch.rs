@@ -393,10 +393,12 @@ impl Run<'_> {
         {
             Ok(stored) => stored,
             Err(error) => {
-                if matches!(error, MongoError::Unavailable { .. }) {
-                    self.compare_failed = Some(error.clone().into());
+                let unavailable = matches!(error, MongoError::Unavailable { .. });
+                let error = JournalError::from(error);
+                if unavailable {
+                    self.compare_failed = Some(error.clone());
                 }
-                return self.error(write, error.into());
+                return self.error(write, error);
             }
         };
         let range = range(write.first, write.last);
@@ -628,7 +630,8 @@ impl Run<'_> {
 
     /// Moves `pid`'s events from `first` on forward in read-journal order (see
     /// [`EventStore::restamp`]), unless a re-stamp of this round found no lease or no MongoDB
-    /// already: then with that failure, at once. The events are stored either way; a retry of the write moves them.
+    /// already: then with that failure, at once. The events are stored either way; a retry of
+    /// the write moves them.
     async fn restamp(
         &mut self,
         pid: &str,
