@@ -14,9 +14,11 @@
 //! Why fail instead of waiting for room: a request left unread keeps its data in the
 //! connection's shared HTTP/2 window, and the calls holding the budget on that connection may
 //! need that window to receive the rest of their own messages. Waiting could stall the
-//! connection for good. A `WriteEventsStream` that stops reading ahead (below) holds its own
-//! HTTP/2 window in the same way, which can hold up the other calls on its connection, but
-//! only until its answers come from MongoDB: it waits on nothing else.
+//! connection for good. A `WriteEventsStream` that stops reading ahead (below) holds its
+//! stream's HTTP/2 window (`server.http2-stream-window`, 1 MiB) in the same way, but only until
+//! its answers come from MongoDB: it waits on nothing else. The connection's window
+//! (`server.http2-connection-window`) is four times that by default, so one such stream does
+//! not hold up the other calls on its connection; several together can.
 //!
 //! How long a message holds its bytes:
 //! - a unary call's, and a server-streaming call's request: until the handler has answered, or
@@ -30,7 +32,8 @@
 //!   ends its stream quietly (OK) on a refused message, as on any error of its input.
 //!
 //! What the budget does not count: what HTTP/2 buffers before a call reads it (at most the
-//! connection's window, 1 MiB, per connection); the copies a message is made into while it is
+//! connection's window, `server.http2-connection-window`, 4 MiB by default, per connection); the
+//! copies a message is made into while it is
 //! handled (the decoded request, its BSON documents, the driver's command: together two to four
 //! times its size); the responses; and writes that reached MongoDB before their call was
 //! cancelled (the call's bytes are free again at once).
@@ -45,9 +48,9 @@
 //! that ran out while the call was not reading starts again when it reads). A client that
 //! stalls between messages holds nothing; a stream may stay open and idle. There is no minimum
 //! rate: a client that trickles a message on purpose, a few bytes inside every timeout, still
-//! holds its share. A message can also wait through no fault of its client, when another call
-//! on its connection has filled the connection's HTTP/2 window and stopped reading (a stream
-//! waiting for MongoDB); the setting's default, above MongoDB's longest wait with the default
+//! holds its share. A message can also wait through no fault of its client, when other calls on
+//! its connection have together filled the connection's HTTP/2 window and stopped reading
+//! (streams waiting for MongoDB); the setting's default, above MongoDB's longest wait with the default
 //! settings, keeps that from cutting it. Reflection ends its stream quietly (OK) on a stalled
 //! message too.
 

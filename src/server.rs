@@ -90,7 +90,11 @@ pub async fn run(
         .context("building the reflection service")?;
 
     let max_message_size = settings.server.max_message_size.as_u64() as usize;
-    let mut builder = Server::builder();
+    // The connection's window several times a stream's: a stream that stops reading ahead
+    // holds its own window, not its connection's (`server.http2-connection-window`).
+    let mut builder = Server::builder()
+        .initial_stream_window_size(settings.server.http2_stream_window.as_u64() as u32)
+        .initial_connection_window_size(settings.server.http2_connection_window.as_u64() as u32);
     if !settings.server.keep_alive_interval.is_zero() {
         builder = builder
             .http2_keepalive_interval(Some(settings.server.keep_alive_interval))

@@ -244,52 +244,90 @@ async fn without_responses_received_a_failed_id_stays_stopped_on_the_stream() {
     assert_eq!(next, ["written"]);
 }
 
+/// The payload bytes of each of [`flood`]'s requests.
+const FLOOD_PAYLOAD: usize = 64 * 1024;
+
+/// A producer with an endless supply of requests of one [`FLOOD_PAYLOAD`] event each, of id
+/// "flood", sending as fast as it may; `produced` counts the requests the client has taken.
+fn flood(
+    produced: &Arc<AtomicUsize>,
+) -> impl futures::Stream<Item = pb::WriteEventsRequest> + use<> {
+    let counter = produced.clone();
+    futures::stream::iter(1..).map(move |sequence_nr: i64| {
+        counter.fetch_add(1, Ordering::Relaxed);
+        let mut flood = event("flood", sequence_nr, "");
+        flood.payload = Some(pb::Payload {
+            data: vec![7; FLOOD_PAYLOAD],
+            serializer_id: 1,
+            manifest: String::new(),
+        });
+        request(vec![atomic(vec![flood])])
+    })
+}
+
+/// A server (`configure`d) whose inserts MongoDB holds for `millis` each, and a
+/// `WriteEventsStream` on it fed by [`flood`].
+struct Flooded {
+    server: TestServer,
+    client: proto::v1::journal_client::JournalClient<tonic::transport::Channel>,
+    produced: Arc<AtomicUsize>,
+    responses: tonic::Streaming<pb::WriteEventsResponse>,
+}
+
+impl Flooded {
+    async fn start(app: &str, millis: i32, configure: impl FnOnce(&mut config::Settings)) -> Self {
+        let server = TestServer::start_with(app, |settings| {
+            settings.mongodb.uri = format!("{}&appName={app}", mongodb_uri());
+            configure(settings);
+        })
+        .await;
+        let mut client = server.journal().await;
+        fail_next(
+            app,
+            1_000,
+            "insert",
+            doc! { "blockConnection": true, "blockTimeMS": millis },
+        )
+        .await;
+        let produced = Arc::new(AtomicUsize::new(0));
+        let responses = client
+            .write_events_stream(flood(&produced))
+            .await
+            .unwrap()
+            .into_inner();
+        Self {
+            server,
+            client,
+            produced,
+            responses,
+        }
+    }
+}
+
 #[tokio::test]
 async fn a_flooding_client_is_held_back_by_flow_control() {
     const APP: &str = "stream_flood";
     const UNACKNOWLEDGED: usize = 4;
-    const PAYLOAD: usize = 64 * 1024;
     let _failpoint = failpoint_turn().await;
-    let server = TestServer::start_with("stream_flood", |settings| {
-        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    // MongoDB holds every insert for 3 s: nothing is answered meanwhile.
+    let flooded = Flooded::start(APP, 3_000, |settings| {
         settings.write_journal.stream_max_unacknowledged = UNACKNOWLEDGED as u32;
         // The stream stops reading for seconds at a time with a message begun: that time is
         // not the client's and must not cut the call.
         settings.server.message_idle_timeout = Duration::from_secs(1);
     })
     .await;
-    let mut client = server.journal().await;
-    // MongoDB holds every insert of this server for 3 s: nothing is answered meanwhile.
-    fail_next(
-        APP,
-        1_000,
-        "insert",
-        doc! { "blockConnection": true, "blockTimeMS": 3_000 },
-    )
-    .await;
-    // A producer with an endless supply of 64 KiB requests, sending as fast as it may.
-    let produced = Arc::new(AtomicUsize::new(0));
-    let counter = produced.clone();
-    let requests = futures::stream::iter(1..).map(move |sequence_nr: i64| {
-        counter.fetch_add(1, Ordering::Relaxed);
-        let mut flood = event("flood", sequence_nr, "");
-        flood.payload = Some(pb::Payload {
-            data: vec![7; PAYLOAD],
-            serializer_id: 1,
-            manifest: String::new(),
-        });
-        request(vec![atomic(vec![flood])])
-    });
-    let mut responses = client
-        .write_events_stream(requests)
-        .await
-        .unwrap()
-        .into_inner();
+    let Flooded {
+        server,
+        mut client,
+        produced,
+        mut responses,
+    } = flooded;
     tokio::time::sleep(Duration::from_secs(2)).await;
     // The server reads UNACKNOWLEDGED requests; then the stream's 1 MiB HTTP/2 window fills
     // (16 requests) and the client's send waits. Without flow control it would be thousands.
     let taken = produced.load(Ordering::Relaxed);
-    let window = (1 << 20) / PAYLOAD;
+    let window = server.settings.server.http2_stream_window.as_u64() as usize / FLOOD_PAYLOAD;
     assert!(
         taken <= UNACKNOWLEDGED + window + 8,
         "the client could send {taken} requests while none was answered"
@@ -315,6 +353,56 @@ async fn a_flooding_client_is_held_back_by_flow_control() {
     );
 }
 
+#[tokio::test]
+async fn a_stream_held_back_by_flow_control_does_not_hold_up_the_other_calls_on_its_connection() {
+    const APP: &str = "stream_flood_shared_connection";
+    let _failpoint = failpoint_turn().await;
+    // MongoDB holds every insert for 8 s: the stream stops reading ahead, and what its client
+    // goes on sending stays in HTTP/2 until then.
+    let Flooded {
+        client,
+        produced,
+        mut responses,
+        ..
+    } = Flooded::start(APP, 8_000, |_| {}).await;
+    // Until the client can send no more: the stream's HTTP/2 window is full.
+    let mut taken = 0;
+    loop {
+        tokio::time::sleep(Duration::from_millis(500)).await;
+        let now = produced.load(Ordering::Relaxed);
+        if now == taken {
+            break;
+        }
+        taken = now;
+    }
+    assert!(taken > 8, "the stream was not flooded: {taken} requests");
+    // Another call on the same connection (a clone of the client shares its channel) is
+    // answered at once, not after MongoDB lets the stream's inserts go: the stream's data
+    // fills its own window (server.http2-stream-window, 1 MiB), not its connection's
+    // (server.http2-connection-window, 4 MiB).
+    let started = std::time::Instant::now();
+    let mut other = client.clone();
+    let other_call = tokio::time::timeout(Duration::from_secs(3), highest(&mut other, "other"));
+    let answered = other_call.await;
+    let waited = started.elapsed();
+    failpoint_off().await;
+    assert_eq!(
+        answered.unwrap_or_else(|_| panic!(
+            "another call on the stream's connection waited {waited:?} for the stream"
+        )),
+        0
+    );
+    // And the stream goes on once MongoDB answers.
+    for sequence_nr in 1..=taken {
+        let response = tokio::time::timeout(Duration::from_secs(30), responses.message())
+            .await
+            .expect("responses flow again")
+            .unwrap()
+            .unwrap_or_else(|| panic!("a response to request {sequence_nr}"));
+        assert_eq!(outcomes(&response), ["written"], "request {sequence_nr}");
+    }
+}
+
 /// A request of one event of `bytes` payload bytes.
 fn large(pid: &str, sequence_nr: i64, bytes: usize) -> pb::WriteEventsRequest {
     let mut large = event(pid, sequence_nr, "");
@@ -326,10 +414,14 @@ fn large(pid: &str, sequence_nr: i64, bytes: usize) -> pb::WriteEventsRequest {
     request(vec![atomic(vec![large])])
 }
 
-/// `server.max-request-memory` of 2 MiB, with messages of at most 1 MiB.
+/// `server.max-request-memory` of 2 MiB, with messages of at most 1 MiB, and a connection's
+/// HTTP/2 window no larger than a stream's (1 MiB): a call that keeps what it does not read
+/// holds up every other call on its connection, as a test of discarding needs.
 fn small_budget(settings: &mut config::Settings) {
     settings.server.max_message_size = bytesize::ByteSize::mib(1);
     settings.server.max_request_memory = bytesize::ByteSize::mib(2);
+    settings.server.http2_stream_window = bytesize::ByteSize::mib(1);
+    settings.server.http2_connection_window = bytesize::ByteSize::mib(1);
 }
 
 #[tokio::test]

@@ -320,10 +320,25 @@ pub struct ServerSettings {
     /// that keeps sending is not cut, and a client idle between messages holds nothing. Keep it
     /// above MongoDB's longest wait (`mongodb.write-concern.timeout` + `mongodb.retry.max-attempts`
     /// × (`mongodb.server-selection-timeout` + `mongodb.retry.delay`), about 41 s by default):
-    /// a `WriteEventsStream` waiting that long for its answers can hold its connection's HTTP/2
-    /// window, and another call's message on that connection waits with it.
+    /// `WriteEventsStream`s waiting that long for their answers can together fill their
+    /// connection's HTTP/2 window (`http2_connection_window`), and another call's message on
+    /// that connection then waits with them.
     #[serde(with = "humantime_serde")]
     pub message_idle_timeout: Duration,
+    /// HTTP/2 flow control: the bytes of one call's request the client may send ahead of what
+    /// the call has read. A `WriteEventsStream` that stops reading ahead (its requests wait for
+    /// MongoDB) holds up to this much in the server's HTTP/2 buffers. Also the most a single
+    /// message travels per round trip of the network: a 32 MiB message over a 10 ms link takes
+    /// at least 32 MiB / this × 10 ms. At least 64 KiB, at most 1 GiB.
+    pub http2_stream_window: ByteSize,
+    /// HTTP/2 flow control: the bytes of all calls' requests on one connection the client may
+    /// send ahead of what the calls have read; the most the server's HTTP/2 buffers hold per
+    /// connection (not counted in `max_request_memory`). Keep it several times
+    /// `http2_stream_window`: streams that stopped reading hold their windows of it, and once
+    /// they hold it all, every other call on their connection waits for them (the Rust client
+    /// and most gRPC clients send all their calls on one connection). At least
+    /// `http2_stream_window`, at most 1 GiB.
+    pub http2_connection_window: ByteSize,
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
     #[serde(with = "humantime_serde")]
     pub shutdown_grace_period: Duration,
@@ -376,6 +391,8 @@ impl Default for ServerSettings {
             max_message_size: ByteSize::mib(32),
             max_request_memory: ByteSize::mib(256),
             message_idle_timeout: Duration::from_secs(60),
+            http2_stream_window: ByteSize::mib(1),
+            http2_connection_window: ByteSize::mib(4),
             shutdown_grace_period: Duration::from_secs(30),
             metrics_listen: Some(SocketAddr::from(([127, 0, 0, 1], 9464))),
             health_check_interval: Duration::from_secs(5),

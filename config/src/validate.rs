@@ -106,6 +106,23 @@ impl Settings {
             humantime::format_duration(server.message_idle_timeout).to_string(),
             "must be at least 10ms",
         );
+        let windows = 64 << 10..=1 << 30;
+        problems.check(
+            windows.contains(&server.http2_stream_window.as_u64()),
+            "server.http2-stream-window",
+            server.http2_stream_window.to_string(),
+            "must be between 64 KiB and 1 GiB",
+        );
+        problems.check(
+            windows.contains(&server.http2_connection_window.as_u64())
+                && server.http2_connection_window >= server.http2_stream_window,
+            "server.http2-connection-window",
+            server.http2_connection_window.to_string(),
+            &format!(
+                "must be between server.http2-stream-window ({}) and 1 GiB",
+                server.http2_stream_window
+            ),
+        );
         let tls = &server.tls;
         if tls.enabled {
             problems.check(

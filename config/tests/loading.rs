@@ -182,6 +182,8 @@ fn validation_lists_every_bad_key_with_its_value() {
         keep-alive-timeout = "1ms"
         max-request-memory = "16 MiB"
         message-idle-timeout = "1ms"
+        http2-stream-window = "16 KiB"
+        http2-connection-window = "8 KiB"
         [mongodb]
         uri = "http://localhost"
         database = "bad.name"
@@ -210,6 +212,8 @@ fn validation_lists_every_bad_key_with_its_value() {
         "server.keep-alive-timeout = \"1ms\": must be at least 10ms",
         "server.max-request-memory = \"16.0 MiB\": must be at least server.max-message-size (32.0 MiB)",
         "server.message-idle-timeout = \"1ms\": must be at least 10ms",
+        "server.http2-stream-window = \"16.0 KiB\": must be between 64 KiB and 1 GiB",
+        "server.http2-connection-window = \"8.0 KiB\": must be between server.http2-stream-window (16.0 KiB) and 1 GiB",
         "mongodb.uri = \"http://localhost\": must start with mongodb://",
         "mongodb.database = \"bad.name\"",
         "mongodb.read-concern = \"snapshot\"",
