@@ -15,8 +15,8 @@
 //! connection's shared HTTP/2 window, and the calls holding the budget on that connection may
 //! need that window to receive the rest of their own messages. Waiting could stall the
 //! connection for good. A `WriteEventsStream` that stops reading ahead (below) holds its
-//! stream's HTTP/2 window (`server.http2-stream-window`, 1 MiB) in the same way, but only until
-//! its answers come from MongoDB: it waits on nothing else. The connection's window
+//! stream's HTTP/2 window (`server.http2-stream-window`, 1 MiB by default) in the same way, but
+//! only until its answers come from MongoDB: it waits on nothing else. The connection's window
 //! (`server.http2-connection-window`) is four times that by default, so one such stream does
 //! not hold up the other calls on its connection; several together can.
 //!
@@ -32,11 +32,11 @@
 //!   ends its stream quietly (OK) on a refused message, as on any error of its input.
 //!
 //! What the budget does not count: what HTTP/2 buffers before a call reads it (at most the
-//! connection's window, `server.http2-connection-window`, 4 MiB by default, per connection); the
-//! copies a message is made into while it is
-//! handled (the decoded request, its BSON documents, the driver's command: together two to four
-//! times its size); the responses; and writes that reached MongoDB before their call was
-//! cancelled (the call's bytes are free again at once).
+//! connection's window, `server.http2-connection-window`, 4 MiB by default, per connection);
+//! the copies a message is made into while it is handled (the decoded request, its BSON
+//! documents, the driver's command: together two to four times its size); the responses; and
+//! writes that reached MongoDB before their call was cancelled (the call's bytes are free again
+//! at once).
 //!
 //! A message that has begun to arrive must keep arriving: when none of its bytes come for
 //! `server.message-idle-timeout` while the call waits for them, the call fails with
@@ -50,8 +50,8 @@
 //! rate: a client that trickles a message on purpose, a few bytes inside every timeout, still
 //! holds its share. A message can also wait through no fault of its client, when other calls on
 //! its connection have together filled the connection's HTTP/2 window and stopped reading
-//! (streams waiting for MongoDB); the setting's default, above MongoDB's longest wait with the default
-//! settings, keeps that from cutting it. Reflection ends its stream quietly (OK) on a stalled
+//! (streams waiting for MongoDB); the setting's default, above MongoDB's longest wait with the
+//! default settings, keeps that from cutting it. Reflection ends its stream quietly (OK) on a stalled
 //! message too.
 
 use std::collections::VecDeque;

@@ -335,9 +335,9 @@ pub struct ServerSettings {
     /// send ahead of what the calls have read; the most the server's HTTP/2 buffers hold per
     /// connection (not counted in `max_request_memory`). Keep it several times
     /// `http2_stream_window`: streams that stopped reading hold their windows of it, and once
-    /// they hold it all, every other call on their connection waits for them (the Rust client
-    /// and most gRPC clients send all their calls on one connection). At least
-    /// `http2_stream_window`, at most 1 GiB.
+    /// they hold it all, every other call on their connection waits for them (most gRPC
+    /// clients send all their calls on one connection; the Rust client sends its streams, reads
+    /// and first write calls on one). At least `http2_stream_window`, at most 1 GiB.
     pub http2_connection_window: ByteSize,
     /// On SIGTERM/SIGINT, how long in-flight calls may take before the process exits anyway.
     #[serde(with = "humantime_serde")]

@@ -119,7 +119,7 @@ impl Settings {
             "server.http2-connection-window",
             server.http2_connection_window.to_string(),
             &format!(
-                "must be between server.http2-stream-window ({}) and 1 GiB",
+                "must be at least 64 KiB and server.http2-stream-window ({}), at most 1 GiB",
                 server.http2_stream_window
             ),
         );

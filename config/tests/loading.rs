@@ -213,7 +213,7 @@ fn validation_lists_every_bad_key_with_its_value() {
         "server.max-request-memory = \"16.0 MiB\": must be at least server.max-message-size (32.0 MiB)",
         "server.message-idle-timeout = \"1ms\": must be at least 10ms",
         "server.http2-stream-window = \"16.0 KiB\": must be between 64 KiB and 1 GiB",
-        "server.http2-connection-window = \"8.0 KiB\": must be between server.http2-stream-window (16.0 KiB) and 1 GiB",
+        "server.http2-connection-window = \"8.0 KiB\": must be at least 64 KiB and server.http2-stream-window (16.0 KiB), at most 1 GiB",
         "mongodb.uri = \"http://localhost\": must start with mongodb://",
         "mongodb.database = \"bad.name\"",
         "mongodb.read-concern = \"snapshot\"",
