@@ -32,6 +32,13 @@ async fn stored_sequence_nrs(client: &Client, pid: &str) -> Vec<i64> {
         .unwrap()
 }
 
+/// Two attempts, 10 ms apart.
+const TWO_QUICK_ATTEMPTS: RetryPolicy = RetryPolicy {
+    max_attempts: 2,
+    first_backoff: Duration::from_millis(10),
+    max_backoff: Duration::from_millis(10),
+};
+
 fn event(pid: &str, sequence_nr: i64, text: &str) -> Event {
     Event::new(
         pid,
@@ -300,11 +307,7 @@ async fn calls_are_retried_through_an_outage_and_retried_writes_are_idempotent()
     assert_eq!(events.len(), 3, "two events and the highest: {events:?}");
 
     let impatient = Client::builder(format!("http://{}", proxy.address))
-        .retry(RetryPolicy {
-            max_attempts: 2,
-            first_backoff: Duration::from_millis(10),
-            max_backoff: Duration::from_millis(10),
-        })
+        .retry(TWO_QUICK_ATTEMPTS)
         .connect()
         .await
         .unwrap();
@@ -1076,4 +1079,54 @@ async fn the_spool_sends_large_records_and_refuses_one_too_large_for_any_message
     assert!(rejected.starts_with("too-large 1..=1: "), "{rejected}");
     drop(spool);
     std::fs::remove_dir_all(&directory).unwrap();
+}
+
+#[tokio::test]
+async fn a_call_without_an_answer_in_time_fails_with_deadline_exceeded_after_its_attempts() {
+    const APP: &str = "client_call_timeout";
+    const TIMEOUT: Duration = Duration::from_millis(500);
+    let _failpoint = failpoint_turn().await;
+    let server = TestServer::start_with(APP, |settings| {
+        settings.mongodb.uri = format!("{}&appName={APP}", mongodb_uri());
+    })
+    .await;
+    // MongoDB holds each of the server's inserts for 2 s: the call gets no answer in time.
+    fail_next(
+        APP,
+        100,
+        "insert",
+        mongodb::bson::doc! { "blockConnection": true, "blockTimeMS": 2_000 },
+    )
+    .await;
+    let client = Client::builder(server.url())
+        .call_timeout(TIMEOUT)
+        .retry(TWO_QUICK_ATTEMPTS)
+        .connect()
+        .await
+        .unwrap();
+    let write = || client.write_events(vec![vec![event("slow", 1, "one")]]);
+    let started = std::time::Instant::now();
+    let error = write().await.unwrap_err();
+    let waited = started.elapsed();
+    failpoint_off().await;
+    assert!(
+        matches!(&error, Error::DeadlineExceeded(message)
+            if message.contains("WriteEvents: no answer within the call timeout (500ms) in 2 attempt(s)")
+                && message.contains("sending it again is safe")),
+        "{error:?}"
+    );
+    assert!(error.is_retryable(), "{error:?}");
+    assert!(waited >= TIMEOUT * 2, "both attempts ran: {waited:?}");
+    // The write may have been stored meanwhile; sending it again is answered Written, and it
+    // is stored once.
+    let mut outcome = write().await;
+    for _ in 0..50 {
+        if !matches!(&outcome, Err(error) if error.is_retryable()) {
+            break;
+        }
+        tokio::time::sleep(Duration::from_millis(200)).await;
+        outcome = write().await;
+    }
+    assert_eq!(outcome.unwrap(), vec![WriteOutcome::Written]);
+    assert_eq!(stored_sequence_nrs(&client, "slow").await, vec![1]);
 }

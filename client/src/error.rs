@@ -29,7 +29,9 @@ pub enum Error {
     /// The token lacks the role the call needs (read, write, admin).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    /// The call took longer than the client's call timeout.
+    /// No answer came within the client's call timeout, in every attempt the retry policy
+    /// allows (or the service answered `DEADLINE_EXCEEDED`). The call may have been applied;
+    /// sending it again is safe.
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
     /// Anything else the service answered.
@@ -46,16 +48,31 @@ pub enum Error {
 }
 
 impl Error {
-    /// Whether a status means the call may not have reached the service: `UNAVAILABLE`, or a
+    /// Whether a status means the call may not have reached the service: `UNAVAILABLE`, a
     /// connection broken under the call (tonic's `UNKNOWN` "transport error" or `CANCELLED`
     /// "operation was canceled", which carry the transport's error as their source; the
-    /// service's own statuses carry none).
+    /// service's own statuses carry none), or the client's call timeout running out
+    /// ([`Error::timed_out`]). Such a call is sent again while attempts remain.
     pub(crate) fn unreachable(status: &tonic::Status) -> bool {
         match status.code() {
             Code::Unavailable => true,
             Code::Unknown | Code::Cancelled => std::error::Error::source(status).is_some(),
             _ => false,
         }
+    }
+
+    /// Whether a status is the client's own call timeout running out (tonic's `CANCELLED`
+    /// "Timeout expired", with [`tonic::TimeoutExpired`] as its source), not the service's
+    /// answer.
+    pub(crate) fn timed_out(status: &tonic::Status) -> bool {
+        let mut source = std::error::Error::source(status);
+        while let Some(error) = source {
+            if error.is::<tonic::TimeoutExpired>() {
+                return true;
+            }
+            source = error.source();
+        }
+        false
     }
 
     pub(crate) fn from_status(status: tonic::Status, attempts: u32) -> Self {
@@ -78,10 +95,11 @@ impl Error {
     }
 
     /// Whether the same call may be sent again: the service was not reached, or answered that
-    /// it could not reach MongoDB. Every write of the contract is idempotent, so a retry of
-    /// one whose first attempt was in fact applied gets the same answer.
+    /// it could not reach MongoDB, or did not answer in time. Every write of the contract is
+    /// idempotent, so a retry of one whose first attempt was in fact applied gets the same
+    /// answer.
     pub fn is_retryable(&self) -> bool {
-        matches!(self, Self::Unavailable { .. })
+        matches!(self, Self::Unavailable { .. } | Self::DeadlineExceeded(_))
     }
 }
 

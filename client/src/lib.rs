@@ -180,8 +180,11 @@ impl ClientBuilder {
         self
     }
 
-    /// How long a unary call (and opening a stream) may take, per attempt (default 30 s).
-    /// Streams themselves have no deadline: a live query runs until dropped.
+    /// How long a unary call (and opening a stream) may take, per attempt (default 30 s). An
+    /// attempt without an answer by then is sent again, as after a broken connection (see
+    /// [`ClientBuilder::retry`]); when the last one runs out too, the call fails with
+    /// [`Error::DeadlineExceeded`]. Streams themselves have no deadline: a live query runs
+    /// until dropped.
     pub fn call_timeout(mut self, timeout: Duration) -> Self {
         self.call_timeout = timeout;
         self
@@ -393,8 +396,8 @@ impl Client {
         }
     }
 
-    /// Sends `call` until it succeeds, fails with something other than `UNAVAILABLE`, or the
-    /// attempts run out.
+    /// Sends `call` until it succeeds, fails with something other than `UNAVAILABLE` (or a
+    /// broken connection, or the call timeout running out), or the attempts run out.
     async fn retrying<T, F, Fut>(&self, what: &str, call: F) -> Result<T>
     where
         F: FnMut(Duration) -> Fut,
@@ -425,6 +428,13 @@ impl Client {
                     tokio::time::sleep(backoff).await;
                     backoff = (backoff * 2).min(self.retry.max_backoff);
                     attempt += 1;
+                }
+                Err(status) if Error::timed_out(&status) => {
+                    return Err(Error::DeadlineExceeded(format!(
+                        "{what}: no answer within the call timeout ({:?}) in {attempt} \
+                         attempt(s); it may have been applied, and sending it again is safe",
+                        self.call_timeout
+                    )));
                 }
                 Err(status) => return Err(Error::from_status(status, attempt)),
             }
@@ -467,8 +477,6 @@ impl Client {
         Ok(results.into_iter().map(Into::into).collect())
     }
 
-    /// One `WriteEvents` call on `lane` (`None`: the client's connection), retried while
-    /// `UNAVAILABLE`, answered with one result per write.
     /// One `WriteEvents` call of `writes` on `lane` (the client's connection for `None`), with
     /// at most `max_attempts` attempts.
     async fn write_call(
