@@ -29,7 +29,9 @@
 //!   [`stream_share`] of the budget, so one stream cannot take it all. A refusal ends the
 //!   stream after the requests read before it are answered;
 //! - any other stream of requests (reflection): only while it is being received. Reflection
-//!   ends its stream quietly (OK) on a refused message, as on any error of its input.
+//!   ends its stream quietly on any error of its input; so that a refused message's call does
+//!   not end with OK, the layer puts the refusal in the place of the OK in its trailers
+//!   ([`Reported`]).
 //!
 //! What the budget does not count: what HTTP/2 buffers before a call reads it (at most the
 //! connection's window, `server.http2-connection-window`, 4 MiB by default, per connection);
@@ -51,8 +53,8 @@
 //! holds its share. A message can also wait through no fault of its client, when other calls on
 //! its connection have together filled the connection's HTTP/2 window and stopped reading
 //! (streams waiting for MongoDB); the setting's default, above MongoDB's longest wait with the
-//! default settings, keeps that from cutting it. Reflection ends its stream quietly (OK) on a stalled
-//! message too.
+//! default settings, keeps that from cutting it. A reflection call whose message stalls ends with
+//! that status too ([`Reported`]).
 
 use std::collections::VecDeque;
 use std::pin::Pin;
@@ -74,6 +76,13 @@ type BoxError = Box<dyn std::error::Error + Send + Sync>;
 
 /// The one method whose handler releases its messages itself, one per response.
 const RELEASED_BY_HANDLER: &str = "/eventjournal.v1.Journal/WriteEventsStream";
+
+/// Methods whose handler ends its response with OK when its request body fails (tonic's
+/// reflection service): their call's status is the body's failure instead ([`Reported`]).
+const QUIET_ON_BODY_ERRORS: [&str; 2] = [
+    "/grpc.reflection.v1.ServerReflection/ServerReflectionInfo",
+    "/grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo",
+];
 
 /// Bytes of a gRPC message's prefix: the compression flag, then the length (big-endian u32).
 const PREFIX: usize = 5;
@@ -174,6 +183,8 @@ struct Held {
     messages: VecDeque<Reservation>,
     /// The call has been answered: messages received from now on do not stay held.
     answered: bool,
+    /// The status of the call's body when it failed for want of room or of data.
+    failure: Option<(tonic::Code, String)>,
 }
 
 impl HeldMessages {
@@ -201,6 +212,17 @@ impl HeldMessages {
         if !held.answered {
             held.messages.push_back(message);
         }
+    }
+
+    /// The call's body failed with `status` (a refusal or a stall).
+    fn fail(&self, status: &Status) {
+        self.lock().failure = Some((status.code(), status.message().to_owned()));
+    }
+
+    fn failure(&self) -> Option<Status> {
+        let held = self.lock();
+        let (code, message) = held.failure.as_ref()?;
+        Some(Status::new(*code, message.clone()))
     }
 
     fn answer(&self) {
@@ -274,7 +296,7 @@ where
     B::Error: Into<BoxError>,
     R: Send + 'static,
 {
-    type Response = S::Response;
+    type Response = http::Response<Reported<R>>;
     type Error = S::Error;
     type Future = BoxFuture<'static, Result<Self::Response, Self::Error>>;
 
@@ -289,17 +311,63 @@ where
         if released_by_handler {
             parts.extensions.insert(held.clone());
         }
+        let quiet = QUIET_ON_BODY_ERRORS.contains(&parts.uri.path());
         let body = tonic::body::Body::new(Metered::new(body, self.budget.clone(), held.clone()));
         let response = self.inner.call(http::Request::from_parts(parts, body));
-        if released_by_handler {
-            return Box::pin(response);
-        }
-        let answered = Answered(held);
+        let failure = quiet.then(|| held.clone());
+        let answered = (!released_by_handler).then(|| Answered(held));
         Box::pin(async move {
             let response = response.await;
             drop(answered);
-            response
+            Ok(response?.map(|body| Reported { body, failure }))
         })
+    }
+}
+
+/// A response body; for a call whose handler ends with OK when its request body fails
+/// ([`QUIET_ON_BODY_ERRORS`]), OK in its trailers becomes the body's refusal or stall.
+#[derive(Default)]
+pub struct Reported<B> {
+    body: B,
+    failure: Option<HeldMessages>,
+}
+
+impl<B: Body + Unpin> Body for Reported<B> {
+    type Data = B::Data;
+    type Error = B::Error;
+
+    fn poll_frame(
+        mut self: Pin<&mut Self>,
+        context: &mut Context<'_>,
+    ) -> Poll<Option<Result<Frame<Self::Data>, Self::Error>>> {
+        let frame = ready!(Pin::new(&mut self.body).poll_frame(context));
+        let Some(failure) = &self.failure else {
+            return Poll::Ready(frame);
+        };
+        let Some(Ok(frame)) = frame else {
+            return Poll::Ready(frame);
+        };
+        let ok = frame.trailers_ref().is_some_and(|trailers| {
+            trailers
+                .get("grpc-status")
+                .is_some_and(|status| status == "0")
+        });
+        let reported = match failure.failure() {
+            Some(status) if ok => {
+                let mut trailers = http::HeaderMap::new();
+                status.add_header(&mut trailers).ok().map(|()| trailers)
+            }
+            _ => None,
+        };
+        Poll::Ready(Some(Ok(reported.map_or(frame, Frame::trailers))))
+    }
+
+    fn is_end_stream(&self) -> bool {
+        self.body.is_end_stream()
+    }
+
+    fn size_hint(&self) -> http_body::SizeHint {
+        self.body.size_hint()
     }
 }
 
@@ -394,6 +462,7 @@ impl<B> Metered<B> {
             return None;
         }
         let status = self.budget.stalled(length, remaining);
+        self.held.fail(&status);
         self.finish();
         Some(status)
     }
@@ -497,6 +566,7 @@ where
         let Err((before, status)) = this.meter(&data) else {
             return Poll::Ready(Some(Ok(Frame::data(data))));
         };
+        this.held.fail(&status);
         this.finish();
         if before == 0 {
             return Poll::Ready(Some(Err(status)));

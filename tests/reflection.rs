@@ -2,8 +2,13 @@
 
 mod common;
 
-use common::TestServer;
+use std::time::Duration;
+
+use common::{TestServer, WRITE_EVENTS, grpc_status, stalled_request, until_the_budget_refuses};
 use tonic_reflection::pb::{v1, v1alpha};
+
+const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
+const REFLECTION_V1ALPHA: &str = "grpc.reflection.v1alpha.ServerReflection/ServerReflectionInfo";
 
 const EXPECTED: [&str; 5] = [
     "eventjournal.v1.DurableStateStore",
@@ -56,4 +61,48 @@ async fn both_reflection_versions_list_every_service() {
             "v1alpha: {expected} missing from {v1alpha_names:?}"
         );
     }
+}
+
+/// Waits up to `within` for the end of a raw call, which must be `UNAVAILABLE` (not OK) with a
+/// message that says `reason`.
+async fn unavailable_within(call: h2::client::ResponseFuture, within: Duration, reason: &str) {
+    let (code, message) =
+        tokio::time::timeout(within, async { grpc_status(call.await.unwrap()).await })
+            .await
+            .unwrap_or_else(|_| panic!("the call did not end within {within:?} ({reason})"));
+    assert_eq!(code, "14", "UNAVAILABLE, not OK: {message}");
+    assert!(message.contains(reason), "{message}");
+}
+
+/// Reflection's own handler ends its stream with OK on any failure of its input; a message the
+/// server refuses for want of room, or one that stops arriving, must end the call with that
+/// reason instead, as any other call does.
+#[tokio::test]
+async fn a_reflection_message_refused_or_stalled_ends_the_call_with_the_reason() {
+    const IDLE: Duration = Duration::from_secs(3);
+    let server = TestServer::start_with("reflection_budget", |settings| {
+        settings.server.max_message_size = bytesize::ByteSize::mib(1);
+        settings.server.max_request_memory = bytesize::ByteSize::kib(1536);
+        settings.server.message_idle_timeout = IDLE;
+    })
+    .await;
+    // A write stalls inside a 900 KiB message, and a v1 reflection request inside a 10 KiB
+    // one: together they hold 910 KiB of the 1.5 MiB.
+    let (_write, _write_body, _write_connection) =
+        stalled_request(&server, WRITE_EVENTS, 900 << 10, 1 << 10).await;
+    let (stalled, _stalled_body, _stalled_connection) =
+        stalled_request(&server, REFLECTION_V1, 10 << 10, 1 << 10).await;
+    until_the_budget_refuses(&server, 900 << 10, IDLE / 2).await;
+    // A v1alpha reflection request of 700 KiB does not fit: refused at once, with the reason.
+    let (refused, _refused_body, _refused_connection) =
+        stalled_request(&server, REFLECTION_V1ALPHA, 700 << 10, 0).await;
+    unavailable_within(refused, IDLE / 2, "server.max-request-memory is 1.5 MiB").await;
+    // The stalled reflection request ends after the idle timeout, naming it.
+    unavailable_within(stalled, IDLE * 5, "server.message-idle-timeout").await;
+    // Reflection itself still answers.
+    let names = list_services!(v1, server);
+    assert!(
+        names.iter().any(|name| name == "eventjournal.v1.Journal"),
+        "{names:?}"
+    );
 }

@@ -593,50 +593,6 @@ async fn one_stream_does_not_take_the_whole_server_budget() {
     }
 }
 
-/// Sends the start of a `WriteEvents` request of `length` bytes on a connection of its own,
-/// then nothing more: its prefix and `sent` bytes of the message.
-async fn stalled_request(
-    server: &TestServer,
-    length: u32,
-    sent: usize,
-) -> (
-    h2::client::ResponseFuture,
-    h2::SendStream<bytes::Bytes>,
-    JoinHandle<()>,
-) {
-    let io = tokio::net::TcpStream::connect(server.address)
-        .await
-        .unwrap();
-    let (mut h2, connection) = h2::client::handshake(io).await.unwrap();
-    let connection = tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = raw_grpc_request(server.address, "eventjournal.v1.Journal/WriteEvents");
-    let (response, mut send) = h2.send_request(request, false).unwrap();
-    let mut start = vec![0u8];
-    start.extend(length.to_be_bytes());
-    start.extend(vec![0u8; sent]);
-    send.send_data(start.into(), false).unwrap();
-    (response, send, connection)
-}
-
-/// The `grpc-status` and `grpc-message` of a raw HTTP/2 gRPC response: in its headers when it
-/// is trailers-only, else in its trailers.
-async fn grpc_status(response: http::Response<h2::RecvStream>) -> (String, String) {
-    let (parts, mut body) = response.into_parts();
-    let metadata = match parts.headers.contains_key("grpc-status") {
-        true => parts.headers,
-        false => body.trailers().await.unwrap().expect("trailers"),
-    };
-    let field = |name: &str| {
-        metadata
-            .get(name)
-            .map(|value| value.to_str().unwrap().to_owned())
-            .unwrap_or_default()
-    };
-    (field("grpc-status"), field("grpc-message"))
-}
-
 #[tokio::test]
 async fn a_client_that_stalls_inside_a_message_loses_the_call_and_its_share_of_the_budget() {
     const IDLE: Duration = Duration::from_secs(2);
@@ -647,29 +603,12 @@ async fn a_client_that_stalls_inside_a_message_loses_the_call_and_its_share_of_t
     })
     .await;
     // A client sends the prefix of a 900 KiB request and its first KiB, then stalls.
-    let (response, _send, _connection) = stalled_request(&server, 900 << 10, 1 << 10).await;
+    let (response, _send, _connection) =
+        stalled_request(&server, WRITE_EVENTS, 900 << 10, 1 << 10).await;
     let stalled = std::time::Instant::now();
-    // Meanwhile its 900 KiB are held: another 900 KiB request does not fit. (Until the server
-    // has received the prefix, that request is written; each try uses an id of its own.)
+    // Meanwhile its 900 KiB are held: another 900 KiB request does not fit.
+    until_the_budget_refuses(&server, 900 << 10, IDLE / 2).await;
     let mut client = server.journal().await;
-    for attempt in 1.. {
-        let pid = format!("probe-{attempt}");
-        match client.write_events(large(&pid, 1, 900 << 10)).await {
-            Err(refused) => {
-                assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-                assert!(
-                    refused.message().contains("server.max-request-memory"),
-                    "{refused:?}"
-                );
-                break;
-            }
-            Ok(_) => assert!(
-                stalled.elapsed() < IDLE / 2,
-                "the stalled message was not seen holding the budget"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
     // After the timeout, the stalled call fails, naming the setting.
     let response = tokio::time::timeout(IDLE * 5, response)
         .await

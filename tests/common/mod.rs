@@ -13,6 +13,7 @@ pub mod replica_set;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
+use std::time::Duration;
 
 use config::{Overrides, Settings};
 use proto::v1 as pb;
@@ -465,4 +466,89 @@ pub fn raw_grpc_request(address: SocketAddr, method: &str) -> http::Request<()> 
         .header("te", "trailers")
         .body(())
         .unwrap()
+}
+
+/// `Journal/WriteEvents`, for [`stalled_request`].
+pub const WRITE_EVENTS: &str = "eventjournal.v1.Journal/WriteEvents";
+
+/// Sends the start of a request of `method` with a message of `length` bytes on a connection
+/// of its own, then nothing more: the message's prefix and `sent` bytes of it.
+pub async fn stalled_request(
+    server: &TestServer,
+    method: &str,
+    length: u32,
+    sent: usize,
+) -> (
+    h2::client::ResponseFuture,
+    h2::SendStream<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
+    let io = tokio::net::TcpStream::connect(server.address)
+        .await
+        .unwrap();
+    let (mut h2, connection) = h2::client::handshake(io).await.unwrap();
+    let connection = tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = raw_grpc_request(server.address, method);
+    let (response, mut send) = h2.send_request(request, false).unwrap();
+    let mut start = vec![0u8];
+    start.extend(length.to_be_bytes());
+    start.extend(vec![0u8; sent]);
+    send.send_data(start.into(), false).unwrap();
+    (response, send, connection)
+}
+
+/// Writes events of `bytes` payload bytes, each of an id of its own, until `server` refuses
+/// one for want of room in its request budget (`server.max-request-memory`), as it does once
+/// another call's message holds enough of it (until the server has received that message's
+/// prefix, the writes fit). Fails when that takes longer than `within`.
+pub async fn until_the_budget_refuses(server: &TestServer, bytes: usize, within: Duration) {
+    let started = std::time::Instant::now();
+    let mut client = server.journal().await;
+    for attempt in 1.. {
+        let mut probe = event(&format!("probe-{attempt}"), 1, "");
+        probe.payload = Some(pb::Payload {
+            data: vec![1; bytes],
+            serializer_id: 1,
+            manifest: String::new(),
+        });
+        let request = pb::WriteEventsRequest {
+            writes: vec![atomic(vec![probe])],
+            ..Default::default()
+        };
+        match client.write_events(request).await {
+            Err(refused) => {
+                assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+                assert!(
+                    refused.message().contains("server.max-request-memory"),
+                    "{refused:?}"
+                );
+                return;
+            }
+            Ok(_) => assert!(
+                started.elapsed() < within,
+                "no message was seen holding the budget within {within:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
+}
+
+/// The `grpc-status` (as sent) and `grpc-message` (decoded) of a raw HTTP/2 gRPC response: in
+/// its headers when it is trailers-only, else in its trailers.
+pub async fn grpc_status(response: http::Response<h2::RecvStream>) -> (String, String) {
+    let (parts, mut body) = response.into_parts();
+    let metadata = match parts.headers.contains_key("grpc-status") {
+        true => parts.headers,
+        false => body.trailers().await.unwrap().expect("trailers"),
+    };
+    let code = metadata
+        .get("grpc-status")
+        .map(|value| value.to_str().unwrap().to_owned())
+        .unwrap_or_default();
+    let message = tonic::Status::from_header_map(&metadata)
+        .map(|status| status.message().to_owned())
+        .unwrap_or_default();
+    (code, message)
 }
