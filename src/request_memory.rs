@@ -352,12 +352,12 @@ impl<B: Body + Unpin> Body for Reported<B> {
                 .get("grpc-status")
                 .is_some_and(|status| status == "0")
         });
-        let reported = match failure.failure() {
-            Some(status) if ok => {
+        let reported = match ok.then(|| failure.failure()).flatten() {
+            Some(status) => {
                 let mut trailers = http::HeaderMap::new();
                 status.add_header(&mut trailers).ok().map(|()| trailers)
             }
-            _ => None,
+            None => None,
         };
         Poll::Ready(Some(Ok(reported.map_or(frame, Frame::trailers))))
     }

@@ -1111,7 +1111,7 @@ async fn a_call_without_an_answer_in_time_fails_with_deadline_exceeded_after_its
     failpoint_off().await;
     assert!(
         matches!(&error, Error::DeadlineExceeded(message)
-            if message.contains("WriteEvents: no answer within the call timeout (500ms) in 2 attempt(s)")
+            if message.contains("WriteEvents: no answer within the call timeout (500ms) to the last of 2 attempt(s)")
                 && message.contains("sending it again is safe")),
         "{error:?}"
     );

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, WRITE_EVENTS, grpc_status, stalled_request, until_the_budget_refuses};
+use common::{TestServer, grpc_status, stalled_request};
 use tonic_reflection::pb::{v1, v1alpha};
 
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
@@ -86,17 +86,19 @@ async fn a_reflection_message_refused_or_stalled_ends_the_call_with_the_reason()
         settings.server.message_idle_timeout = IDLE;
     })
     .await;
-    // A write stalls inside a 900 KiB message, and a v1 reflection request inside a 10 KiB
-    // one: together they hold 910 KiB of the 1.5 MiB.
-    let (_write, _write_body, _write_connection) =
-        stalled_request(&server, WRITE_EVENTS, 900 << 10, 1 << 10).await;
+    // A v1 reflection request stalls inside a 10 KiB message.
     let (stalled, _stalled_body, _stalled_connection) =
         stalled_request(&server, REFLECTION_V1, 10 << 10, 1 << 10).await;
-    until_the_budget_refuses(&server, 900 << 10, IDLE / 2).await;
-    // A v1alpha reflection request of 700 KiB does not fit: refused at once, with the reason.
+    // A v1alpha one of 1.6 MiB (reflection takes up to 4 MiB) does not fit in the 1.5 MiB:
+    // refused at once, with the reason.
     let (refused, _refused_body, _refused_connection) =
-        stalled_request(&server, REFLECTION_V1ALPHA, 700 << 10, 0).await;
-    unavailable_within(refused, IDLE / 2, "server.max-request-memory is 1.5 MiB").await;
+        stalled_request(&server, REFLECTION_V1ALPHA, 1600 << 10, 0).await;
+    unavailable_within(
+        refused,
+        IDLE / 2,
+        "server.max-request-memory is 1.5 MiB: no room",
+    )
+    .await;
     // The stalled reflection request ends after the idle timeout, naming it.
     unavailable_within(stalled, IDLE * 5, "server.message-idle-timeout").await;
     // Reflection itself still answers.

@@ -29,9 +29,9 @@ pub enum Error {
     /// The token lacks the role the call needs (read, write, admin).
     #[error("permission denied: {0}")]
     PermissionDenied(String),
-    /// No answer came within the client's call timeout, in every attempt the retry policy
-    /// allows (or the service answered `DEADLINE_EXCEEDED`). The call may have been applied;
-    /// sending it again is safe.
+    /// No answer came within the client's call timeout, in the last attempt the retry policy
+    /// allows; or a write waited that long for a free `WriteEvents` call and was not sent. The
+    /// call may have been applied; sending it again is safe.
     #[error("deadline exceeded: {0}")]
     DeadlineExceeded(String),
     /// Anything else the service answered.
@@ -54,6 +54,9 @@ impl Error {
     /// service's own statuses carry none), or the client's call timeout running out
     /// ([`Error::timed_out`]). Such a call is sent again while attempts remain.
     pub(crate) fn unreachable(status: &tonic::Status) -> bool {
+        if Self::timed_out(status) {
+            return true;
+        }
         match status.code() {
             Code::Unavailable => true,
             Code::Unknown | Code::Cancelled => std::error::Error::source(status).is_some(),
@@ -61,10 +64,16 @@ impl Error {
         }
     }
 
-    /// Whether a status is the client's own call timeout running out (tonic's `CANCELLED`
-    /// "Timeout expired", with [`tonic::TimeoutExpired`] as its source), not the service's
-    /// answer.
+    /// Whether a status is the call timeout running out: the client's own (tonic's `CANCELLED`
+    /// "Timeout expired", with [`tonic::TimeoutExpired`] as its source), the server's
+    /// enforcement of the same deadline (that status as it comes over the wire: the service
+    /// itself never answers `CANCELLED`), or `DEADLINE_EXCEEDED` (from a proxy on the way).
     pub(crate) fn timed_out(status: &tonic::Status) -> bool {
+        match status.code() {
+            Code::DeadlineExceeded => return true,
+            Code::Cancelled if status.message() == "Timeout expired" => return true,
+            _ => {}
+        }
         let mut source = std::error::Error::source(status);
         while let Some(error) = source {
             if error.is::<tonic::TimeoutExpired>() {
@@ -105,3 +114,26 @@ impl Error {
 
 /// A call's result.
 pub type Result<T, E = Error> = std::result::Result<T, E>;
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_call_timeout_is_recognised_however_it_comes() {
+        // The client's own timer: tonic's status with `TimeoutExpired` as its source.
+        let own = tonic::Status::from_error(Box::new(tonic::TimeoutExpired(())));
+        // The server's enforcement of the same deadline, as it comes over the wire (no source),
+        // and a proxy's DEADLINE_EXCEEDED.
+        let server = tonic::Status::cancelled("Timeout expired");
+        let proxy = tonic::Status::deadline_exceeded("upstream request timeout");
+        for status in [&own, &server, &proxy] {
+            assert!(Error::timed_out(status), "{status:?}");
+            assert!(Error::unreachable(status), "retried: {status:?}");
+        }
+        // A service's own CANCELLED is neither.
+        let other = tonic::Status::cancelled("the service's own reason");
+        assert!(!Error::timed_out(&other) && !Error::unreachable(&other));
+        assert!(!Error::timed_out(&tonic::Status::unavailable("down")));
+    }
+}

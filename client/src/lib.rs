@@ -5,8 +5,8 @@
 //!   messages.
 //! * TLS (rustls, with the CA that signed the server's certificate), bearer tokens, a timeout
 //!   per call.
-//! * Retries of calls that failed with `UNAVAILABLE` (the service unreachable, or MongoDB),
-//!   with exponential backoff: safe for writes too, because every write of the contract is
+//! * Retries of calls that failed with `UNAVAILABLE` (the service unreachable, or MongoDB), a
+//!   broken connection or no answer within the call timeout, with exponential backoff: safe for writes too, because every write of the contract is
 //!   idempotent (a retried write that was in fact applied gets the same answer).
 //! * Replays and queries are [`futures::Stream`]s with backpressure: the service sends no
 //!   faster than the stream is read.
@@ -113,7 +113,8 @@ pub use coalesce::WriteCoalescing;
 pub use error::{Error, Result};
 pub use types::*;
 
-/// How calls that failed with `UNAVAILABLE` are retried.
+/// How calls that failed with `UNAVAILABLE`, a broken connection or no answer within the call
+/// timeout are retried.
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 pub struct RetryPolicy {
     /// Attempts in all, the first included; 1: no retries.
@@ -202,7 +203,8 @@ impl ClientBuilder {
         self
     }
 
-    /// How calls failing with `UNAVAILABLE` are retried (default: 5 attempts, 100 ms to 2 s).
+    /// How calls failing with `UNAVAILABLE`, a broken connection or no answer within the call
+    /// timeout are retried (default: 5 attempts, 100 ms to 2 s).
     pub fn retry(mut self, retry: RetryPolicy) -> Self {
         self.retry = retry;
         self
@@ -431,8 +433,9 @@ impl Client {
                 }
                 Err(status) if Error::timed_out(&status) => {
                     return Err(Error::DeadlineExceeded(format!(
-                        "{what}: no answer within the call timeout ({:?}) in {attempt} \
-                         attempt(s); it may have been applied, and sending it again is safe",
+                        "{what}: no answer within the call timeout ({:?}) to the last of \
+                         {attempt} attempt(s); it may have been applied, and sending it again \
+                         is safe",
                         self.call_timeout
                     )));
                 }
