@@ -107,32 +107,31 @@ impl TestServer {
         let listener = TcpListener::bind(settings.server.listen).await.unwrap();
         let address = listener.local_addr().unwrap();
         let shutdown = CancellationToken::new();
-        let handle = tokio::spawn(eventjournal::run(
+        let mut handle = tokio::spawn(eventjournal::run(
             settings.clone(),
             listener,
             shutdown.clone(),
         ));
-        let server = Self {
+        Self::wait_until_serving(&format!("http://{address}"), &mut handle).await;
+        Self {
             address,
             database: settings.mongodb.database.clone(),
             settings,
             shutdown,
             handle,
-        };
-        server.wait_until_serving().await;
-        server
+        }
     }
 
-    async fn wait_until_serving(&self) {
+    async fn wait_until_serving(url: &str, handle: &mut JoinHandle<anyhow::Result<()>>) {
         let deadline = tokio::time::Instant::now() + std::time::Duration::from_secs(30);
         loop {
-            if answers_health(&self.url()).await {
+            if answers_health(url).await {
                 return;
             }
-            assert!(
-                !self.handle.is_finished(),
-                "the server stopped while starting; see the log output above"
-            );
+            if handle.is_finished() {
+                let ended = handle.await;
+                panic!("the server stopped while starting: {ended:?}");
+            }
             assert!(
                 tokio::time::Instant::now() < deadline,
                 "server did not start within 30 s"
@@ -328,12 +327,42 @@ pub async fn answers_health(url: &str) -> bool {
 }
 
 /// A free local port, for listeners a test configures (metrics, a server it restarts).
+/// A port nothing listens on now, for a server a test starts later. It lies below the kernel's
+/// ephemeral range when there is room there, so that no outgoing connection (a MongoDB
+/// driver's, of this test or another running beside it) takes it before the server binds it,
+/// and this process never hands it out twice.
 pub fn free_port() -> u16 {
-    std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .port()
+    const LOWEST: u16 = 10_000;
+    static NEXT: std::sync::Mutex<Option<u16>> = std::sync::Mutex::new(None);
+    let ephemeral_from = std::fs::read_to_string("/proc/sys/net/ipv4/ip_local_port_range")
+        .ok()
+        .and_then(|range| range.split_whitespace().next()?.parse::<u16>().ok())
+        .filter(|&low| low > LOWEST + 1_000);
+    let Some(ephemeral_from) = ephemeral_from else {
+        return std::net::TcpListener::bind("127.0.0.1:0")
+            .unwrap()
+            .local_addr()
+            .unwrap()
+            .port();
+    };
+    let mut next = NEXT.lock().unwrap_or_else(|poisoned| poisoned.into_inner());
+    // Each test process starts at a point of its own, so ports a process before it left in
+    // TIME_WAIT or to a lingering child are unlikely to come round again.
+    let span = ephemeral_from - LOWEST;
+    let mut port = next.unwrap_or_else(|| LOWEST + (std::process::id() % u32::from(span)) as u16);
+    for _ in 0..span {
+        let candidate = port;
+        port = if port + 1 >= ephemeral_from {
+            LOWEST
+        } else {
+            port + 1
+        };
+        if std::net::TcpListener::bind(("127.0.0.1", candidate)).is_ok() {
+            *next = Some(port);
+            return candidate;
+        }
+    }
+    panic!("no free port between {LOWEST} and {ephemeral_from}");
 }
 
 /// `GET /metrics` from the metrics listener on `port`: the Prometheus text.
