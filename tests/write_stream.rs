@@ -256,13 +256,7 @@ fn flood(
     let counter = produced.clone();
     futures::stream::iter(1..).map(move |sequence_nr: i64| {
         counter.fetch_add(1, Ordering::Relaxed);
-        let mut flood = event("flood", sequence_nr, "");
-        flood.payload = Some(pb::Payload {
-            data: vec![7; FLOOD_PAYLOAD],
-            serializer_id: 1,
-            manifest: String::new(),
-        });
-        request(vec![atomic(vec![flood])])
+        large("flood", sequence_nr, FLOOD_PAYLOAD)
     })
 }
 
@@ -420,6 +414,35 @@ fn large(pid: &str, sequence_nr: i64, bytes: usize) -> pb::WriteEventsRequest {
         manifest: String::new(),
     });
     request(vec![atomic(vec![large])])
+}
+
+/// Writes events of `bytes` payload bytes, each of an id of its own, until `server` refuses
+/// one for want of room in its request budget (`server.max-request-memory`), as it does once
+/// another call's message holds enough of it (until the server has received that message's
+/// prefix, the writes fit). Fails when that takes longer than `within`.
+async fn until_the_budget_refuses(server: &TestServer, bytes: usize, within: Duration) {
+    let started = std::time::Instant::now();
+    let mut client = server.journal().await;
+    for attempt in 1.. {
+        match client
+            .write_events(large(&format!("probe-{attempt}"), 1, bytes))
+            .await
+        {
+            Err(refused) => {
+                assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
+                assert!(
+                    refused.message().contains("server.max-request-memory"),
+                    "{refused:?}"
+                );
+                return;
+            }
+            Ok(_) => assert!(
+                started.elapsed() < within,
+                "no message was seen holding the budget within {within:?}"
+            ),
+        }
+        tokio::time::sleep(Duration::from_millis(20)).await;
+    }
 }
 
 /// `server.max-request-memory` of 2 MiB, with messages of at most 1 MiB, and a connection's

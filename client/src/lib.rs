@@ -6,8 +6,9 @@
 //! * TLS (rustls, with the CA that signed the server's certificate), bearer tokens, a timeout
 //!   per call.
 //! * Retries of calls that failed with `UNAVAILABLE` (the service unreachable, or MongoDB), a
-//!   broken connection or no answer within the call timeout, with exponential backoff: safe for writes too, because every write of the contract is
-//!   idempotent (a retried write that was in fact applied gets the same answer).
+//!   broken connection or no answer within the call timeout, with exponential backoff: safe
+//!   for writes too, because every write of the contract is idempotent (a retried write that
+//!   was in fact applied gets the same answer).
 //! * Replays and queries are [`futures::Stream`]s with backpressure: the service sends no
 //!   faster than the stream is read.
 //! * Concurrent [`Client::write_events`] calls share `WriteEvents` calls (see

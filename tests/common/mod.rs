@@ -13,7 +13,6 @@ pub mod replica_set;
 use std::collections::HashMap;
 use std::net::SocketAddr;
 use std::sync::atomic::{AtomicUsize, Ordering};
-use std::time::Duration;
 
 use config::{Overrides, Settings};
 use proto::v1 as pb;
@@ -526,42 +525,6 @@ pub async fn stalled_request(
     start.extend(vec![0u8; sent]);
     send.send_data(start.into(), false).unwrap();
     (response, send, connection)
-}
-
-/// Writes events of `bytes` payload bytes, each of an id of its own, until `server` refuses
-/// one for want of room in its request budget (`server.max-request-memory`), as it does once
-/// another call's message holds enough of it (until the server has received that message's
-/// prefix, the writes fit). Fails when that takes longer than `within`.
-pub async fn until_the_budget_refuses(server: &TestServer, bytes: usize, within: Duration) {
-    let started = std::time::Instant::now();
-    let mut client = server.journal().await;
-    for attempt in 1.. {
-        let mut probe = event(&format!("probe-{attempt}"), 1, "");
-        probe.payload = Some(pb::Payload {
-            data: vec![1; bytes],
-            serializer_id: 1,
-            manifest: String::new(),
-        });
-        let request = pb::WriteEventsRequest {
-            writes: vec![atomic(vec![probe])],
-            ..Default::default()
-        };
-        match client.write_events(request).await {
-            Err(refused) => {
-                assert_eq!(refused.code(), tonic::Code::Unavailable, "{refused:?}");
-                assert!(
-                    refused.message().contains("server.max-request-memory"),
-                    "{refused:?}"
-                );
-                return;
-            }
-            Ok(_) => assert!(
-                started.elapsed() < within,
-                "no message was seen holding the budget within {within:?}"
-            ),
-        }
-        tokio::time::sleep(Duration::from_millis(20)).await;
-    }
 }
 
 /// The `grpc-status` (as sent) and `grpc-message` (decoded) of a raw HTTP/2 gRPC response: in
