@@ -1235,3 +1235,127 @@ async fn a_batch_of_retries_finds_mongodb_unavailable_once_not_once_per_id() {
     assert!(took < Duration::from_secs(5), "the call took {took:?}");
     assert!(all_written_when_retried(&mut client, &writes).await);
 }
+
+/// The short cut above lasts one round: a batch whose compare found MongoDB unavailable goes on
+/// deciding its other writes, and a write that has to be compared in a later round (after its
+/// insert collided) is compared then, not failed with the earlier round's error. Two requests
+/// in one batch: a retry of a stored write, whose compare fails, and a write on knowledge that
+/// another server has since made stale, whose insert collides.
+#[tokio::test]
+async fn a_compare_that_found_mongodb_unavailable_does_not_fail_the_compares_of_later_rounds() {
+    const APP: &str = "order_compare_rounds";
+    let _failpoint = failpoint_turn().await;
+    let (held, free) = held_and_free(APP, |settings| {
+        settings.write_journal.max_batches_in_flight = 1;
+        // Knowledge outlasts the test's waits, so the stale write is inserted without a read.
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(20);
+        settings.mongodb.retry.max_attempts = 2;
+    })
+    .await;
+    let mut client = held.journal().await;
+    let stored = write(&mut client, vec![single("retried", 1), single("stale", 1)]).await;
+    assert!(stored.iter().all(is_written), "{stored:?}");
+    // Another server continues "stale": the held server's knowledge (highest 1) is now stale.
+    let mut taken = atomic(vec![event("stale", 2, "the other server's")]);
+    taken.events[0].tags = vec!["order".into()];
+    let other = write(&mut free.journal().await, vec![taken]).await;
+    assert!(is_written(&other[0]), "{other:?}");
+
+    // A batch kept at MongoDB, so the two requests below queue into the next one: a
+    // transaction holds the index key of its insert (a failpoint's hold would also hold up
+    // setting the failpoint below until it ends).
+    let database = held.mongodb().await;
+    let mut blocker = database.client().start_session().await.unwrap();
+    blocker.start_transaction().await.unwrap();
+    database
+        .collection::<Document>("journal")
+        .insert_one(doc! { "pid": "held", "seqNr": 1_i64 })
+        .session(&mut blocker)
+        .await
+        .unwrap();
+    let mut first_client = client.clone();
+    let first =
+        tokio::spawn(async move { write(&mut first_client, vec![single("held", 1)]).await });
+    wait_until(
+        "the first batch's insert waits for the transaction",
+        Duration::from_secs(10),
+        || inserting(&database, APP),
+    )
+    .await;
+    let call = |writes: Vec<pb::AtomicWrite>| {
+        let mut client = client.clone();
+        tokio::spawn(async move {
+            client
+                .write_events(pb::WriteEventsRequest {
+                    writes,
+                    ..Default::default()
+                })
+                .await
+        })
+    };
+    let retry = call(vec![single("retried", 1)]);
+    let stale = call(vec![single("stale", 2)]);
+    tokio::time::sleep(Duration::from_millis(500)).await;
+    // The next batch reads the highest of "retried" (its write does not continue it: a find on
+    // the journal, let through), then compares it with what is stored: those finds fail, each
+    // after 1 s. "stale" continues what the server knows, so it is inserted without a read, and
+    // collides with the other server's event 2: it is compared in the next round, whose finds
+    // go through (the failpoint is off by then).
+    let failed_before = fail_after(
+        APP,
+        1,
+        "find",
+        doc! {
+            "namespace": format!("{}.journal", held.database),
+            "errorCode": 112,
+            "blockConnection": true,
+            "blockTimeMS": 1_000,
+        },
+    )
+    .await;
+    blocker.abort_transaction().await.unwrap();
+    // Both attempts of the compare have begun to fail: no later find is failed.
+    wait_for_failures(failed_before + 2).await;
+    failpoint_off().await;
+    assert!(is_written(&first.await.unwrap()[0]));
+    let status = retry
+        .await
+        .unwrap()
+        .expect_err("the retried write's compare found MongoDB unavailable");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status.message().contains("check stored events"),
+        "{status:?}"
+    );
+    let response = stale
+        .await
+        .unwrap()
+        .expect("the stale write is compared in the next round, not failed with the first's error")
+        .into_inner();
+    assert_eq!(
+        describe(response.results[0].outcome.as_ref().unwrap()),
+        "conflict: sequence number(s) 2 of persistence id \"stale\" are already taken by other \
+         events"
+    );
+    let (events, highest) = replay(&mut client, "stale", 1, None, None).await;
+    assert_eq!(sequence_nrs(&events), [1, 2]);
+    assert_eq!(highest, 2);
+    assert_eq!(
+        events[1].payload.as_ref().unwrap().data,
+        b"the other server's".to_vec()
+    );
+}
+
+/// Whether a server with the application name `app` has an insert into the journal running.
+async fn inserting(database: &mongodb::Database, app: &str) -> bool {
+    let mut operations = database
+        .client()
+        .database("admin")
+        .aggregate(vec![
+            doc! { "$currentOp": {} },
+            doc! { "$match": { "appName": app, "command.insert": "journal" } },
+        ])
+        .await
+        .unwrap();
+    operations.next().await.is_some()
+}

@@ -246,31 +246,34 @@ pub async fn fail_next(
 }
 
 /// Like [`fail_next`], but lets this server's first `skip` `command`s through and fails every
-/// one after them, until [`failpoint_off`].
+/// one after them, until [`failpoint_off`]. Returns how many commands the failpoint had failed
+/// before (for [`wait_for_failures`]).
 pub async fn fail_after(
     app_name: &str,
     skip: i32,
     command: &str,
     failure: mongodb::bson::Document,
-) {
+) -> i64 {
     fail_command(
         app_name,
         mongodb::bson::doc! { "skip": skip },
         command,
         failure,
     )
-    .await;
+    .await
 }
 
+/// Sets the failpoint; returns how many commands it had failed before (`configureFailPoint`'s
+/// `count`, which counts on across settings).
 async fn fail_command(
     app_name: &str,
     mode: mongodb::bson::Document,
     command: &str,
     failure: mongodb::bson::Document,
-) {
+) -> i64 {
     let mut data = mongodb::bson::doc! { "failCommands": [command], "appName": app_name };
     data.extend(failure);
-    mongodb::Client::with_uri_str(mongodb_uri())
+    let reply = mongodb::Client::with_uri_str(mongodb_uri())
         .await
         .unwrap()
         .database("admin")
@@ -281,6 +284,30 @@ async fn fail_command(
         })
         .await
         .expect("configureFailPoint (the test mongod runs with enableTestCommands=1)");
+    reply
+        .get("count")
+        .and_then(mongodb::bson::Bson::as_i64)
+        .or_else(|| reply.get_i32("count").ok().map(i64::from))
+        .expect("configureFailPoint answers with its count")
+}
+
+/// Waits (up to 30 s) until the failpoint has failed `count` commands in all (the count
+/// [`fail_after`] returned, plus the failures awaited): a command counted has begun to fail,
+/// and a held one (`blockConnection`) still fails after its hold when the failpoint is turned
+/// off meanwhile. (Setting the failpoint, or turning it off, waits for the holds under way to
+/// end; the commands that come meanwhile are not failed.)
+pub async fn wait_for_failures(count: i64) {
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+        .run_command(mongodb::bson::doc! {
+            "waitForFailPoint": "failCommand",
+            "timesEntered": count,
+            "maxTimeMS": 30_000,
+        })
+        .await
+        .expect("waitForFailPoint: the failures awaited came within 30 s");
 }
 
 /// Turns the test mongod's `failCommand` failpoint off: commands already held finish their
@@ -304,7 +331,7 @@ pub async fn hold_next(app_name: &str, command: &str, millis: i32) {
         command,
         mongodb::bson::doc! { "blockConnection": true, "blockTimeMS": millis },
     )
-    .await
+    .await;
 }
 
 /// Whether a server at `url` answers a health check.
