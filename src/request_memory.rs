@@ -31,7 +31,9 @@
 //! - any other stream of requests (reflection): only while it is being received. Reflection
 //!   ends its stream quietly on any error of its input; so that a refused message's call does
 //!   not end with OK, the layer puts the refusal in the place of the OK in its trailers
-//!   ([`Reported`]).
+//!   ([`Reported`]). For the same reason the layer checks reflection's messages as tonic's
+//!   decoder does (their compression flag, their length against tonic's limit, whether they
+//!   decode), and reports a failing one's status the same way ([`ReflectionInput`]).
 //!
 //! What the budget does not count: what HTTP/2 buffers before a call reads it (at most the
 //! connection's window, `server.http2-connection-window`, 4 MiB by default, per connection);
@@ -183,7 +185,8 @@ struct Held {
     messages: VecDeque<Reservation>,
     /// The call has been answered: messages received from now on do not stay held.
     answered: bool,
-    /// The status of the call's body when it failed for want of room or of data.
+    /// The status of the call's body when it failed for want of room or of data, or (for
+    /// reflection) its first message that tonic's decoder refuses.
     failure: Option<(tonic::Code, String)>,
 }
 
@@ -214,9 +217,12 @@ impl HeldMessages {
         }
     }
 
-    /// The call's body failed with `status` (a refusal or a stall).
+    /// The call's body failed with `status` (a refusal, a stall, or a message reflection's
+    /// decoder refuses). The first failure is the call's.
     fn fail(&self, status: &Status) {
-        self.lock().failure = Some((status.code(), status.message().to_owned()));
+        self.lock()
+            .failure
+            .get_or_insert_with(|| (status.code(), status.message().to_owned()));
     }
 
     fn failure(&self) -> Option<Status> {
@@ -312,7 +318,11 @@ where
             parts.extensions.insert(held.clone());
         }
         let quiet = QUIET_ON_BODY_ERRORS.contains(&parts.uri.path());
-        let body = tonic::body::Body::new(Metered::new(body, self.budget.clone(), held.clone()));
+        let mut metered = Metered::new(body, self.budget.clone(), held.clone());
+        if quiet {
+            metered.checked = Some(ReflectionInput::default());
+        }
+        let body = tonic::body::Body::new(metered);
         let response = self.inner.call(http::Request::from_parts(parts, body));
         let failure = quiet.then(|| held.clone());
         let answered = (!released_by_handler).then(|| Answered(held));
@@ -409,6 +419,9 @@ pub(crate) struct Metered<B> {
     /// `stall` runs: the client's body was found with nothing to give, and has given nothing
     /// since.
     stall_armed: bool,
+    /// For a call whose handler ends with OK when its input fails (reflection): the checks of
+    /// its messages.
+    checked: Option<ReflectionInput>,
 }
 
 impl<B> Metered<B> {
@@ -422,6 +435,7 @@ impl<B> Metered<B> {
             refused: None,
             stall: None,
             stall_armed: false,
+            checked: None,
         }
     }
 
@@ -477,6 +491,11 @@ impl<B> Metered<B> {
                 Framing::Message { remaining } => {
                     let taken = (*remaining).min((data.len() - at) as u64);
                     *remaining -= taken;
+                    if let Some(checked) = &mut self.checked {
+                        checked
+                            .message
+                            .extend_from_slice(&data[at..at + taken as usize]);
+                    }
                     at += taken as usize;
                     if *remaining == 0 {
                         self.received();
@@ -491,6 +510,16 @@ impl<B> Metered<B> {
                         continue;
                     }
                     let length = u32::from_be_bytes([prefix[1], prefix[2], prefix[3], prefix[4]]);
+                    let refused = self
+                        .checked
+                        .as_ref()
+                        .and_then(|_| ReflectionInput::refused(prefix[0], length));
+                    if let Some(status) = refused {
+                        // tonic's decoder refuses it as well, and reflection ends quietly.
+                        self.held.fail(&status);
+                        self.framing = Framing::Unchecked;
+                        continue;
+                    }
                     if u64::from(length) > self.budget.max_message_size {
                         self.framing = Framing::Unchecked;
                         continue;
@@ -517,7 +546,57 @@ impl<B> Metered<B> {
         if let Some(message) = self.receiving.take() {
             self.held.keep(message);
         }
+        if let Some(Err(status)) = self.checked.as_mut().map(ReflectionInput::decode) {
+            self.held.fail(&status);
+        }
         self.framing = Framing::START;
+    }
+}
+
+/// The checks tonic's decoder makes of a request message, for reflection's, whose handler ends
+/// its stream with OK when they fail: each failing message is recorded as the call's failure,
+/// with the status tonic gives other calls for it, and reported in the place of that OK
+/// ([`Reported`]). The message itself still goes on to tonic, which refuses it as before.
+#[derive(Default)]
+struct ReflectionInput {
+    /// The bytes of the message being received: at most tonic's limit for it, 4 MiB, a copy
+    /// beside tonic's, which the budget does not count (as it does not count the copies a
+    /// message is made into while it is handled).
+    message: Vec<u8>,
+}
+
+impl ReflectionInput {
+    /// A message's prefix that tonic refuses: a compression flag (reflection takes no
+    /// compressed messages), or a length over its limit.
+    fn refused(compression: u8, length: u32) -> Option<Status> {
+        if compression != 0 {
+            return Some(Status::internal(format!(
+                "protocol error: the reflection request's message has compression flag \
+                 {compression}; reflection takes uncompressed messages only (flag 0)"
+            )));
+        }
+        (u64::from(length) > TONIC_DEFAULT_MAX_MESSAGE_SIZE).then(|| {
+            Status::out_of_range(format!(
+                "the reflection request's message of {} is over reflection's limit of {}",
+                ByteSize::b(u64::from(length)),
+                ByteSize::b(TONIC_DEFAULT_MAX_MESSAGE_SIZE),
+            ))
+        })
+    }
+
+    /// Whether the message received whole decodes as a reflection request (v1 and v1alpha
+    /// have the same fields); ready for the next either way.
+    fn decode(&mut self) -> Result<(), Status> {
+        use prost::Message;
+        let decoded =
+            tonic_reflection::pb::v1::ServerReflectionRequest::decode(self.message.as_slice());
+        self.message.clear();
+        decoded.map(drop).map_err(|error| {
+            Status::internal(format!(
+                "the reflection request's message does not decode as a \
+                 ServerReflectionRequest: {error}"
+            ))
+        })
     }
 }
 

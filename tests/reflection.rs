@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, grpc_status, stalled_request};
+use common::{TestServer, grpc_status, raw_grpc_request, stalled_request};
 use tonic_reflection::pb::{v1, v1alpha};
 
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
@@ -107,4 +107,73 @@ async fn a_reflection_message_refused_or_stalled_ends_the_call_with_the_reason()
         names.iter().any(|name| name == "eventjournal.v1.Journal"),
         "{names:?}"
     );
+}
+
+/// Input tonic's decoder refuses (a message over reflection's 4 MiB limit, one with its
+/// compression flag set, one that does not decode) ends a reflection call with tonic's status
+/// for it, as it ends any other call, not with the OK reflection's handler ends with.
+#[tokio::test]
+async fn a_reflection_message_tonic_refuses_ends_the_call_with_the_reason() {
+    let server = TestServer::start("reflection_input").await;
+    let over_the_limit = [&[0u8][..], &(5u32 << 20).to_be_bytes(), &[0; 100]].concat();
+    let (code, message) = raw_call(&server, REFLECTION_V1, over_the_limit, false).await;
+    assert_eq!(code, "11", "OUT_OF_RANGE, not OK: {message}");
+    assert!(
+        message.contains("message of 5.0 MiB is over reflection's limit of 4.0 MiB"),
+        "{message}"
+    );
+    // A list-services request (field 7, empty), compressed though reflection takes no
+    // compression.
+    let compressed = vec![1, 0, 0, 0, 2, 0x3a, 0];
+    let (code, message) = raw_call(&server, REFLECTION_V1ALPHA, compressed, true).await;
+    assert_eq!(code, "13", "INTERNAL, not OK: {message}");
+    assert!(message.contains("compression flag 1"), "{message}");
+    let undecodable = [&[0u8][..], &10u32.to_be_bytes(), &[0xff; 10]].concat();
+    let (code, message) = raw_call(&server, REFLECTION_V1, undecodable, true).await;
+    assert_eq!(code, "13", "INTERNAL, not OK: {message}");
+    assert!(
+        message.contains("does not decode as a ServerReflectionRequest"),
+        "{message}"
+    );
+    // The same request uncompressed is answered: the checks refuse only what tonic refuses.
+    let (code, message) = raw_call(
+        &server,
+        REFLECTION_V1ALPHA,
+        vec![0, 0, 0, 0, 2, 0x3a, 0],
+        true,
+    )
+    .await;
+    assert_eq!(code, "0", "{message}");
+    let names = list_services!(v1, server);
+    assert!(
+        names.iter().any(|name| name == "eventjournal.v1.Journal"),
+        "{names:?}"
+    );
+}
+
+/// Sends `bytes` as the body of a call to `method` on a connection of its own (ending the body
+/// when `end`) and returns the call's `grpc-status` and `grpc-message`.
+async fn raw_call(
+    server: &TestServer,
+    method: &str,
+    bytes: Vec<u8>,
+    end: bool,
+) -> (String, String) {
+    let io = tokio::net::TcpStream::connect(server.address)
+        .await
+        .unwrap();
+    let (mut h2, connection) = h2::client::handshake(io).await.unwrap();
+    tokio::spawn(async move {
+        let _ = connection.await;
+    });
+    let request = raw_grpc_request(server.address, method);
+    let (response, mut body) = h2.send_request(request, false).unwrap();
+    body.send_data(bytes.into(), end).unwrap();
+    let response = tokio::time::timeout(Duration::from_secs(10), response)
+        .await
+        .expect("answered within 10 s")
+        .unwrap();
+    tokio::time::timeout(Duration::from_secs(10), grpc_status(response))
+        .await
+        .unwrap_or_else(|_| panic!("{method}: ended within 10 s"))
 }

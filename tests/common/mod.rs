@@ -555,12 +555,18 @@ pub async fn stalled_request(
 }
 
 /// The `grpc-status` (as sent) and `grpc-message` (decoded) of a raw HTTP/2 gRPC response: in
-/// its headers when it is trailers-only, else in its trailers.
+/// its headers when it is trailers-only, else in its trailers (after its messages, which are
+/// read and dropped).
 pub async fn grpc_status(response: http::Response<h2::RecvStream>) -> (String, String) {
     let (parts, mut body) = response.into_parts();
     let metadata = match parts.headers.contains_key("grpc-status") {
         true => parts.headers,
-        false => body.trailers().await.unwrap().expect("trailers"),
+        false => {
+            while let Some(data) = body.data().await {
+                let _ = body.flow_control().release_capacity(data.unwrap().len());
+            }
+            body.trailers().await.unwrap().expect("trailers")
+        }
     };
     let code = metadata
         .get("grpc-status")
