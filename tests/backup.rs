@@ -1021,7 +1021,7 @@ async fn an_s3_store_unreachable_mid_upload_leaves_no_complete_backup() {
 /// retention keeps every base of a kept incremental; a missing base is a clear error.
 #[tokio::test]
 async fn an_incremental_chain_restores_what_a_full_backup_restores() {
-    let server = TestServer::start("bk_incr").await;
+    let server = TestServer::start_with("bk_incr", quick_purge).await;
     let directory = scratch("incremental");
     let dir = directory.to_str().unwrap();
     let backup = |args: &[&str]| {

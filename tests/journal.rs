@@ -353,7 +353,7 @@ async fn concurrent_writers_racing_for_the_same_sequence_numbers_exactly_one_win
 
 #[tokio::test]
 async fn delete_to_hides_events_and_keeps_the_highest_sequence_number() {
-    let server = TestServer::start("delete").await;
+    let server = TestServer::start_with("delete", quick_purge).await;
     let mut client = server.journal().await;
     write_five(&mut client, "d").await;
 

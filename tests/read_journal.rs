@@ -698,8 +698,9 @@ async fn a_write_acknowledged_late_is_moved_forward_so_live_queries_do_not_pass_
     let server = TestServer::start_with("rj_late", |settings| {
         fast(settings);
         settings.mongodb.uri = format!("mongodb://{}/?directConnection=true", proxy.address);
-        // Its slow write reads the highest over 800 ms round trips: knowledge that old is
-        // trusted to insert on only with a purge delay longer than the tests' 2 s.
+        // Its slow write reads the highest over 800 ms round trips, and its insert takes as
+        // long: knowledge that old is trusted to insert on only with a purge delay of seconds
+        // (as the tests' default, 30 s).
         settings.write_journal.purge_delay = Duration::from_secs(30);
     })
     .await;

@@ -543,14 +543,14 @@ async fn a_refused_commit_leaves_no_transaction_holding_its_events() {
 
 #[tokio::test]
 async fn a_purged_sequence_number_is_never_written_again() {
-    let server = TestServer::start("order_purged").await;
+    let server = TestServer::start_with("order_purged", quick_purge).await;
     let database = server.mongodb().await;
     let mut client = server.journal().await;
     let written = write(&mut client, (1..=5).map(|n| single("p", n)).collect()).await;
     assert!(written.iter().all(is_written));
     let deleted_at = mongodb::bson::DateTime::now();
     delete_all(&mut client, "p").await;
-    // Purgeable only after the purge delay (2 s in the tests): deletedAt lies that far ahead.
+    // Purgeable only after the purge delay (2 s here): deletedAt lies that far ahead.
     let marked = database
         .collection::<Document>("journal")
         .find_one(doc! { "pid": "p", "seqNr": 5_i64 })
@@ -630,6 +630,76 @@ async fn a_stale_writer_on_another_server_cannot_resurrect_history() {
     );
     let outcome = write(&mut through_stale, vec![single("p", 9)]).await;
     assert!(is_written(&outcome[0]), "{outcome:?}");
+}
+
+/// A write decided on knowledge young enough, whose insert then waits for a connection (or a
+/// server) until that knowledge is too old to insert on, is not sent: the sequence number it
+/// continues to may have been written, deleted and purged by another server meanwhile. It is
+/// decided again on a fresh read instead.
+#[tokio::test]
+async fn an_insert_that_waits_past_its_knowledge_is_not_sent() {
+    const APP: &str = "order_insert_waits";
+    let _failpoint = failpoint_turn().await;
+    // Knowledge is decided on for 2 s and inserted on for 2 s more (the purge delay, 4 s, less
+    // the validity); the server has one connection to MongoDB.
+    let (held, other) = held_and_free(APP, |settings| {
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(2);
+        settings.write_journal.purge_delay = Duration::from_secs(4);
+        settings.mongodb.max_pool_size = 1;
+        settings.mongodb.min_pool_size = 0;
+        settings.mongodb.server_selection_timeout = Duration::from_secs(30);
+    })
+    .await;
+    let database = held.mongodb().await;
+    let mut client = held.journal().await;
+    let mut through_other = other.journal().await;
+    let first = write(&mut client, vec![single("p", 1)]).await;
+    assert!(is_written(&first[0]), "{first:?}");
+    // The other server writes 2 and deletes everything: purgeable 4 s from now.
+    let taken = write(
+        &mut through_other,
+        vec![atomic(vec![event("p", 2, "the other server's")])],
+    )
+    .await;
+    assert!(is_written(&taken[0]), "{taken:?}");
+    delete_all(&mut through_other, "p").await;
+    // A read of the held server keeps its one connection for 9 s.
+    let failing_before = fail_after(
+        APP,
+        0,
+        "find",
+        doc! { "blockConnection": true, "blockTimeMS": 9_000 },
+    )
+    .await;
+    let mut reader = client.clone();
+    let read = tokio::spawn(async move { highest(&mut reader, "q").await });
+    wait_for_failures(failing_before + 1).await;
+    // Later finds run at once (the failpoint is off once that hold ends).
+    let off = tokio::spawn(failpoint_off());
+    // Written 1 less than 2 s ago, the held server decides 2 without a read, and its insert
+    // waits for the connection.
+    let mut writer = client.clone();
+    let stale = tokio::spawn(async move { write(&mut writer, vec![single("p", 2)]).await });
+    // The events are purged while the insert still waits.
+    purge_deleted_events(&database, "p", Duration::from_secs(8)).await;
+    assert!(
+        !read.is_finished(),
+        "the connection was free again before the purge"
+    );
+    assert_eq!(read.await.unwrap(), 0);
+    off.await.unwrap();
+    let outcome = stale.await.unwrap();
+    assert!(
+        describe(&outcome[0]).starts_with(
+            "conflict: sequence number(s) 2 of persistence id \"p\" are at or below its highest \
+             sequence number 2, whose events were deleted and purged"
+        ),
+        "{}",
+        describe(&outcome[0])
+    );
+    let (events, highest) = replay(&mut client, "p", 1, None, None).await;
+    assert!(events.is_empty(), "history written again: {events:?}");
+    assert_eq!(highest, 2);
 }
 
 /// Another server stores an event between this server's read of the highest and its insert:

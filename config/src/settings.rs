@@ -593,7 +593,11 @@ pub struct WriteJournalSettings {
     pub sequence_nr_cache_validity: Duration,
     /// Deleted events become eligible for purging this long after `DeleteEventsTo`: their
     /// `deletedAt` lies this far ahead. It must be at least twice `sequence-nr-cache-validity`, so a
-    /// sequence number is never purged while a server may still rely on knowing it is taken.
+    /// sequence number is never purged while a server may still rely on knowing it is taken. A
+    /// write is inserted on knowledge at most this long less the validity after it was confirmed:
+    /// older knowledge is read again first, and an insert still unanswered by then is dropped and
+    /// its outcome read back. Keep it well above MongoDB's longest insert (server selection, a
+    /// wait for a pooled connection, the write concern's timeout).
     #[serde(with = "humantime_serde")]
     pub purge_delay: Duration,
 }

@@ -69,11 +69,18 @@ pub fn test_settings(database: &str) -> Settings {
         Settings::load(None, &HashMap::new(), &overrides).expect("test settings are valid");
     // Many servers run at once; a test that wants metrics picks a port.
     settings.server.metrics_listen = None;
-    // Purging within seconds (the TTL monitor runs every second), and knowledge of the highest
-    // sequence numbers trusted for half of that.
+    // Knowledge of the highest sequence numbers trusted for a second, and inserted on for the
+    // purge delay less that: 29 s, so inserts a test holds at MongoDB for seconds still count.
+    // A test that purges sets a purge delay of seconds itself ([`quick_purge`]).
     settings.write_journal.sequence_nr_cache_validity = std::time::Duration::from_secs(1);
-    settings.write_journal.purge_delay = std::time::Duration::from_secs(2);
+    settings.write_journal.purge_delay = std::time::Duration::from_secs(30);
     settings
+}
+
+/// Deleted events purgeable 2 s after their delete (the TTL monitor runs every second), for a
+/// test that purges: knowledge is then inserted on for only a second after it was confirmed.
+pub fn quick_purge(settings: &mut Settings) {
+    settings.write_journal.purge_delay = std::time::Duration::from_secs(2);
 }
 
 pub struct TestServer {

@@ -251,6 +251,25 @@ struct Decided {
     next: Vec<BatchWrite>,
 }
 
+/// An insert dropped unanswered when the knowledge it was decided on became too old to insert
+/// on: maybe sent and applied, maybe never sent. An I/O error, so it is handled (and retried)
+/// like a connection lost during an insert: the highest sequence numbers are read again first.
+fn not_answered_in_time(until_insert: Duration) -> Error {
+    tracing::warn!(
+        until_insert = %humantime::format_duration(until_insert),
+        "an insert was not answered before the knowledge it was decided on became too old; \
+         its outcome is read back"
+    );
+    Error::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        format!(
+            "the insert was not answered within {} (write-journal.purge-delay less \
+             sequence-nr-cache-validity) of the knowledge it was decided on, and was dropped",
+            humantime::format_duration(until_insert)
+        ),
+    ))
+}
+
 /// The writes of one MongoDB insert, stamped.
 struct Group {
     writes: Vec<BatchWrite>,
@@ -479,6 +498,7 @@ impl Run<'_> {
         for group in &mut groups {
             group.stamp(stamp.date_time());
         }
+        let until_insert = self.trust.until_insert;
         let results = futures::future::join_all(groups.iter().map(|group| {
             let documents: Vec<&RawDocumentBuf> = group
                 .writes
@@ -486,7 +506,26 @@ impl Run<'_> {
                 .flat_map(|write| write.documents.iter().map(EncodedEvent::document))
                 .collect();
             metrics::BATCH_EVENTS.observe(documents.len() as f64);
-            async move { store.insert(&documents, group.transactional).await }
+            // The knowledge the group was decided on: checked young enough just before, but
+            // the insert may still wait for a server and a connection (a failover, a pool in
+            // use). What it has not sent by the time that knowledge is too old to insert on
+            // never goes out: a sequence number another server wrote and deleted meanwhile
+            // could have been purged by then.
+            let decided_on = group
+                .writes
+                .iter()
+                .filter_map(|write| self.heads.get(&write.pid))
+                .map(|head| head.confirmed)
+                .min()
+                .unwrap_or(sent);
+            let deadline = tokio::time::Instant::from_std(decided_on + until_insert);
+            async move {
+                let insert = store.insert(&documents, group.transactional);
+                match tokio::time::timeout_at(deadline, insert).await {
+                    Ok(result) => result,
+                    Err(_) => Err(not_answered_in_time(until_insert)),
+                }
+            }
         }))
         .await;
         let acknowledged = store.watermarks.acknowledged(&stamp);
