@@ -590,7 +590,8 @@ impl ReflectionInput {
         use prost::Message;
         let decoded =
             tonic_reflection::pb::v1::ServerReflectionRequest::decode(self.message.as_slice());
-        self.message.clear();
+        // Its buffer goes too: an idle reflection stream keeps nothing.
+        std::mem::take(&mut self.message);
         decoded.map(drop).map_err(|error| {
             Status::internal(format!(
                 "the reflection request's message does not decode as a \

@@ -640,11 +640,12 @@ async fn a_stale_writer_on_another_server_cannot_resurrect_history() {
 async fn an_insert_that_waits_past_its_knowledge_is_not_sent() {
     const APP: &str = "order_insert_waits";
     let _failpoint = failpoint_turn().await;
-    // Knowledge is decided on for 2 s and inserted on for 2 s more (the purge delay, 4 s, less
-    // the validity); the server has one connection to MongoDB.
+    // Knowledge is decided on for 1.5 s (at most half the time it is inserted on) and inserted
+    // on until 3 s after it was confirmed (the purge delay, 6 s, less the validity, 3 s); the
+    // server has one connection to MongoDB.
     let (held, other) = held_and_free(APP, |settings| {
-        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(2);
-        settings.write_journal.purge_delay = Duration::from_secs(4);
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(3);
+        settings.write_journal.purge_delay = Duration::from_secs(6);
         settings.mongodb.max_pool_size = 1;
         settings.mongodb.min_pool_size = 0;
         settings.mongodb.server_selection_timeout = Duration::from_secs(30);
@@ -653,22 +654,32 @@ async fn an_insert_that_waits_past_its_knowledge_is_not_sent() {
     let database = held.mongodb().await;
     let mut client = held.journal().await;
     let mut through_other = other.journal().await;
-    let first = write(&mut client, vec![single("p", 1)]).await;
-    assert!(is_written(&first[0]), "{first:?}");
-    // The other server writes 2 and deletes everything: purgeable 4 s from now.
+    // "p" goes on with single events (inserted with others), "m" with an atomic write of two
+    // (inserted in a transaction of its own).
+    let first = write(&mut client, vec![single("p", 1), single("m", 1)]).await;
+    assert!(first.iter().all(is_written), "{first:?}");
+    // The other server writes on and deletes everything: purgeable 6 s from now.
     let taken = write(
         &mut through_other,
-        vec![atomic(vec![event("p", 2, "the other server's")])],
+        vec![
+            atomic(vec![event("p", 2, "the other server's")]),
+            atomic(vec![
+                event("m", 2, "the other server's"),
+                event("m", 3, "too"),
+            ]),
+        ],
     )
     .await;
-    assert!(is_written(&taken[0]), "{taken:?}");
-    delete_all(&mut through_other, "p").await;
-    // A read of the held server keeps its one connection for 9 s.
+    assert!(taken.iter().all(is_written), "{taken:?}");
+    for pid in ["p", "m"] {
+        delete_all(&mut through_other, pid).await;
+    }
+    // A read of the held server keeps its one connection for 10 s.
     let failing_before = fail_after(
         APP,
         0,
         "find",
-        doc! { "blockConnection": true, "blockTimeMS": 9_000 },
+        doc! { "blockConnection": true, "blockTimeMS": 10_000 },
     )
     .await;
     let mut reader = client.clone();
@@ -676,30 +687,36 @@ async fn an_insert_that_waits_past_its_knowledge_is_not_sent() {
     wait_for_failures(failing_before + 1).await;
     // Later finds run at once (the failpoint is off once that hold ends).
     let off = tokio::spawn(failpoint_off());
-    // Written 1 less than 2 s ago, the held server decides 2 without a read, and its insert
+    // Written 1 less than 1.5 s ago, the held server decides 2 without a read, and its insert
     // waits for the connection.
     let mut writer = client.clone();
-    let stale = tokio::spawn(async move { write(&mut writer, vec![single("p", 2)]).await });
-    // The events are purged while the insert still waits.
-    purge_deleted_events(&database, "p", Duration::from_secs(8)).await;
+    let stale = tokio::spawn(async move {
+        let atomic_write = vec![tagged("m", 2, &["order"]), tagged("m", 3, &["order"])];
+        write(&mut writer, vec![single("p", 2), atomic(atomic_write)]).await
+    });
+    // The events are purged while the inserts still wait.
+    for pid in ["p", "m"] {
+        purge_deleted_events(&database, pid, Duration::from_secs(9)).await;
+    }
     assert!(
         !read.is_finished(),
         "the connection was free again before the purge"
     );
     assert_eq!(read.await.unwrap(), 0);
     off.await.unwrap();
-    let outcome = stale.await.unwrap();
-    assert!(
-        describe(&outcome[0]).starts_with(
-            "conflict: sequence number(s) 2 of persistence id \"p\" are at or below its highest \
-             sequence number 2, whose events were deleted and purged"
-        ),
-        "{}",
-        describe(&outcome[0])
-    );
-    let (events, highest) = replay(&mut client, "p", 1, None, None).await;
-    assert!(events.is_empty(), "history written again: {events:?}");
-    assert_eq!(highest, 2);
+    let outcomes: Vec<String> = stale.await.unwrap().iter().map(describe).collect();
+    for (outcome, (pid, range, highest)) in outcomes.iter().zip([("p", "2", 2), ("m", "2..3", 3)]) {
+        assert!(
+            outcome.starts_with(&format!(
+                "conflict: sequence number(s) {range} of persistence id \"{pid}\" are at or \
+                 below its highest sequence number {highest}, whose events were deleted and purged"
+            )),
+            "{outcomes:?}"
+        );
+        let (events, stored_highest) = replay(&mut client, pid, 1, None, None).await;
+        assert!(events.is_empty(), "history written again: {events:?}");
+        assert_eq!(stored_highest, highest);
+    }
 }
 
 /// Another server stores an event between this server's read of the highest and its insert:
@@ -983,6 +1000,57 @@ async fn a_write_whose_reads_stay_too_slow_to_trust_is_given_up() {
     assert_eq!(highest(&mut client, "slow").await, 0);
     let outcome = write(&mut client, vec![single("slow", 1)]).await;
     assert!(is_written(&outcome[0]), "{outcome:?}");
+}
+
+/// A write given up undecided after an insert of it failed in a way that may have applied it
+/// (no answer, a transient error) must not be told it was not stored.
+#[tokio::test]
+async fn a_write_given_up_after_an_insert_that_may_have_applied_it_does_not_say_it_was_not_stored()
+{
+    let _failpoint = failpoint_turn().await;
+    const APP: &str = "order_maybe_applied";
+    let server = held_server(APP, |settings| {
+        settings.mongodb.retry.max_attempts = 2;
+        settings.mongodb.retry.delay = Duration::from_secs(2);
+        settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(1);
+        settings.write_journal.purge_delay = Duration::from_secs(2);
+    })
+    .await;
+    let mut client = server.journal().await;
+    // The insert fails with a transient error (WriteConflict); in the pause before the next
+    // round, reads of the highest become slow (two `find`s of 0.6 s a read), so the next two
+    // rounds each read longer than knowledge may be inserted on (1 s).
+    let failed_before = fail_after(APP, 0, "insert", doc! { "errorCode": 112 }).await;
+    let call = tokio::spawn(async move {
+        client
+            .write_events(pb::WriteEventsRequest {
+                writes: vec![single("maybe", 1)],
+                ..Default::default()
+            })
+            .await
+    });
+    wait_for_failures(failed_before + 1).await;
+    fail_next(
+        APP,
+        4,
+        "find",
+        doc! { "blockConnection": true, "blockTimeMS": 600 },
+    )
+    .await;
+    let status = call.await.unwrap().expect_err("the write is given up");
+    assert_eq!(status.code(), Code::Unavailable, "{status:?}");
+    assert!(
+        status
+            .message()
+            .contains("took longer than 1s (write-journal.purge-delay less"),
+        "{status:?}"
+    );
+    assert!(
+        status
+            .message()
+            .ends_with("an earlier insert of it may have been applied (MongoDB did not answer it), and retrying it is safe"),
+        "{status:?}"
+    );
 }
 
 #[tokio::test]
@@ -1319,6 +1387,7 @@ async fn a_compare_that_found_mongodb_unavailable_does_not_fail_the_compares_of_
         settings.write_journal.max_batches_in_flight = 1;
         // Knowledge outlasts the test's waits, so the stale write is inserted without a read.
         settings.write_journal.sequence_nr_cache_validity = Duration::from_secs(20);
+        settings.write_journal.purge_delay = Duration::from_secs(60);
         settings.mongodb.retry.max_attempts = 2;
     })
     .await;

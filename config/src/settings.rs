@@ -588,7 +588,9 @@ pub struct WriteJournalSettings {
     /// server stops reading and HTTP/2 flow control pushes back on the client.
     pub stream_max_unacknowledged: u32,
     /// How long a server relies on the highest sequence number it knows for a persistence id
-    /// (from its own last write or a read) before reading it from MongoDB again.
+    /// (from its own last write or a read) before reading it from MongoDB again. At most half of
+    /// `purge_delay` less it is used, so an insert decided on the knowledge has the other half to
+    /// be answered in (see `purge_delay`).
     #[serde(with = "humantime_serde")]
     pub sequence_nr_cache_validity: Duration,
     /// Deleted events become eligible for purging this long after `DeleteEventsTo`: their

@@ -109,6 +109,7 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
         done: Done::default(),
         held: Vec::new(),
         uncertain: false,
+        maybe_applied: HashSet::new(),
         restamp_failed: None,
         compare_failed: None,
     };
@@ -157,12 +158,13 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
                     "sequence number(s) {} of persistence id {:?}: reading its highest \
                      sequence number and deciding took longer than {} (write-journal.purge-delay \
                      less sequence-nr-cache-validity) {rounds} times (is MongoDB overloaded?); \
-                     this write was not stored, and retrying it is safe",
+                     {}",
                     range(write.first, write.last),
                     write.pid,
-                    humantime::format_duration(trust.until_insert)
+                    humantime::format_duration(trust.until_insert),
+                    run.whether_stored(&write),
                 );
-                run.given_up(write, JournalError::Undecided(reason));
+                run.undecided(write, reason);
                 continue;
             }
             must_read.insert(write.pid.clone());
@@ -205,11 +207,12 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
                 let reason = format!(
                     "sequence number(s) {} of persistence id {:?} collide with an event MongoDB \
                      holds but majority reads did not show ({rounds} reads; is replication \
-                     behind?); this write was not stored, and retrying it is safe",
+                     behind?); {}",
                     range(write.first, write.last),
-                    write.pid
+                    write.pid,
+                    run.whether_stored(&write),
                 );
-                run.given_up(write, JournalError::Undecided(reason));
+                run.undecided(write, reason);
             }
             remaining = rest;
         }
@@ -234,6 +237,9 @@ struct Run<'a> {
     held: Vec<InFlight>,
     /// A write ended with an error: its outcome may be unknown.
     uncertain: bool,
+    /// Writes an insert of which failed in a way that may have applied it (it went round again
+    /// to be read back).
+    maybe_applied: HashSet<WriteKey>,
     /// A re-stamp in this round failed for want of a lease or of MongoDB: the round's later
     /// re-stamps fail with the same error at once instead of each waiting as long again, so
     /// the last id's write is not kept waiting once per id before it.
@@ -249,25 +255,6 @@ struct Decided {
     compare: Vec<BatchWrite>,
     /// Decided next round: writes behind one being compared or overlapping one being inserted.
     next: Vec<BatchWrite>,
-}
-
-/// An insert dropped unanswered when the knowledge it was decided on became too old to insert
-/// on: maybe sent and applied, maybe never sent. An I/O error, so it is handled (and retried)
-/// like a connection lost during an insert: the highest sequence numbers are read again first.
-fn not_answered_in_time(until_insert: Duration) -> Error {
-    tracing::warn!(
-        until_insert = %humantime::format_duration(until_insert),
-        "an insert was not answered before the knowledge it was decided on became too old; \
-         its outcome is read back"
-    );
-    Error::from(std::io::Error::new(
-        std::io::ErrorKind::TimedOut,
-        format!(
-            "the insert was not answered within {} (write-journal.purge-delay less \
-             sequence-nr-cache-validity) of the knowledge it was decided on, and was dropped",
-            humantime::format_duration(until_insert)
-        ),
-    ))
 }
 
 /// The writes of one MongoDB insert, stamped.
@@ -508,9 +495,7 @@ impl Run<'_> {
             metrics::BATCH_EVENTS.observe(documents.len() as f64);
             // The knowledge the group was decided on: checked young enough just before, but
             // the insert may still wait for a server and a connection (a failover, a pool in
-            // use). What it has not sent by the time that knowledge is too old to insert on
-            // never goes out: a sequence number another server wrote and deleted meanwhile
-            // could have been purged by then.
+            // use); see `EventStore::insert`.
             let decided_on = group
                 .writes
                 .iter()
@@ -518,13 +503,11 @@ impl Run<'_> {
                 .map(|head| head.confirmed)
                 .min()
                 .unwrap_or(sent);
-            let deadline = tokio::time::Instant::from_std(decided_on + until_insert);
+            let answer_by = tokio::time::Instant::from_std(decided_on + until_insert);
             async move {
-                let insert = store.insert(&documents, group.transactional);
-                match tokio::time::timeout_at(deadline, insert).await {
-                    Ok(result) => result,
-                    Err(_) => Err(not_answered_in_time(until_insert)),
-                }
+                store
+                    .insert(&documents, group.transactional, answer_by)
+                    .await
             }
         }))
         .await;
@@ -596,6 +579,8 @@ impl Run<'_> {
         let Some(failure) = document_failure(&error) else {
             if self.store.retry.is_retryable(&error) {
                 // Maybe applied, maybe not: knowledge is read again before anything is decided.
+                self.maybe_applied
+                    .extend(writes.iter().map(|write| write.key));
                 return Inserted {
                     retry: writes,
                     failed_transiently: Some(error),
@@ -798,6 +783,27 @@ impl Run<'_> {
         self.done.heads.insert(write.pid.clone(), None);
         self.record_failure(&write, error.to_string());
         self.settle(write, Err(error));
+    }
+
+    /// What a write given up undecided is told of its storage.
+    fn whether_stored(&self, write: &BatchWrite) -> &'static str {
+        if self.maybe_applied.contains(&write.key) {
+            "an earlier insert of it may have been applied (MongoDB did not answer it), and \
+             retrying it is safe"
+        } else {
+            "this write was not stored, and retrying it is safe"
+        }
+    }
+
+    /// A write given up undecided; if an earlier insert of it may have been applied, its
+    /// outcome is unknown.
+    fn undecided(&mut self, write: BatchWrite, reason: String) {
+        let error = JournalError::Undecided(reason);
+        if self.maybe_applied.contains(&write.key) {
+            self.error(write, error);
+        } else {
+            self.given_up(write, error);
+        }
     }
 
     fn fail_all(&mut self, writes: Vec<BatchWrite>, error: JournalError) {

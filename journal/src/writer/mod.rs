@@ -214,10 +214,19 @@ impl Writer {
     /// Starts the writer task; it ends once every handle is dropped and its work is done.
     pub fn start(store: Arc<EventStore>, settings: &WriteJournalSettings) -> Self {
         let (inbox, receiver) = mpsc::unbounded_channel();
+        let until_insert = settings
+            .purge_delay
+            .saturating_sub(settings.sequence_nr_cache_validity)
+            .max(settings.sequence_nr_cache_validity);
+        // Knowledge is decided on for at most half the time it may be inserted on, so an insert
+        // decided on it has the other half to be answered (`EventStore::insert`). With the
+        // defaults (1 min, 5 s) that is the validity itself; with a purge delay of only twice the
+        // validity, half of it.
+        let validity = settings.sequence_nr_cache_validity.min(until_insert / 2);
         let committer = Committer {
             schedule: Schedule::default(),
             streams: HashMap::new(),
-            heads: Heads::new(settings.sequence_nr_cache_validity),
+            heads: Heads::new(validity),
             entries: HashMap::new(),
             requests: HashMap::new(),
             next_key: 0,
@@ -241,11 +250,8 @@ impl Writer {
             spent: Vec::new(),
             max_in_flight: settings.max_batches_in_flight as usize,
             trust: batch::Trust {
-                validity: settings.sequence_nr_cache_validity,
-                until_insert: settings
-                    .purge_delay
-                    .saturating_sub(settings.sequence_nr_cache_validity)
-                    .max(settings.sequence_nr_cache_validity),
+                validity,
+                until_insert,
             },
             store,
         };

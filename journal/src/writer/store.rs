@@ -202,10 +202,20 @@ impl EventStore {
 
     /// One ordered insert of `documents`: MongoDB stops at the first failing document, so
     /// nothing after it is stored. `transactional`: all or nothing, as one transaction.
+    ///
+    /// `answer_by`: when the knowledge the insert was decided on becomes too old to insert on.
+    /// An insert still unanswered then (it may have waited for a server or a pooled connection)
+    /// is dropped, so what it had not sent never goes out: a sequence number another server
+    /// wrote and deleted meanwhile may have been purged by then, and the unique index would no
+    /// longer refuse it. It fails as a lost connection does (maybe applied: its outcome is read
+    /// back). In a transaction, only the insert is bound: once it has run, its documents hold
+    /// their index keys until the commit, which may come later; a transaction whose insert was
+    /// dropped is ended, so it does not hold them.
     pub async fn insert(
         &self,
         documents: &[&RawDocumentBuf],
         transactional: bool,
+        answer_by: tokio::time::Instant,
     ) -> Result<(), mongodb::error::Error> {
         let insert = self
             .raw
@@ -215,10 +225,21 @@ impl EventStore {
         // An explicit session (an implicit one otherwise), for the answer's operation time.
         let mut session = self.client.start_session().await?;
         let result = if !transactional {
-            insert.session(&mut session).await.map(|_| ())
+            match tokio::time::timeout_at(answer_by, insert.session(&mut session)).await {
+                Ok(inserted) => inserted.map(|_| ()),
+                Err(_) => Err(not_answered_in_time()),
+            }
         } else {
             session.start_transaction().await?;
-            match insert.session(&mut session).await {
+            let inserted = tokio::time::timeout_at(answer_by, insert.session(&mut session)).await;
+            let Ok(inserted) = inserted else {
+                // Not started as far as the driver knows (this only resets it); MongoDB may
+                // have started it.
+                let _ = session.abort_transaction().await;
+                self.end_transaction(&mut session).await;
+                return Err(not_answered_in_time());
+            };
+            match inserted {
                 Ok(_) => {
                     let committed = session.commit_transaction().await;
                     if let Err(error) = &committed
@@ -239,7 +260,7 @@ impl EventStore {
         result
     }
 
-    /// Ends the transaction of `session` after its commit failed. MongoDB may have refused the
+    /// Ends the transaction of `session` after its commit failed (or its insert was dropped). MongoDB may have refused the
     /// commit without running it (a failed command, an interrupted one): the transaction then
     /// stays open on the server, holding its documents, until its lifetime runs out (a minute
     /// by default), and every other session's write of its ids fails with a write conflict.
@@ -261,9 +282,11 @@ impl EventStore {
         match tokio::time::timeout(END_TRANSACTION_TIMEOUT, ended).await {
             Ok(Ok(())) => {}
             Ok(Err(error)) => {
-                tracing::warn!(%error, "could not end the transaction of a failed commit")
+                tracing::warn!(%error, "could not end the transaction of a failed commit or a dropped insert")
             }
-            Err(_) => tracing::warn!("could not end the transaction of a failed commit in time"),
+            Err(_) => tracing::warn!(
+                "could not end the transaction of a failed commit or a dropped insert in time"
+            ),
         }
     }
 
@@ -362,4 +385,20 @@ impl EventStore {
         );
         Ok(moved)
     }
+}
+
+/// The error of an insert dropped unanswered when the knowledge it was decided on became too
+/// old to insert on ([`EventStore::insert`]): maybe sent and applied, maybe never sent. An I/O
+/// error, so it is handled (and retried) as a connection lost during an insert is: the highest
+/// sequence numbers are read again first.
+fn not_answered_in_time() -> mongodb::error::Error {
+    tracing::warn!(
+        "an insert was not answered before the knowledge it was decided on became too old to \
+         insert on; dropped, its outcome is read back"
+    );
+    mongodb::error::Error::from(std::io::Error::new(
+        std::io::ErrorKind::TimedOut,
+        "the insert was not answered within write-journal.purge-delay less \
+         sequence-nr-cache-validity of the knowledge it was decided on, and was dropped",
+    ))
 }
