@@ -513,7 +513,7 @@ impl<B> Metered<B> {
                     let refused = self
                         .checked
                         .as_ref()
-                        .and_then(|_| ReflectionInput::refused(prefix[0], length));
+                        .and_then(|checked| checked.refused(prefix[0], length));
                     if let Some(status) = refused {
                         // tonic's decoder refuses it as well, and reflection ends quietly.
                         self.held.fail(&status);
@@ -568,7 +568,7 @@ struct ReflectionInput {
 impl ReflectionInput {
     /// A message's prefix that tonic refuses: a compression flag (reflection takes no
     /// compressed messages), or a length over its limit.
-    fn refused(compression: u8, length: u32) -> Option<Status> {
+    fn refused(&self, compression: u8, length: u32) -> Option<Status> {
         if compression != 0 {
             return Some(Status::internal(format!(
                 "protocol error: the reflection request's message has compression flag \

@@ -4,7 +4,7 @@ mod common;
 
 use std::time::Duration;
 
-use common::{TestServer, grpc_status, raw_grpc_request, stalled_request};
+use common::{TestServer, grpc_status, raw_send, stalled_request};
 use tonic_reflection::pb::{v1, v1alpha};
 
 const REFLECTION_V1: &str = "grpc.reflection.v1.ServerReflection/ServerReflectionInfo";
@@ -159,16 +159,7 @@ async fn raw_call(
     bytes: Vec<u8>,
     end: bool,
 ) -> (String, String) {
-    let io = tokio::net::TcpStream::connect(server.address)
-        .await
-        .unwrap();
-    let (mut h2, connection) = h2::client::handshake(io).await.unwrap();
-    tokio::spawn(async move {
-        let _ = connection.await;
-    });
-    let request = raw_grpc_request(server.address, method);
-    let (response, mut body) = h2.send_request(request, false).unwrap();
-    body.send_data(bytes.into(), end).unwrap();
+    let (response, _body, _connection) = raw_send(server, method, bytes, end).await;
     let response = tokio::time::timeout(Duration::from_secs(10), response)
         .await
         .expect("answered within 10 s")

@@ -270,6 +270,14 @@ pub async fn fail_after(
     .await
 }
 
+/// The test mongod's `admin` database, for its failpoints.
+async fn admin() -> mongodb::Database {
+    mongodb::Client::with_uri_str(mongodb_uri())
+        .await
+        .unwrap()
+        .database("admin")
+}
+
 /// Sets the failpoint; returns how many commands it had failed before (`configureFailPoint`'s
 /// `count`, which counts on across settings).
 async fn fail_command(
@@ -280,10 +288,8 @@ async fn fail_command(
 ) -> i64 {
     let mut data = mongodb::bson::doc! { "failCommands": [command], "appName": app_name };
     data.extend(failure);
-    let reply = mongodb::Client::with_uri_str(mongodb_uri())
+    let reply = admin()
         .await
-        .unwrap()
-        .database("admin")
         .run_command(mongodb::bson::doc! {
             "configureFailPoint": "failCommand",
             "mode": mode,
@@ -304,10 +310,8 @@ async fn fail_command(
 /// off meanwhile. (Setting the failpoint, or turning it off, waits for the holds under way to
 /// end; the commands that come meanwhile are not failed.)
 pub async fn wait_for_failures(count: i64) {
-    mongodb::Client::with_uri_str(mongodb_uri())
+    admin()
         .await
-        .unwrap()
-        .database("admin")
         .run_command(mongodb::bson::doc! {
             "waitForFailPoint": "failCommand",
             "timesEntered": count,
@@ -320,10 +324,8 @@ pub async fn wait_for_failures(count: i64) {
 /// Turns the test mongod's `failCommand` failpoint off: commands already held finish their
 /// hold.
 pub async fn failpoint_off() {
-    mongodb::Client::with_uri_str(mongodb_uri())
+    admin()
         .await
-        .unwrap()
-        .database("admin")
         .run_command(mongodb::bson::doc! { "configureFailPoint": "failCommand", "mode": "off" })
         .await
         .unwrap();
@@ -533,13 +535,14 @@ pub fn raw_grpc_request(address: SocketAddr, method: &str) -> http::Request<()> 
 /// `Journal/WriteEvents`, for [`stalled_request`].
 pub const WRITE_EVENTS: &str = "eventjournal.v1.Journal/WriteEvents";
 
-/// Sends the start of a request of `method` with a message of `length` bytes on a connection
-/// of its own, then nothing more: the message's prefix and `sent` bytes of it.
-pub async fn stalled_request(
+/// A call of `method` on a connection of its own, speaking HTTP/2 directly: `bytes` are its
+/// request body so far (the whole of it when `end`). Returns the response to come, the body's
+/// sender and the connection's task.
+pub async fn raw_send(
     server: &TestServer,
     method: &str,
-    length: u32,
-    sent: usize,
+    bytes: Vec<u8>,
+    end: bool,
 ) -> (
     h2::client::ResponseFuture,
     h2::SendStream<bytes::Bytes>,
@@ -554,11 +557,26 @@ pub async fn stalled_request(
     });
     let request = raw_grpc_request(server.address, method);
     let (response, mut send) = h2.send_request(request, false).unwrap();
+    send.send_data(bytes.into(), end).unwrap();
+    (response, send, connection)
+}
+
+/// Sends the start of a request of `method` with a message of `length` bytes on a connection
+/// of its own, then nothing more: the message's prefix and `sent` bytes of it.
+pub async fn stalled_request(
+    server: &TestServer,
+    method: &str,
+    length: u32,
+    sent: usize,
+) -> (
+    h2::client::ResponseFuture,
+    h2::SendStream<bytes::Bytes>,
+    tokio::task::JoinHandle<()>,
+) {
     let mut start = vec![0u8];
     start.extend(length.to_be_bytes());
     start.extend(vec![0u8; sent]);
-    send.send_data(start.into(), false).unwrap();
-    (response, send, connection)
+    raw_send(server, method, start, false).await
 }
 
 /// The `grpc-status` (as sent) and `grpc-message` (decoded) of a raw HTTP/2 gRPC response: in

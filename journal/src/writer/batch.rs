@@ -485,7 +485,6 @@ impl Run<'_> {
         for group in &mut groups {
             group.stamp(stamp.date_time());
         }
-        let until_insert = self.trust.until_insert;
         let results = futures::future::join_all(groups.iter().map(|group| {
             let documents: Vec<&RawDocumentBuf> = group
                 .writes
@@ -503,7 +502,7 @@ impl Run<'_> {
                 .map(|head| head.confirmed)
                 .min()
                 .unwrap_or(sent);
-            let answer_by = tokio::time::Instant::from_std(decided_on + until_insert);
+            let answer_by = tokio::time::Instant::from_std(decided_on + self.trust.until_insert);
             async move {
                 store
                     .insert(&documents, group.transactional, answer_by)

@@ -224,21 +224,22 @@ impl EventStore {
             .bypass_document_validation(self.bypass_document_validation);
         // An explicit session (an implicit one otherwise), for the answer's operation time.
         let mut session = self.client.start_session().await?;
-        let result = if !transactional {
-            match tokio::time::timeout_at(answer_by, insert.session(&mut session)).await {
-                Ok(inserted) => inserted.map(|_| ()),
-                Err(_) => Err(not_answered_in_time()),
-            }
-        } else {
+        if transactional {
             session.start_transaction().await?;
-            let inserted = tokio::time::timeout_at(answer_by, insert.session(&mut session)).await;
-            let Ok(inserted) = inserted else {
+        }
+        let inserted = tokio::time::timeout_at(answer_by, insert.session(&mut session)).await;
+        let Ok(inserted) = inserted else {
+            if transactional {
                 // Not started as far as the driver knows (this only resets it); MongoDB may
                 // have started it.
                 let _ = session.abort_transaction().await;
                 self.end_transaction(&mut session).await;
-                return Err(not_answered_in_time());
-            };
+            }
+            return Err(not_answered_in_time());
+        };
+        let result = if !transactional {
+            inserted.map(|_| ())
+        } else {
             match inserted {
                 Ok(_) => {
                     let committed = session.commit_transaction().await;
@@ -260,15 +261,16 @@ impl EventStore {
         result
     }
 
-    /// Ends the transaction of `session` after its commit failed (or its insert was dropped). MongoDB may have refused the
-    /// commit without running it (a failed command, an interrupted one): the transaction then
-    /// stays open on the server, holding its documents, until its lifetime runs out (a minute
-    /// by default), and every other session's write of its ids fails with a write conflict.
-    /// The driver cannot abort a transaction once it has sent the commit; a newer transaction
-    /// of the same session ends it (MongoDB aborts the older one when the newer one sends its
-    /// first command), and is aborted in turn. A transaction that did commit stays committed.
-    /// This works wherever transactions do and needs no privilege. Only after an error that may
-    /// have left it open ([`may_hold_transaction`]). Best effort, bounded by
+    /// Ends the transaction of `session` after its commit failed (or its insert was dropped).
+    /// MongoDB may have refused the commit without running it (a failed command, an
+    /// interrupted one): the transaction then stays open on the server, holding its documents,
+    /// until its lifetime runs out (a minute by default), and every other session's write of
+    /// its ids fails with a write conflict. The driver cannot abort a transaction once it has
+    /// sent the commit; a newer transaction of the same session ends it (MongoDB aborts the
+    /// older one when the newer one sends its first command), and is aborted in turn. A
+    /// transaction that did commit stays committed. This works wherever transactions do and
+    /// needs no privilege. Only after an error that may have left it open
+    /// ([`may_hold_transaction`]), or an insert dropped unanswered. Best effort, bounded by
     /// [`END_TRANSACTION_TIMEOUT`]: a failure is logged.
     async fn end_transaction(&self, session: &mut ClientSession) {
         let ended = async {
