@@ -914,6 +914,46 @@ async fn writes_of_a_stream_cancelled_before_their_batch_are_not_stored() {
     assert_eq!(highest(&mut client, "stream-gone").await, 0);
 }
 
+/// A call that gives up while its writes go round again in a batch (here, while the batch
+/// waits out the pause before retrying an insert that failed transiently) takes them with it
+/// too: they are not sent again, so they cannot appear after the client recovered.
+#[tokio::test]
+async fn writes_of_a_call_that_gave_up_while_their_batch_waited_to_retry_are_not_stored() {
+    let _failpoint = failpoint_turn().await;
+    const APP: &str = "order_gave_up_retrying";
+    let server = held_server(APP, |settings| {
+        settings.mongodb.retry.max_attempts = 3;
+        settings.mongodb.retry.delay = Duration::from_millis(1_500);
+    })
+    .await;
+    let mut client = server.journal().await;
+    // The first insert fails with WriteConflict (transient: retried after the pause).
+    fail_next(APP, 1, "insert", doc! { "errorCode": 112 }).await;
+    let mut request = tonic::Request::new(pb::WriteEventsRequest {
+        writes: vec![single("retrying", 1), single("retrying", 2)],
+        ..Default::default()
+    });
+    request.set_timeout(Duration::from_millis(500));
+    let status = client
+        .write_events(request)
+        .await
+        .expect_err("the call passes its deadline while its batch waits to retry");
+    assert!(
+        matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
+        "{status:?}"
+    );
+    // Another client's first event of the id, different from the given-up one: queued behind
+    // that batch (one batch per id at a time), it is decided once the batch is done. Had the
+    // batch's retry stored the given-up writes, this would be a conflict.
+    let outcome = write(
+        &mut client,
+        vec![atomic(vec![tagged("retrying", 1, &["recovered"])])],
+    )
+    .await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+    assert_eq!(highest(&mut client, "retrying").await, 1);
+}
+
 /// What a server knows of an id's highest is trusted to insert on for the purge delay less the
 /// cache validity, also when the batch takes longer than that before its insert: here a read
 /// for another write of the batch stalls while another server writes on, deletes and purges.

@@ -44,12 +44,13 @@ pub static SEQUENCE_NR_READS: LazyLock<IntCounter> = LazyLock::new(|| {
     .expect("metric registered once")
 });
 
-/// Writes not sent to MongoDB because their caller had gone (cancelled the call, passed its
-/// deadline, or closed its stream) while they waited for a batch.
+/// Writes not sent to MongoDB, or not sent again, because their caller had gone (cancelled
+/// the call, passed its deadline, or closed its stream) while they waited for a batch or went
+/// round again in one (a retry pause, say).
 pub static ABANDONED_WRITES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "eventjournal_write_abandoned_total",
-        "Writes dropped before they went to MongoDB because their caller had gone"
+        "Writes not sent to MongoDB (or not sent again) because their caller had gone"
     )
     .expect("metric registered once")
 });

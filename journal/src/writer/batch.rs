@@ -20,7 +20,8 @@
 //!
 //! A round that settles nothing because MongoDB failed transiently is retried per
 //! `mongodb.retry`, reading the highest sequence numbers again first, so a write whose attempt
-//! was applied after all is recognised by content instead of being inserted twice.
+//! was applied after all is recognised by content instead of being inserted twice. Before each
+//! round, the writes whose caller has gone meanwhile are dropped (see `Caller`).
 
 use std::time::{Duration, Instant};
 
@@ -34,6 +35,7 @@ use crate::document::EncodedEvent;
 use crate::error::JournalError;
 use crate::journal::WriteOutcome;
 use crate::metrics;
+use crate::writer::Caller;
 use crate::writer::heads::{Failure, Head};
 use crate::writer::schedule::{Pid, WriteKey};
 use crate::writer::store::EventStore;
@@ -48,6 +50,8 @@ pub(crate) struct BatchWrite {
     pub order: usize,
     /// The request or stream it came with: a failure stops the later writes of its id there.
     pub chain: u64,
+    /// Whether its caller still waits: checked before each round.
+    pub caller: Caller,
     pub pid: Pid,
     pub first: i64,
     pub last: i64,
@@ -124,6 +128,11 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
         // A round after a retry pause tries MongoDB and the lease afresh.
         run.restamp_failed = None;
         run.compare_failed = None;
+        // Its caller may have gone while a write went round (waiting out a retry pause, say).
+        remaining = run.drop_abandoned(remaining);
+        if remaining.is_empty() {
+            break;
+        }
         let fresh = match run.know(&remaining, &must_read).await {
             Ok(fresh) => fresh,
             Err(error) => {
@@ -803,6 +812,36 @@ impl Run<'_> {
         } else {
             self.given_up(write, error);
         }
+    }
+
+    /// Gives up the writes whose caller has gone (see `Caller`) instead of sending them again.
+    /// They are failures like any other: a later write of the same id from another request or
+    /// stream finds a gap that names this. Knowledge of their ids is read again (an earlier
+    /// insert of one may have been applied: then its stamp is held too, as for an error).
+    fn drop_abandoned(&mut self, writes: Vec<BatchWrite>) -> Vec<BatchWrite> {
+        if !writes.iter().any(|write| write.caller.gone()) {
+            return writes;
+        }
+        let (gone, kept): (Vec<_>, Vec<_>) =
+            writes.into_iter().partition(|write| write.caller.gone());
+        metrics::ABANDONED_WRITES.inc_by(gone.len() as u64);
+        for write in gone {
+            // Nobody gets the error; the reason names it in a later writer's gap conflict.
+            self.uncertain |= self.maybe_applied.contains(&write.key);
+            self.heads.remove(&write.pid);
+            self.done.heads.insert(write.pid.clone(), None);
+            self.record_failure(
+                &write,
+                "its caller gave up on it (cancelled the call, passed its deadline or closed its \
+                 stream) while it waited to be sent again"
+                    .to_owned(),
+            );
+            self.settle(
+                write,
+                Err(JournalError::Internal("the caller has gone".to_owned())),
+            );
+        }
+        kept
     }
 
     fn fail_all(&mut self, writes: Vec<BatchWrite>, error: JournalError) {

@@ -20,8 +20,8 @@ mod store;
 use std::future::Future;
 use std::net::SocketAddr;
 use std::panic::AssertUnwindSafe;
-use std::sync::Arc;
 use std::sync::atomic::{AtomicU64, Ordering};
+use std::sync::{Arc, Weak};
 use std::task::Poll;
 use std::time::{Duration, Instant};
 
@@ -193,6 +193,21 @@ struct Submission {
     origin: Origin,
     writes: Vec<Prepared>,
     reply: oneshot::Sender<Outcomes>,
+    caller: Caller,
+}
+
+/// Whether the caller of a request still waits for its outcomes: it has gone once the future
+/// [`Writer::submit`] returned is dropped (the call was cancelled or passed its deadline, the
+/// stream was closed). A request's writes not sent by then are not sent at all: nobody would
+/// get their outcome, and a caller that gave up cannot count on them being stored (it retries
+/// them or recovers, and must not find them appearing later).
+#[derive(Clone)]
+pub(crate) struct Caller(Weak<()>);
+
+impl Caller {
+    pub fn gone(&self) -> bool {
+        self.0.strong_count() == 0
+    }
 }
 
 enum Message {
@@ -269,15 +284,19 @@ impl Writer {
         writes: Vec<Prepared>,
     ) -> impl Future<Output = Outcomes> + Send + 'static {
         let (reply, outcomes) = oneshot::channel();
+        let waiting = Arc::new(());
         let queued = self
             .inbox
             .send(Message::Submit(Submission {
                 origin,
                 writes,
                 reply,
+                caller: Caller(Arc::downgrade(&waiting)),
             }))
             .is_ok();
         async move {
+            // Held for as long as the caller waits (see `Caller`).
+            let _waiting = waiting;
             let stopped = || JournalError::Internal("the journal writer has stopped".to_owned());
             if !queued {
                 return Err(stopped());
@@ -321,6 +340,7 @@ struct Request {
     unsettled: usize,
     error: Option<JournalError>,
     reply: oneshot::Sender<Outcomes>,
+    caller: Caller,
 }
 
 /// A batch that completed: its persistence ids and producers are free again.
@@ -443,7 +463,7 @@ impl Committer {
                     entries
                         .get(&key)
                         .and_then(|entry| requests.get(&entry.request))
-                        .is_some_and(|request| request.reply.is_closed())
+                        .is_some_and(|request| request.caller.gone())
                 });
                 self.abandon(gone.into_iter().map(|write| write.key).collect());
             }
@@ -455,6 +475,7 @@ impl Committer {
             origin,
             writes,
             reply,
+            caller,
         } = submission;
         let request_id = self.next_request;
         self.next_request += 1;
@@ -463,6 +484,7 @@ impl Committer {
             unsettled: 0,
             error: None,
             reply,
+            caller,
         };
         let response = origin.position.map(|position| position.index);
         // A write rejected on receipt stops the later writes of its id in this request; on a
@@ -600,17 +622,17 @@ impl Committer {
             let Some(entry) = self.entries.get_mut(&queued.key) else {
                 continue;
             };
-            // Its caller has gone (cancelled the call, passed its deadline, closed its stream)
-            // while it waited: it is not sent. Nobody would get its outcome, and a caller that
-            // gave up cannot count on it being stored; it retries it or recovers.
-            if self
+            // Its caller has gone while it waited: it is not sent (see `Caller`; a batch checks
+            // again before each round, `batch::execute`).
+            let Some(caller) = self
                 .requests
                 .get(&entry.request)
-                .is_some_and(|request| request.reply.is_closed())
-            {
+                .map(|request| request.caller.clone())
+                .filter(|caller| !caller.gone())
+            else {
                 abandoned.push(queued.key);
                 continue;
-            }
+            };
             let Some(ready) = entry.ready.take() else {
                 continue;
             };
@@ -618,6 +640,7 @@ impl Committer {
                 key: queued.key,
                 order,
                 chain: entry.chain,
+                caller,
                 pid: ready.pid,
                 first: ready.first,
                 last: ready.last,
