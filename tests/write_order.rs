@@ -873,8 +873,7 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     let outcome = write(&mut client, vec![single("after", 1)]).await;
     assert!(is_written(&outcome[0]), "{outcome:?}");
     assert_eq!(highest(&mut client, "gave-up").await, 0);
-    let outcome = write(&mut client, vec![single("gave-up", 1)]).await;
-    assert!(is_written(&outcome[0]), "{outcome:?}");
+    nothing_of_the_call_that_gave_up_is_stored(&mut client, "gave-up").await;
 }
 
 /// The same for a stream its client cancels while its requests' writes wait for a batch.
@@ -914,23 +913,23 @@ async fn writes_of_a_stream_cancelled_before_their_batch_are_not_stored() {
     assert_eq!(highest(&mut client, "stream-gone").await, 0);
 }
 
-/// A call that gives up while its writes go round again in a batch (here, while the batch
-/// waits out the pause before retrying an insert that failed transiently) takes them with it
-/// too: they are not sent again, so they cannot appear after the client recovered.
-#[tokio::test]
-async fn writes_of_a_call_that_gave_up_while_their_batch_waited_to_retry_are_not_stored() {
-    let _failpoint = failpoint_turn().await;
-    const APP: &str = "order_gave_up_retrying";
-    let server = held_server(APP, |settings| {
+/// A server that retries after a pause of 1.5 s, whose next `command` fails transiently
+/// (WriteConflict), and a call of writes 1 and 2 of `pid` that gives up after 0.5 s: while
+/// its batch waits to retry. Returns the server and a client.
+async fn a_call_that_gives_up_while_its_batch_retries(
+    app: &str,
+    command: &str,
+    pid: &str,
+) -> (TestServer, JournalClient) {
+    let server = held_server(app, |settings| {
         settings.mongodb.retry.max_attempts = 3;
         settings.mongodb.retry.delay = Duration::from_millis(1_500);
     })
     .await;
     let mut client = server.journal().await;
-    // The first insert fails with WriteConflict (transient: retried after the pause).
-    fail_next(APP, 1, "insert", doc! { "errorCode": 112 }).await;
+    fail_next(app, 1, command, doc! { "errorCode": 112 }).await;
     let mut request = tonic::Request::new(pb::WriteEventsRequest {
-        writes: vec![single("retrying", 1), single("retrying", 2)],
+        writes: vec![single(pid, 1), single(pid, 2)],
         ..Default::default()
     });
     request.set_timeout(Duration::from_millis(500));
@@ -942,16 +941,51 @@ async fn writes_of_a_call_that_gave_up_while_their_batch_waited_to_retry_are_not
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    // Another client's first event of the id, different from the given-up one: queued behind
-    // that batch (one batch per id at a time), it is decided once the batch is done. Had the
-    // batch's retry stored the given-up writes, this would be a conflict.
-    let outcome = write(
-        &mut client,
-        vec![atomic(vec![tagged("retrying", 1, &["recovered"])])],
-    )
-    .await;
+    (server, client)
+}
+
+/// What another caller finds of a pid whose writes 1 and 2 were given up with their caller:
+/// a write of 3 is a gap naming them, and a first event different from the given-up one is
+/// written. Both are queued behind the given-up writes' batch (one batch per id at a time),
+/// so they are decided once it is done: had it stored the given-up writes, both would be
+/// conflicts over taken numbers.
+async fn nothing_of_the_call_that_gave_up_is_stored(client: &mut JournalClient, pid: &str) {
+    let outcome = write(client, vec![single(pid, 3)]).await;
+    let gap = describe(&outcome[0]);
+    assert!(
+        gap.starts_with(&format!(
+            "conflict: sequence number 3 of persistence id {pid:?} does not follow its highest \
+             stored sequence number 0, because the write of sequence number(s) 1..2 before it \
+             failed: its caller gave up on it"
+        )),
+        "{gap}"
+    );
+    let outcome = write(client, vec![atomic(vec![tagged(pid, 1, &["recovered"])])]).await;
     assert!(is_written(&outcome[0]), "{outcome:?}");
-    assert_eq!(highest(&mut client, "retrying").await, 1);
+    assert_eq!(highest(client, pid).await, 1);
+}
+
+/// A call that gives up while its writes go round again in a batch (here, while the batch
+/// waits out the pause before retrying an insert that failed transiently) takes them with it
+/// too: they are not sent again, so they cannot appear after the client recovered.
+#[tokio::test]
+async fn writes_of_a_call_that_gave_up_while_their_batch_waited_to_retry_are_not_stored() {
+    let _failpoint = failpoint_turn().await;
+    let (_server, mut client) =
+        a_call_that_gives_up_while_its_batch_retries("order_gave_up_insert", "insert", "retrying")
+            .await;
+    nothing_of_the_call_that_gave_up_is_stored(&mut client, "retrying").await;
+}
+
+/// The same when the caller gives up while a read of the batch's round, before its insert,
+/// waits to be retried (reading the highest sequence number): the round does not insert the
+/// writes of a caller that has gone meanwhile.
+#[tokio::test]
+async fn writes_of_a_call_that_gave_up_while_their_batch_read_are_not_stored() {
+    let _failpoint = failpoint_turn().await;
+    let (_server, mut client) =
+        a_call_that_gives_up_while_its_batch_retries("order_gave_up_read", "find", "reading").await;
+    nothing_of_the_call_that_gave_up_is_stored(&mut client, "reading").await;
 }
 
 /// What a server knows of an id's highest is trusted to insert on for the purge delay less the

@@ -21,7 +21,8 @@
 //! A round that settles nothing because MongoDB failed transiently is retried per
 //! `mongodb.retry`, reading the highest sequence numbers again first, so a write whose attempt
 //! was applied after all is recognised by content instead of being inserted twice. Before each
-//! round, the writes whose caller has gone meanwhile are dropped (see `Caller`).
+//! round, and before each insert, the writes whose caller has gone meanwhile are dropped (see
+//! `Caller`).
 
 use std::time::{Duration, Instant};
 
@@ -35,10 +36,10 @@ use crate::document::EncodedEvent;
 use crate::error::JournalError;
 use crate::journal::WriteOutcome;
 use crate::metrics;
-use crate::writer::Caller;
 use crate::writer::heads::{Failure, Head};
 use crate::writer::schedule::{Pid, WriteKey};
 use crate::writer::store::EventStore;
+use crate::writer::{CALLER_GONE, Caller};
 
 const DUPLICATE_KEY: i32 = 11000;
 const OPERATION: &str = "write events";
@@ -178,6 +179,17 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
             }
             must_read.insert(write.pid.clone());
             next.push(write);
+        }
+        // A caller may also have gone while this round read or compared (a retry pause inside
+        // them, say): its id's writes go round again, where its writes are dropped. Not here:
+        // a later write of the id in `insert` was decided to follow the gone one.
+        if insert.iter().any(|write| write.caller.gone()) {
+            let gone: HashSet<Pid> = insert
+                .iter()
+                .filter(|write| write.caller.gone())
+                .map(|write| write.pid.clone())
+                .collect();
+            next.extend(insert.extract_if(.., |write| gone.contains(&write.pid)));
         }
         let mut transient = None;
         let mut unseen = Vec::new();
@@ -830,12 +842,7 @@ impl Run<'_> {
             self.uncertain |= self.maybe_applied.contains(&write.key);
             self.heads.remove(&write.pid);
             self.done.heads.insert(write.pid.clone(), None);
-            self.record_failure(
-                &write,
-                "its caller gave up on it (cancelled the call, passed its deadline or closed its \
-                 stream) while it waited to be sent again"
-                    .to_owned(),
-            );
+            self.record_failure(&write, CALLER_GONE.to_owned());
             self.settle(
                 write,
                 Err(JournalError::Internal("the caller has gone".to_owned())),
@@ -858,14 +865,7 @@ impl Run<'_> {
             last: write.last,
             reason,
         };
-        let run = match self.failures.get(&write.pid) {
-            Some(earlier) if earlier.last.checked_add(1) == Some(write.first) => Failure {
-                first: earlier.first,
-                last: write.last,
-                reason: earlier.reason.clone(),
-            },
-            _ => own.clone(),
-        };
+        let run = Failure::after(self.failures.get(&write.pid), own.clone());
         self.failures.insert(write.pid.clone(), run.clone());
         self.done.failures.insert(write.pid.clone(), Some(run));
         // The earliest failed write of the chain stops the writes after it. Failures are not

@@ -40,6 +40,21 @@ pub(crate) struct Failure {
     pub reason: String,
 }
 
+impl Failure {
+    /// The id's failure once `own` failed too: a run of failures (each continuing the one
+    /// before) is named by its first.
+    pub fn after(earlier: Option<&Failure>, own: Failure) -> Failure {
+        match earlier {
+            Some(earlier) if earlier.last.checked_add(1) == Some(own.first) => Failure {
+                first: earlier.first,
+                last: own.last,
+                reason: earlier.reason.clone(),
+            },
+            _ => own,
+        }
+    }
+}
+
 /// Bounded: entries older than the validity are swept once the map has grown.
 pub(crate) struct Heads {
     validity: Duration,

@@ -204,6 +204,11 @@ struct Submission {
 #[derive(Clone)]
 pub(crate) struct Caller(Weak<()>);
 
+/// The failure a write whose caller has gone leaves: it names it in the gap conflict of a
+/// later write of its id from another caller. (The gone caller gets no outcome.)
+pub(crate) const CALLER_GONE: &str = "its caller gave up on it (cancelled the call, passed its deadline or \
+                           closed its stream) before it was answered";
+
 impl Caller {
     pub fn gone(&self) -> bool {
         self.0.strong_count() == 0
@@ -769,10 +774,24 @@ impl Committer {
         self.spent.clear();
     }
 
-    /// Settles writes not sent because their caller has gone (nobody gets the outcome).
+    /// Settles writes not sent because their caller has gone (nobody gets the outcome), and
+    /// records them as their ids' failures, as a batch does (`batch::Run::drop_abandoned`).
     fn abandon(&mut self, keys: Vec<WriteKey>) {
         metrics::ABANDONED_WRITES.inc_by(keys.len() as u64);
         for key in keys {
+            if let Some(ready) = self
+                .entries
+                .get(&key)
+                .and_then(|entry| entry.ready.as_ref())
+            {
+                let own = Failure {
+                    first: ready.first,
+                    last: ready.last,
+                    reason: CALLER_GONE.to_owned(),
+                };
+                let failure = Failure::after(self.heads.failure(&ready.pid), own);
+                self.heads.record_failure(&ready.pid, failure);
+            }
             self.settle(
                 key,
                 Err(JournalError::Internal("the caller has gone".to_owned())),
