@@ -321,7 +321,7 @@ async fn lose_next_reply(app: &str, command: &str) {
             "errInfo": { "wtimeout": true },
         } },
     )
-    .await
+    .await;
 }
 
 #[tokio::test]

@@ -858,9 +858,15 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
         ..Default::default()
     });
     request.set_timeout(Duration::from_millis(200));
-    let status = client
-        .write_events(request)
+    let mut gave_up = client.clone();
+    let gave_up = tokio::spawn(async move { gave_up.write_events(request).await });
+    // Another caller's next write of the id, queued behind them: the same batch decides it.
+    tokio::time::sleep(Duration::from_millis(50)).await;
+    let mut next = client.clone();
+    let next = tokio::spawn(async move { write(&mut next, vec![single("gave-up", 3)]).await });
+    let status = gave_up
         .await
+        .unwrap()
         .expect_err("the call passes its deadline while its writes wait");
     // (Cancelled when the client's own timer ends the call first.)
     assert!(
@@ -869,11 +875,12 @@ async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     );
     let first = first.await.unwrap();
     assert!(is_written(&first[0]), "{first:?}");
+    a_gap_naming_the_call_that_gave_up(&next.await.unwrap()[0], "gave-up");
     // The queued writes' turn has come and gone.
     let outcome = write(&mut client, vec![single("after", 1)]).await;
     assert!(is_written(&outcome[0]), "{outcome:?}");
     assert_eq!(highest(&mut client, "gave-up").await, 0);
-    nothing_of_the_call_that_gave_up_is_stored(&mut client, "gave-up").await;
+    a_different_first_event_is_written(&mut client, "gave-up").await;
 }
 
 /// The same for a stream its client cancels while its requests' writes wait for a batch.
@@ -927,7 +934,10 @@ async fn a_call_that_gives_up_while_its_batch_retries(
     })
     .await;
     let mut client = server.journal().await;
-    fail_next(app, 1, command, doc! { "errorCode": 112 }).await;
+    // Connections made, so the batch reaches `command` well within the call's deadline.
+    let warm = write(&mut client, vec![single(&format!("{pid}-warm-up"), 1)]).await;
+    assert!(is_written(&warm[0]), "{warm:?}");
+    let failed_before = fail_next(app, 1, command, doc! { "errorCode": 112 }).await;
     let mut request = tonic::Request::new(pb::WriteEventsRequest {
         writes: vec![single(pid, 1), single(pid, 2)],
         ..Default::default()
@@ -941,7 +951,29 @@ async fn a_call_that_gives_up_while_its_batch_retries(
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
+    // The batch met the failure before the call gave up (waits up to 30 s otherwise, and fails).
+    wait_for_failures(failed_before + 1).await;
     (server, client)
+}
+
+/// A write of 3 after the given-up writes 1 and 2 of `pid`: a gap conflict that names them.
+fn a_gap_naming_the_call_that_gave_up(outcome: &Outcome, pid: &str) {
+    let gap = describe(outcome);
+    assert!(
+        gap.starts_with(&format!(
+            "conflict: sequence number 3 of persistence id {pid:?} does not follow its highest \
+             stored sequence number 0, because the write of sequence number(s) 1..2 before it \
+             failed: its caller gave up on it"
+        )),
+        "{gap}"
+    );
+}
+
+/// A first event of `pid` different from the given-up one is written.
+async fn a_different_first_event_is_written(client: &mut JournalClient, pid: &str) {
+    let outcome = write(client, vec![atomic(vec![tagged(pid, 1, &["recovered"])])]).await;
+    assert!(is_written(&outcome[0]), "{outcome:?}");
+    assert_eq!(highest(client, pid).await, 1);
 }
 
 /// What another caller finds of a pid whose writes 1 and 2 were given up with their caller:
@@ -951,18 +983,8 @@ async fn a_call_that_gives_up_while_its_batch_retries(
 /// conflicts over taken numbers.
 async fn nothing_of_the_call_that_gave_up_is_stored(client: &mut JournalClient, pid: &str) {
     let outcome = write(client, vec![single(pid, 3)]).await;
-    let gap = describe(&outcome[0]);
-    assert!(
-        gap.starts_with(&format!(
-            "conflict: sequence number 3 of persistence id {pid:?} does not follow its highest \
-             stored sequence number 0, because the write of sequence number(s) 1..2 before it \
-             failed: its caller gave up on it"
-        )),
-        "{gap}"
-    );
-    let outcome = write(client, vec![atomic(vec![tagged(pid, 1, &["recovered"])])]).await;
-    assert!(is_written(&outcome[0]), "{outcome:?}");
-    assert_eq!(highest(client, pid).await, 1);
+    a_gap_naming_the_call_that_gave_up(&outcome[0], pid);
+    a_different_first_event_is_written(client, pid).await;
 }
 
 /// A call that gives up while its writes go round again in a batch (here, while the batch

@@ -237,19 +237,20 @@ pub async fn failpoint_turn() -> tokio::sync::MutexGuard<'static, ()> {
 
 /// Makes the test mongod fail this server's next `times` `command`s (only connections with
 /// `app_name`, so parallel tests are not affected), as CosmosDB does when over its throughput.
+/// Returns how many commands the failpoint had failed before (for [`wait_for_failures`]).
 pub async fn fail_next(
     app_name: &str,
     times: i32,
     command: &str,
     failure: mongodb::bson::Document,
-) {
+) -> i64 {
     fail_command(
         app_name,
         mongodb::bson::doc! { "times": times },
         command,
         failure,
     )
-    .await;
+    .await
 }
 
 /// Like [`fail_next`], but lets this server's first `skip` `command`s through and fails every

@@ -74,14 +74,43 @@ pub(crate) struct Done {
     pub outcomes: Vec<(WriteKey, Result<WriteOutcome, JournalError>)>,
     /// New knowledge (`None`: forget what was known).
     pub heads: HashMap<Pid, Option<Head>>,
-    /// New last failures (`None`: the id was written since).
-    pub failures: HashMap<Pid, Option<Failure>>,
+    /// New last failures, or the id was written since.
+    pub failures: HashMap<Pid, FailureUpdate>,
     /// Per `(chain, pid)` with a failed write, the earliest one: the later writes of that id
     /// and chain still queued fail too.
     pub failed: HashMap<(u64, Pid), FailedWrite>,
     /// The settled writes, their events and documents: freed by the writer once the next
     /// batches are on their way, not while MongoDB waits for them.
     pub spent: Vec<BatchWrite>,
+}
+
+/// What a batch found of an id's last failure.
+#[derive(Debug, Clone)]
+pub(crate) enum FailureUpdate {
+    /// A write of it failed: its last failure now.
+    Failed(Failure),
+    /// Written up to this sequence number: a failure before it is history.
+    Written { last: i64 },
+}
+
+impl FailureUpdate {
+    /// The id's failure once this is known, where `recorded` is what the writer recorded
+    /// meanwhile: a failure of writes after the batch's (their caller went while they were
+    /// queued, `Committer::abandon`) stays, continuing the batch's own.
+    pub fn apply(self, recorded: Option<&Failure>) -> Option<Failure> {
+        let batch_last = match &self {
+            Self::Failed(failure) => failure.last,
+            Self::Written { last } => *last,
+        };
+        let later = recorded
+            .filter(|recorded| recorded.first > batch_last)
+            .cloned();
+        match (self, later) {
+            (Self::Failed(failure), Some(later)) => Some(Failure::after(Some(&failure), later)),
+            (Self::Failed(failure), None) => Some(failure),
+            (Self::Written { .. }, later) => later,
+        }
+    }
 }
 
 /// The earliest failed write of a chain and persistence id in a batch.
@@ -737,7 +766,9 @@ impl Run<'_> {
                 .is_none_or(|failure| failure.first <= last)
             {
                 self.failures.remove(&pid);
-                self.done.failures.insert(pid, None);
+                self.done
+                    .failures
+                    .insert(pid, FailureUpdate::Written { last });
             }
         }
         for (write, _) in writes {
@@ -867,7 +898,9 @@ impl Run<'_> {
         };
         let run = Failure::after(self.failures.get(&write.pid), own.clone());
         self.failures.insert(write.pid.clone(), run.clone());
-        self.done.failures.insert(write.pid.clone(), Some(run));
+        self.done
+            .failures
+            .insert(write.pid.clone(), FailureUpdate::Failed(run));
         // The earliest failed write of the chain stops the writes after it. Failures are not
         // always found in batch order: a write MongoDB refuses inside a transaction is settled
         // at once, the earlier writes of that transaction only when they go round again.
@@ -967,4 +1000,40 @@ fn document_failure(error: &Error) -> Option<DocumentFailure> {
         code: first.code,
         message: format!("{} ({code})", first.message),
     })
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn failure(first: i64, last: i64, reason: &str) -> Failure {
+        Failure {
+            first,
+            last,
+            reason: reason.to_owned(),
+        }
+    }
+
+    #[test]
+    fn a_failure_recorded_while_the_batch_was_out_outlives_its_update_when_later() {
+        let gone = failure(7, 8, "gone");
+        // Written up to 6: the recorded failure of 7..8 still explains a gap at 9.
+        let update = FailureUpdate::Written { last: 6 };
+        assert_eq!(update.apply(Some(&gone)), Some(gone.clone()));
+        // Written up to 7: it is history.
+        let update = FailureUpdate::Written { last: 7 };
+        assert_eq!(update.apply(Some(&gone)), None);
+        assert_eq!(FailureUpdate::Written { last: 7 }.apply(None), None);
+        // The batch's failure of 5..6 comes before it: one run, named by the batch's.
+        let update = FailureUpdate::Failed(failure(5, 6, "refused"));
+        assert_eq!(update.apply(Some(&gone)), Some(failure(5, 8, "refused")));
+        // Not continued by it: the later one names the gap after both.
+        let update = FailureUpdate::Failed(failure(4, 5, "refused"));
+        assert_eq!(update.apply(Some(&gone)), Some(gone.clone()));
+        // What the batch started from (not later than its own): replaced.
+        let update = FailureUpdate::Failed(failure(7, 7, "refused"));
+        assert_eq!(update.apply(Some(&gone)), Some(failure(7, 7, "refused")));
+        let update = FailureUpdate::Failed(failure(9, 9, "refused"));
+        assert_eq!(update.apply(Some(&gone)), Some(failure(9, 9, "refused")));
+    }
 }

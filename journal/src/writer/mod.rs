@@ -600,7 +600,6 @@ impl Committer {
         let heavy = !self.schedule.served_light();
         let exempt = self.schedule.served_exempt();
         let mut heads = HashMap::new();
-        let mut failures = HashMap::new();
         let mut pids: Vec<Pid> = Vec::new();
         let mut producers: Vec<u64> = Vec::new();
         let mut groups: Vec<u64> = Vec::new();
@@ -612,9 +611,6 @@ impl Committer {
             if pids.last() != Some(&queued.pid) && seen.insert(queued.pid.clone()) {
                 if let Some(head) = self.heads.valid(&queued.pid, now) {
                     heads.insert(queued.pid.clone(), head);
-                }
-                if let Some(failure) = self.heads.failure(&queued.pid) {
-                    failures.insert(queued.pid.clone(), failure.clone());
                 }
                 pids.push(queued.pid.clone());
             }
@@ -679,7 +675,12 @@ impl Committer {
                 }
             }
         }
+        // Recorded as their ids' failures first, so this batch's gap conflicts name them too.
         self.abandon(abandoned);
+        let failures = pids
+            .iter()
+            .filter_map(|pid| Some((pid.clone(), self.heads.failure(pid)?.clone())))
+            .collect();
         let panicked = Panicked::of(&writes);
         let store = self.store.clone();
         let trust = self.trust;
@@ -755,8 +756,8 @@ impl Committer {
                 None => self.heads.forget(&pid),
             }
         }
-        for (pid, failure) in done.failures {
-            match failure {
+        for (pid, update) in done.failures {
+            match update.apply(self.heads.failure(&pid)) {
                 Some(failure) => self.heads.record_failure(&pid, failure),
                 None => self.heads.clear_failure(&pid),
             }
