@@ -848,7 +848,8 @@ async fn a_batch_held_at_mongodb(
 /// A call that gives up (its deadline passes, or its client cancels it) while its writes wait
 /// for a batch takes them with it: they are not sent to MongoDB afterwards, so a client that
 /// retried or recovered meanwhile does not find them appearing later, and the server does not
-/// hold the writes of calls nobody waits for.
+/// hold the writes of calls nobody waits for. Another caller's next write of the id, decided
+/// in the same batch, is a gap conflict naming them.
 #[tokio::test]
 async fn writes_of_a_call_that_gave_up_before_their_batch_are_not_stored() {
     let _failpoint = failpoint_turn().await;
@@ -951,7 +952,8 @@ async fn a_call_that_gives_up_while_its_batch_retries(
         matches!(status.code(), Code::DeadlineExceeded | Code::Cancelled),
         "{status:?}"
     );
-    // The batch met the failure before the call gave up (waits up to 30 s otherwise, and fails).
+    // The batch met the failure before the call gave up. (Had the call given up before its
+    // batch reached `command`, nothing would have been sent, and this fails after 30 s.)
     wait_for_failures(failed_before + 1).await;
     (server, client)
 }
@@ -969,7 +971,8 @@ fn a_gap_naming_the_call_that_gave_up(outcome: &Outcome, pid: &str) {
     );
 }
 
-/// A first event of `pid` different from the given-up one is written.
+/// A first event of `pid` different from the given-up one is written (had the given-up event
+/// been stored, this would be a conflict).
 async fn a_different_first_event_is_written(client: &mut JournalClient, pid: &str) {
     let outcome = write(client, vec![atomic(vec![tagged(pid, 1, &["recovered"])])]).await;
     assert!(is_written(&outcome[0]), "{outcome:?}");
@@ -999,9 +1002,9 @@ async fn writes_of_a_call_that_gave_up_while_their_batch_waited_to_retry_are_not
     nothing_of_the_call_that_gave_up_is_stored(&mut client, "retrying").await;
 }
 
-/// The same when the caller gives up while a read of the batch's round, before its insert,
-/// waits to be retried (reading the highest sequence number): the round does not insert the
-/// writes of a caller that has gone meanwhile.
+/// The same when the caller gives up while its batch waits to retry a read of the highest
+/// sequence number, before the insert: the round does not insert the writes of a caller that
+/// has gone meanwhile.
 #[tokio::test]
 async fn writes_of_a_call_that_gave_up_while_their_batch_read_are_not_stored() {
     let _failpoint = failpoint_turn().await;

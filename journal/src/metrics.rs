@@ -45,8 +45,8 @@ pub static SEQUENCE_NR_READS: LazyLock<IntCounter> = LazyLock::new(|| {
 });
 
 /// Writes not sent to MongoDB, or not sent again, because their caller had gone (cancelled
-/// the call, passed its deadline, or closed its stream) while they waited for a batch or went
-/// round again in one (a retry pause, say).
+/// the call, passed its deadline, or closed its stream) while they waited for a batch, or
+/// before their batch inserted them or sent them again.
 pub static ABANDONED_WRITES: LazyLock<IntCounter> = LazyLock::new(|| {
     register_int_counter!(
         "eventjournal_write_abandoned_total",

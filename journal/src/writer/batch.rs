@@ -51,7 +51,7 @@ pub(crate) struct BatchWrite {
     pub order: usize,
     /// The request or stream it came with: a failure stops the later writes of its id there.
     pub chain: u64,
-    /// Whether its caller still waits: checked before each round.
+    /// Whether its caller still waits: checked before each round and before its insert.
     pub caller: Caller,
     pub pid: Pid,
     pub first: i64,
@@ -95,8 +95,9 @@ pub(crate) enum FailureUpdate {
 
 impl FailureUpdate {
     /// The id's failure once this is known, where `recorded` is what the writer recorded
-    /// meanwhile: a failure of writes after the batch's (their caller went while they were
-    /// queued, `Committer::abandon`) stays, continuing the batch's own.
+    /// meanwhile: a failure of writes after the batch's (queued writes of a stream that closed
+    /// while the batch was out, `Committer::receive` and `abandon`) stays, continuing the
+    /// batch's own.
     pub fn apply(self, recorded: Option<&Failure>) -> Option<Failure> {
         let batch_last = match &self {
             Self::Failed(failure) => failure.last,

@@ -198,7 +198,8 @@ struct Submission {
 
 /// Whether the caller of a request still waits for its outcomes: it has gone once the future
 /// [`Writer::submit`] returned is dropped (the call was cancelled or passed its deadline, the
-/// stream was closed). A request's writes not sent by then are not sent at all: nobody would
+/// stream was closed). A request's writes not sent by then are not sent (nor sent again) at
+/// all: nobody would
 /// get their outcome, and a caller that gave up cannot count on them being stored (it retries
 /// them or recovers, and must not find them appearing later).
 #[derive(Clone)]
@@ -206,8 +207,8 @@ pub(crate) struct Caller(Weak<()>);
 
 /// The failure a write whose caller has gone leaves: it names it in the gap conflict of a
 /// later write of its id from another caller. (The gone caller gets no outcome.)
-pub(crate) const CALLER_GONE: &str = "its caller gave up on it (cancelled the call, passed its deadline or \
-                           closed its stream) before it was answered";
+pub(crate) const CALLER_GONE: &str = "its caller gave up on it (cancelled the call, passed \
+                                      its deadline or closed its stream) before it was answered";
 
 impl Caller {
     pub fn gone(&self) -> bool {
@@ -624,7 +625,7 @@ impl Committer {
                 continue;
             };
             // Its caller has gone while it waited: it is not sent (see `Caller`; a batch checks
-            // again before each round, `batch::execute`).
+            // again before each round and each insert, `batch::execute`).
             let Some(caller) = self
                 .requests
                 .get(&entry.request)
