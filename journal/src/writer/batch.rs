@@ -213,12 +213,12 @@ pub(crate) async fn execute(batch: Batch, store: &EventStore, trust: Trust) -> D
         // A caller may also have gone while this round read or compared (a retry pause inside
         // them, say): its id's writes go round again, where its writes are dropped. Not here:
         // a later write of the id in `insert` was decided to follow the gone one.
-        if insert.iter().any(|write| write.caller.gone()) {
-            let gone: HashSet<Pid> = insert
-                .iter()
-                .filter(|write| write.caller.gone())
-                .map(|write| write.pid.clone())
-                .collect();
+        let gone: HashSet<Pid> = insert
+            .iter()
+            .filter(|write| write.caller.gone())
+            .map(|write| write.pid.clone())
+            .collect();
+        if !gone.is_empty() {
             next.extend(insert.extract_if(.., |write| gone.contains(&write.pid)));
         }
         let mut transient = None;
@@ -875,10 +875,7 @@ impl Run<'_> {
             self.heads.remove(&write.pid);
             self.done.heads.insert(write.pid.clone(), None);
             self.record_failure(&write, CALLER_GONE.to_owned());
-            self.settle(
-                write,
-                Err(JournalError::Internal("the caller has gone".to_owned())),
-            );
+            self.settle(write, Err(Caller::gone_error()));
         }
         kept
     }

@@ -199,9 +199,8 @@ struct Submission {
 /// Whether the caller of a request still waits for its outcomes: it has gone once the future
 /// [`Writer::submit`] returned is dropped (the call was cancelled or passed its deadline, the
 /// stream was closed). A request's writes not sent by then are not sent (nor sent again) at
-/// all: nobody would
-/// get their outcome, and a caller that gave up cannot count on them being stored (it retries
-/// them or recovers, and must not find them appearing later).
+/// all: nobody would get their outcome, and a caller that gave up cannot count on them being
+/// stored (it retries them or recovers, and must not find them appearing later).
 #[derive(Clone)]
 pub(crate) struct Caller(Weak<()>);
 
@@ -213,6 +212,11 @@ pub(crate) const CALLER_GONE: &str = "its caller gave up on it (cancelled the ca
 impl Caller {
     pub fn gone(&self) -> bool {
         self.0.strong_count() == 0
+    }
+
+    /// The outcome of a write dropped because its caller has gone (nobody receives it).
+    pub fn gone_error() -> JournalError {
+        JournalError::Internal("the caller has gone".to_owned())
     }
 }
 
@@ -794,10 +798,7 @@ impl Committer {
                 let failure = Failure::after(self.heads.failure(&ready.pid), own);
                 self.heads.record_failure(&ready.pid, failure);
             }
-            self.settle(
-                key,
-                Err(JournalError::Internal("the caller has gone".to_owned())),
-            );
+            self.settle(key, Err(Caller::gone_error()));
         }
     }
 
